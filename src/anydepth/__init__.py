@@ -1,0 +1,90 @@
+"""anydepth: transformers that stay stable at any depth and efficient at any sequence length.
+
+One builder composes any residual scheme (pre-/post-LN, ReZero, Admin, DeepNorm, LayerScale,
+hyper-connections) with any norm (LayerNorm, RMSNorm, partial RMSNorm, ScaleNorm), any attention
+(full, local, LSH) and a sequential or reversible stack. The seed-compatible names of the original
+packages (``RZTXEncoderLayer``, ``ReformerLM``, ``HyperConnections``, ``RMSNorm``, ``admin``...) are
+configurations of the same layers.
+
+Names are imported lazily (PEP 562) so ``import anydepth`` stays fast and a command-line call
+loads only what it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    # registry
+    "registered": "anydepth.registry",
+    "NORMS": "anydepth.registry",
+    "RESIDUALS": "anydepth.registry",
+    "ATTENTIONS": "anydepth.registry",
+    "FFS": "anydepth.registry",
+    "STACKS": "anydepth.registry",
+    "POSITIONS": "anydepth.registry",
+    # norms
+    "LayerNorm": "anydepth.nn.norms",
+    "RMSNorm": "anydepth.nn.norms",
+    "PartialRMSNorm": "anydepth.nn.norms",
+    "ScaleNorm": "anydepth.nn.norms",
+    # residual schemes
+    "PreNorm": "anydepth.nn.residual",
+    "PostNorm": "anydepth.nn.residual",
+    "ReZero": "anydepth.nn.residual",
+    "Admin": "anydepth.nn.residual",
+    "DeepNorm": "anydepth.nn.residual",
+    "LayerScale": "anydepth.nn.residual",
+    # the builder
+    "ModelConfig": "anydepth.model.config",
+    "build_model": "anydepth.model.build",
+    "presets": "anydepth.model.presets",
+    "TransformerLM": "anydepth.model.lm",
+    "EncoderDecoder": "anydepth.model.encdec",
+    # ReZero seed API
+    "RZTXEncoderLayer": "anydepth.compat.rezero",
+    "RZTXDecoderLayer": "anydepth.compat.rezero",
+    # hyper-connections seed API
+    "HyperConnections": "anydepth.compat.hyper",
+    "ManifoldConstrainedHyperConnections": "anydepth.compat.hyper",
+    "mHC": "anydepth.compat.hyper",
+    "Residual": "anydepth.compat.hyper",
+    "StreamEmbed": "anydepth.compat.hyper",
+    "AttentionPoolReduceStream": "anydepth.compat.hyper",
+    "decorate_branch": "anydepth.compat.hyper",
+    "get_init_and_expand_reduce_stream_functions": "anydepth.compat.hyper",
+    "get_expand_reduce_stream_functions": "anydepth.compat.hyper",
+    "mc_get_init_and_expand_reduce_stream_functions": "anydepth.compat.hyper",
+    "mc_get_expand_reduce_stream_functions": "anydepth.compat.hyper",
+    # Reformer seed API
+    "LSHAttention": "anydepth.nn.lsh",
+    "LSHSelfAttention": "anydepth.nn.lsh",
+    "Reformer": "anydepth.compat.reformer",
+    "ReformerLM": "anydepth.compat.reformer",
+    "ReformerEncDec": "anydepth.compat.reformer",
+    "Recorder": "anydepth.compat.reformer",
+    "Autopadder": "anydepth.compat.reformer",
+    "TrainingWrapper": "anydepth.compat.reformer",
+    "from_reformer_pytorch": "anydepth.compat.reformer",
+}
+_SUBMODULES = {"admin", "nn", "model", "train", "study", "compat", "registry", "generate"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"anydepth.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'anydepth' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

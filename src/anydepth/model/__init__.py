@@ -1,0 +1,1 @@
+"""Models built from the leaf layers: config, blocks, stacks, language models."""

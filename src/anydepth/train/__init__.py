@@ -1,0 +1,1 @@
+"""Training: data, optimiser, loop, checkpoints, distributed."""
