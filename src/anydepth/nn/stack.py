@@ -1,1 +1,146 @@
-"""(being written)"""
+"""Executors over a list of blocks: sequential, and reversible (activations recomputed in backward).
+
+Both hold the blocks as ``self.blocks``, so a state dict moves between them unchanged (the
+reversible ``merge="concat"`` option adds one projection, ``merge``). Blocks provide::
+
+    block(x, **kw)            # the block applied to the residual
+    block.f_delta(x, **kw)    # the additive update of its attention sublayers (reversible F)
+    block.g_delta(x)          # the additive update of its feed-forward sublayer (reversible G)
+    block.first_residual      # whose expand()/reduce() give the stream shape (hyper-connections)
+
+A keyword ``cache`` is a list with one dict per block (incremental decoding); every other keyword
+goes to every block unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from anydepth.nn.reversible import reversible_apply
+from anydepth.registry import STACKS
+
+
+def _check_layer_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"layer_dropout must be in [0, 1), got {p!r}; 0 disables LayerDrop")
+
+
+def _kept_blocks(blocks: nn.ModuleList, p: float, training: bool) -> list[int]:
+    """LayerDrop (Fan et al. 2019): each block skipped with probability p in training, at least one kept."""
+    n = len(blocks)
+    if not training or p == 0.0:
+        return list(range(n))
+    keep = torch.rand(n) >= p
+    if not keep.any():
+        keep[torch.randint(n, ())] = True
+    return [i for i in range(n) if keep[i]]
+
+
+def _per_block(kw: dict, cache: list | None, i: int) -> dict:
+    return kw if cache is None else {**kw, "cache": cache[i]}
+
+
+@STACKS.register("sequential")
+class SequentialStack(nn.Module):
+    """``x = block_L(... block_1(x))``: ordinary autograd, activation memory grows with depth."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        layer_dropout: float = 0.0  # LayerDrop: regularises and lets the model be pruned in depth later
+
+    def __init__(self, blocks: nn.ModuleList, layer_dropout: float = 0.0):
+        super().__init__()
+        _check_layer_dropout(layer_dropout)
+        self.blocks = blocks
+        self.layer_dropout = layer_dropout
+
+    @classmethod
+    def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
+        return cls(blocks, layer_dropout=cfg.layer_dropout)
+
+    def forward(self, x: Tensor, cache: list | None = None, **kw) -> Tensor:
+        first = self.blocks[0].first_residual
+        x = first.expand(x)
+        for i in _kept_blocks(self.blocks, self.layer_dropout, self.training):
+            x = self.blocks[i](x, **_per_block(kw, cache, i))
+        return first.reduce(x)
+
+
+@STACKS.register("reversible")
+class ReversibleStack(nn.Module):
+    """Reversible residual coupling over the blocks (RevNet; Reformer, Kitaev et al. 2020)::
+
+        x1 = x2 = x
+        y1 = x1 + F(x2),  y2 = x2 + G(y1)        per block; F = attention, G = feed-forward
+        out = (y1 + y2) / 2                       merge="mean" (reformer-pytorch)
+        out = W [y1; y2]                          merge="concat"
+
+    Activations are recomputed in backward, so training memory is flat in depth. Requires additive,
+    single-stream residual schemes (prenorm, rezero, layerscale); the model builder's rule table
+    rejects the rest. Sequences of at most ``reverse_thres`` tokens, incremental decoding and
+    no-grad calls run the same coupling with ordinary autograd, which is faster.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        merge: str = "mean"  # how the two halves become one residual: "mean" (reformer-pytorch) or "concat"
+        layer_dropout: float = 0.0  # LayerDrop over whole reversible blocks; gradients reach every kept block
+        reverse_thres: int = 0  # run irreversibly (faster, more memory) up to this many tokens
+
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        dim: int,
+        merge: str = "mean",
+        layer_dropout: float = 0.0,
+        reverse_thres: int = 0,
+    ):
+        super().__init__()
+        if merge not in ("mean", "concat"):
+            raise ValueError(f"merge must be 'mean' or 'concat', got {merge!r}")
+        _check_layer_dropout(layer_dropout)
+        if reverse_thres < 0:
+            raise ValueError(f"reverse_thres must be >= 0, got {reverse_thres!r}")
+        self.blocks = blocks
+        self.layer_dropout = layer_dropout
+        self.reverse_thres = reverse_thres
+        self.merge_kind = merge
+        self.merge = nn.Linear(2 * dim, dim, bias=False) if merge == "concat" else None
+        if self.merge is not None:
+            with torch.no_grad():  # starts as the mean of the halves, like merge="mean"
+                self.merge.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], dim=1) / 2)
+
+    @classmethod
+    def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
+        return cls(blocks, dim, merge=cfg.merge, layer_dropout=cfg.layer_dropout, reverse_thres=cfg.reverse_thres)
+
+    def forward(self, x: Tensor, cache: list | None = None, **kw) -> Tensor:
+        kept = _kept_blocks(self.blocks, self.layer_dropout, self.training)
+        fs = [partial(self.blocks[i].f_delta, **_per_block(kw, cache, i)) for i in kept]
+        gs = [self.blocks[i].g_delta for i in kept]
+        if cache is not None or x.shape[1] <= self.reverse_thres:
+            x1, x2 = x, x
+            for f, g in zip(fs, gs):
+                x1 = x1 + f(x2)
+                x2 = x2 + g(x1)
+        else:
+            params = list({id(p): p for i in kept for p in self.blocks[i].parameters()}.values())
+            x1, x2 = reversible_apply(x, x, fs, gs, params, extra=_tensors_needing_grad(kw), training=self.training)
+        if self.merge is None:
+            return (x1 + x2) / 2
+        return self.merge(torch.cat([x1, x2], dim=-1))
+
+
+def _tensors_needing_grad(obj) -> list[Tensor]:
+    """Tensors inside keyword arguments (encoder output, ...) that must receive gradients."""
+    if isinstance(obj, Tensor):
+        return [obj] if obj.requires_grad else []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_needing_grad(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_needing_grad(v)]
+    return []

@@ -1,0 +1,123 @@
+"""The builder: every combination the rule table accepts trains; every one it rejects says why."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anydepth import ModelConfig, build_model, registered
+from anydepth.model.build import RULES, InvalidCombination, check
+from anydepth.registry import ATTENTIONS, NORMS, RESIDUALS, STACKS
+
+TINY = dict(vocab_size=32, dim=16, depth=2, heads=2, max_seq_len=64)
+
+
+def tiny_attention(kind):
+    # LSH needs buckets small enough for the tiny sequences used here.
+    if kind == "lsh":
+        return ATTENTIONS.config("lsh", bucket_size=4, n_hashes=2)
+    if kind == "local":
+        return ATTENTIONS.config("local", window=4)
+    return kind
+
+
+def combos():
+    reg = registered()
+    return list(itertools.product(reg["residual"], reg["norm"], reg["attention"], reg["stack"]))
+
+
+def is_valid(cfg):
+    try:
+        check(cfg)
+        return True
+    except InvalidCombination:
+        return False
+
+
+def test_registered_lists_every_family():
+    reg = registered()
+    for family in ("norm", "residual", "attention", "ff", "stack", "position"):
+        assert reg[family], family
+    assert {"prenorm", "postnorm", "rezero", "admin", "deepnorm", "layerscale", "hyper"} <= set(reg["residual"])
+    assert {"layer", "rms", "prms", "scale"} <= set(reg["norm"])
+    assert {"sequential", "reversible"} <= set(reg["stack"])
+    assert {"full", "local", "lsh"} <= set(reg["attention"])
+
+
+@pytest.mark.parametrize("residual,norm,attention,stack", combos())
+def test_every_combination_builds_and_trains_or_is_rejected(residual, norm, attention, stack):
+    cfg = ModelConfig(**TINY, residual=residual, norm=norm, attention=tiny_attention(attention), stack=stack)
+    if not is_valid(cfg):
+        with pytest.raises(InvalidCombination) as e:
+            build_model(cfg)
+        assert " Use " in str(e.value) or "Set " in str(e.value)  # every rejection says what to use instead
+        return
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tokens = torch.randint(0, 32, (2, 16))
+    logits = model(tokens)
+    assert logits.shape == (2, 16, 32)
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_each_rule_rejects_its_combination_with_its_name():
+    examples = {
+        "reversible-single-stream": dict(residual=RESIDUALS.config("hyper", streams=4), stack="reversible"),
+        "reversible-additive": dict(residual="postnorm", stack="reversible"),
+        "post-norm-schemes": dict(residual=RESIDUALS.config("admin", placement="pre")),
+        "multi-stream-final-norm": dict(residual=RESIDUALS.config("hyper", streams=2), final_norm=False),
+    }
+    assert set(examples) == {r.name for r in RULES}, "every rule needs an example here"
+    for name, kw in examples.items():
+        with pytest.raises(InvalidCombination) as e:
+            build_model(ModelConfig(**TINY, **kw))
+        assert e.value.rule == name
+        assert name in str(e.value)
+
+
+@pytest.mark.parametrize("residual", ["admin", "deepnorm", "postnorm"])
+def test_reversible_rejects_post_norm_schemes(residual):
+    with pytest.raises(InvalidCombination, match="not invertible"):
+        build_model(ModelConfig(**TINY, residual=residual, stack="reversible"))
+
+
+def test_unknown_kinds_and_keys_are_named():
+    with pytest.raises(ValueError, match="unknown residual kind 'resnet'.*prenorm"):
+        ModelConfig(residual="resnet")
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        ModelConfig(norm="batch")
+    with pytest.raises(ValueError, match="unknown ModelConfig key.*n_layers"):
+        ModelConfig.from_dict({"n_layers": 3})
+    with pytest.raises(TypeError, match="has no option"):
+        NORMS.config("rms", epsilon=1e-5)
+    with pytest.raises(TypeError, match="kind name"):
+        ModelConfig(stack=3)
+
+
+def test_dim_not_divisible_by_heads_is_rejected():
+    with pytest.raises(ValueError, match="dim=30 is not divisible by heads=4"):
+        ModelConfig(dim=30, heads=4)
+    ModelConfig(dim=30, heads=4, dim_head=8)  # explicit dim_head lifts the constraint
+
+
+def test_config_round_trips_through_dict_and_json():
+    cfg = ModelConfig(**TINY, residual=RESIDUALS.config("rezero"), norm=NORMS.config("rms", eps=1e-6))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    d = cfg.to_dict()
+    assert d["norm"]["kind"] == "rms" and d["residual"]["kind"] == "rezero"
+
+
+def test_sequential_and_reversible_share_parameter_names():
+    seq = build_model(ModelConfig(**TINY, stack="sequential"))
+    rev = build_model(ModelConfig(**TINY, stack="reversible"))
+    assert list(seq.state_dict()) == list(rev.state_dict())
+    rev.load_state_dict(seq.state_dict())
+    # and the concat merge adds exactly its projection
+    cat = build_model(ModelConfig(**TINY, stack=STACKS.config("reversible", merge="concat")))
+    assert set(cat.state_dict()) - set(seq.state_dict()) == {"stack.merge.weight"}
