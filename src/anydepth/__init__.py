@@ -37,10 +37,10 @@ _LAZY: dict[str, str] = {
     "Admin": "anydepth.nn.residual",
     "DeepNorm": "anydepth.nn.residual",
     "LayerScale": "anydepth.nn.residual",
+    "admin_profile_": "anydepth.nn.residual",
     # the builder
     "ModelConfig": "anydepth.model.config",
     "build_model": "anydepth.model.build",
-    "presets": "anydepth.model.presets",
     "TransformerLM": "anydepth.model.lm",
     "EncoderDecoder": "anydepth.model.encdec",
     # ReZero seed API
@@ -70,8 +70,9 @@ _LAZY: dict[str, str] = {
     "from_reformer_pytorch": "anydepth.compat.reformer",
 }
 _SUBMODULES = {"admin", "nn", "model", "train", "study", "compat", "registry", "generate"}
+_ALIASES = {"presets": "anydepth.model.presets"}
 
-__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES) + sorted(_ALIASES)
 
 
 def __getattr__(name: str):
@@ -79,8 +80,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"anydepth.{name}")
+    if name in _SUBMODULES or name in _ALIASES:
+        module = importlib.import_module(_ALIASES.get(name, f"anydepth.{name}"))
         globals()[name] = module
         return module
     raise AttributeError(f"module 'anydepth' has no attribute {name!r}")
