@@ -30,6 +30,16 @@ _LAZY: dict[str, str] = {
     "RMSNorm": "anydepth.nn.norms",
     "PartialRMSNorm": "anydepth.nn.norms",
     "ScaleNorm": "anydepth.nn.norms",
+    # attention, feed-forward, positions
+    "FullAttention": "anydepth.nn.attention",
+    "LocalAttention": "anydepth.nn.attention",
+    "MLP": "anydepth.nn.feedforward",
+    "GLU": "anydepth.nn.feedforward",
+    "LearnedPosition": "anydepth.nn.positional",
+    "SinusoidalPosition": "anydepth.nn.positional",
+    "AxialPosition": "anydepth.nn.positional",
+    "RotaryEmbedding": "anydepth.nn.positional",
+    "apply_rotary": "anydepth.nn.positional",
     # residual schemes
     "PreNorm": "anydepth.nn.residual",
     "PostNorm": "anydepth.nn.residual",

@@ -149,6 +149,6 @@ def config_from_dict(d: dict[str, Any], registry: Registry):
     cfg_cls = registry.get(d["kind"]).Config
     for f in dataclasses.fields(cfg_cls):
         v = fields.get(f.name)
-        if isinstance(v, list) and isinstance(f.default, tuple):
+        if isinstance(v, list) and (isinstance(f.default, tuple) or "tuple" in str(f.type)):
             fields[f.name] = tuple(v)
     return registry.config(d["kind"], **fields)

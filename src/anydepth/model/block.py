@@ -53,9 +53,9 @@ class CrossBlock(Block):
         super().__init__(attn, res_attn, ff, res_ff)
         self.cross, self.res_cross = cross, res_cross
 
-    def forward(self, x: Tensor, *, context: Tensor, context_mask: Tensor | None = None, **attn_kw) -> Tensor:
-        x = self.res_attn(x, self.attn, **attn_kw)
-        x = self.res_cross(x, self.cross, context=context, context_mask=context_mask)
+    def forward(self, x: Tensor, *, context: Tensor, context_mask: Tensor | None = None, cache=None, **kw) -> Tensor:
+        x = self.res_attn(x, self.attn, cache=cache, **kw)
+        x = self.res_cross(x, self.cross, context=context, context_mask=context_mask, cache=_cross_cache(cache))
         return self.res_ff(x, self.ff)
 
     def residuals(self) -> list[Residual]:
@@ -64,6 +64,13 @@ class CrossBlock(Block):
     def branches(self) -> list[nn.Module]:
         return [self.attn, self.cross, self.ff]
 
-    def f_delta(self, x: Tensor, *, context: Tensor, context_mask: Tensor | None = None, **attn_kw) -> Tensor:
-        d = self.res_attn.delta(x, self.attn, **attn_kw)
-        return d + self.res_cross.delta(x + d, self.cross, context=context, context_mask=context_mask)
+    def f_delta(self, x: Tensor, *, context: Tensor, context_mask: Tensor | None = None, cache=None, **kw) -> Tensor:
+        d = self.res_attn.delta(x, self.attn, cache=cache, **kw)
+        return d + self.res_cross.delta(
+            x + d, self.cross, context=context, context_mask=context_mask, cache=_cross_cache(cache)
+        )
+
+
+def _cross_cache(cache: dict | None) -> dict | None:
+    # The encoder output is fixed while decoding: its keys/values are projected once and kept here.
+    return None if cache is None else cache.setdefault("cross", {})

@@ -1,1 +1,209 @@
-"""(being written)"""
+"""Position-wise feed-forward layers: an MLP and gated linear units, optionally over sequence chunks.
+
+Both kinds are built with ``FFS.build(cfg, dim=...)`` and map ``(b, n, dim) -> (b, n, dim)`` token by token.
+Because no token sees another, running them on ``chunks`` slices of the sequence axis gives exactly the
+unchunked result while only one slice's hidden activations (``mult`` times wider than the input) exist at
+a time (the Reformer's chunked feed-forward, Kitaev et al. 2020, arXiv:2001.04451, section 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from anydepth.registry import FFS
+
+__all__ = ["MLP", "GLU", "ACTIVATIONS", "get_activation"]
+
+
+def _relu_squared(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # exact erf form (BERT, GPT-2 used the tanh approximation below)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "relu_squared": _relu_squared,  # Primer (So et al. 2021)
+    "swish": F.silu,  # x * sigmoid(x); in a GLU this is SwiGLU
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,  # in a GLU this is Dauphin et al.'s original GLU
+    "tanh": torch.tanh,
+    "identity": lambda x: x,  # in a GLU this is the bilinear variant
+}
+
+
+def get_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The activation function called ``name`` (see :data:`ACTIVATIONS`)."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown feed-forward activation={name!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class _FeedForward(nn.Module):
+    """Shared machinery: argument checks, xavier init and sequence chunking.
+
+    Subclasses define ``proj_in`` (``dim -> width``), ``proj_out`` (``hidden -> dim``) and ``_hidden``.
+    """
+
+    def __init__(self, dim: int, mult: float, dropout: float, chunks: int, checkpoint_chunks: bool):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"feed-forward dim must be a positive int, got {dim!r}")
+        if isinstance(mult, bool) or not isinstance(mult, int | float) or mult <= 0:
+            raise ValueError(f"feed-forward mult must be a positive number (4 is usual), got {mult!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"feed-forward dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"feed-forward chunks must be an int >= 1 (1: no chunking), got {chunks!r}")
+        self.dim, self.hidden = dim, max(1, int(dim * mult))
+        self.chunks, self.checkpoint_chunks = chunks, checkpoint_chunks
+        self.dropout = nn.Dropout(dropout)
+
+    def reset_parameters(self, beta: float = 1.0) -> None:
+        """Xavier-normal init with gain ``beta`` on both projections, zero biases.
+
+        ``beta`` is DeepNet's down-scaling of branch weights (Wang et al. 2022, arXiv:2203.00555); 1 gives
+        the plain Glorot init.
+        """
+        for lin in (self.proj_in, self.proj_out):
+            nn.init.xavier_normal_(lin.weight, gain=beta)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def _ff(self, x: Tensor) -> Tensor:
+        return self.proj_out(self.dropout(self._hidden(self.proj_in(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"feed-forward input must end in dim={self.dim}, got {got}")
+        if self.chunks == 1 or x.dim() < 2 or x.shape[-2] <= 1:
+            return self._ff(x)
+        pieces = x.chunk(self.chunks, dim=-2)
+        # Under autograd every chunk's hidden activations would stay saved for backward, so chunking alone
+        # would not lower the training peak; recomputing each chunk in backward keeps only one alive.
+        if self.checkpoint_chunks and torch.is_grad_enabled() and (x.requires_grad or self._has_grad()):
+            outs = [checkpoint(self._ff, p, use_reentrant=False) for p in pieces]
+        else:
+            outs = [self._ff(p) for p in pieces]
+        return torch.cat(outs, dim=-2)
+
+    def _has_grad(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
+
+@FFS.register("mlp")
+class MLP(_FeedForward):
+    """``ff(x) = W_2 dropout(act(W_1 x + b_1)) + b_2`` with hidden width ``int(mult * dim)``.
+
+    ``act`` by name (``gelu``, ``relu``, ``swish``, ... see :data:`ACTIVATIONS`). With ``chunks > 1`` the
+    sequence axis (dim -2) is processed in ``chunks`` slices; the result equals the unchunked one.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        mult: float = 4.0  # hidden width / dim; 4 is the Transformer's ratio
+        activation: str = "gelu"  # name in ACTIVATIONS; GELU is the GPT/BERT/Reformer default
+        dropout: float = 0.0  # on the hidden activations, as in reformer-pytorch's FeedForward
+        bias: bool = True  # biases on both projections (the original Transformer had them)
+        chunks: int = 1  # sequence slices computed one at a time, as the Reformer's ff_chunks
+        checkpoint: bool = True  # chunks > 1 under autograd: recompute slices in backward to keep the saving
+
+    def __init__(
+        self,
+        dim: int,
+        mult: float = 4.0,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        bias: bool = True,
+        chunks: int = 1,
+        checkpoint: bool = True,
+    ):
+        super().__init__(dim, mult, dropout, chunks, checkpoint)
+        self.act_name, self.act = activation, get_activation(activation)
+        self.proj_in = nn.Linear(dim, self.hidden, bias=bias)
+        self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg, *, dim: int) -> MLP:
+        return cls(
+            dim,
+            mult=cfg.mult,
+            activation=cfg.activation,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            chunks=cfg.chunks,
+            checkpoint=cfg.checkpoint,
+        )
+
+    def _hidden(self, h: Tensor) -> Tensor:
+        return self.act(h)
+
+
+@FFS.register("glu")
+class GLU(_FeedForward):
+    """Gated linear unit feed-forward (Shazeer 2020, "GLU Variants Improve Transformer", arXiv:2002.05202).
+
+    ``ff(x) = W_2 dropout(act(x W) * (x V))``, ``W`` and ``V`` of width ``int(mult * dim)`` held as one
+    fused ``proj_in`` (``[W | V]``). ``act`` by name: ``swish`` gives SwiGLU, ``gelu`` GEGLU, ``sigmoid``
+    the original GLU, ``identity`` the bilinear layer. ``chunks`` as in :class:`MLP`. With equal ``mult``
+    a GLU has 1.5x the MLP's parameters; ``mult = 8/3`` matches them.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        mult: float = 4.0  # width of the gate and of the value; reformer-pytorch's ff_glu used 4
+        activation: str = "swish"  # the gate's activation: swish = SwiGLU (PaLM, Llama), gelu = GEGLU
+        dropout: float = 0.0  # on the gated hidden activations
+        bias: bool = True  # biases on both projections (Shazeer's variants drop them; set False for that)
+        chunks: int = 1  # sequence slices computed one at a time, as the Reformer's ff_chunks
+        checkpoint: bool = True  # chunks > 1 under autograd: recompute slices in backward to keep the saving
+
+    def __init__(
+        self,
+        dim: int,
+        mult: float = 4.0,
+        activation: str = "swish",
+        dropout: float = 0.0,
+        bias: bool = True,
+        chunks: int = 1,
+        checkpoint: bool = True,
+    ):
+        super().__init__(dim, mult, dropout, chunks, checkpoint)
+        self.act_name, self.act = activation, get_activation(activation)
+        self.proj_in = nn.Linear(dim, 2 * self.hidden, bias=bias)
+        self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, cfg, *, dim: int) -> GLU:
+        return cls(
+            dim,
+            mult=cfg.mult,
+            activation=cfg.activation,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            chunks=cfg.chunks,
+            checkpoint=cfg.checkpoint,
+        )
+
+    def reset_parameters(self, beta: float = 1.0) -> None:
+        """Xavier-normal, gain ``beta``, on ``W``, ``V`` (each with its own fans) and ``W_2``; zero biases."""
+        with torch.no_grad():
+            for part in self.proj_in.weight.split(self.hidden, dim=0):
+                part.copy_(nn.init.xavier_normal_(torch.empty_like(part), gain=beta))
+        nn.init.xavier_normal_(self.proj_out.weight, gain=beta)
+        for lin in (self.proj_in, self.proj_out):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def _hidden(self, h: Tensor) -> Tensor:
+        gate, value = h.chunk(2, dim=-1)
+        return self.act(gate) * value
