@@ -48,6 +48,8 @@ _LAZY: dict[str, str] = {
     "DeepNorm": "anydepth.nn.residual",
     "LayerScale": "anydepth.nn.residual",
     "admin_profile_": "anydepth.nn.residual",
+    "HyperConnection": "anydepth.nn.hyper",
+    "ManifoldHyperConnection": "anydepth.nn.hyper",
     # the builder
     "ModelConfig": "anydepth.model.config",
     "build_model": "anydepth.model.build",

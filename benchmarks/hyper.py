@@ -1,0 +1,341 @@
+"""Training-step cost of hyper-connections: plain pre-LN residual vs 4 dynamic streams.
+
+One small byte-level LM (token + learned position embedding, pre-LN blocks of SDPA causal attention
+and a GELU MLP, final LayerNorm, tied head, AdamW) whose residual wiring is swappable:
+
+    plain          x = x + f(LN(x))
+    ours_seed      anydepth.compat.hyper (the seed API), streams folded into the batch, LN inside f
+    orig           hyper_connections 0.4.11 wired the same way
+    ours_nn        anydepth.nn.hyper.HyperConnection (streams as an explicit axis, LN applied to h_in)
+    build_plain    anydepth.build_model(ModelConfig(residual="prenorm"))       (if the builder exists)
+    build_hyper    anydepth.build_model(ModelConfig(residual=<hyper, streams=4>))
+
+Each variant runs in its own process (``torch.set_num_threads(2)``): build, ``gc.collect()``, record
+VmRSS, reset the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``), run warm-up and
+timed steps, report the median step time and the peak extra RSS (VmHWM - baseline: activations,
+gradients, optimizer state and allocator slack; parameters and inputs excluded).
+
+    .venv/bin/python benchmarks/hyper.py                       # the issue's sizes: 12 x 256, seq 256, batch 8
+    .venv/bin/python benchmarks/hyper.py --depth 2 --seq 64    # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+VARIANTS = ("plain", "ours_seed", "orig", "ours_nn", "build_plain", "build_hyper")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _other_load(t0_total: float, t0_self: float, wall: float) -> float:
+    """CPU cores used by other processes during the timed steps (from /proc/stat)."""
+    total = _cpu_total() - t0_total
+    own = time.process_time() - t0_self
+    return max(0.0, (total - own) / wall) if wall > 0 else 0.0
+
+
+def _cpu_total() -> float:
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()[1:]
+    user, nice, system = (int(v) for v in fields[:3])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def build_step(args, variant: str):
+    """``(step, model)`` for one variant, or a ``{"skipped": why}`` dict."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dim, heads, depth, seq, vocab = args.dim, args.heads, args.depth, args.seq, 256
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.out = nn.Linear(dim, dim, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(o.transpose(1, 2).flatten(-2))
+
+    def mlp():
+        return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    branches = [Attention() if i % 2 == 0 else mlp() for i in range(2 * depth)]
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in branches)
+            self.branches = nn.ModuleList(branches)
+
+        def forward(self, x):
+            for norm, f in zip(self.norms, self.branches):
+                x = x + f(norm(x))
+            return x
+
+    class SeedWired(nn.Module):
+        """The seed README's wiring: expand, one wrapped branch per sublayer, reduce (sum)."""
+
+        def __init__(self, get_fns):
+            super().__init__()
+            init, self.expand, self.reduce = get_fns(args.streams)
+            self.layers = nn.ModuleList(
+                init(dim=dim, branch=nn.Sequential(nn.LayerNorm(dim), f), layer_index=i)
+                for i, f in enumerate(branches)
+            )
+
+        def forward(self, x):
+            x = self.expand(x)
+            for layer in self.layers:
+                x = layer(x)
+            return self.reduce(x)
+
+    class NNWired(nn.Module):
+        def __init__(self):
+            super().__init__()
+            from anydepth.nn.hyper import HyperConnection
+
+            self.res = nn.ModuleList(
+                HyperConnection(dim, args.streams, layer_index=i, norm=nn.LayerNorm(dim))
+                for i in range(len(branches))
+            )
+            self.branches = nn.ModuleList(branches)
+
+        def forward(self, x):
+            x = self.res[0].expand(x)
+            for res, f in zip(self.res, self.branches):
+                x = res(x, f)
+            return self.res[0].reduce(x)
+
+    class LM(nn.Module):
+        def __init__(self, trunk):
+            super().__init__()
+            self.tok = nn.Embedding(vocab, dim)
+            self.pos = nn.Embedding(seq, dim)
+            self.trunk = trunk
+            self.norm = nn.LayerNorm(dim)
+
+        def forward(self, tokens):
+            x = self.tok(tokens) + self.pos.weight[: tokens.shape[1]]
+            return self.norm(self.trunk(x)) @ self.tok.weight.t()
+
+    if variant == "plain":
+        model = LM(Plain())
+    elif variant == "ours_seed":
+        from anydepth.compat.hyper import get_init_and_expand_reduce_stream_functions
+
+        model = LM(SeedWired(get_init_and_expand_reduce_stream_functions))
+    elif variant == "orig":
+        from hyper_connections import get_init_and_expand_reduce_stream_functions
+
+        model = LM(SeedWired(get_init_and_expand_reduce_stream_functions))
+    elif variant == "ours_nn":
+        model = LM(NNWired())
+    else:
+        import anydepth
+
+        if not hasattr(anydepth, "build_model"):
+            return {"variant": variant, "skipped": "anydepth.build_model is not available"}
+        try:
+            from anydepth.registry import RESIDUALS
+
+            residual = (
+                "prenorm" if variant == "build_plain" else RESIDUALS.config("hyper", streams=args.streams)
+            )
+            cfg = anydepth.ModelConfig(
+                vocab_size=vocab, dim=dim, depth=depth, heads=heads, max_seq_len=seq, residual=residual
+            )
+            model = anydepth.build_model(cfg)
+        except Exception as e:  # the builder may not accept every option yet; report rather than fail
+            return {"variant": variant, "skipped": f"{type(e).__name__}: {e}"}
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    tokens = torch.randint(vocab, (args.batch, seq + 1), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, model
+
+
+def child(args) -> dict:
+    built = build_step(args, args.child)
+    if isinstance(built, dict):
+        return built
+    step, model = built
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    for _ in range(args.warmup):
+        step()
+    times, cpu = [], []
+    t_total, t_self, t_wall = _cpu_total(), time.process_time(), time.perf_counter()
+    for _ in range(args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    load = _other_load(t_total, t_self, time.perf_counter() - t_wall)
+    times.sort()
+    cpu.sort()
+    return {
+        "variant": args.child,
+        "median_s": times[len(times) // 2],
+        "min_s": times[0],
+        "cpu_s": cpu[len(cpu) // 2],  # process CPU seconds (all threads): less sensitive to other load
+        "peak_mib": (_rss_kib("VmHWM") - base) / 1024,
+        "params": sum(p.numel() for p in model.parameters()),
+        "other_load": load,
+    }
+
+
+def interleaved(args, variants: list[str]) -> dict:
+    """All variants in one process, timed round-robin (one step of each per round), so a change in the
+    machine's load hits every variant alike. Gives time only: the RSS peak would mix the variants."""
+    steps, rows = {}, {}
+    for v in variants:
+        built = build_step(args, v)
+        if isinstance(built, dict):
+            rows[v] = built
+        else:
+            steps[v] = built[0]
+            for _ in range(args.warmup):
+                built[0]()
+    times = {v: [] for v in steps}
+    cpu = {v: [] for v in steps}
+    for _ in range(args.steps):
+        for v, step in steps.items():
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            times[v].append(time.perf_counter() - t)
+            cpu[v].append(time.process_time() - c)
+    for v in steps:
+        ts, cs = sorted(times[v]), sorted(cpu[v])
+        rows[v] = {"variant": v, "median_s": ts[len(ts) // 2], "min_s": ts[0], "cpu_s": cs[len(cs) // 2]}
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--interleave", action="store_true", help="time all variants round-robin in one process (no memory)"
+    )
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    if args.interleave:
+        rows = interleaved(args, args.variants.split(","))
+        print(
+            f"interleaved, {args.steps} rounds; "
+            f"depth={args.depth} dim={args.dim} seq={args.seq} batch={args.batch}"
+        )
+        for r in rows.values():
+            print(json.dumps(r))
+        ratios = [
+            ("ours_nn", "plain"),
+            ("ours_seed", "orig"),
+            ("ours_nn", "orig"),
+            ("orig", "plain"),
+            ("build_hyper", "build_plain"),
+        ]
+        for a, b in ratios:
+            if "median_s" in rows.get(a, {}) and "median_s" in rows.get(b, {}):
+                print(
+                    f"  {a} / {b}: wall {rows[a]['median_s'] / rows[b]['median_s']:.2f}x, "
+                    f"CPU {rows[a]['cpu_s'] / rows[b]['cpu_s']:.2f}x"
+                )
+        return
+
+    rows = {}
+    for v in args.variants.split(","):
+        sizes = ("depth", "dim", "heads", "seq", "batch", "streams", "steps", "warmup", "threads")
+        cmd = [sys.executable, __file__, "--child", v] + [f"--{k}={getattr(args, k)}" for k in sizes]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            rows[v] = {"variant": v, "skipped": out.stderr.strip().splitlines()[-1]}
+        else:
+            rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(rows[v]), flush=True)
+
+    print(
+        f"\ndepth={args.depth} dim={args.dim} heads={args.heads} seq={args.seq} batch={args.batch} "
+        f"streams={args.streams} steps={args.steps} threads={args.threads}"
+    )
+    print(
+        f"{'variant':<12} {'median s':>9} {'min s':>8} {'CPU s':>8} {'peak MiB':>9} {'params':>10} "
+        f"{'other load':>10}"
+    )
+    for v, r in rows.items():
+        if "skipped" in r:
+            print(f"{v:<12} skipped: {r['skipped']}")
+            continue
+        print(
+            f"{v:<12} {r['median_s']:>9.3f} {r['min_s']:>8.3f} {r['cpu_s']:>8.3f} {r['peak_mib']:>9.0f} "
+            f"{r['params']:>10,} {r['other_load']:>10.2f}"
+        )
+
+    def ratio(a, b, key="median_s"):
+        ra, rb = rows.get(a, {}), rows.get(b, {})
+        if key in ra and key in rb and rb[key]:
+            return f"{ra[key] / rb[key]:.2f}x"
+        return "n/a"
+
+    print("\ntime ratios (median step):")
+    print(f"  ours_nn   / plain       {ratio('ours_nn', 'plain')}   (goal <= 1.10)")
+    print(f"  ours_seed / plain       {ratio('ours_seed', 'plain')}")
+    print(f"  ours_seed / orig        {ratio('ours_seed', 'orig')}   (goal <= 1.00)")
+    print(f"  ours_nn   / orig        {ratio('ours_nn', 'orig')}")
+    print(f"  orig      / plain       {ratio('orig', 'plain')}")
+    print(f"  build_hyper / build_plain {ratio('build_hyper', 'build_plain')}")
+    print("CPU-time ratios (median process CPU s per step):")
+    print(f"  ours_nn   / plain       {ratio('ours_nn', 'plain', 'cpu_s')}")
+    print(f"  ours_seed / orig        {ratio('ours_seed', 'orig', 'cpu_s')}")
+    print(f"  build_hyper / build_plain {ratio('build_hyper', 'build_plain', 'cpu_s')}")
+    print("peak extra RSS ratios:")
+    for a in ("ours_nn", "ours_seed", "orig"):
+        print(f"  {a:<9} / plain       {ratio(a, 'plain', 'peak_mib')}")
+    print(f"  build_hyper / build_plain {ratio('build_hyper', 'build_plain', 'peak_mib')}")
+
+
+if __name__ == "__main__":
+    main()
