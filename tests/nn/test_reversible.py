@@ -6,7 +6,15 @@ from torch import nn
 
 from anydepth.nn.reversible import reversible_apply, reversible_inverse
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    # exact comparisons; restored afterwards so other test modules in this process keep float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class Branch(nn.Module):

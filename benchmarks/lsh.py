@@ -1,0 +1,224 @@
+"""LSH attention side by side: anydepth vs reformer-pytorch 1.4.4 vs full causal SDPA (CPU).
+
+One layer, ``LSHSelfAttention(dim=256, heads=4, bucket_size=64, n_hashes=4, causal=True)``, forward +
+backward (input grad included) at batch 1. Each (implementation, length) runs in its own process with
+``torch.set_num_threads(2)``; the child reports the median and minimum wall time per step and the peak
+extra resident memory (VmHWM after resetting it, minus the resident size before the steps: activations,
+gradients and allocator slack; parameters and inputs excluded), plus the CPU time other processes used
+meanwhile (``other load``, in cores), since timings on a shared machine are only meaningful when it is low.
+
+    python benchmarks/lsh.py                                   # 4096, 16384, 32768 tokens
+    python benchmarks/lsh.py --lengths 4096 --runs 3
+    python benchmarks/lsh.py --workload lm --depths 2 12       # ReformerLM training-step memory vs depth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("anydepth", "reformer_pytorch", "sdpa_full")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_jiffies() -> int:
+    with open("/proc/stat") as f:
+        parts = f.readline().split()[1:]
+    busy = [int(p) for i, p in enumerate(parts) if i not in (3, 4)]  # all but idle and iowait
+    return sum(busy)
+
+
+def _build(impl: str, dim: int, heads: int, bucket: int, n_hashes: int):
+    import torch
+    import torch.nn.functional as F
+
+    if impl == "anydepth":
+        from anydepth.nn.lsh import LSHSelfAttention
+
+        return LSHSelfAttention(dim, heads=heads, bucket_size=bucket, n_hashes=n_hashes, causal=True)
+    if impl == "reformer_pytorch":
+        from reformer_pytorch import LSHSelfAttention
+
+        return LSHSelfAttention(dim=dim, heads=heads, bucket_size=bucket, n_hashes=n_hashes, causal=True)
+    if impl == "sdpa_full":
+
+        class Full(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+                self.out = torch.nn.Linear(dim, dim)
+
+            def forward(self, x):
+                b, n, _ = x.shape
+                q, k, v = self.qkv(x).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return self.out(o.transpose(1, 2).reshape(b, n, dim))
+
+        return Full()
+    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
+
+
+def child_attention(impl: str, length: int, runs: int, warmup: int, args) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = _build(impl, args.dim, args.heads, args.bucket_size, args.n_hashes)
+    x = torch.randn(1, length, args.dim, requires_grad=True)
+    gy = torch.randn(1, length, args.dim)
+
+    def step():
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        model(x).backward(gy)
+
+    return _measure(step, runs, warmup, gc)
+
+
+def child_lm(depth: int, runs: int, warmup: int, args) -> dict:
+    import gc
+
+    import torch
+
+    from anydepth.compat.reformer import ReformerLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = ReformerLM(
+        num_tokens=256,
+        dim=args.dim,
+        depth=depth,
+        heads=args.heads,
+        max_seq_len=args.lm_len,
+        causal=True,
+        bucket_size=args.bucket_size,
+        n_hashes=args.n_hashes,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (1, args.lm_len + 1))
+
+    def step():
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _measure(step, runs, warmup, gc)
+
+
+def _measure(step, runs: int, warmup: int, gc) -> dict:
+    for _ in range(warmup):
+        step()
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    times = []
+    cpu0, own0 = _cpu_jiffies(), os.times()
+    for _ in range(runs):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    cpu1, own1 = _cpu_jiffies(), os.times()
+    wall = sum(times)
+    hz = os.sysconf("SC_CLK_TCK")
+    own = (own1.user - own0.user) + (own1.system - own0.system)
+    other = max(0.0, (cpu1 - cpu0) / hz - own) / wall
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_extra_mib": (_rss_kib("VmHWM") - base) / 1024,
+        "other_load_cores": other,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=("attention", "lm"), default="attention")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 12], help="lm workload: depths to compare")
+    p.add_argument("--lm-len", type=int, default=4096, help="lm workload: sequence length")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--bucket-size", type=int, default=64)
+    p.add_argument("--n-hashes", type=int, default=4)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        kind, a, b = args.child.split(":")
+        if kind == "attention":
+            res = child_attention(a, int(b), args.runs, args.warmup, args)
+        else:
+            res = child_lm(int(b), args.runs, args.warmup, args)
+        print("RESULT " + json.dumps(res))
+        return
+
+    cases = (
+        [("attention", impl, n) for n in args.lengths for impl in args.impls]
+        if args.workload == "attention"
+        else [("lm", "anydepth", d) for d in args.depths]
+    )
+    common = [
+        f"--runs={args.runs}",
+        f"--warmup={args.warmup}",
+        f"--dim={args.dim}",
+        f"--heads={args.heads}",
+        f"--bucket-size={args.bucket_size}",
+        f"--n-hashes={args.n_hashes}",
+        f"--lm-len={args.lm_len}",
+    ]
+    results: dict[tuple, dict] = {}
+    for kind, impl, size in cases:
+        cmd = [sys.executable, __file__, f"--child={kind}:{impl}:{size}", *common]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{impl} {size}: failed\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        res = json.loads(line[0][len("RESULT ") :])
+        results[(impl, size)] = res
+        print(
+            f"{kind:9s} {impl:17s} {size:6d}  median {res['median_s']:8.3f} s  min {res['min_s']:8.3f} s  "
+            f"peak extra {res['peak_extra_mib']:8.1f} MiB  other load {res['other_load_cores']:.2f}",
+            flush=True,
+        )
+    if args.workload == "attention":
+        print("\nratios (anydepth / other): time = median s, memory = peak extra MiB")
+        for n in args.lengths:
+            ours = results.get(("anydepth", n))
+            for other in ("reformer_pytorch", "sdpa_full"):
+                theirs = results.get((other, n))
+                if ours and theirs:
+                    print(
+                        f"  {n:6d} vs {other:17s} time x{ours['median_s'] / theirs['median_s']:.2f}  "
+                        f"memory x{ours['peak_extra_mib'] / max(theirs['peak_extra_mib'], 1e-9):.2f}"
+                    )
+    else:
+        lo, hi = min(args.depths), max(args.depths)
+        if ("anydepth", lo) in results and ("anydepth", hi) in results:
+            r = results[("anydepth", hi)]["peak_extra_mib"] / results[("anydepth", lo)]["peak_extra_mib"]
+            print(f"\npeak memory depth {hi} / depth {lo}: x{r:.2f}")
+
+
+if __name__ == "__main__":
+    main()
