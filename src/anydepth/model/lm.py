@@ -159,6 +159,11 @@ class TransformerLM(nn.Module):
             if context is None:
                 raise ValueError("this decoder has cross-attention: pass context=<encoder output (b, m, dim)>")
             kw.update(context=context, context_mask=context_mask)
+        elif context is not None or context_mask is not None:
+            raise ValueError(
+                "context was given but this model has no cross-attention; build an encoder-decoder "
+                "(EncoderDecoderConfig) to attend to another sequence"
+            )
         x = self.stack(x, cache=cache.layers if cache is not None else None, **kw)
         x = self.norm(x)
         if cache is not None:
