@@ -55,6 +55,11 @@ _LAZY: dict[str, str] = {
     "build_model": "anydepth.model.build",
     "TransformerLM": "anydepth.model.lm",
     "EncoderDecoder": "anydepth.model.encdec",
+    # training
+    "RunConfig": "anydepth.train.config",
+    "TrainConfig": "anydepth.train.config",
+    "DataConfig": "anydepth.train.config",
+    "TrainingDiverged": "anydepth.train.loop",
     # ReZero seed API
     "RZTXEncoderLayer": "anydepth.compat.rezero",
     "RZTXDecoderLayer": "anydepth.compat.rezero",

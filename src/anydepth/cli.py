@@ -1,0 +1,426 @@
+"""The ``anydepth`` command: ``train``, ``generate`` and ``study``.
+
+``anydepth train`` builds a :class:`~anydepth.train.config.RunConfig` from, in order: the default
+run (or ``--config FILE.json``, or ``--preset NAME``, or the run being resumed with ``--resume
+DIR``), then dotted overrides (``--model.depth=64 --train.steps=500 --data.path=corpus.txt``).
+Overrides are type-checked against the dataclass fields (parsed by tyro); an unknown key or a bad
+value is a one-line error with exit code 2 and nothing is written.
+
+``python -m anydepth`` is the same program. Under ``torchrun`` every process runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import re
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+__all__ = ["main", "CliError", "parse_train_args", "GenerateArgs"]
+
+USAGE = """usage: anydepth {train,generate,study} [options]
+
+  train     train a model (no options: a 12-layer pre-LN LM on the Python stdlib, ~5 min on 2 cores)
+  generate  sample a continuation from a checkpoint
+  study     the depth study (see `anydepth study --help`)
+
+`anydepth <command> --help` lists each command's options."""
+
+# Presets are applied at the default run's size so that `--preset X` compares schemes at equal cost.
+PRESET_SIZE = {"vocab_size": 256, "dim": 128, "depth": 12, "heads": 4, "max_seq_len": 256}
+_COMPONENTS = ("residual", "norm", "attention", "ff", "stack", "position")
+
+
+class CliError(Exception):
+    """Bad command-line input; reported as one line on stderr with exit code 2."""
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comments`` of a dataclass's fields: the CLI help of a generated mirror class."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", src, flags=re.M))
+
+
+def _model_args_class(base_model) -> type:
+    """A CLI mirror of ``ModelConfig``: component fields become kind names (``--model.residual=admin``)."""
+    from anydepth.model.config import COMPONENTS, ModelConfig
+
+    hints = typing.get_type_hints(ModelConfig)
+    helps = _field_comments(ModelConfig)
+    fields = []
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(base_model, f.name)
+        if f.name in COMPONENTS:
+            kinds = tuple(COMPONENTS[f.name].kinds()) or (value.kind,)
+            tp: Any = Literal[kinds]  # type: ignore[valid-type]
+            default = value.kind
+            text = f"{helps.get(f.name, f.name)} (kind name; component options via --config)"
+        else:
+            tp, default, text = hints[f.name], value, helps.get(f.name, f.name)
+        fields.append((f.name, Annotated[tp, _arg(text)], dataclasses.field(default=default)))
+    return dataclasses.make_dataclass("ModelArgs", fields, kw_only=True)
+
+
+def _arg(help_text: str):
+    import tyro
+
+    return tyro.conf.arg(help=help_text)
+
+
+def _train_command_class(model_args: type) -> type:
+    from anydepth.train.config import DataConfig, TrainConfig
+
+    return dataclasses.make_dataclass(
+        "TrainCommand",
+        [
+            ("model", Annotated[model_args, _arg("the network")], dataclasses.field(default=None)),
+            ("train", Annotated[TrainConfig, _arg("optimisation")], dataclasses.field(default=None)),
+            ("data", Annotated[DataConfig, _arg("corpus")], dataclasses.field(default=None)),
+            ("preset", Annotated[str | None, _arg(_preset_help())], dataclasses.field(default=None)),
+            ("config", Annotated[str | None, _arg("JSON file: a RunConfig or a ModelConfig")], None),
+            ("out", Annotated[str | None, _arg("run directory (default runs/<UTC time>)")], None),
+            ("resume", Annotated[str | None, _arg("run or checkpoint directory to continue")], None),
+        ],
+        kw_only=True,
+    )
+
+
+def _preset_help() -> str:
+    from anydepth.model.presets import PRESETS
+
+    return f"model preset at the default size ({', '.join(sorted(PRESETS))})"
+
+
+def _scan(argv: list[str], name: str) -> str | None:
+    """Value of ``--name V`` / ``--name=V`` (last one wins), read before the defaults are built."""
+    value = None
+    for i, tok in enumerate(argv):
+        if tok == f"--{name}":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise CliError(f"--{name} needs a value, e.g. --{name}=...")
+            value = argv[i + 1]
+        elif tok.startswith(f"--{name}="):
+            value = tok.split("=", 1)[1]
+    return value
+
+
+def _base_run(argv: list[str]):
+    from anydepth.model import presets
+    from anydepth.model.config import ModelConfig
+    from anydepth.train.config import RunConfig
+
+    preset, config, resume = _scan(argv, "preset"), _scan(argv, "config"), _scan(argv, "resume")
+    if preset and config:
+        raise CliError(
+            "--preset and --config both set the model; use one (put the preset's fields in the JSON)"
+        )
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise CliError(f"--config {config!r} is not a file; pass a JSON file written by `anydepth train`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CliError(f"--config {config!r} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CliError(f"--config {config!r} must hold a JSON object, got {type(d).__name__}")
+        run_keys = {f.name for f in dataclasses.fields(RunConfig)}
+        if set(d) <= run_keys:
+            return RunConfig.from_dict(d)
+        return RunConfig(model=ModelConfig.from_dict(d))
+    if preset:
+        if preset not in presets.PRESETS:
+            raise CliError(f"unknown --preset {preset!r}; presets: {', '.join(sorted(presets.PRESETS))}")
+        return RunConfig(model=presets.get(preset, **PRESET_SIZE))
+    if resume:
+        from anydepth.train.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(resume)
+        d = dict(ck.run)
+        d["out"], d["resume"] = None, resume
+        return RunConfig.from_dict(d)
+    return RunConfig()
+
+
+def _option_names(cls: type, prefix: str = "") -> set[str]:
+    out = set()
+    for f in dataclasses.fields(cls):
+        tp = f.type
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(inner):
+            out |= _option_names(inner, f"{name}.")
+        else:
+            out.add(name.replace("_", "-"))
+    return out
+
+
+def _check_keys(argv: list[str], valid: set[str], command: str) -> None:
+    for tok in argv:
+        if not tok.startswith("--") or tok == "--":
+            continue
+        key = tok[2:].split("=", 1)[0]
+        norm = key.replace("_", "-")
+        if norm in valid or norm in ("help",) or (norm.startswith("no-") and norm[3:] in valid):
+            continue
+        close = difflib.get_close_matches(norm, sorted(valid), n=1, cutoff=0.6)
+        hint = f"did you mean --{close[0]}?" if close else f"see `anydepth {command} --help`"
+        raise CliError(f"unknown option --{key}; {hint}")
+
+
+def _tyro_cli(cls: type, argv: list[str], default: Any, prog: str):
+    import tyro
+
+    def hook(event) -> None:
+        raise CliError(_describe(event))
+
+    # tyro reports parse errors as a multi-line box. Its parse-error hook (tyro._errors, present in
+    # tyro 1.0) lets us raise a one-line CliError instead; where a tyro version lacks it, tyro's
+    # own report is shown, still with exit code 2.
+    errors = getattr(tyro, "_errors", None)
+    ctx = errors.on_parse_error(hook) if errors is not None and hasattr(errors, "on_parse_error") else None
+    kwargs = {"args": argv, "prog": prog, "config": (tyro.conf.FlagConversionOff,)}
+    if default is not None:
+        kwargs["default"] = default
+    if ctx is None:
+        return tyro.cli(cls, **kwargs)
+    with ctx:
+        return tyro.cli(cls, **kwargs)
+
+
+def _describe(event) -> str:
+    """One line from a tyro parse-error event (value, option and allowed values)."""
+    arg = getattr(event, "argument", None)
+    name = None
+    if arg is not None:
+        try:
+            name = "/".join(arg.lowered.name_or_flags)
+        except AttributeError:
+            name = None
+    kind = type(event).__name__
+    if kind == "InvalidChoice":
+        return f"invalid value {event.value!r} for {name}; choose one of: {', '.join(event.choices)}"
+    if kind == "InstantiationFailure":
+        msg = str(event.message).strip().splitlines()[0]
+        return f"{name}: {msg}" if name else msg
+    if kind == "UnrecognizedArgs":
+        return f"unrecognized argument(s) {' '.join(event.tokens)}; see --help"
+    if kind == "BadValue":
+        if getattr(event, "reason", "") == "too_few_values":
+            return f"{name} needs a value, e.g. {name}=..."
+        return f"bad value {getattr(event, 'offending_value', '')!r} for {name}"
+    if kind == "MissingArgs":
+        names = []
+        for a in event.missing_arguments:
+            try:
+                names.append("/".join(a.arg.lowered.name_or_flags))
+            except AttributeError:
+                names.append(str(a))
+        return f"missing required option(s) {', '.join(names)}"
+    return f"invalid arguments ({kind}); see --help"
+
+
+def parse_train_args(argv: Sequence[str]):
+    """``anydepth train`` arguments -> :class:`~anydepth.train.config.RunConfig` (raises :class:`CliError`)."""
+    from anydepth.train.config import RunConfig
+
+    argv = list(argv)
+    # `--data PATH` is the documented short form of `--data.path PATH`.
+    for i, tok in enumerate(argv):
+        if tok == "--data":
+            argv[i] = "--data.path"
+        elif tok.startswith("--data="):
+            argv[i] = "--data.path=" + tok.split("=", 1)[1]
+    try:
+        base = _base_run(argv)
+    except (ValueError, TypeError) as e:
+        raise CliError(str(e)) from None
+    model_args = _model_args_class(base.model)
+    command = _train_command_class(model_args)
+    if "-h" not in argv and "--help" not in argv:
+        _check_keys(argv, _option_names(command), "train")
+    default = command(
+        model=model_args(
+            **{f.name: _model_arg_value(base.model, f.name) for f in dataclasses.fields(model_args)}
+        ),
+        train=base.train,
+        data=base.data,
+        preset=None,
+        config=None,
+        out=base.out,
+        resume=base.resume,
+    )
+    try:
+        parsed = _tyro_cli(command, argv, default, "anydepth train")
+        changes = {}
+        for f in dataclasses.fields(model_args):
+            v = getattr(parsed.model, f.name)
+            if f.name in _COMPONENTS:
+                if v != getattr(base.model, f.name).kind:
+                    changes[f.name] = v
+            elif v != getattr(base.model, f.name):
+                changes[f.name] = v
+        model = base.model.replace(**changes) if changes else base.model
+        return RunConfig(
+            model=model, train=parsed.train, data=parsed.data, out=parsed.out, resume=parsed.resume
+        )
+    except (ValueError, TypeError) as e:
+        raise CliError(str(e).splitlines()[0]) from None
+
+
+def _model_arg_value(model, name: str):
+    v = getattr(model, name)
+    return v.kind if name in _COMPONENTS else v
+
+
+def _train(argv: list[str]) -> int:
+    from anydepth.train.checkpoint import CheckpointError
+    from anydepth.train.loop import TrainingDiverged, run
+
+    cfg = parse_train_args(argv)
+    try:
+        summary = run(cfg)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    except TrainingDiverged as e:
+        print(f"anydepth train: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        raise CliError(str(e).splitlines()[0]) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = summary["final_val_bpc"]
+        print(
+            f"done: {summary['steps']} steps, val bpc {val:.3f} (unigram {summary['unigram_bits']:.2f}), "
+            f"{summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_mem_mb']:.0f} MB"
+        )
+        print(f"checkpoint: {summary['checkpoint']}")
+        print(f"loss curve: {summary['plot']}")
+        print(f"summary:    {Path(summary['out']) / 'summary.json'}")
+        if summary["sample"]:
+            print("sample:\n" + summary["sample"])
+    return 0
+
+
+@dataclass(kw_only=True)
+class GenerateArgs:
+    """``anydepth generate``: sample a continuation of ``--prompt`` from a trained checkpoint."""
+
+    checkpoint: str  # run directory, checkpoint directory or save_pretrained directory
+    prompt: str = "def "  # text to continue (UTF-8 bytes for a byte-level model)
+    max_new_tokens: int = 200  # tokens to sample after the prompt
+    temperature: float = 0.8  # softmax temperature; lower is more conservative
+    top_k: int | None = 40  # sample only from the k most likely tokens (None: all)
+    top_p: float | None = None  # nucleus sampling: smallest set with this total probability (None: off)
+    seed: int = 0  # sampling seed, so a command prints the same text twice
+    device: str = "cpu"  # device to run on
+    use_cache: bool = True  # reuse keys/values of earlier positions where the attention supports it
+
+
+def _generate(argv: list[str]) -> int:
+    import torch
+
+    if "-h" not in argv and "--help" not in argv:
+        _check_keys(argv, _option_names(GenerateArgs), "generate")
+    args = _tyro_cli(GenerateArgs, argv, None, "anydepth generate")
+    if args.max_new_tokens <= 0:
+        raise CliError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.temperature <= 0:
+        raise CliError(f"--temperature must be > 0, got {args.temperature}")
+    model = load_for_generation(args.checkpoint, device=args.device)
+    vocab = model.config.vocab_size
+    if vocab < 256:
+        raise CliError(
+            f"the model has vocab_size={vocab}; --prompt text needs a byte-level model (256 tokens)"
+        )
+    ids = list(args.prompt.encode("utf-8"))
+    if not ids:
+        raise CliError("--prompt is empty; give at least one character to continue")
+    room = model.config.max_seq_len - len(ids)
+    if room <= 0:
+        raise CliError(
+            f"--prompt has {len(ids)} bytes, the model's limit is {model.config.max_seq_len}; shorten it"
+        )
+    torch.manual_seed(args.seed)
+    prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+    out = model.generate(
+        prompt,
+        min(args.max_new_tokens, room),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        use_cache=args.use_cache,
+    )
+    tokens = out[0].tolist()
+    text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+    print(text)
+    return 0
+
+
+def load_for_generation(path: str, device: str = "cpu"):
+    """The model of a run directory, a checkpoint or a ``save_pretrained`` directory, checksums verified."""
+    from anydepth.model.lm import from_pretrained
+    from anydepth.train import checkpoint as C
+
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"--checkpoint {path!r} does not exist; pass a run or checkpoint directory")
+    if (p / "model.safetensors").is_file() and not (p / "manifest.json").exists():
+        d = p
+    else:
+        try:
+            d = C.latest_checkpoint(p)
+            C.verify_files(d, ("model.safetensors", "config.json"))
+        except C.CheckpointError as e:
+            raise CliError(str(e)) from None
+    try:
+        model = from_pretrained(d, map_location=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(str(e).splitlines()[0]) from None
+    return model.eval()
+
+
+def _study(argv: list[str]) -> int:
+    try:
+        from anydepth.study.cli import main as study_main
+    except ImportError as e:
+        if e.name in ("anydepth.study.cli", "anydepth.study"):
+            print(
+                "anydepth study: error: the depth study is not available in this installation",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    return int(study_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``anydepth`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": _train, "generate": _generate, "study": _study}
+    if command not in handlers:
+        close = difflib.get_close_matches(command, list(handlers), n=1)
+        hint = f"did you mean `anydepth {close[0]}`?" if close else "commands: train, generate, study"
+        print(f"anydepth: error: unknown command {command!r}; {hint}", file=sys.stderr)
+        return 2
+    try:
+        return handlers[command](rest)
+    except CliError as e:
+        print(f"anydepth {command}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # tyro's --help (0) and any parse error it reports itself (2)
+        return int(e.code or 0)

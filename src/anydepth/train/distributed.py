@@ -1,0 +1,141 @@
+"""Multi-process training under ``torchrun``: process group, device, DDP wrapping, reductions.
+
+``torchrun --nproc_per_node=N -m anydepth train ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`setup` then joins the process group (gloo on CPU, nccl on CUDA). Each process
+takes ``batch_size / N`` sequences of every global batch, DistributedDataParallel averages the
+gradients, so N processes follow the same trajectory as one process with the whole batch. Only
+rank 0 writes logs and checkpoints. Without those variables everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistInfo",
+    "setup",
+    "teardown",
+    "wrap",
+    "is_sharded",
+    "mean_over_ranks",
+    "gather_objects",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world`` processes, on ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` is CUDA (this process's local GPU) when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device=cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Joins the torchrun process group if ``WORLD_SIZE > 1``; returns this process's :class:`DistInfo`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
+    """The module the training step calls: ``model`` itself when single-process, else DDP or FSDP2.
+
+    ``"ddp"``: DistributedDataParallel with ``static_graph=True``. The reversible stack recomputes
+    its blocks inside its own backward, which makes the default reducer see parameters becoming
+    ready at unexpected times ("Expected to mark a variable ready only once"); with a static graph
+    the reducer records the order once and accepts it.
+
+    ``"fsdp"``: FSDP2, ``fully_shard`` on every block and then on the model (in place, so the
+    returned module is ``model``): parameters, gradients and optimizer state are sharded over the
+    processes and gathered block by block, for models that do not fit one device. Build the
+    optimizer after this call, since sharding replaces the parameters.
+    """
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, static_graph=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def mean_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Average of ``x`` over processes (``x`` itself when single-process)."""
+    if not info.enabled:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / info.world
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's ``flag`` on every rank (so every process takes the same branch)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=info.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

@@ -1,0 +1,540 @@
+"""The training loop: ``run(RunConfig) -> summary``.
+
+One update is: learning rate from the schedule, the batch of this step (a pure function of seed
+and step), forward, next-token cross-entropy, backward (DDP averages gradients), a finiteness
+check of the process-averaged loss, gradient clipping, ``AdamW.step``. Bits per character is the
+loss in nats divided by ln 2.
+
+Outputs under ``<out>/``: ``metrics.jsonl`` (one JSON object per line: train lines every
+``log_every`` steps with the mean loss since the previous line; validation lines every
+``eval_every`` steps and at the end), ``checkpoints/step_*/``, ``loss.png``, ``summary.json`` and
+``run.json``. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anydepth.train import checkpoint as ckpt_io
+from anydepth.train import distributed as D
+from anydepth.train.config import RunConfig
+from anydepth.train.data import eval_batch, load_corpus, sample_batch, unigram_entropy_bits
+from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+__all__ = ["run", "TrainingDiverged", "evaluate", "config_mismatch"]
+
+LN2 = math.log(2.0)
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or Inf loss with ``on_nan="stop"``; ``step`` is the update that produced it."""
+
+    def __init__(self, step: int, last_checkpoint: str | None, loss: float = float("nan")):
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+        self.loss = loss
+        where = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written"
+        )
+        super().__init__(
+            f"training diverged at step {step} (loss {loss}); {where}. Lower --train.lr, add "
+            "--train.warmup, or pass --train.on_nan=skip to skip such steps"
+        )
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str = "model") -> list[str]:
+    """``["model.depth: 12 != 24", ...]`` for every leaf where the two config dicts differ."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_mismatch(a, b, f"{prefix}.{key}"))
+        elif a != b:
+            out.append(f"{prefix}.{key}: checkpoint {a!r} != {b!r}")
+    return out
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets VmHWM, so a process running many runs (a sweep)
+    # reports each run's own peak rather than the largest so far.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB, macOS bytes
+
+
+def _default_out() -> str:
+    return str(Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str
+) -> torch.Tensor:
+    with _autocast(device, dtype):
+        logits = model(x)
+    # The softmax is taken in float32 even under bfloat16 autocast: bpc differences between
+    # variants are a few hundredths, below bfloat16's resolution of the log-sum-exp.
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val: np.ndarray,
+    *,
+    batches: int,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    dtype: str = "float32",
+    info: D.DistInfo | None = None,
+) -> float:
+    """Mean next-token cross-entropy (nats) over ``batches`` fixed validation batches.
+
+    Under torchrun the batches are dealt round-robin to the processes and the sums reduced, so
+    the figure is the same for any number of processes.
+    """
+    info = info or D.DistInfo(device=device)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    rounds = -(-batches // info.world)
+    for i in range(info.rank, rounds * info.world, info.world):
+        # Every rank runs the same number of forwards (a sharded model gathers weights collectively);
+        # a rank past the last batch scores batch 0 with weight 0.
+        weight = 1.0 if i < batches else 0.0
+        x, y = eval_batch(
+            val,
+            index=min(i, batches - 1) if weight else 0,
+            n_batches=batches,
+            batch_size=batch_size,
+            seq_len=seq_len,
+        )
+        loss = _loss(model, x.to(device), y.to(device), device, dtype)
+        n = float(y.numel()) * weight
+        total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device)])
+    if info.enabled:
+        torch.distributed.all_reduce(total)
+    if D.is_sharded(model):
+        # FSDP2 keeps the root's parameters gathered after a forward without backward; shard them
+        # again so named_parameters() (optimizer state, checkpoints) sees the training parameters.
+        model.reshard()
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+class _Trainer:
+    def __init__(self, cfg: RunConfig, info: D.DistInfo):
+        self.cfg, self.info = cfg, info
+        tc, mc = cfg.train, cfg.model
+        # Every check runs before anything is written, so bad input leaves no half-made run.
+        if tc.seq_len > mc.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={mc.max_seq_len}; lower "
+                f"--train.seq_len or raise --model.max_seq_len to at least {tc.seq_len}"
+            )
+        if tc.batch_size % info.world:
+            raise ValueError(
+                f"train.batch_size={tc.batch_size} does not divide over {info.world} processes; use a "
+                f"multiple of {info.world}"
+            )
+        self.resume = ckpt_io.load_checkpoint(cfg.resume) if cfg.resume else None
+        if self.resume is not None:
+            diff = config_mismatch(self.resume.model_config, mc.to_dict())
+            if diff:
+                raise ValueError(
+                    f"resume checkpoint {self.resume.path} was trained with a different model "
+                    f"({'; '.join(diff[:4])}); drop the model overrides or start a new run with another --out"
+                )
+        self.train_tokens, self.val_tokens = load_corpus(cfg.data)
+        top = int(self.train_tokens.max()) if self.train_tokens.dtype != np.uint8 else 255
+        if top >= mc.vocab_size:
+            raise ValueError(
+                f"the corpus has token id {top} but model.vocab_size={mc.vocab_size}; set "
+                f"--model.vocab_size={top + 1} or more"
+            )
+        for name, arr in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if arr.size < tc.seq_len + 1:
+                raise ValueError(
+                    f"the {name} split has {arr.size} tokens, fewer than train.seq_len + 1 = {tc.seq_len + 1}; "
+                    "lower --train.seq_len or use more data"
+                )
+        out = cfg.out
+        if out is None and self.resume is not None:
+            p = self.resume.path
+            out = str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
+        self.out = Path(out or _default_out())
+        if self.resume is None and (self.out / "metrics.jsonl").exists():
+            raise ValueError(
+                f"--out {self.out} already holds a run (metrics.jsonl); pass --resume {self.out} to "
+                "continue it or choose another --out"
+            )
+
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        from anydepth.model.build import build_model
+
+        torch.manual_seed(tc.seed)
+        self.model = build_model(mc).to(info.device)
+        self.start = 0
+        self.state: dict[str, Any] = {
+            "tokens": 0,
+            "train_time": 0.0,
+            "skipped": 0,
+            "pending_loss": 0.0,
+            "pending_steps": 0,
+            "last_train_loss": None,
+            "last_val_loss": None,
+        }
+        if self.resume is not None:
+            ckpt_io.load_weights(self.model, self.resume)
+            self.model.to(info.device)
+        # The optimizer is built after wrapping: FSDP2 replaces the parameters by sharded ones.
+        self.ddp_model = D.wrap(self.model, info, tc.parallel)
+        self.sharded = D.is_sharded(self.model)
+        self.optimizer = build_optimizer(self.model, tc)
+        if self.resume is not None:
+            self._restore(self.resume)
+        self.last_ckpt: str | None = str(self.resume.path) if self.resume is not None else None
+        self.diverged_step: int | None = None
+
+    def _restore(self, ck: ckpt_io.Checkpoint) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opt_state = ckpt_io.optimizer_from_flat(ck.state, ck.trainer["optimizer"])
+        try:
+            set_optimizer_state_dict(
+                self.model, self.optimizer, opt_state, options=StateDictOptions(full_state_dict=True)
+            )
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint file {ck.path / 'state.safetensors'} does not match this optimizer ({e})"
+            ) from None
+        rngs = ckpt_io.rng_states(ck)
+        if len(rngs) == self.info.world:
+            ckpt_io.restore_rng(rngs[self.info.rank])
+        elif self.info.is_main:
+            print(
+                f"note: {ck.path} was written by {len(rngs)} process(es), this run has {self.info.world}; "
+                "dropout/LSH randomness will not continue the original sequence"
+            )
+        self.start = ck.step
+        self.state.update(ck.trainer.get("metrics", {}))
+
+    # -- outputs (rank 0) --------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.info.is_main:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def _open_outputs(self) -> None:
+        if not self.info.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = self.out / "metrics.jsonl"
+        if self.resume is not None and metrics.exists():
+            # A killed run may have logged steps after its last checkpoint; they are redone now.
+            kept = [
+                line
+                for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.start
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        self.metrics_file = open(metrics, "a")  # noqa: SIM115 - closed in fit()
+        (self.out / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True))
+
+    def _checkpoint(self, step: int) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        # Collective under FSDP2: every rank takes part in gathering the full tensors to rank 0.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opt_state = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        model_state = get_model_state_dict(self.model, options=full) if self.sharded else None
+        rng = D.gather_objects(ckpt_io.capture_rng(), self.info)
+        if self.info.is_main:
+            root = self.out / "checkpoints"
+            path = ckpt_io.save_checkpoint(
+                root,
+                step,
+                model=self.model,
+                optimizer_state=opt_state,
+                model_state=model_state,
+                run=self.cfg.to_dict(),
+                trainer={
+                    "scheduler": {"kind": self.cfg.train.schedule, "step": step},
+                    "data": {"sampler": "uniform-random-windows", "seed": self.cfg.train.seed, "step": step},
+                    "world": self.info.world,
+                    "metrics": self.state,
+                },
+                rng=rng,
+            )
+            ckpt_io.prune_checkpoints(root, self.cfg.train.keep_last)
+            self.last_ckpt = str(path)
+
+    def _evaluate(self) -> float:
+        tc = self.cfg.train
+        return evaluate(
+            self.model,
+            self.val_tokens,
+            batches=tc.eval_batches,
+            batch_size=tc.batch_size,
+            seq_len=tc.seq_len,
+            device=self.info.device,
+            dtype=tc.dtype,
+            info=self.info,
+        )
+
+    def _summary(self, steps_done: int, diverged: bool) -> dict[str, Any]:
+        s = self.state
+        val = s["last_val_loss"]
+        if self.info.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.info.device) / 2**20
+        else:
+            peak = _peak_rss_mb()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "out": str(self.out),
+            "steps": steps_done,
+            "final_train_loss": s["last_train_loss"],
+            "final_train_bpc": None if s["last_train_loss"] is None else s["last_train_loss"] / LN2,
+            "final_val_loss": val,
+            "final_val_bpc": None if val is None else val / LN2,
+            "tokens_per_s": s["tokens"] / s["train_time"] if s["train_time"] > 0 else 0.0,
+            "train_time_s": s["train_time"],
+            "peak_mem_mb": peak,
+            "params": n_params,
+            "diverged": diverged,
+            "diverged_step": self.diverged_step,
+            "skipped_steps": s["skipped"],
+            "unigram_bits": self.unigram,
+            "checkpoint": self.last_ckpt,
+            "plot": str(self.out / "loss.png"),
+            "world": self.info.world,
+            "sample": "",
+        }
+
+    def _finish(self, summary: dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
+        self.metrics_file.close()
+        plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png", unigram_bits=self.unigram)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def _sample(self) -> str:
+        tc, mc = self.cfg.train, self.cfg.model
+        prompt_ids = list(tc.sample_prompt.encode("utf-8")) if mc.vocab_size >= 256 else [0]
+        n_new = min(tc.sample_tokens, mc.max_seq_len - len(prompt_ids))
+        if n_new <= 0 or not hasattr(self.model, "generate"):
+            return ""
+        model = self.model
+        if self.sharded:
+            # A sharded model can only run on all ranks together; sample from the saved full weights.
+            from anydepth.model.lm import from_pretrained
+
+            model = from_pretrained(self.last_ckpt, map_location=str(self.info.device))
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.info.device)
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tc.seed)
+            out = model.generate(prompt, n_new, temperature=0.8, top_k=40)
+        model.train(was_training)
+        ids = out[0].tolist()
+        if mc.vocab_size == 256:
+            return bytes(ids).decode("utf-8", errors="replace")
+        return " ".join(map(str, ids))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        tc, info, dev = self.cfg.train, self.info, self.info.device
+        self.unigram = unigram_entropy_bits(self.train_tokens[: 1 << 24])
+        _reset_peak_rss()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self._open_outputs()
+        model = self.ddp_model
+        model.train()
+        per_step_tokens = tc.batch_size * tc.seq_len
+        bar = tqdm(
+            total=tc.steps,
+            initial=self.start,
+            disable=not (tc.progress and info.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        interval_tokens, interval_time = 0, 0.0
+        step = self.start
+        s = self.state
+        try:
+            while step < tc.steps:
+                t0 = time.perf_counter()
+                set_lr(self.optimizer, lr := lr_at(step, tc))
+                x, y = sample_batch(
+                    self.train_tokens,
+                    step=step,
+                    seed=tc.seed,
+                    batch_size=tc.batch_size,
+                    seq_len=tc.seq_len,
+                    rank=info.rank,
+                    world=info.world,
+                )
+                loss = _loss(model, x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), dev, tc.dtype)
+                loss.backward()
+                loss_value = float(D.mean_over_ranks(loss.detach(), info))
+                step += 1
+                grad_norm = None
+                if not math.isfinite(loss_value):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if tc.on_nan == "stop":
+                        # null, not NaN: strict JSON readers reject NaN tokens.
+                        rec = {
+                            "step": step,
+                            "train_loss": None,
+                            "train_bpc": None,
+                            "nonfinite": True,
+                            "lr": lr,
+                        }
+                        self._log(rec)
+                        self.diverged_step = step
+                        self._finish(self._summary(step - 1, diverged=True))
+                        raise TrainingDiverged(step, self.last_ckpt, loss_value)
+                    s["skipped"] += 1
+                    self._log({"step": step, "skipped": True, "lr": lr})
+                else:
+                    if tc.clip > 0:
+                        if self.sharded:
+                            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
+                            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                        else:
+                            norm = clip_grad_norm(self.model.parameters(), tc.clip)
+                        grad_norm = float(norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    s["pending_loss"] += loss_value
+                    s["pending_steps"] += 1
+                dt = time.perf_counter() - t0
+                s["train_time"] += dt
+                s["tokens"] += per_step_tokens
+                interval_time += dt
+                interval_tokens += per_step_tokens
+                bar.update(1)
+
+                if step % tc.log_every == 0 and s["pending_steps"]:
+                    mean = s["pending_loss"] / s["pending_steps"]
+                    s["last_train_loss"] = mean
+                    tps = interval_tokens / interval_time if interval_time > 0 else 0.0
+                    rec = {
+                        "step": step,
+                        "train_loss": mean,
+                        "train_bpc": mean / LN2,
+                        "lr": lr,
+                        "tokens_per_s": tps,
+                    }
+                    if grad_norm is not None:
+                        rec["grad_norm"] = grad_norm
+                    self._log(rec)
+                    bar.set_postfix(bpc=f"{mean / LN2:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+                    s["pending_loss"], s["pending_steps"] = 0.0, 0
+                    interval_tokens, interval_time = 0, 0.0
+                if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+                    val = self._evaluate()
+                    s["last_val_loss"] = val
+                    self._log({"step": step, "val_loss": val, "val_bpc": val / LN2})
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
+                    self._checkpoint(step)
+        finally:
+            bar.close()
+        if s["pending_steps"]:
+            s["last_train_loss"] = s["pending_loss"] / s["pending_steps"]
+        if s["last_val_loss"] is None:
+            s["last_val_loss"] = self._evaluate()
+        summary = self._summary(step, diverged=False)
+        if info.is_main and tc.sample_tokens:
+            summary["sample"] = self._sample()
+        self._finish(summary)
+        return summary
+
+
+def plot_metrics(
+    metrics: str | os.PathLike, png: str | os.PathLike, *, unigram_bits: float | None = None
+) -> None:
+    """Train and validation bpc against step from ``metrics.jsonl``, saved as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in Path(metrics).read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r.get("train_bpc") is not None:
+            train.append((r["step"], r["train_bpc"]))
+        if r.get("val_bpc") is not None:
+            val.append((r["step"], r["val_bpc"]))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.2, ms=3)
+    if unigram_bits is not None:
+        ax.axhline(unigram_bits, color="gray", ls="--", lw=0.8, label=f"unigram entropy {unigram_bits:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Trains ``cfg`` (resuming from ``cfg.resume`` if set) and returns the summary dict.
+
+    Keys include ``out``, ``steps``, ``final_train_loss``, ``final_val_bpc``, ``tokens_per_s``,
+    ``peak_mem_mb``, ``diverged``, ``diverged_step`` and ``sample``. Raises ``ValueError`` for bad
+    configuration (before writing anything), :class:`~anydepth.train.checkpoint.CheckpointError`
+    for a damaged resume point, and :class:`TrainingDiverged` for a non-finite loss with
+    ``on_nan="stop"``.
+    """
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"run() expects a RunConfig, got {type(cfg).__name__}")
+    info = D.setup(cfg.train.device)
+    try:
+        return _Trainer(cfg, info).fit()
+    finally:
+        D.teardown(info)
