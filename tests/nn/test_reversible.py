@@ -7,7 +7,6 @@ from torch import nn
 from anydepth.nn.reversible import reversible_apply, reversible_inverse
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     # exact comparisons; restored afterwards so other test modules in this process keep float32
