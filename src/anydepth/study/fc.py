@@ -1,0 +1,122 @@
+"""The ReZero paper's deep fully connected experiment (Bachlechner et al. 2020, Section 4.1).
+
+Four ways to stack ``depth`` width-``w`` ReLU layers, with the inits of the paper's notebook
+(``xavier_normal`` weights, gain ``g``, zero biases):
+
+- vanilla:   ``x <- relu(W x)``,            g = sqrt(2)
+- residual:  ``x <- x + relu(W x)``,        g = sqrt(0.25)
+- layernorm: ``x <- LN(relu(W x))``,        g = sqrt(2)
+- rezero:    ``x <- x + a_i relu(W x)``,    g = sqrt(2), ``a_i = 0`` at init (every layer is the identity)
+
+followed by a linear classifier. The paper trains on CIFAR-10; to stay self-contained the study draws
+inputs ``x ~ N(0, I_w)`` and labels them with a fixed random teacher, ``y = argmax(V tanh(U x / sqrt(w)))``
+(10 classes, so chance cross-entropy is ln 10 = 2.30). Training is Adagrad at lr 0.01, batch 100,
+as in the paper. This is not language-model training, so it has its own ten-line loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+VARIANTS = ("vanilla", "residual", "layernorm", "rezero")
+GAINS = {"vanilla": math.sqrt(2.0), "residual": math.sqrt(0.25), "layernorm": math.sqrt(2.0), "rezero": math.sqrt(2.0)}
+
+
+def teacher_data(
+    n: int = 20_000, dim: int = 256, classes: int = 10, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``n`` inputs ``x ~ N(0, I)`` and the labels of a fixed random 2-layer tanh teacher."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    x = torch.randn(n, dim, generator=g)
+    u = torch.randn(dim, dim, generator=g)
+    v = torch.randn(dim, classes, generator=g)
+    y = (torch.tanh(x @ u / math.sqrt(dim)) @ v).argmax(-1)
+    return x, y
+
+
+class FCNet(nn.Module):
+    """``depth`` fully connected ReLU layers of one of the four ``VARIANTS``, then a linear classifier."""
+
+    def __init__(self, variant: str, depth: int, width: int = 256, classes: int = 10):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is not a fully connected variant; choose from {VARIANTS}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer (number of hidden layers), got {depth!r}")
+        self.variant = variant
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        for layer in self.layers:
+            nn.init.xavier_normal_(layer.weight, gain=GAINS[variant])
+            nn.init.zeros_(layer.bias)
+        self.alpha = nn.Parameter(torch.zeros(depth)) if variant == "rezero" else None
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            h = F.relu(layer(x))
+            if self.variant == "vanilla":
+                x = h
+            elif self.variant == "residual":
+                x = x + h
+            elif self.variant == "layernorm":
+                x = F.layer_norm(h, h.shape[-1:])
+            else:
+                x = x + self.alpha[i] * h
+        return self.head(x)
+
+
+def train_fc(
+    variant: str,
+    depth: int,
+    *,
+    steps: int,
+    seed: int = 0,
+    width: int = 256,
+    batch_size: int = 100,
+    lr: float = 0.01,
+    data: tuple[Tensor, Tensor] | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Train loss (cross-entropy, nats) at every step; training stops at the first non-finite loss."""
+    from tqdm.auto import tqdm
+
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    x, y = data if data is not None else teacher_data(dim=width, seed=0)
+    torch.manual_seed(seed)
+    net = FCNet(variant, depth, width=width, classes=int(y.max()) + 1)
+    opt = torch.optim.Adagrad(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    losses: list[float] = []
+    pos = 0
+    for _ in tqdm(range(steps), desc=f"fc {variant} L{depth}", leave=False, disable=not progress):
+        if pos + batch_size > len(x):
+            order, pos = torch.randperm(len(x), generator=g), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            losses.append(math.nan)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def run_fc(
+    depths: tuple[int, ...], steps: int, *, seed: int = 0, progress: bool = False
+) -> dict[str, dict[str, list[float]]]:
+    """``{str(depth): {variant: losses}}`` for every variant at every depth (one shared dataset)."""
+    data = teacher_data(seed=0)
+    return {
+        str(d): {v: train_fc(v, d, steps=steps, seed=seed, data=data, progress=progress) for v in VARIANTS}
+        for d in depths
+    }

@@ -1,0 +1,307 @@
+"""Writes the study's ``report.md``, its PNG plots and ``results.json``.
+
+Plots (matplotlib, Agg backend, so no display is needed):
+
+- ``curves_L{depth}.png``: EMA train bpc against step for every scheme at one depth (one line per seed);
+- ``steps_to_target.png``: steps-to-X per scheme and depth, X fixed per depth from the reference run;
+- ``final_bpc_vs_depth.png``: seed-mean final val bpc against depth, runs that failed to train marked;
+- ``output_change.png``: Admin's output change at init against depth (log-log);
+- ``fc_curves.png``: the deep fully connected experiment's train loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anydepth.study.runner import json_safe
+from anydepth.study.sweep import SCHEMES
+from anydepth.study.verdicts import (
+    NOT_RUN,
+    Evidence,
+    Verdict,
+    ema,
+    ema_at,
+    mean,
+    steps_to,
+    trained,
+)
+
+_STATUS_MARK = {"reproduced": "yes", "not reproduced at this scale": "no", "failed to run": "crash"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(scheme: str) -> str:
+    return SCHEMES[scheme].title if scheme in SCHEMES else scheme
+
+
+def reference_target(ev: Evidence, depth: int) -> tuple[str, float] | None:
+    """``(reference scheme, X)`` for a depth: post-LN + warm-up's seed-mean EMA at half budget if it
+    trained, else pre-LN's; ``None`` if neither trained."""
+    for ref in ("postln-warmup", "preln"):
+        group = ev.group(ref, depth)
+        if group and all(trained(r, ev.unigram) for r in group):
+            x = mean([ema_at(r, r["steps"] // 2) for r in group])
+            if math.isfinite(x):
+                return ref, x
+    return None
+
+
+def plot_curves(ev: Evidence, out: Path) -> list[Path]:
+    plt = _plt()
+    paths = []
+    for depth in ev.depths():
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for i, scheme in enumerate(s for s in SCHEMES if ev.group(s, depth)):
+            for j, r in enumerate(ev.group(scheme, depth)):
+                curve = r.get("curve") or []
+                if not curve:
+                    continue
+                ax.plot(
+                    [s for s, _ in curve],
+                    ema([b for _, b in curve]),
+                    color=f"C{i}",
+                    lw=1.2,
+                    alpha=0.9 if j == 0 else 0.5,
+                    label=_title(scheme) if j == 0 else None,
+                )
+        ax.axhline(ev.unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
+        ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)", title=f"{depth} layers")
+        ax.set_ylim(top=min(ax.get_ylim()[1], ev.unigram + 2.5))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"curves_L{depth}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def steps_to_target_table(ev: Evidence) -> dict[int, dict[str, Any]]:
+    """``{depth: {"reference", "target", "steps": {scheme: seed-mean steps-to-X (inf: never)}}}``."""
+    table = {}
+    for depth in ev.depths():
+        ref = reference_target(ev, depth)
+        if ref is None:
+            continue
+        steps = {}
+        for scheme in (s for s in SCHEMES if ev.group(s, depth)):
+            vals = [steps_to(r.get("curve") or [], ref[1]) for r in ev.group(scheme, depth)]
+            steps[scheme] = sum(vals) / len(vals)
+        table[depth] = {"reference": ref[0], "target": ref[1], "steps": steps}
+    return table
+
+
+def plot_steps_to_target(ev: Evidence, out: Path) -> Path | None:
+    table = steps_to_target_table(ev)
+    if not table:
+        return None
+    plt = _plt()
+    schemes = [s for s in SCHEMES if any(s in t["steps"] for t in table.values())]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.8 / max(1, len(table))
+    for k, (depth, t) in enumerate(sorted(table.items())):
+        budget = max(r["steps"] for r in ev.runs if r["depth"] == depth)
+        heights = [t["steps"].get(s, math.nan) for s in schemes]
+        bars = [min(h, budget * 1.05) if not math.isnan(h) else 0 for h in heights]
+        xs = [i + k * width for i in range(len(schemes))]
+        ax.bar(xs, bars, width=width, label=f"{depth}L: X = {t['target']:.2f} bpc ({t['reference']})")
+        for x, h in zip(xs, heights):
+            if h == math.inf:
+                ax.text(x, budget * 1.05, "never", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks([i + width * (len(table) - 1) / 2 for i in range(len(schemes))])
+    ax.set_xticklabels(schemes, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="steps to reach X (lower is faster)", title="Steps to the reference's half-budget bpc")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "steps_to_target.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_final_vs_depth(ev: Evidence, out: Path) -> Path | None:
+    if not ev.runs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    top = ev.unigram + 0.3
+    for i, scheme in enumerate(s for s in SCHEMES if any(r["scheme"] == s for r in ev.runs)):
+        xs, ys, fx = [], [], []
+        for depth in ev.depths():
+            group = ev.group(scheme, depth)
+            if not group:
+                continue
+            if all(trained(r, ev.unigram) for r in group):
+                xs.append(depth)
+                ys.append(mean(ev.vals(scheme, depth)))
+            else:
+                fx.append(depth)
+        ax.plot(xs, ys, "o-", color=f"C{i}", label=_title(scheme))
+        ax.plot(fx, [top] * len(fx), "x", color=f"C{i}", ms=9, mew=2)
+    ax.axhline(ev.unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ev.depths())
+    ax.set_xticklabels([str(d) for d in ev.depths()])
+    ax.set(xlabel="layers", ylabel="final val bpc (x: failed to train)", title="Final bpc against depth")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "final_bpc_vs_depth.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_output_change(oc: dict[str, dict[str, float]], out: Path) -> Path | None:
+    if not oc:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scheme, values in oc.items():
+        depths = sorted(int(d) for d in values)
+        ax.plot(depths, [values[str(d)] for d in depths], "o-", label=_title(scheme))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="layers", ylabel="E ||F(x,W) - F(x,W+delta)||^2", title="Output change at init")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "output_change.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fc(fc: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
+    if not fc:
+        return None
+    plt = _plt()
+    depths = sorted(fc, key=int)
+    fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.8), squeeze=False)
+    for ax, depth in zip(axes[0], depths):
+        for variant, losses in fc[depth].items():
+            ax.plot(range(1, len(losses) + 1), ema(losses), label=variant)
+        ax.axhline(math.log(10), color="gray", ls="--", lw=0.8, label="chance")
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="train loss (EMA 0.9)", title=f"fully connected, {depth} layers")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "fc_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _run_table(ev: Evidence) -> list[str]:
+    depths = ev.depths()
+    schemes = [s for s in SCHEMES if any(r["scheme"] == s for r in ev.runs)]
+    lines = [
+        "| scheme | " + " | ".join(f"{d} layer{'s' if d != 1 else ''}" for d in depths) + " |",
+        "|---|" + "---|" * len(depths),
+    ]
+    for s in schemes:
+        cells = []
+        for d in depths:
+            group = ev.group(s, d)
+            if not group:
+                cells.append("")
+                continue
+            ok = sum(trained(r, ev.unigram) for r in group)
+            val = mean(ev.vals(s, d))
+            status = {r.get("status") for r in group} - {"ok"}
+            note = f" ({'/'.join(sorted(status))})" if status else ""
+            cells.append(f"{_num(val)} bpc, {ok}/{len(group)} trained{note}")
+        lines.append(f"| {_title(s)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _num(x: float) -> str:
+    return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else "n/a"
+
+
+def write_report(
+    out: Path,
+    *,
+    ev: Evidence,
+    verdicts: Sequence[Verdict],
+    plan: dict[str, Any],
+    command: str,
+    fc_steps: int | None = None,
+    elapsed_s: float | None = None,
+) -> Path:
+    """Writes ``report.md``, the PNGs and ``results.json`` into ``out``; returns the report's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[Path] = plot_curves(ev, out)
+    for p in (
+        plot_steps_to_target(ev, out),
+        plot_final_vs_depth(ev, out),
+        plot_output_change(ev.oc, out),
+        plot_fc(ev.fc, out),
+    ):
+        if p is not None:
+            plots.append(p)
+
+    lines = [
+        "# Depth study",
+        "",
+        f"Regenerate with `{command}`. Plan: {plan.get('name', 'custom')}; depths "
+        f"{', '.join(str(d) for d in plan.get('depths', ev.depths()))}; seeds {len(plan.get('seeds', [0]))}; "
+        f"steps per depth {plan.get('budgets', {})}.",
+        f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}"
+        + (f"; study time {elapsed_s / 60:.1f} min." if elapsed_s is not None else "."),
+        f"Unigram entropy of the training bytes: {ev.unigram:.3f} bits/char. A run *failed to train* if it "
+        "diverged or ended with EMA train bpc at or above the unigram entropy minus 0.15.",
+        "Verdicts follow the rules fixed in `anydepth/study/verdicts.py` before any run (docs/study.md).",
+        "",
+        "## Verdicts",
+        "",
+        "| claim | verdict | measured |",
+        "|---|---|---|",
+    ]
+    for v in verdicts:
+        lines.append(f"| {v.claim}: {v.title} | **{v.status}** | {v.measured} |")
+    lines += ["", "## Runs", "", "Seed-mean final val bpc, and how many seeds trained.", ""]
+    lines += _run_table(ev) if ev.runs else ["No language-model runs."]
+    for v in verdicts:
+        lines += [
+            "",
+            f"## {v.claim}: {v.title}",
+            "",
+            f"- **Paper:** {v.paper}",
+            f"- **Rule:** {v.rule}",
+            f"- **Measured:** {v.measured or '-'}",
+            f"- **Verdict:** {v.status}",
+        ]
+        if v.status == NOT_RUN:
+            lines.append("- Run the full study (`anydepth study`) or add the schemes/depths it needs.")
+    if fc_steps:
+        lines += ["", f"The fully connected experiment ran {fc_steps} Adagrad steps per variant."]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+
+    results = {
+        "plan": plan,
+        "command": command,
+        "unigram_bits": ev.unigram,
+        "verdicts": [v.to_dict() for v in verdicts],
+        "runs": ev.runs,
+        "fc": ev.fc,
+        "output_change": ev.oc,
+        "steps_to_target": {str(k): v for k, v in steps_to_target_table(ev).items()},
+    }
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=1, default=str))
+    return report

@@ -1,0 +1,234 @@
+"""Runs the study's training runs through the trainer, resumably and optionally in parallel.
+
+Each run lives in ``<out>/runs/<run_id>/``: the trainer writes its curve there as it goes
+(``train/metrics.jsonl``), and ``result.json`` is written last, atomically. A run whose
+``result.json`` exists and records the same settings (steps, batch, sequence length, lr, warm-up) is
+finished and is skipped when the study is started again; a run without one was interrupted and is
+trained again from scratch (its partial curve is replaced).
+
+Divergence is a result, not a crash: the trainer's ``TrainingDiverged`` becomes a record with
+``status = "diverged"``. Any other exception becomes ``status = "error"`` (reported as "failed to
+run"); such a record is not saved as finished, so a later start retries it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anydepth.study.sweep import MODEL_S, SCHEMES, RunSpec
+
+Runner = Callable[[RunSpec, Path, bool], dict[str, Any]]
+"""``runner(spec, run_dir, progress) -> record``; the record holds at least ``status`` and ``curve``."""
+
+RESULT_FILE = "result.json"
+
+# Seconds per (block x step) of Model S and the fixed cost per step (embedding, head, optimiser, data)
+# on 2 idle CPU cores: 0.25 s per step at 12 blocks and 1.2 s at 64. Timing 20 steps on 2 cores shared
+# with other jobs gave 1 s and 5 s; the FLOP count puts idle cores about 4x faster (docs/study.md).
+# Used only for the estimate printed before a study starts; the progress bars show the real rate.
+SEC_PER_BLOCK_STEP = 0.018
+SEC_PER_STEP = 0.03
+
+
+def estimate_seconds(specs: Iterable[RunSpec], workers: int = 1) -> float:
+    """Wall-clock estimate of training ``specs`` with ``workers`` processes sharing the cores."""
+    total = sum(s.steps * (s.depth * SEC_PER_BLOCK_STEP + SEC_PER_STEP) for s in specs)
+    cores = os.cpu_count() or 1
+    # Processes beyond the core count only share the same cores.
+    return total / max(1, min(workers, cores))
+
+
+def read_metrics(path: Path) -> tuple[list[list[float]], list[list[float]]]:
+    """``(train_curve, val_curve)`` from a trainer ``metrics.jsonl``: ``[[step, bpc], ...]`` each.
+
+    Non-finite losses are kept as ``nan`` (JSON has no Inf), so a curve shows where a run blew up.
+    A truncated last line (the process was killed mid-write) is ignored.
+    """
+    train: list[list[float]] = []
+    val: list[list[float]] = []
+    if not path.exists():
+        return train, val
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "train_bpc" in row:
+            train.append([int(row["step"]), _finite_or_nan(row["train_bpc"])])
+        elif "val_bpc" in row:
+            val.append([int(row["step"]), _finite_or_nan(row["val_bpc"])])
+    return train, val
+
+
+def _finite_or_nan(v: Any) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+@dataclass(frozen=True)
+class TrainerRunner:
+    """The real runner: builds the scheme's preset at the run's depth and calls ``anydepth.train.loop.run``.
+
+    Picklable (a frozen dataclass of plain fields) so a process pool can ship it to workers.
+    """
+
+    data_path: str | None = None  # None: the trainer's default corpus (bytes of the Python stdlib)
+    max_bytes: int | None = 4_000_000  # Model S setup: the first 4 MB of the corpus (None: all of it)
+    eval_batches: int = 8  # validation batches at the end of each run
+    threads: int = 0  # torch threads per run; 0 leaves torch's default
+
+    def model_config(self, spec: RunSpec):
+        from anydepth.model import presets
+
+        scheme = SCHEMES[spec.scheme]
+        overrides = {**MODEL_S, "max_seq_len": spec.seq_len, **scheme.overrides, "depth": spec.depth}
+        return presets.get(scheme.preset, **overrides)
+
+    def data_config(self):
+        from anydepth.train.config import DataConfig
+
+        return DataConfig(path=self.data_path, max_bytes=self.max_bytes)
+
+    def train_config(self, spec: RunSpec, progress: bool):
+        from anydepth.train.config import TrainConfig
+
+        return TrainConfig(
+            steps=spec.steps,
+            batch_size=spec.batch_size,
+            seq_len=spec.seq_len,
+            lr=spec.lr,
+            warmup=spec.warmup,
+            schedule="constant",
+            weight_decay=0.0,  # the papers' comparisons are about the residual scheme, not regularisation
+            betas=(0.9, 0.98),
+            clip=0.0,  # Model S is plain Adam: clipping would hide the instability the study measures
+            seed=spec.seed,
+            threads=self.threads or None,
+            eval_every=0,  # one validation pass, at the end
+            eval_batches=self.eval_batches,
+            log_every=1,  # steps-to-target needs the whole curve
+            checkpoint_every=0,  # only the final checkpoint: the study restarts interrupted runs anyway
+            keep_last=1,
+            on_nan="stop",
+            progress=progress,
+            sample_tokens=0,
+        )
+
+    def __call__(self, spec: RunSpec, run_dir: Path, progress: bool) -> dict[str, Any]:
+        from anydepth.train.config import RunConfig
+        from anydepth.train.loop import TrainingDiverged, run
+
+        train_dir = run_dir / "train"
+        model_cfg = self.model_config(spec)
+        cfg = RunConfig(
+            model=model_cfg,
+            train=self.train_config(spec, progress),
+            data=self.data_config(),
+            out=str(train_dir),
+            resume=None,
+        )
+        record: dict[str, Any] = {"model": model_cfg.to_dict()}
+        try:
+            summary = run(cfg)
+        except TrainingDiverged as e:
+            record.update(status="diverged", diverged_step=int(e.step))
+        else:
+            record.update(
+                status="diverged" if summary.get("diverged") else "ok",
+                diverged_step=summary.get("diverged_step"),
+                final_val_bpc=_finite_or_nan(summary.get("final_val_bpc")),
+                tokens_per_s=summary.get("tokens_per_s"),
+            )
+        curve, val_curve = read_metrics(train_dir / "metrics.jsonl")
+        record.update(curve=curve, val_curve=val_curve)
+        return record
+
+
+def run_one(runner: Runner, spec: RunSpec, runs_dir: Path, progress: bool) -> dict[str, Any]:
+    """Trains one run (or loads it if finished) and returns its record."""
+    run_dir = runs_dir / spec.run_id
+    done = run_dir / RESULT_FILE
+    if done.exists():
+        saved = json.loads(done.read_text())
+        # A finished run counts only for the same budget and settings: a changed plan retrains it.
+        if all(saved.get(k) == v for k, v in spec.to_dict().items()):
+            return {**saved, "resumed": True}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run restarts from scratch: its partial curve would mislead
+    run_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        record = dict(runner(spec, run_dir, progress))
+    except Exception as e:  # a crash of one run is a "failed to run" result of the study, not its end
+        record = {"status": "error", "error": f"{type(e).__name__}: {e}", "curve": [], "val_curve": []}
+    record = {**spec.to_dict(), **record, "wall_s": time.perf_counter() - t0}
+    if record["status"] in ("ok", "diverged"):
+        tmp = run_dir / (RESULT_FILE + ".tmp")
+        tmp.write_text(json.dumps(json_safe(record)))
+        tmp.replace(done)
+    return record
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON without NaN/Inf tokens (strict parsers reject them): non-finite floats become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def execute(
+    specs: list[RunSpec],
+    out: Path,
+    runner: Runner,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Runs every spec (skipping finished ones) and returns their records in ``specs`` order.
+
+    ``workers > 1`` trains independent runs in separate processes (each with its own torch threads);
+    the per-run progress bar is shown only with one worker, where it does not interleave.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer (processes running at once), got {workers!r}")
+    runs_dir = Path(out) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(specs), desc="study runs", unit="run", disable=not progress)
+    if workers == 1:
+        for spec in specs:
+            bar.set_postfix_str(spec.run_id)
+            records[spec.run_id] = run_one(runner, spec, runs_dir, progress)
+            bar.update()
+    else:
+        import multiprocessing
+
+        # spawn, not fork: a forked child of a process that already ran OpenMP-threaded torch ops can hang.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(run_one, runner, spec, runs_dir, False): spec for spec in specs}
+            for fut in as_completed(futures):
+                spec = futures[fut]
+                records[spec.run_id] = fut.result()
+                bar.set_postfix_str(spec.run_id)
+                bar.update()
+    bar.close()
+    return [records[s.run_id] for s in specs]

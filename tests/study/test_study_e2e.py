@@ -1,0 +1,76 @@
+"""A tiny end-to-end study: two schemes, two depths, a few steps, a report with plots."""
+
+import json
+import math
+
+import pytest
+
+from anydepth.study.cli import main, run_study
+from anydepth.study.sweep import full_plan
+from anydepth.study.verdicts import NOT_RUN, STATUSES
+
+
+def synthetic_runner(spec, run_dir, progress):
+    """Post-LN diverges at depth 4; everything else follows bpc = 1 + 4 exp(-0.2 t)."""
+    if spec.scheme == "postln" and spec.depth == 4:
+        return {"status": "diverged", "diverged_step": 3, "curve": [[1, 5.0], [2, 6.0], [3, math.nan]],
+                "val_curve": []}
+    c = [[t, 1 + 4 * math.exp(-0.2 * t)] for t in range(1, spec.steps + 1)]
+    return {"status": "ok", "curve": c, "val_curve": [[spec.steps, c[-1][1]]], "final_val_bpc": c[-1][1]}
+
+
+def _check_outputs(out, depths):
+    report = (out / "report.md").read_text()
+    for name in [f"curves_L{d}.png" for d in depths] + ["final_bpc_vs_depth.png"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+    results = json.loads((out / "results.json").read_text())
+    assert {v["status"] for v in results["verdicts"]} <= set(STATUSES)
+    assert sorted({(r["scheme"], r["depth"]) for r in results["runs"]}) == sorted(
+        (s, d) for s in ("postln", "rezero") for d in depths)
+    return report, results
+
+
+def test_tiny_study_with_a_synthetic_runner_writes_report(tmp_path):
+    plan = full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 6, 4: 6})
+    res = run_study(plan, tmp_path, runner=synthetic_runner, unigram_bits=4.74, fc=False, output_change=False,
+                    progress=False)
+    report, results = _check_outputs(tmp_path, [2, 4])
+    assert "## RZ-2:" in report and "| Post-LN, no warm-up |" in report
+    div = [r for r in results["runs"] if r["run_id"] == "postln-L4-s0"][0]
+    assert div["status"] == "diverged" and div["curve"][-1] == [3, None]
+    assert "0/1 trained (diverged)" in report
+    assert all(v.status == NOT_RUN for v in res["verdicts"])  # no claim is about depths 2 and 4
+
+
+@pytest.mark.slow
+def test_tiny_study_through_the_trainer(tmp_path, capsys):
+    pytest.importorskip("anydepth.train.loop")
+    out = tmp_path / "study"
+    data = tmp_path / "corpus.txt"  # a small file keeps corpus loading out of the test's time
+    data.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)))
+    argv = ["--data", str(data), "--schemes", "rezero,postln", "--depths", "1,2", "--seeds", "1", "--steps", "3",
+            "--fc-depths", "2", "--fc-steps", "3", "--output-change-depths", "1,2", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "estimated" in capsys.readouterr().out
+    report, results = _check_outputs(out, [1, 2])
+    for name in ("fc_curves.png", "output_change.png"):
+        assert (out / name).exists() and f"]({name})" in report
+    assert {r["status"] for r in results["runs"]} <= {"ok", "diverged"}
+    for r in results["runs"]:
+        assert [s for s, _ in r["curve"]] == [1, 2, 3]  # every step logged, curve read from metrics.jsonl
+    assert set(results["output_change"]) == {"postln", "preln", "admin"}
+    # A second start trains nothing: every run is loaded from its result.json.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    assert main(argv) == 0
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["--quick", "--depths", "12"]) == 2
+    assert "--quick fixes its schemes and depths" in capsys.readouterr().err
+    assert main(["--schemes", "nope"]) == 2
+    assert "unknown scheme(s) ['nope']" in capsys.readouterr().err
+    assert main(["--workers", "0"]) == 2
+    assert "--workers must be a positive integer, got 0" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""Verdict rules on synthetic curves: each rule is checked on a case that must pass and one that must not."""
+
+import math
+
+import pytest
+
+from anydepth.study import verdicts as V
+
+
+def curve(start, rate, steps, floor=1.0):
+    """Exponential approach to ``floor``: bpc_t = floor + (start - floor) * exp(-rate * t)."""
+    return [[t, floor + (start - floor) * math.exp(-rate * t)] for t in range(1, steps + 1)]
+
+
+def rec(scheme, depth, seed=0, *, c=None, status="ok", val=None, steps=100, **kw):
+    c = c if c is not None else curve(5.0, 0.05, steps)
+    val = val if val is not None else (c[-1][1] if c else math.nan)
+    return {"scheme": scheme, "depth": depth, "seed": seed, "steps": steps, "status": status,
+            "run_id": f"{scheme}-L{depth}-s{seed}", "curve": c, "final_val_bpc": val, **kw}
+
+
+UNIGRAM = 4.74
+
+
+def test_ema_matches_the_recurrence_written_out():
+    xs = [4.0, 3.0, 2.0]
+    assert V.ema(xs) == pytest.approx([4.0, 0.9 * 4.0 + 0.1 * 3.0, 0.9 * (0.9 * 4.0 + 0.1 * 3.0) + 0.1 * 2.0])
+    assert math.isnan(V.ema([1.0, math.nan, 1.0])[-1])  # a blow-up is not smoothed away
+
+
+def test_steps_to_and_failed_to_train():
+    c = [[10, 5.0], [20, 5.0], [30, 1.0]]
+    # EMA: 5.0, 5.0, 4.6
+    assert V.steps_to(c, 4.6) == 30 and V.steps_to(c, 4.5) == math.inf
+    assert V.trained(rec("x", 1, c=curve(5.0, 0.05, 100)), UNIGRAM)
+    flat = [[t, UNIGRAM - 0.1] for t in range(1, 50)]  # within 0.15 of the unigram entropy
+    assert not V.trained(rec("x", 1, c=flat), UNIGRAM)
+    assert not V.trained(rec("x", 1, status="diverged"), UNIGRAM)
+
+
+def test_noise_rule():
+    assert V.noise([1.0], [2.0, 3.0]) == V.SINGLE_SEED_NOISE
+    assert V.noise([1.0, 1.2], [2.0, 2.1]) == pytest.approx(2 * 0.2 / math.sqrt(2))
+
+
+def _rz2_runs(rezero_rate):
+    return [rec("postln-warmup", 12, c=curve(5, 0.05, 100)), rec("preln", 12, c=curve(5, 0.04, 100)),
+            rec("rezero", 12, c=curve(5, rezero_rate, 100)), rec("postln", 12, c=curve(5, 0.01, 100, 3.5))]
+
+
+def _first_step_ema_below(c, x):
+    e = None
+    for t, b in c:
+        e = b if e is None else 0.9 * e + 0.1 * b
+        if e <= x:
+            return t
+    return math.inf
+
+
+def test_rz2_decides_on_the_step_ratio():
+    runs = _rz2_runs(0.10)
+    yes = V.rz2(V.Evidence(runs, unigram_bits=UNIGRAM))
+    ref = runs[0]["curve"]
+    e = ref[0][1]
+    for _, b in ref[1:50]:
+        e = 0.9 * e + 0.1 * b  # the reference's EMA at half budget (step 50) is the target X
+    assert yes.details["target_bpc"] == pytest.approx(e)
+    expected = _first_step_ema_below(runs[2]["curve"], e) / _first_step_ema_below(ref, e)
+    assert yes.details["rezero_ratio"] == pytest.approx(expected) and expected < 0.7
+    assert yes.status == V.REPRODUCED
+    no = V.rz2(V.Evidence(_rz2_runs(0.06), unigram_bits=UNIGRAM))
+    assert no.status == V.NOT_REPRODUCED and 0.7 < no.details["rezero_ratio"] < 1.0
+
+
+def test_rz2b_and_missing_or_crashed_runs():
+    ev = V.Evidence(_rz2_runs(0.10), unigram_bits=UNIGRAM)
+    assert V.rz2b(ev).status == V.REPRODUCED  # post-LN ends near 3.5, ReZero near 1.0
+    assert V.rz2(V.Evidence(_rz2_runs(0.1)[:2], unigram_bits=UNIGRAM)).status == V.NOT_RUN
+    crashed = _rz2_runs(0.1)[:3] + [rec("rezero", 12, seed=1, status="error", c=[])]
+    assert V.rz2(V.Evidence(crashed, unigram_bits=UNIGRAM)).status == V.FAILED
+
+
+def test_rz3_and_dn1_trainability():
+    div = rec("postln", 64, status="diverged", c=[[1, 5.5], [2, math.nan]], val=math.nan)
+    good = [rec("rezero", 64), rec("deepnorm", 64, val=1.1), rec("preln", 64, val=1.0)]
+    ev = V.Evidence([div, *good], unigram_bits=UNIGRAM)
+    assert V.rz3(ev).status == V.REPRODUCED
+    assert V.dn1(ev).status == V.REPRODUCED
+    # DeepNorm more than 0.15 bpc worse than pre-LN: not reproduced.
+    worse = [div, rec("rezero", 64), rec("deepnorm", 64, val=1.2), rec("preln", 64, val=1.0)]
+    assert V.dn1(V.Evidence(worse, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+    # Post-LN that trains breaks RZ-3.
+    ev2 = V.Evidence([rec("postln", 64), rec("rezero", 64)], unigram_bits=UNIGRAM)
+    assert V.rz3(ev2).status == V.NOT_REPRODUCED
+
+
+def test_ad1_gap_inside_noise_is_not_reproduced():
+    base = [rec("postln", 64, status="diverged", c=[[1, math.nan]], val=math.nan)]
+    beyond = base + [rec("admin", 64, s, val=v) for s, v in enumerate((1.00, 1.01))] + [
+        rec("preln", 64, s, val=v) for s, v in enumerate((1.10, 1.11))]
+    assert V.ad1(V.Evidence(beyond, unigram_bits=UNIGRAM)).status == V.REPRODUCED
+    inside = base + [rec("admin", 64, s, val=v) for s, v in enumerate((1.00, 1.10))] + [
+        rec("preln", 64, s, val=v) for s, v in enumerate((1.05, 1.12))]
+    assert V.ad1(V.Evidence(inside, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+
+
+def test_ad2_slopes():
+    depths = [6, 12, 24, 48]
+    oc = {"postln": {str(L): 0.01 * L for L in depths},
+          "admin": {str(L): 0.01 * math.log(L) for L in depths},
+          "preln": {str(L): 0.005 for L in depths}}
+    v = V.ad2(V.Evidence([], unigram_bits=UNIGRAM, output_change=oc))
+    assert v.details["slopes"]["postln"] == pytest.approx(1.0)
+    assert v.status == V.REPRODUCED
+    oc["admin"] = {str(L): 0.02 * L for L in depths}  # Admin also linear: not reproduced
+    assert V.ad2(V.Evidence([], unigram_bits=UNIGRAM, output_change=oc)).status == V.NOT_REPRODUCED
+    assert V.ad2(V.Evidence([], unigram_bits=UNIGRAM)).status == V.NOT_RUN
+
+
+def test_rz1_fully_connected_rules():
+    n = 400
+    def fc_curve(start, rate, floor):
+        return [floor + (start - floor) * math.exp(-rate * t) for t in range(n)]
+    fc = {"64": {"vanilla": [1e5] * 10 + [2.2] * (n - 10), "residual": [3e5] + [2.0] * (n - 1),
+                 "layernorm": fc_curve(2.3, 0.005, 1.6), "rezero": fc_curve(2.3, 0.05, 0.3)}}
+    v = V.rz1(V.Evidence([], unigram_bits=UNIGRAM, fc=fc))
+    assert v.status == V.REPRODUCED, v.measured
+    fc["64"]["rezero"] = fc_curve(2.3, 0.01, 0.9)  # reaches 1.0 late and ends close to the others
+    assert V.rz1(V.Evidence([], unigram_bits=UNIGRAM, fc=fc)).status == V.NOT_REPRODUCED
+
+
+def test_hc2_and_nr2():
+    runs = [rec("preln", 12, s, val=1.5 + 0.01 * s, tokens_per_s=100) for s in range(2)]
+    runs += [rec("hyper4", 12, s, val=1.4 + 0.01 * s) for s in range(2)]
+    runs += [rec("rms", 12, s, val=1.505 + 0.01 * s, tokens_per_s=105) for s in range(2)]
+    runs += [rec("prms", 12, s, val=1.53, tokens_per_s=110) for s in range(2)]
+    ev = V.Evidence(runs, unigram_bits=UNIGRAM)
+    assert V.hc2(ev).status == V.REPRODUCED
+    assert V.nr2(ev).status == V.REPRODUCED
+    slow = [r if r["scheme"] != "rms" else {**r, "tokens_per_s": 90} for r in runs]
+    assert V.nr2(V.Evidence(slow, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+
+
+def test_decide_returns_every_claim_once():
+    out = V.decide(V.Evidence([], unigram_bits=UNIGRAM))
+    assert [v.claim for v in out] == ["RZ-1", "RZ-2", "RZ-2b", "RZ-3", "AD-1", "AD-2", "DN-1", "NR-2", "HC-2"]
+    assert all(v.status == V.NOT_RUN for v in out)
