@@ -69,8 +69,11 @@ def child(spec: dict) -> dict:
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if spec.get("optimizer", True):
+            opt.step()
+        # keep_grads: gradient buffers persist between steps (as with DDP's buckets), so the peak
+        # measured after the warm-up step is the activations' alone
+        opt.zero_grad(set_to_none=not spec.get("keep_grads", False))
 
     step()  # warm-up (allocates optimizer state)
     gc.collect()
@@ -91,7 +94,9 @@ def run(spec: dict) -> dict:
         [sys.executable, __file__, "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        # A fixed mmap threshold makes large tensors go back to the OS when freed; with glibc's dynamic
+        # threshold, freed 8 MiB buffers stay in the heap and RSS measures fragmentation, not tensors.
+        env={**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -102,6 +107,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["speed", "memory", "all"], default="all")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--keep-grads", action="store_true", help="gradient buffers persist between steps")
+    p.add_argument("--no-optimizer", action="store_true", help="measure forward+backward only (no AdamW step)")
     p.add_argument("--child")
     a = p.parse_args()
     if a.child:
@@ -118,11 +125,14 @@ def main() -> None:
         ratio = ours["tokens_per_s"] / xt["tokens_per_s"]
         print(f"tokens/s ratio anydepth / x-transformers = {ratio:.2f} (goal >= 1.0)")
     if a.part in ("memory", "all"):
-        print("\n## Peak memory of one training step vs depth (seq 2048, dim 256, batch 1)")
+        what = "gradient buffers kept" if a.keep_grads else "gradients re-allocated each step"
+        what += ", forward+backward only" if a.no_optimizer else ", AdamW step included"
+        print(f"\n## Peak memory of one training step vs depth (seq 2048, dim 256, batch 1; {what})")
         rows = {}
         for stack in ("reversible", "sequential"):
             for depth in (4, 8, 16):
-                r = run(dict(seq=2048, batch=1, depth=depth, dim=256, steps=1, stack=stack, impl="anydepth"))
+                spec = dict(seq=2048, batch=1, depth=depth, dim=256, steps=1, stack=stack, impl="anydepth")
+                r = run({**spec, "keep_grads": a.keep_grads, "optimizer": not a.no_optimizer})
                 rows[stack, depth] = r["peak_mib"]
                 print(f"{stack:10s} depth {depth:2d}: {r['peak_mib']:7.0f} MiB  {r['median_s']:.2f} s/step")
         for stack in ("reversible", "sequential"):

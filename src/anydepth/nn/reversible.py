@@ -72,76 +72,77 @@ class _Autocast:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-class _ReversibleFunction(torch.autograd.Function):
+class _Chain:
+    """Hands each block's reconstructed input to the backward of the block before it.
+
+    Only the last block's output is saved; every other block's output is rebuilt by the backward
+    of the block after it, so activation memory is independent of depth.
+    """
+
+    def __init__(self):
+        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}
+
+
+class _Step:
+    """One block of the chain: its F and G, and the RNG/autocast state of its forward."""
+
+    def __init__(self, index: int, f: DeltaFn, g: DeltaFn, chain: _Chain, training: bool, last: bool):
+        self.index, self.f, self.g, self.chain, self.training, self.last = index, f, g, chain, training, last
+        self.sf: _RNGState | None = None
+        self.sg: _RNGState | None = None
+        self.autocast: _Autocast | None = None
+        self.inputs: list[Tensor] = []
+
+
+class _ReversibleBlock(torch.autograd.Function):
+    """``y1 = x1 + F(x2); y2 = x2 + G(y1)`` for one block, recomputed from its output in backward.
+
+    The block's parameters (and any other tensor it uses that needs a gradient) are inputs, and
+    their gradients are returned here, one block at a time: the engine accumulates and frees them
+    before the previous block's backward runs, so no full copy of the model's gradients is held.
+    """
+
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, runner: _Runner, *inputs: Tensor):
-        ctx.runner = runner
+    def forward(ctx, x1: Tensor, x2: Tensor, step: _Step, *inputs: Tensor):
+        ctx.step = step
+        step.autocast = _Autocast(x1.device.type)
+        devices = _rng_devices(x1)
         with torch.no_grad():
-            y1, y2 = runner.forward(x1, x2)
-        ctx.save_for_backward(y1, y2)
+            step.sf = _RNGState(devices) if step.training else None
+            y1 = x1 + step.f(x2)
+            step.sg = _RNGState(devices) if step.training else None
+            y2 = x2 + step.g(y1)
+        if step.last:
+            ctx.save_for_backward(y1, y2)
         return y1, y2
 
     @staticmethod
     def backward(ctx, dy1: Tensor, dy2: Tensor):
-        y1, y2 = ctx.saved_tensors
-        dx1, dx2, grads = ctx.runner.backward(y1, y2, dy1, dy2)
-        ctx.runner = None
-        return (dx1, dx2, None, *grads)
+        step = ctx.step
+        ctx.step = None
+        y1, y2 = ctx.saved_tensors if step.last else step.chain.outputs.pop(step.index)
+        targets = step.inputs
+        with torch.enable_grad():
+            y1_ = y1.detach().requires_grad_()
+            with (step.sg.fork() if step.sg is not None else nullcontext()), step.autocast():
+                gy = step.g(y1_)
+            grads = torch.autograd.grad(gy, [y1_, *targets], dy2, allow_unused=True)
+            dy1 = dy1 + grads[0]
+            acc = list(grads[1:])
+            x2 = (y2 - gy).detach()
+            del gy, y1_
 
-
-class _Runner:
-    """State shared between the forward and backward of one reversible call."""
-
-    def __init__(self, fs: Sequence[DeltaFn], gs: Sequence[DeltaFn], inputs: list[Tensor], training: bool):
-        self.fs, self.gs, self.inputs, self.training = fs, gs, inputs, training
-        self.states: list[tuple[_RNGState | None, _RNGState | None]] = []
-        self.autocast: _Autocast | None = None
-
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        self.autocast = _Autocast(x1.device.type)
-        devices = _rng_devices(x1)
-        for f, g in zip(self.fs, self.gs):
-            sf = _RNGState(devices) if self.training else None
-            y1 = x1 + f(x2)
-            sg = _RNGState(devices) if self.training else None
-            x2 = x2 + g(y1)
-            x1 = y1
-            self.states.append((sf, sg))
-        return x1, x2
-
-    def _grad(self, out: Tensor, wrt: Tensor, grad_out: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        targets = [wrt, *self.inputs]
-        grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True)
-        return grads[0], list(grads[1:])
-
-    def _accumulate(self, acc: list[Tensor | None], new: list[Tensor | None]) -> None:
-        for i, g in enumerate(new):
-            if g is not None:
-                acc[i] = g if acc[i] is None else acc[i] + g
-
-    def backward(self, y1: Tensor, y2: Tensor, dy1: Tensor, dy2: Tensor):
-        acc: list[Tensor | None] = [None] * len(self.inputs)
-        for f, g, (sf, sg) in zip(reversed(self.fs), reversed(self.gs), reversed(self.states)):
-            with torch.enable_grad():
-                y1_ = y1.detach().requires_grad_()
-                with (sg.fork() if sg is not None else nullcontext()), self.autocast():
-                    gy = g(y1_)
-                d, grads = self._grad(gy, y1_, dy2)
-                self._accumulate(acc, grads)
-                dy1 = dy1 + d
-                x2 = (y2 - gy).detach()
-                del gy, y1_
-
-                x2_ = x2.detach().requires_grad_()
-                with (sf.fork() if sf is not None else nullcontext()), self.autocast():
-                    fx = f(x2_)
-                d, grads = self._grad(fx, x2_, dy1)
-                self._accumulate(acc, grads)
-                dy2 = dy2 + d
-                x1 = (y1 - fx).detach()
-                del fx, x2_
-            y1, y2 = x1, x2
-        return dy1, dy2, acc
+            x2_ = x2.detach().requires_grad_()
+            with (step.sf.fork() if step.sf is not None else nullcontext()), step.autocast():
+                fx = step.f(x2_)
+            grads = torch.autograd.grad(fx, [x2_, *targets], dy1, allow_unused=True)
+            dy2 = dy2 + grads[0]
+            acc = [a if b is None else b if a is None else a + b for a, b in zip(acc, grads[1:])]
+            x1 = (y1 - fx).detach()
+            del fx, x2_
+        if step.index > 0:
+            step.chain.outputs[step.index - 1] = (x1, x2)
+        return (dy1, dy2, None, *acc)
 
 
 def reversible_apply(
@@ -149,29 +150,39 @@ def reversible_apply(
     x2: Tensor,
     fs: Sequence[DeltaFn],
     gs: Sequence[DeltaFn],
-    params: Sequence[nn.Parameter],
+    params: Sequence[nn.Parameter] | Sequence[Sequence[nn.Parameter]],
     extra: Sequence[Tensor] = (),
     training: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Runs the coupling over ``zip(fs, gs)`` keeping only the final halves for backward.
+    """Runs the coupling over ``zip(fs, gs)``; only the final halves are kept for backward.
 
     Args:
         x1, x2: the two halves of the residual, ``(b, n, d)`` each.
         fs, gs: per block, the additive functions ``F`` and ``G`` (closures over their modules and
             the call's keyword arguments).
-        params: every parameter the functions use (deduplicated); they receive gradients.
+        params: per block, the parameters its F and G use (a list per block); a flat list means
+            every block may use any of them. They receive gradients, block by block.
         extra: other tensors the functions close over that need gradients (e.g. encoder output).
         training: record and replay RNG states (dropout); off in eval to save the copies.
     """
-    inputs = [t for t in (*params, *extra) if t.requires_grad]
-    if not torch.is_grad_enabled() or not (x1.requires_grad or x2.requires_grad or inputs):
+    block_params = [list(p) for p in params] if params and isinstance(params[0], (list, tuple)) else None
+    if block_params is None:
+        block_params = [list(params)] * len(fs)
+    extra = [t for t in extra if t.requires_grad]
+    per_block = [[t for t in ps if t.requires_grad] + extra for ps in block_params]
+    if not torch.is_grad_enabled() or not (x1.requires_grad or x2.requires_grad or any(per_block)):
         # Nothing to differentiate: plain coupling, no bookkeeping.
         for f, g in zip(fs, gs):
             x1 = x1 + f(x2)
             x2 = x2 + g(x1)
         return x1, x2
-    runner = _Runner(fs, gs, inputs, training)
-    return _ReversibleFunction.apply(x1, x2, runner, *inputs)
+    chain = _Chain()
+    n = len(fs)
+    for i, (f, g, inputs) in enumerate(zip(fs, gs, per_block)):
+        step = _Step(i, f, g, chain, training, last=i == n - 1)
+        step.inputs = inputs
+        x1, x2 = _ReversibleBlock.apply(x1, x2, step, *inputs)
+    return x1, x2
 
 
 def reversible_inverse(y1: Tensor, y2: Tensor, fs: Sequence[DeltaFn], gs: Sequence[DeltaFn]) -> tuple[Tensor, Tensor]:

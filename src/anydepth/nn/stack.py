@@ -128,7 +128,7 @@ class ReversibleStack(nn.Module):
                 x1 = x1 + f(x2)
                 x2 = x2 + g(x1)
         else:
-            params = list({id(p): p for i in kept for p in self.blocks[i].parameters()}.values())
+            params = [list(self.blocks[i].parameters()) for i in kept]
             x1, x2 = reversible_apply(x, x, fs, gs, params, extra=_tensors_needing_grad(kw), training=self.training)
         if self.merge is None:
             return (x1 + x2) / 2
