@@ -8,6 +8,7 @@ a time (the Reformer's chunked feed-forward, Kitaev et al. 2020, arXiv:2001.0445
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,11 @@ class _FeedForward(nn.Module):
         self.dim, self.hidden = dim, max(1, int(dim * mult))
         self.chunks, self.checkpoint_chunks = chunks, checkpoint_chunks
         self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_config(cls, cfg, *, dim: int):
+        # every Config field is a constructor keyword of the same name
+        return cls(dim, **dataclasses.asdict(cfg))
 
     def reset_parameters(self, beta: float = 1.0) -> None:
         """Xavier-normal init with gain ``beta`` on both projections, zero biases.
@@ -131,18 +137,6 @@ class MLP(_FeedForward):
         self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
         self.reset_parameters()
 
-    @classmethod
-    def from_config(cls, cfg, *, dim: int) -> MLP:
-        return cls(
-            dim,
-            mult=cfg.mult,
-            activation=cfg.activation,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            chunks=cfg.chunks,
-            checkpoint=cfg.checkpoint,
-        )
-
     def _hidden(self, h: Tensor) -> Tensor:
         return self.act(h)
 
@@ -181,18 +175,6 @@ class GLU(_FeedForward):
         self.proj_in = nn.Linear(dim, 2 * self.hidden, bias=bias)
         self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int) -> GLU:
-        return cls(
-            dim,
-            mult=cfg.mult,
-            activation=cfg.activation,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            chunks=cfg.chunks,
-            checkpoint=cfg.checkpoint,
-        )
 
     def reset_parameters(self, beta: float = 1.0) -> None:
         """Xavier-normal, gain ``beta``, on ``W``, ``V`` (each with its own fans) and ``W_2``; zero biases."""
