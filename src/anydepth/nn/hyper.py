@@ -47,6 +47,7 @@ folded ``(b n) ... d`` layout.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -306,19 +307,9 @@ class HyperConnection(Residual):
 
     @classmethod
     def from_config(cls, cfg, *, dim: int, ctx: LayerContext | None = None, norm="layer"):
+        # every Config field is a constructor keyword of the same name (here and in the mHC subclass)
         ctx = ctx or LayerContext()
-        return cls(
-            dim,
-            cfg.streams,
-            layer_index=ctx.index,
-            dynamic=cfg.dynamic,
-            tanh=cfg.tanh,
-            num_fracs=cfg.num_fracs,
-            dropout=cfg.dropout,
-            dropout_placement=cfg.dropout_placement,
-            reduce=cfg.reduce,
-            norm=NORMS.build(norm, dim=dim),
-        )
+        return cls(dim, layer_index=ctx.index, norm=NORMS.build(norm, dim=dim), **dataclasses.asdict(cfg))
 
     # -- stream shape ----------------------------------------------------------------------------
     def expand(self, x: Tensor) -> Tensor:
@@ -544,23 +535,6 @@ class ManifoldHyperConnection(HyperConnection):
             self.static_beta = nn.Parameter(torch.full((s * f,), float(beta_init)))
             self.dynamic_beta_fn = nn.Parameter(torch.zeros(dp) if f == 1 else torch.zeros(dp, f))
             self.h_post_scale = nn.Parameter(torch.full((), 1e-2))
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, ctx: LayerContext | None = None, norm="layer"):
-        ctx = ctx or LayerContext()
-        return cls(
-            dim,
-            cfg.streams,
-            layer_index=ctx.index,
-            num_fracs=cfg.num_fracs,
-            sinkhorn_iters=cfg.sinkhorn_iters,
-            log_domain=cfg.log_domain,
-            identity_init=cfg.identity_init,
-            dropout=cfg.dropout,
-            dropout_placement=cfg.dropout_placement,
-            reduce=cfg.reduce,
-            norm=NORMS.build(norm, dim=dim),
-        )
 
     def _constrain_residual(self, logits: Tensor) -> Tensor:
         if self.residual_mix_constraint_fn is not None:
