@@ -184,6 +184,7 @@ _KERNEL_SOURCE = r"""
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
+#include <sys/mman.h>
 
 namespace {
 
@@ -214,6 +215,34 @@ struct BF16 {
 // below this many elements a second thread costs more than it saves
 constexpr int64_t kSerialBelow = 1 << 15;
 
+// glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with a fresh mapping, so
+// such an output is page-faulted 4 KiB at a time on first write, which costs more than the norm itself.
+// Asking for transparent huge pages on the fresh range faults it in 2 MiB pages instead. Smaller outputs
+// come from glibc's heap, already faulted, and are left alone.
+constexpr int64_t kHugeBytes = int64_t(32) << 20;
+
+inline void advise_huge(void* p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  if (bytes < kHugeBytes) return;
+  constexpr uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(huge - 1);
+  // advice only: where THP is off or the range is not a mapping of its own, the kernel says no and
+  // nothing changes
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+// rows are prefetched this far ahead: a row whose statistic needs only its first k features would
+// otherwise reach memory only in the pass that also writes the output, with no read ahead of it
+constexpr int64_t kAhead = 2;
+
+template <class T>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(p + o);
+}
+
 template <class IO>
 inline float sum_sq(const typename IO::T* xr, int64_t k) {
   float ss = 0.f;
@@ -229,10 +258,12 @@ template <class IO>
 void forward(const typename IO::T* x, const float* w, const float* b, typename IO::T* y, int64_t rows,
              int64_t d, int64_t k, float eps, int inside, int nthreads) {
   const int nt = rows * d < kSerialBelow ? 1 : nthreads;
+  advise_huge(y, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
     const typename IO::T* xr = x + i * d;
     typename IO::T* yr = y + i * d;
+    if (i + kAhead < rows) prefetch_row(xr + kAhead * d, d);
     const float ms = sum_sq<IO>(xr, k) / static_cast<float>(k);
     const float r = inside ? 1.f / std::sqrt(ms + eps) : 1.f / (std::sqrt(ms) + eps);
     if (b) {
@@ -251,6 +282,7 @@ int backward(const typename IO::T* dy, const typename IO::T* x, const float* w, 
              int nthreads) {
   const int nt = rows * d < kSerialBelow ? 1 : nthreads;
   const int64_t width = db ? 2 * d : d;
+  advise_huge(dx, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
   // per-thread partial sums of dw (and db): one pass over dy and x, no atomics
   float* part = static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float)));
   if (!part) return 1;
