@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anydepth.nn import hyper_fused
 from anydepth.nn.context import LayerContext
 from anydepth.nn.residual import Residual
 from anydepth.registry import NORMS, RESIDUALS
@@ -349,10 +350,48 @@ class HyperConnection(Residual):
         single = self.streams == 1
         h = x.unsqueeze(-2) if single else x
         self._check_streams(h, "forward")
-        branch_in, mixed, beta = self.width_connection(h)
-        y = f(self.branch_norm(branch_in), *args, **kwargs)
-        out = self.depth_connection(y, mixed, beta)
+        if self._fusable(h):
+            out = self._fused_forward(h, f, *args, **kwargs)
+        else:
+            branch_in, mixed, beta = self.width_connection(h)
+            y = f(self.branch_norm(branch_in), *args, **kwargs)
+            out = self.depth_connection(y, mixed, beta)
         return out.squeeze(-2) if single else out
+
+    def _fusable(self, h: Tensor) -> bool:
+        # the kernels cover one fraction, one input view and the plain (tanh or identity) coefficients;
+        # mHC overrides _coefficients and keeps the eager path
+        return (
+            type(self)._coefficients is HyperConnection._coefficients
+            and self.num_fracs == 1
+            and self.num_input_views == 1
+            and self.add_branch_out_to_residual
+            and self.depth_residual_fn is None
+            and hyper_fused.fused_ok(h, self.static_alpha)
+        )
+
+    def _fused_forward(self, h: Tensor, f, *args, **kwargs) -> Tensor:
+        """The same computation as ``width_connection``/``depth_connection`` through the fused kernels."""
+        w = sa = sb = None
+        if self.dynamic:
+            gain = (self.norm.gamma + 1) * self.norm.scale
+            w = torch.cat((self.dynamic_alpha_fn, self.dynamic_beta_fn.reshape(self.dim, 1)), dim=-1)
+            w = w * gain.unsqueeze(-1)
+            sa, sb = self.dynamic_alpha_scale, self.dynamic_beta_scale
+        use_tanh = isinstance(self.act, nn.Tanh)
+        branch_in, alpha, beta = hyper_fused.width_connection(
+            h, w, self.static_alpha, self.static_beta, sa, sb, use_tanh
+        )
+        y = f(self.branch_norm(branch_in), *args, **kwargs)
+        if self.dropout_placement == "branch":
+            y = self.dropout(y)
+        if y.shape != branch_in.shape:
+            raise ValueError(
+                f"the branch output must have the branch input's shape {tuple(branch_in.shape)}, got "
+                f"{tuple(y.shape)}; a residual branch must map dim to dim"
+            )
+        out = hyper_fused.depth_connection(h, alpha, beta, y.to(h.dtype))
+        return self.dropout(out) if self.dropout_placement == "stream" else out
 
     def width_connection(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``H (..., n, d)`` -> branch input ``(..., d)`` (``(..., views, d)`` for several views),

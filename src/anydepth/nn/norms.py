@@ -28,26 +28,17 @@ disables the kernel; it is cached under ``$ANYDEPTH_CACHE/kernels`` (default ``~
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
 import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from anydepth.nn.native import NativeKernel, plain_cpu_op
 from anydepth.registry import NORMS
 
 __all__ = [
@@ -369,80 +360,22 @@ int anydepth_rms_backward_bf16(const uint16_t* dy, const uint16_t* x, const floa
 }
 """
 
-# -march=native: the library is built on the machine that runs it, and the cache key includes the CPU
-_CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _FUSED_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-class _Kernel:
-    """The compiled kernel, loaded on first use; ``lib`` stays None where it cannot be built."""
+def _bind(lib) -> None:
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    for tag in _FUSED_DTYPES.values():
+        fwd = getattr(lib, f"anydepth_rms_forward_{tag}")
+        fwd.argtypes = [p, p, p, p, i64, i64, i64, f32, i32, i32]
+        fwd.restype = None
+        bwd = getattr(lib, f"anydepth_rms_backward_{tag}")
+        bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, f32, i32, i32]
+        bwd.restype = i32
 
-    def __init__(self) -> None:
-        self.enabled = os.environ.get("ANYDEPTH_FUSED_NORM", "1") != "0"
-        self.lib = None
-        self.error: str | None = None
-        self._tried = False
-        self._lock = threading.Lock()
 
-    def get(self):
-        if not self._tried:
-            with self._lock:
-                if not self._tried:
-                    try:
-                        self.lib = self._load()
-                    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                        self.error = f"{type(e).__name__}: {e}"
-                        log.info("fused RMSNorm kernel unavailable, using the eager formula (%s)", self.error)
-                    self._tried = True
-        return self.lib
-
-    @staticmethod
-    def _cache_dir() -> Path:
-        # the package's one cache root (datasets live there too)
-        return Path(os.environ.get("ANYDEPTH_CACHE") or Path.home() / ".cache" / "anydepth") / "kernels"
-
-    @staticmethod
-    def _cpu_id() -> str:
-        # the ISA flags decide what -march=native emitted; a cache shared between machines must not mix them
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("flags"):
-                    return line
-        return platform.processor() + platform.machine()
-
-    def _load(self):
-        if not sys.platform.startswith("linux"):
-            raise RuntimeError(f"the fused kernel is built for Linux only, this is {sys.platform}")
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        if not cxx:
-            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-        key = hashlib.sha256(
-            "\0".join([_KERNEL_SOURCE, cxx, *_CXX_FLAGS, self._cpu_id()]).encode()
-        ).hexdigest()[:16]
-        cache = self._cache_dir()
-        so = cache / f"rmsnorm_{key}.so"
-        if not so.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / "rmsnorm.cpp"
-                src.write_text(_KERNEL_SOURCE)
-                out = Path(tmp) / "rmsnorm.so"
-                proc = subprocess.run(
-                    [cxx, *_CXX_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300
-                )
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
-                os.replace(out, so)  # atomic: concurrent builders race harmlessly
-        lib = ctypes.CDLL(str(so))
-        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        for tag in _FUSED_DTYPES.values():
-            fwd = getattr(lib, f"anydepth_rms_forward_{tag}")
-            fwd.argtypes = [p, p, p, p, i64, i64, i64, f32, i32, i32]
-            fwd.restype = None
-            bwd = getattr(lib, f"anydepth_rms_backward_{tag}")
-            bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, f32, i32, i32]
-            bwd.restype = i32
-        return lib
+def _Kernel() -> NativeKernel:
+    return NativeKernel("rmsnorm", _KERNEL_SOURCE, "ANYDEPTH_FUSED_NORM", _bind)
 
 
 _KERNEL = _Kernel()
@@ -450,38 +383,20 @@ _KERNEL = _Kernel()
 
 def fused_rms_norm_available() -> bool:
     """True if the fused CPU RMSNorm kernel is enabled and built (building it on the first call)."""
-    return _KERNEL.enabled and _KERNEL.get() is not None
+    return _KERNEL.available()
 
 
-@contextlib.contextmanager
 def use_fused_rms_norm(enabled: bool):
     """Context manager that turns the fused CPU RMSNorm kernel on or off (e.g. to time the eager path)."""
-    previous = _KERNEL.enabled
-    _KERNEL.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _KERNEL.enabled = previous
-
-
-def _functorch_active() -> bool:
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe and probe())
+    return _KERNEL.use(enabled)
 
 
 def _fused_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if not _KERNEL.enabled or x.dtype not in _FUSED_DTYPES or x.device.type != "cpu" or x.numel() == 0:
+    if not _KERNEL.enabled or x.dtype not in _FUSED_DTYPES or x.numel() == 0:
         return False
-    if type(x) is not torch.Tensor or weight.device.type != "cpu" or weight.dtype not in _FUSED_DTYPES:
+    if weight.dtype not in _FUSED_DTYPES or (bias is not None and bias.dtype not in _FUSED_DTYPES):
         return False
-    if bias is not None and (bias.device.type != "cpu" or bias.dtype not in _FUSED_DTYPES):
-        return False
-    # torch.compile fuses the eager formula itself; autocast and torch.func need torch ops to act on
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
-        return False
-    if _functorch_active():
-        return False
-    return _KERNEL.get() is not None
+    return plain_cpu_op(x, weight, bias) and _KERNEL.get() is not None
 
 
 def _as_f32(t: Tensor | None) -> Tensor | None:

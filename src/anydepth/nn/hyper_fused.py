@@ -1,0 +1,470 @@
+"""Fused CPU kernels for the width and depth connections of (static or dynamic) hyper-connections.
+
+A hyper-connected sublayer does little arithmetic around its branch (a few n x d products per
+token) but, in eager torch, a dozen passes over the n-wide residual: norm, projection, batched
+mixing, split, multiply-add, their backwards, and the gradient concatenations. On CPU those passes,
+not the FLOPs, are what a 4-stream model pays. These kernels do the per-token work of each
+connection in one pass over the streams, with hand-derived backwards. For one token with streams
+``H`` (n x d), ``W`` (d x K, the stream norm's gain folded in; K = n + 2), scales ``s_a``, ``s_b``::
+
+    width:  r_s = max(||H_s||, 1e-12)     P_s = H_s W / r_s                      (dynamic only)
+            alpha = act(P[:, :n+1]) s_a + A_static      beta = act(P[:, n+1]) s_b + B_static
+            h_in = sum_s alpha[s, 0] H_s                (the branch input; its pre-norm follows)
+    depth:  H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y          (y: the branch output)
+
+Backward of the depth connection, with ``G = dL/dH_new``::
+
+    dy = sum_c beta_c G_c    dbeta_c = G_c . y    dalpha[s, 1+c] = H_s . G_c    dH_s = sum_c alpha[s, 1+c] G_c
+
+and of the width connection, with ``g = dL/dh_in`` and the ``dalpha``, ``dbeta`` just computed::
+
+    dalpha[s, 0] = H_s . g
+    dP = [dalpha, dbeta] * [s_a, s_b] * act'(P)      q_s = dP_s / r_s    c_s = (q_s . P_s) / r_s
+    dH_s += alpha[s, 0] g + W q_s - c_s H_s          dW += H_s^T q_s     (c_s only where ||H_s|| > 1e-12)
+
+plus the sums over tokens for ``A_static``, ``B_static``, ``s_a``, ``s_b``. Float32 only; tokens run
+in parallel (OpenMP), parameter gradients are reduced from per-thread partial sums.
+:class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
+path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
+``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
+``ANYDEPTH_FUSED_HYPER=0`` disables the kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from anydepth.nn.native import NativeKernel, plain_cpu_op
+
+__all__ = ["MAX_STREAMS", "fused_ok", "width_connection", "depth_connection", "use_fused_hyper"]
+
+MAX_STREAMS = 16
+
+_SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <omp.h>
+
+namespace {
+constexpr int kMaxStreams = 16;
+constexpr int kMaxK = kMaxStreams + 2;
+// below this many elements a second thread costs more than it saves
+constexpr int64_t kSerialBelow = 1 << 15;
+
+inline int threads_for(int64_t elements, int nthreads) { return elements < kSerialBelow ? 1 : nthreads; }
+
+constexpr int kLanes = 16;
+constexpr int kMaxDots = kMaxK + 1;
+
+// out[i] = x . ys[i] for i < K in one pass over x. The K reductions run as independent vector
+// accumulators held in registers (K is a template argument so the compiler unrolls over it): one dot
+// at a time would wait on its own add chain, latency- rather than bandwidth-bound.
+template <int K>
+inline void multi_dot_k(const float* x, const float* const* ys, int64_t d, float* out) {
+  float acc[K][kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes)
+    for (int i = 0; i < K; ++i) {
+      const float* y = ys[i] + j;
+#pragma omp simd
+      for (int u = 0; u < kLanes; ++u) acc[i][u] += x[j + u] * y[u];
+    }
+  for (int i = 0; i < K; ++i) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int u = 0; u < kLanes; ++u) s += acc[i][u];
+    for (int64_t t = j; t < d; ++t) s += x[t] * ys[i][t];
+    out[i] = s;
+  }
+}
+
+template <int K>
+inline void multi_dot_upto(const float* x, const float* const* ys, int k, int64_t d, float* out) {
+  if constexpr (K > 1) {
+    if (k < K) return multi_dot_upto<K - 1>(x, ys, k, d, out);
+  }
+  multi_dot_k<K>(x, ys, d, out);
+}
+
+// out[i] = x . ys[i] for i < k, 1 <= k <= kMaxDots
+inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, float* out) {
+  multi_dot_upto<kMaxDots>(x, ys, k, d, out);
+}
+
+}  // namespace
+
+extern "C" {
+
+// p (M, n, K): P[s, k] = H_s . W[:, k] / r_s with r (M, n) = max(||H_s||, 1e-12); wt is W transposed,
+// (K, d). The activation and the coefficients are left to the caller (a few values per token).
+void anydepth_hc_project(const float* h, const float* wt, float* p, float* r, int64_t m_tokens, int64_t n,
+                         int64_t d, int64_t K, int nthreads) {
+#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
+  for (int64_t m = 0; m < m_tokens; ++m) {
+    const float* rows[kMaxDots];
+    for (int64_t k = 0; k < K; ++k) rows[k] = wt + k * d;
+    for (int64_t s = 0; s < n; ++s) {
+      const float* hs = h + (m * n + s) * d;
+      float dots[kMaxDots];
+      rows[K] = hs;
+      multi_dot(hs, rows, static_cast<int>(K + 1), d, dots);
+      const float rs = std::fmax(std::sqrt(dots[K]), 1e-12f);
+      r[m * n + s] = rs;
+      for (int64_t k = 0; k < K; ++k) p[(m * n + s) * K + k] = dots[k] / rs;
+    }
+  }
+}
+
+// h_in[m] = sum_s alpha[m, s, 0] H[m, s]
+void anydepth_hc_branch_input(const float* h, const float* alpha, float* h_in, int64_t m_tokens, int64_t n,
+                              int64_t d, int nthreads) {
+  const int64_t T = n + 1;
+#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
+  for (int64_t m = 0; m < m_tokens; ++m) {
+    const float* H = h + m * n * d;
+    const float* A = alpha + m * n * T;
+    float* out = h_in + m * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) out[j] = 0.f;
+    for (int64_t s = 0; s < n; ++s) {
+      const float a = A[s * T];
+      const float* hs = H + s * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) out[j] += a * hs[j];
+    }
+  }
+}
+
+// H_new[m, c] = sum_s alpha[m, s, 1 + c] H[m, s] + beta[m, c] y[m]
+void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* beta, const float* y,
+                               float* out, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+  const int64_t T = n + 1;
+#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
+  for (int64_t m = 0; m < m_tokens; ++m) {
+    const float* H = h + m * n * d;
+    const float* A = alpha + m * n * T;
+    const float* ym = y + m * d;
+    for (int64_t c = 0; c < n; ++c) {
+      float* o = out + (m * n + c) * d;
+      const float bc = beta[m * n + c];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) o[j] = bc * ym[j];
+      for (int64_t s = 0; s < n; ++s) {
+        const float a = A[s * T + 1 + c];
+        const float* hs = H + s * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) o[j] += a * hs[j];
+      }
+    }
+  }
+}
+
+// dH (M, n, d), dalpha (M, n, n+1) columns 1.. (column 0 is left to the width backward),
+// dbeta (M, n), dy (M, d); any output pointer may be null when its gradient is not needed
+void anydepth_hc_depth_backward(const float* g, const float* h, const float* alpha, const float* beta,
+                                const float* y, float* dh, float* dalpha, float* dbeta, float* dy,
+                                int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+  const int64_t T = n + 1;
+#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
+  for (int64_t m = 0; m < m_tokens; ++m) {
+    const float* G = g + m * n * d;
+    const float* H = h + m * n * d;
+    const float* A = alpha + m * n * T;
+    const float* ym = y + m * d;
+    if (dy) {
+      float* o = dy + m * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) o[j] = 0.f;
+      for (int64_t c = 0; c < n; ++c) {
+        const float bc = beta[m * n + c];
+        const float* gc = G + c * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) o[j] += bc * gc[j];
+      }
+    }
+    const float* gs[kMaxStreams];
+    for (int64_t c = 0; c < n; ++c) gs[c] = G + c * d;
+    if (dbeta) multi_dot(ym, gs, static_cast<int>(n), d, dbeta + m * n);
+    if (dalpha) {
+      float* dA = dalpha + m * n * T;
+      for (int64_t s = 0; s < n; ++s) {
+        dA[s * T] = 0.f;
+        multi_dot(H + s * d, gs, static_cast<int>(n), d, dA + s * T + 1);
+      }
+    }
+    if (dh) {
+      for (int64_t s = 0; s < n; ++s) {
+        float* o = dh + (m * n + s) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) o[j] = 0.f;
+        for (int64_t c = 0; c < n; ++c) {
+          const float a = A[s * T + 1 + c];
+          const float* gc = G + c * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) o[j] += a * gc[j];
+        }
+      }
+    }
+  }
+}
+
+// Width backward. dalpha (M, n, n+1) holds the gradient alpha received from its other uses (the depth
+// connection) on entry; the branch input's part is added to column 0 here. Outputs: dh (M, n, d);
+// reduced over tokens from per-thread partial sums: dwt (K, d), da_static (n, n+1), db_static (n),
+// dscale[2] = (d s_a, d s_b). Returns nonzero if its scratch could not be allocated.
+int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt, const float* p,
+                               const float* pact, const float* r,
+                               const float* alpha, float* dalpha, const float* dbeta, float sa, float sb,
+                               int use_tanh, float* dh, float* dwt, float* da_static, float* db_static,
+                               float* dscale, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+  const int64_t K = n + 2, T = n + 1;
+  const int nt = threads_for(m_tokens * n * d, nthreads);
+  const int64_t width = (wt ? K * d : 0) + n * T + n + 2;
+  float* part = static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float)));
+  if (!part) return 1;
+#pragma omp parallel num_threads(nt)
+  {
+    float* pw = part + omp_get_thread_num() * width;
+    float* pa = pw + (wt ? K * d : 0);
+    float* pb = pa + n * T;
+    float* ps = pb + n;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < m_tokens; ++m) {
+      const float* H = h + m * n * d;
+      const float* gm = gin + m * d;
+      const float* A = alpha + m * n * T;
+      float* dA = dalpha + m * n * T;
+      const float* dB = dbeta ? dbeta + m * n : nullptr;
+      {
+        const float* hs[kMaxStreams];
+        float g0[kMaxStreams];
+        for (int64_t s = 0; s < n; ++s) hs[s] = H + s * d;
+        multi_dot(gm, hs, static_cast<int>(n), d, g0);
+        for (int64_t s = 0; s < n; ++s) dA[s * T] += g0[s];
+      }
+      for (int64_t s = 0; s < n; ++s) {
+        for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s * T + c];
+        if (dB) pb[s] += dB[s];
+      }
+      for (int64_t s = 0; s < n; ++s) {
+        const float* hs = H + s * d;
+        float* o = dh + (m * n + s) * d;
+        const float a0 = A[s * T];
+        if (!wt) {
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) o[j] = a0 * gm[j];
+          continue;
+        }
+        const float* P = p + (m * n + s) * K;
+        const float* Pa = pact + (m * n + s) * K;
+        const float rs = r[m * n + s];
+        float q[kMaxK];
+        float c = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = P[k];
+          const float t = Pa[k];
+          const float slope = use_tanh ? 1.f - t * t : 1.f;
+          float up;
+          if (k < T) {
+            up = dA[s * T + k];
+            ps[0] += up * t;
+            up *= sa;
+          } else {
+            up = dB ? dB[s] : 0.f;
+            ps[1] += up * t;
+            up *= sb;
+          }
+          q[k] = up * slope / rs;
+          c += q[k] * v;
+        }
+        // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
+        c = rs > 1e-12f ? c / rs : 0.f;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) o[j] = a0 * gm[j] - c * hs[j];
+        for (int64_t k = 0; k < K; ++k) {
+          const float qk = q[k];
+          const float* wk = wt + k * d;
+          float* dwk = pw + k * d;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) {
+            o[j] += qk * wk[j];
+            dwk[j] += qk * hs[j];
+          }
+        }
+      }
+    }
+  }
+  for (int t = 0; t < nt; ++t) {
+    const float* pw = part + t * width;
+    const float* pa = pw + (wt ? K * d : 0);
+    if (wt)
+      for (int64_t i = 0; i < K * d; ++i) dwt[i] += pw[i];
+    for (int64_t i = 0; i < n * T; ++i) da_static[i] += pa[i];
+    for (int64_t i = 0; i < n; ++i) db_static[i] += pa[n * T + i];
+    dscale[0] += pa[n * T + n];
+    dscale[1] += pa[n * T + n + 1];
+  }
+  std::free(part);
+  return 0;
+}
+}
+"""
+
+
+def _bind(lib) -> None:
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.anydepth_hc_project.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
+    lib.anydepth_hc_project.restype = None
+    lib.anydepth_hc_branch_input.argtypes = [p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_branch_input.restype = None
+    lib.anydepth_hc_depth_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_depth_forward.restype = None
+    lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_depth_backward.restype = None
+    lib.anydepth_hc_width_backward.argtypes = [
+        p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, i64, i64, i64, i32
+    ]
+    lib.anydepth_hc_width_backward.restype = i32
+
+
+_KERNEL = NativeKernel("hyper", _SOURCE, "ANYDEPTH_FUSED_HYPER", _bind)
+
+
+def use_fused_hyper(enabled: bool):
+    """Context manager that turns the fused hyper-connection kernels on or off."""
+    return _KERNEL.use(enabled)
+
+
+def fused_ok(h: Tensor, *params: Tensor | None) -> bool:
+    """Whether the kernels can stand in for the eager formula on these tensors (float32, CPU, plain
+    tensors, no tracing or transform active, at most ``MAX_STREAMS`` streams)."""
+    if not _KERNEL.enabled or h.dtype != torch.float32 or h.dim() < 2 or h.numel() == 0:
+        return False
+    if h.shape[-2] > MAX_STREAMS or any(p is not None and p.dtype != torch.float32 for p in params):
+        return False
+    return plain_cpu_op(h, *params) and _KERNEL.get() is not None
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _scalar(t: Tensor | None) -> float:
+    return 0.0 if t is None else float(t.detach().reshape(()))
+
+
+class _Width(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, wt, a_static, b_static, sa, sb, use_tanh):
+        m, n, d = h.shape
+        threads = torch.get_num_threads()
+        p = pact = r = None
+        if wt is None:
+            alpha = a_static.expand(m, n, n + 1).contiguous()
+            beta = b_static.expand(m, n).contiguous()
+        else:
+            p = h.new_empty(m, n, n + 2)
+            r = h.new_empty(m, n)
+            _KERNEL.lib.anydepth_hc_project(h.data_ptr(), wt.data_ptr(), p.data_ptr(), r.data_ptr(), m, n, d, n + 2,
+                                            threads)
+            # the activation on the (M, n, n + 2) projection: torch's vectorised tanh beats a scalar
+            # libm call per value inside the kernel
+            pact = torch.tanh(p) if use_tanh else p
+            alpha = torch.addcmul(a_static, pact[..., : n + 1], sa)
+            beta = torch.addcmul(b_static, pact[..., n + 1], sb)
+        h_in = h.new_empty(m, d)
+        _KERNEL.lib.anydepth_hc_branch_input(h.data_ptr(), alpha.data_ptr(), h_in.data_ptr(), m, n, d, threads)
+        ctx.save_for_backward(h, wt, p, pact, r, alpha)
+        ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh))
+        return h_in, alpha, beta
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_in, g_alpha, g_beta):
+        h, wt, p, pact, r, alpha = ctx.saved_tensors
+        sa, sb, use_tanh = ctx.scales
+        m, n, d = h.shape
+        dalpha = (g_alpha if g_alpha is not None else h.new_zeros(m, n, n + 1)).contiguous().clone()
+        g_in = g_in.contiguous() if g_in is not None else h.new_zeros(m, d)
+        g_beta = g_beta.contiguous() if g_beta is not None else None
+        dh = torch.empty_like(h)
+        dwt = torch.zeros_like(wt) if wt is not None else None
+        da = h.new_zeros(n, n + 1)
+        db = h.new_zeros(n)
+        ds = h.new_zeros(2)
+        status = _KERNEL.lib.anydepth_hc_width_backward(
+            g_in.data_ptr(), h.data_ptr(), _ptr(wt), _ptr(p), _ptr(pact), _ptr(r), alpha.data_ptr(), dalpha.data_ptr(),
+            _ptr(g_beta), sa, sb, int(use_tanh), dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(),
+            ds.data_ptr(), m, n, d, torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("hyper-connection width backward could not allocate its partial sums")
+        dsa, dsb = (ds[0], ds[1]) if wt is not None else (None, None)
+        return dh, dwt, da, db, dsa, dsb, None
+
+
+class _Depth(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, alpha, beta, y):
+        m, n, d = h.shape
+        out = torch.empty_like(h)
+        _KERNEL.lib.anydepth_hc_depth_forward(
+            h.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(h, alpha, beta, y)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h, alpha, beta, y = ctx.saved_tensors
+        m, n, d = h.shape
+        need = ctx.needs_input_grad
+        g = g.contiguous()
+        dh = torch.empty_like(h) if need[0] else None
+        dalpha = h.new_empty(m, n, n + 1) if need[1] else None
+        dbeta = h.new_empty(m, n) if need[2] else None
+        dy = torch.empty_like(y) if need[3] else None
+        _KERNEL.lib.anydepth_hc_depth_backward(
+            g.data_ptr(), h.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dh), _ptr(dalpha),
+            _ptr(dbeta), _ptr(dy), m, n, d, torch.get_num_threads(),
+        )
+        return dh, dalpha, dbeta, dy
+
+
+def width_connection(
+    h: Tensor,
+    w: Tensor | None,
+    a_static: Tensor,
+    b_static: Tensor,
+    sa: Tensor | None,
+    sb: Tensor | None,
+    use_tanh: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n))``; ``w (d, n+2)`` is the
+    dynamic projection with the stream norm's gain folded in, None for static hyper-connections."""
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    wt = None if w is None else w.t().contiguous()
+    h_in, alpha, beta = _Width.apply(
+        h.reshape(-1, n, d).contiguous(), wt, a_static.contiguous(), b_static.contiguous(), sa, sb, use_tanh
+    )
+    return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n)
+
+
+def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
+    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    out = _Depth.apply(
+        h.reshape(-1, n, d).contiguous(),
+        alpha.reshape(-1, n, n + 1).contiguous(),
+        beta.reshape(-1, n).contiguous(),
+        y.reshape(-1, d).contiguous(),
+    )
+    return out.view(*lead, n, d)

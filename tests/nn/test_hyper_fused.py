@@ -1,0 +1,114 @@
+"""The fused CPU kernels of hyper-connections against the eager formula, computed in float64.
+
+The eager path (``width_connection``/``depth_connection``) is itself checked against the paper's
+formulas and the original package in test_hyper.py; here every output and every gradient of the fused
+float32 path must match it run in float64, for static and dynamic variants, with and without tanh,
+for stream counts that do and do not fill a vector, and feature widths with a remainder after the
+kernels' 16-lane blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from anydepth.nn import hyper_fused
+from anydepth.nn.hyper import HyperConnection, ManifoldHyperConnection
+
+pytestmark = pytest.mark.skipif(
+    not hyper_fused._KERNEL.available(), reason=f"fused kernel unavailable: {hyper_fused._KERNEL.error}"
+)
+
+
+def _perturbed(hc: nn.Module, seed: int) -> nn.Module:
+    # away from the init, where the dynamic weights are zero and tanh'(0) = 1 would hide mistakes
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return hc
+
+
+def _grads(hc, branch, x, gy, fused: bool):
+    with hyper_fused.use_fused_hyper(fused):
+        hc.zero_grad(set_to_none=True)
+        branch.zero_grad(set_to_none=True)
+        xa = x.clone().requires_grad_()
+        out = hc(xa, branch)
+        out.backward(gy)
+    params = {f"hc.{k}": p.grad for k, p in hc.named_parameters()}
+    params |= {f"branch.{k}": p.grad for k, p in branch.named_parameters()}
+    return out.detach(), xa.grad, params
+
+
+@pytest.mark.parametrize("dynamic,tanh", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("streams,dim", [(4, 32), (2, 20), (5, 67), (1, 24)])
+def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
+    hc = _perturbed(
+        HyperConnection(dim, streams, layer_index=3, dynamic=dynamic, tanh=tanh, norm=nn.LayerNorm(dim)), 0
+    )
+    branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+    shape = (3, 41, streams, dim) if streams > 1 else (3, 41, dim)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+
+    calls = []
+    real = hyper_fused._Depth.forward
+    hyper_fused._Depth.forward = staticmethod(lambda *a: calls.append(1) or real(*a))
+    try:
+        out, dx, grads = _grads(hc, branch, x, gy, fused=True)
+    finally:
+        hyper_fused._Depth.forward = staticmethod(real)
+    assert calls, "the fused path was not taken"
+
+    out_ref, dx_ref, grads_ref = _grads(hc.double(), branch.double(), x.double(), gy.double(), fused=False)
+    torch.testing.assert_close(out.double(), out_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dx.double(), dx_ref, atol=2e-5, rtol=2e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        # parameter gradients are sums over 123 tokens
+        torch.testing.assert_close(g.double(), grads_ref[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_fused_dropout_placements_match_eager():
+    for placement in ("branch", "stream"):
+        hc = _perturbed(HyperConnection(16, 4, layer_index=0, dropout=0.5, dropout_placement=placement), 3)
+        branch = nn.Linear(16, 16)
+        x = torch.randn(2, 9, 4, 16)
+        outs = []
+        for fused in (False, True):
+            torch.manual_seed(7)  # the same dropout mask on both paths
+            with hyper_fused.use_fused_hyper(fused):
+                outs.append(hc(x, branch))
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        assert (outs[1] == outs[0]).float().mean() < 1  # dropout did something that both paths agree on
+
+
+def test_fused_path_is_skipped_where_it_does_not_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hyper_fused, "depth_connection", lambda *a: calls.append(1))
+    x = torch.randn(2, 5, 4, 16)
+    cases = [
+        HyperConnection(16, 4, layer_index=0, num_fracs=2),
+        HyperConnection(16, 4, layer_index=0, depth_residual_fn=lambda a, b: a + b),
+        ManifoldHyperConnection(16, 4, layer_index=0),
+    ]
+    for hc in cases:
+        hc(x, nn.Identity())
+    HyperConnection(16, 4, layer_index=0).double()(x.double(), nn.Identity())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        HyperConnection(16, 4, layer_index=0)(x, nn.Identity())
+    assert not calls
+
+
+def test_fused_branch_output_shape_is_checked():
+    hc = HyperConnection(16, 4, layer_index=0)
+    with pytest.raises(ValueError, match="branch must map dim to dim"):
+        hc(torch.randn(2, 5, 4, 16), nn.Linear(16, 8))
+
+
+def test_fused_kernel_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("ANYDEPTH_FUSED_HYPER", "0")
+    kernel = hyper_fused.NativeKernel("hyper", hyper_fused._SOURCE, "ANYDEPTH_FUSED_HYPER", hyper_fused._bind)
+    assert kernel.enabled is False
