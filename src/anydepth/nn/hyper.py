@@ -379,7 +379,7 @@ class HyperConnection(Residual):
             w = w * gain.unsqueeze(-1)
             sa, sb = self.dynamic_alpha_scale, self.dynamic_beta_scale
         use_tanh = isinstance(self.act, nn.Tanh)
-        branch_in, alpha, beta = hyper_fused.width_connection(
+        branch_in, alpha, beta, h = hyper_fused.width_connection(
             h, w, self.static_alpha, self.static_beta, sa, sb, use_tanh
         )
         y = f(self.branch_norm(branch_in), *args, **kwargs)

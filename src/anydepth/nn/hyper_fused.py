@@ -54,31 +54,47 @@ _SOURCE = r"""
 namespace {
 constexpr int kMaxStreams = 16;
 constexpr int kMaxK = kMaxStreams + 2;
+constexpr int kMaxDots = kMaxK + 1;
+constexpr int kMaxTerms = kMaxK + 2;
+constexpr int kLanes = 16;
 // below this many elements a second thread costs more than it saves
 constexpr int64_t kSerialBelow = 1 << 15;
 
 inline int threads_for(int64_t elements, int nthreads) { return elements < kSerialBelow ? 1 : nthreads; }
 
-constexpr int kLanes = 16;
-constexpr int kMaxDots = kMaxK + 1;
-
 // out[i] = x . ys[i] for i < K in one pass over x. The K reductions run as independent vector
 // accumulators held in registers (K is a template argument so the compiler unrolls over it): one dot
 // at a time would wait on its own add chain, latency- rather than bandwidth-bound.
+// 16 floats as one value: GCC/Clang vector extensions, lowered to whatever SIMD the target has
+typedef float v16 __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// sum of the lanes as a tree, four dependent adds deep instead of a chain of sixteen
+inline float hsum(v16 v) {
+  float t[kLanes];
+  std::memcpy(t, &v, sizeof(v));
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int u = 0; u < w; ++u) t[u] += t[u + w];
+  return t[0];
+}
+
 template <int K>
 inline void multi_dot_k(const float* x, const float* const* ys, int64_t d, float* out) {
-  float acc[K][kLanes] = {};
+  v16 acc[K] = {};
   int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes)
-    for (int i = 0; i < K; ++i) {
-      const float* y = ys[i] + j;
-#pragma omp simd
-      for (int u = 0; u < kLanes; ++u) acc[i][u] += x[j + u] * y[u];
-    }
+  for (; j + kLanes <= d; j += kLanes) {
+    const v16 xv = load16(x + j);
+    for (int i = 0; i < K; ++i) acc[i] += xv * load16(ys[i] + j);
+  }
   for (int i = 0; i < K; ++i) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int u = 0; u < kLanes; ++u) s += acc[i][u];
+    float s = hsum(acc[i]);
     for (int64_t t = j; t < d; ++t) s += x[t] * ys[i][t];
     out[i] = s;
   }
@@ -97,6 +113,21 @@ inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, 
   multi_dot_upto<kMaxDots>(x, ys, k, d, out);
 }
 
+// out[j] = (accumulate ? out[j] : 0) + sum_i coef[i] rows[i][j]. Each block of out stays in a
+// register across the terms, so out is read (if at all) and written once.
+inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d, bool accumulate) {
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= d; j0 += kLanes) {
+    v16 acc = accumulate ? load16(out + j0) : v16{};
+    for (int i = 0; i < cnt; ++i) acc += coef[i] * load16(rows[i] + j0);
+    store16(out + j0, acc);
+  }
+  for (int64_t j = j0; j < d; ++j) {
+    float a = accumulate ? out[j] : 0.f;
+    for (int i = 0; i < cnt; ++i) a += coef[i] * rows[i][j];
+    out[j] = a;
+  }
+}
 }  // namespace
 
 extern "C" {
@@ -127,17 +158,13 @@ void anydepth_hc_branch_input(const float* h, const float* alpha, float* h_in, i
   const int64_t T = n + 1;
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* H = h + m * n * d;
-    const float* A = alpha + m * n * T;
-    float* out = h_in + m * d;
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) out[j] = 0.f;
+    const float* rows[kMaxTerms];
+    float coef[kMaxTerms];
     for (int64_t s = 0; s < n; ++s) {
-      const float a = A[s * T];
-      const float* hs = H + s * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) out[j] += a * hs[j];
+      rows[s] = h + (m * n + s) * d;
+      coef[s] = alpha[(m * n + s) * T];
     }
+    combine(h_in + m * d, rows, coef, static_cast<int>(n), d, false);
   }
 }
 
@@ -147,85 +174,64 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
   const int64_t T = n + 1;
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* H = h + m * n * d;
     const float* A = alpha + m * n * T;
-    const float* ym = y + m * d;
+    const float* rows[kMaxTerms];
+    float coef[kMaxTerms];
+    for (int64_t s = 0; s < n; ++s) rows[s] = h + (m * n + s) * d;
+    rows[n] = y + m * d;
     for (int64_t c = 0; c < n; ++c) {
-      float* o = out + (m * n + c) * d;
-      const float bc = beta[m * n + c];
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) o[j] = bc * ym[j];
-      for (int64_t s = 0; s < n; ++s) {
-        const float a = A[s * T + 1 + c];
-        const float* hs = H + s * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) o[j] += a * hs[j];
-      }
+      for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
+      coef[n] = beta[m * n + c];
+      combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d, false);
     }
   }
 }
 
-// dH (M, n, d), dalpha (M, n, n+1) columns 1.. (column 0 is left to the width backward),
-// dbeta (M, n), dy (M, d); any output pointer may be null when its gradient is not needed
+// dH (M, n, d), dalpha (M, n, n+1) columns 1.. (column 0 is set to zero: the width backward adds the
+// branch input's part), dbeta (M, n), dy (M, d); an output pointer may be null when not needed
 void anydepth_hc_depth_backward(const float* g, const float* h, const float* alpha, const float* beta,
                                 const float* y, float* dh, float* dalpha, float* dbeta, float* dy,
                                 int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t T = n + 1;
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* G = g + m * n * d;
-    const float* H = h + m * n * d;
     const float* A = alpha + m * n * T;
-    const float* ym = y + m * d;
-    if (dy) {
-      float* o = dy + m * d;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) o[j] = 0.f;
-      for (int64_t c = 0; c < n; ++c) {
-        const float bc = beta[m * n + c];
-        const float* gc = G + c * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) o[j] += bc * gc[j];
-      }
-    }
-    const float* gs[kMaxStreams];
-    for (int64_t c = 0; c < n; ++c) gs[c] = G + c * d;
-    if (dbeta) multi_dot(ym, gs, static_cast<int>(n), d, dbeta + m * n);
+    const float* gs[kMaxTerms];
+    float coef[kMaxTerms];
+    for (int64_t c = 0; c < n; ++c) gs[c] = g + (m * n + c) * d;
+    if (dy) combine(dy + m * d, gs, beta + m * n, static_cast<int>(n), d, false);
+    if (dbeta) multi_dot(y + m * d, gs, static_cast<int>(n), d, dbeta + m * n);
     if (dalpha) {
       float* dA = dalpha + m * n * T;
       for (int64_t s = 0; s < n; ++s) {
         dA[s * T] = 0.f;
-        multi_dot(H + s * d, gs, static_cast<int>(n), d, dA + s * T + 1);
+        multi_dot(h + (m * n + s) * d, gs, static_cast<int>(n), d, dA + s * T + 1);
       }
     }
     if (dh) {
       for (int64_t s = 0; s < n; ++s) {
-        float* o = dh + (m * n + s) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) o[j] = 0.f;
-        for (int64_t c = 0; c < n; ++c) {
-          const float a = A[s * T + 1 + c];
-          const float* gc = G + c * d;
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) o[j] += a * gc[j];
-        }
+        for (int64_t c = 0; c < n; ++c) coef[c] = A[s * T + 1 + c];
+        combine(dh + (m * n + s) * d, gs, coef, static_cast<int>(n), d, false);
       }
     }
   }
 }
 
 // Width backward. dalpha (M, n, n+1) holds the gradient alpha received from its other uses (the depth
-// connection) on entry; the branch input's part is added to column 0 here. Outputs: dh (M, n, d);
-// reduced over tokens from per-thread partial sums: dwt (K, d), da_static (n, n+1), db_static (n),
-// dscale[2] = (d s_a, d s_b). Returns nonzero if its scratch could not be allocated.
+// connection) on entry; the branch input's part is added to column 0 here. dh (M, n, d) holds the
+// gradient H received from its other uses on entry and the width connection's part is added to it.
+// Reduced over tokens from per-thread partial sums: dwt (K, d) (dynamic variant only), da_static
+// (n, n+1), db_static (n), dscale[2] = (d s_a, d s_b). Returns nonzero if its scratch could not be
+// allocated.
 int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt, const float* p,
-                               const float* pact, const float* r,
-                               const float* alpha, float* dalpha, const float* dbeta, float sa, float sb,
-                               int use_tanh, float* dh, float* dwt, float* da_static, float* db_static,
-                               float* dscale, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+                               const float* pact, const float* r, const float* alpha, float* dalpha,
+                               const float* dbeta, float sa, float sb, int use_tanh, float* dh, float* dwt,
+                               float* da_static, float* db_static, float* dscale, int64_t m_tokens, int64_t n,
+                               int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
-  const int64_t width = (wt ? K * d : 0) + n * T + n + 2;
+  // padded to a cache line so that the threads' partial sums never share one
+  const int64_t width = ((wt ? K * d : 0) + n * T + n + 2 + 15) / 16 * 16;
   float* part = static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float)));
   if (!part) return 1;
 #pragma omp parallel num_threads(nt)
@@ -236,29 +242,27 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
     float* ps = pb + n;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < m_tokens; ++m) {
-      const float* H = h + m * n * d;
       const float* gm = gin + m * d;
       const float* A = alpha + m * n * T;
       float* dA = dalpha + m * n * T;
       const float* dB = dbeta ? dbeta + m * n : nullptr;
-      {
-        const float* hs[kMaxStreams];
-        float g0[kMaxStreams];
-        for (int64_t s = 0; s < n; ++s) hs[s] = H + s * d;
-        multi_dot(gm, hs, static_cast<int>(n), d, g0);
-        for (int64_t s = 0; s < n; ++s) dA[s * T] += g0[s];
-      }
+      const float* rows[kMaxTerms];
+      float coef[kMaxTerms];
+      for (int64_t s = 0; s < n; ++s) rows[s] = h + (m * n + s) * d;
+      float g0[kMaxStreams];
+      multi_dot(gm, rows, static_cast<int>(n), d, g0);
       for (int64_t s = 0; s < n; ++s) {
+        dA[s * T] += g0[s];
         for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s * T + c];
         if (dB) pb[s] += dB[s];
       }
       for (int64_t s = 0; s < n; ++s) {
-        const float* hs = H + s * d;
+        const float* hs = h + (m * n + s) * d;
         float* o = dh + (m * n + s) * d;
         const float a0 = A[s * T];
         if (!wt) {
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) o[j] = a0 * gm[j];
+          rows[0] = gm;
+          combine(o, rows, &a0, 1, d, true);
           continue;
         }
         const float* P = p + (m * n + s) * K;
@@ -267,7 +271,6 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
         float q[kMaxK];
         float c = 0.f;
         for (int64_t k = 0; k < K; ++k) {
-          const float v = P[k];
           const float t = Pa[k];
           const float slope = use_tanh ? 1.f - t * t : 1.f;
           float up;
@@ -281,21 +284,28 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
             up *= sb;
           }
           q[k] = up * slope / rs;
-          c += q[k] * v;
+          c += q[k] * P[k];
         }
         // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
         c = rs > 1e-12f ? c / rs : 0.f;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) o[j] = a0 * gm[j] - c * hs[j];
-        for (int64_t k = 0; k < K; ++k) {
-          const float qk = q[k];
-          const float* wk = wt + k * d;
-          float* dwk = pw + k * d;
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) {
-            o[j] += qk * wk[j];
-            dwk[j] += qk * hs[j];
+        // o += a0 g - c H_s + W q and dW^T += q H_s^T, one pass over the row with o's block in a register
+        int64_t j0 = 0;
+        for (; j0 + kLanes <= d; j0 += kLanes) {
+          const v16 hv = load16(hs + j0);
+          v16 acc = load16(o + j0) + a0 * load16(gm + j0) - c * hv;
+          for (int64_t k = 0; k < K; ++k) {
+            acc += q[k] * load16(wt + k * d + j0);
+            store16(pw + k * d + j0, load16(pw + k * d + j0) + q[k] * hv);
           }
+          store16(o + j0, acc);
+        }
+        for (int64_t j = j0; j < d; ++j) {
+          float acc = o[j] + a0 * gm[j] - c * hs[j];
+          for (int64_t k = 0; k < K; ++k) {
+            acc += q[k] * wt[k * d + j];
+            pw[k * d + j] += q[k] * hs[j];
+          }
+          o[j] = acc;
         }
       }
     }
@@ -382,18 +392,24 @@ class _Width(torch.autograd.Function):
         _KERNEL.lib.anydepth_hc_branch_input(h.data_ptr(), alpha.data_ptr(), h_in.data_ptr(), m, n, d, threads)
         ctx.save_for_backward(h, wt, p, pact, r, alpha)
         ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh))
-        return h_in, alpha, beta
+        ctx.set_materialize_grads(False)
+        # h goes out again for the depth connection, so that its gradient from there comes back here
+        # and the width connection's part is added to it in the kernel, instead of autograd adding two
+        # stream-sized gradients in a separate pass
+        return h_in, alpha, beta, h
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_in, g_alpha, g_beta):
+    def backward(ctx, g_in, g_alpha, g_beta, g_h):
         h, wt, p, pact, r, alpha = ctx.saved_tensors
         sa, sb, use_tanh = ctx.scales
         m, n, d = h.shape
-        dalpha = (g_alpha if g_alpha is not None else h.new_zeros(m, n, n + 1)).contiguous().clone()
-        g_in = g_in.contiguous() if g_in is not None else h.new_zeros(m, d)
-        g_beta = g_beta.contiguous() if g_beta is not None else None
-        dh = torch.empty_like(h)
+        dalpha = h.new_zeros(m, n, n + 1) if g_alpha is None else g_alpha.contiguous().clone()
+        g_in = h.new_zeros(m, d) if g_in is None else g_in.contiguous()
+        g_beta = None if g_beta is None else g_beta.contiguous()
+        # g_h is the depth connection's fresh gradient buffer, reached only through this function's
+        # own output: the kernel adds into it in place
+        dh = torch.zeros_like(h) if g_h is None else g_h.contiguous()
         dwt = torch.zeros_like(wt) if wt is not None else None
         da = h.new_zeros(n, n + 1)
         db = h.new_zeros(n)
@@ -405,8 +421,9 @@ class _Width(torch.autograd.Function):
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
-        dsa, dsb = (ds[0], ds[1]) if wt is not None else (None, None)
-        return dh, dwt, da, db, dsa, dsb, None
+        if wt is None:
+            return dh, None, da, db, None, None, None
+        return dh, dwt, da, db, ds[0], ds[1], None
 
 
 class _Depth(torch.autograd.Function):
@@ -448,14 +465,16 @@ def width_connection(
     sb: Tensor | None,
     use_tanh: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n))``; ``w (d, n+2)`` is the
-    dynamic projection with the stream norm's gain folded in, None for static hyper-connections."""
+    """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``; ``w (d, n+2)`` is the
+    dynamic projection with the stream norm's gain folded in, None for static hyper-connections. Pass
+    the returned ``h`` (the same values) to :func:`depth_connection`: its gradient then flows back
+    through the width connection's kernel, which adds both parts in one pass."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     wt = None if w is None else w.t().contiguous()
-    h_in, alpha, beta = _Width.apply(
+    h_in, alpha, beta, h_out = _Width.apply(
         h.reshape(-1, n, d).contiguous(), wt, a_static.contiguous(), b_static.contiguous(), sa, sb, use_tanh
     )
-    return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n)
+    return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n), h_out.view(*lead, n, d)
 
 
 def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
