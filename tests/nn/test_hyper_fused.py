@@ -112,3 +112,24 @@ def test_fused_kernel_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("ANYDEPTH_FUSED_HYPER", "0")
     kernel = hyper_fused.NativeKernel("hyper", hyper_fused._SOURCE, "ANYDEPTH_FUSED_HYPER", hyper_fused._bind)
     assert kernel.enabled is False
+
+
+def test_kernel_tanh_within_two_ulp_of_float64():
+    # the width kernel's branch-free tanh: Taylor series below |x| = 0.55, exp-based above
+    x = torch.cat(
+        [
+            torch.linspace(-12, 12, 400_001),
+            torch.tensor([0.0, -0.0, 1e-30, -1e-40, 0.55, -0.55, 0.5499999, 9.0, 1e30, float("inf"), -float("inf")]),
+        ]
+    ).float()
+    y = torch.empty_like(x)
+    hyper_fused._KERNEL.lib.anydepth_hc_tanh(x.data_ptr(), y.data_ptr(), x.numel())
+    ref = torch.tanh(x.double())
+    err = (y.double() - ref).abs()
+    assert err.max() < 1.2e-7
+    big = x.abs() > 1e-3
+    assert (err[big] / ref[big].abs()).max() < 2.4e-7  # two float32 ulps
+    assert torch.equal(torch.signbit(y), torch.signbit(x))  # odd, -0.0 included
+    nan = torch.tensor([float("nan")])
+    hyper_fused._KERNEL.lib.anydepth_hc_tanh(nan.data_ptr(), nan.data_ptr(), 1)
+    assert nan.isnan().all()

@@ -113,6 +113,47 @@ inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, 
   multi_dot_upto<kMaxDots>(x, ys, k, d, out);
 }
 
+// exp(y) for -19 <= y <= 0: y = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so that k ln2
+// is exact), e^r by its Taylor polynomial to degree 7 (truncation below 6e-9 relative), 2^k from the
+// exponent bits. Branch-free, so the loops that call it vectorise.
+inline float exp_small(float y) {
+  // adding and subtracting 1.5 * 2^23 rounds to the nearest integer in float arithmetic
+  const float k = (y * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (y - k * 0.693359375f) + k * 2.12194440e-4f;
+  float e = 1.f / 5040.f;
+  e = e * r + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+// tanh(x) within 2e-7 of the exact value, branch-free: the odd Taylor series to x^15 for |x| < 0.55
+// (next term below 3e-8), else (1 - e) / (1 + e) with e = exp(-2|x|); |x| is capped at 9, where
+// tanh rounds to 1 in float. NaN stays NaN.
+inline float tanh_f(float x) {
+  const float ax = std::fabs(x) < 9.f ? std::fabs(x) : 9.f;
+  const float x2 = ax * ax;
+  float t = -929569.f / 638512875.f;
+  t = t * x2 + 21844.f / 6081075.f;
+  t = t * x2 - 1382.f / 155925.f;
+  t = t * x2 + 62.f / 2835.f;
+  t = t * x2 - 17.f / 315.f;
+  t = t * x2 + 2.f / 15.f;
+  t = t * x2 - 1.f / 3.f;
+  t = (t * x2 + 1.f) * ax;
+  const float e = exp_small(-2.f * ax);
+  const float big = (1.f - e) / (1.f + e);
+  const float v = ax < 0.55f ? t : big;
+  return x != x ? x : std::copysign(v, x);
+}
+
 // out[j] = (accumulate ? out[j] : 0) + sum_i coef[i] rows[i][j]. Each block of out stays in a
 // register across the terms, so out is read (if at all) and written once.
 inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d, bool accumulate) {
@@ -132,40 +173,61 @@ inline void combine(float* out, const float* const* rows, const float* coef, int
 
 extern "C" {
 
-// p (M, n, K): P[s, k] = H_s . W[:, k] / r_s with r (M, n) = max(||H_s||, 1e-12); wt is W transposed,
-// (K, d). The activation and the coefficients are left to the caller (a few values per token).
-void anydepth_hc_project(const float* h, const float* wt, float* p, float* r, int64_t m_tokens, int64_t n,
-                         int64_t d, int64_t K, int nthreads) {
+// Width forward. Dynamic (wt, W transposed (K, d), not null): P[s, k] = H_s . W[:, k] / r_s with
+// r_s = max(||H_s||, 1e-12) into p (M, n, K), its activation into pact, r into r (M, n), and
+// alpha = act(P[:, :n+1]) s_a + a_static, beta = act(P[:, n+1]) s_b + b_static; static (wt null):
+// alpha = a_static, beta = b_static for every token. Then h_in[m] = sum_s alpha[m, s, 0] H[m, s],
+// while the token's streams are still in L1.
+void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_static, const float* b_static,
+                               float sa, float sb, int use_tanh, float* p, float* pact, float* r, float* alpha,
+                               float* beta, float* h_in, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+  const int64_t K = n + 2, T = n + 1;
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* rows[kMaxDots];
-    for (int64_t k = 0; k < K; ++k) rows[k] = wt + k * d;
-    for (int64_t s = 0; s < n; ++s) {
-      const float* hs = h + (m * n + s) * d;
-      float dots[kMaxDots];
-      rows[K] = hs;
-      multi_dot(hs, rows, static_cast<int>(K + 1), d, dots);
-      const float rs = std::fmax(std::sqrt(dots[K]), 1e-12f);
-      r[m * n + s] = rs;
-      for (int64_t k = 0; k < K; ++k) p[(m * n + s) * K + k] = dots[k] / rs;
-    }
-  }
-}
-
-// h_in[m] = sum_s alpha[m, s, 0] H[m, s]
-void anydepth_hc_branch_input(const float* h, const float* alpha, float* h_in, int64_t m_tokens, int64_t n,
-                              int64_t d, int nthreads) {
-  const int64_t T = n + 1;
-#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m) {
+    float* A = alpha + m * n * T;
+    float* B = beta + m * n;
     const float* rows[kMaxTerms];
     float coef[kMaxTerms];
+    if (wt) {
+      float* P = p + m * n * K;
+      float* Pa = pact + m * n * K;
+      const float* w[kMaxDots];
+      for (int64_t k = 0; k < K; ++k) w[k] = wt + k * d;
+      for (int64_t s = 0; s < n; ++s) {
+        const float* hs = h + (m * n + s) * d;
+        float dots[kMaxDots];
+        w[K] = hs;
+        multi_dot(hs, w, static_cast<int>(K + 1), d, dots);
+        const float rs = std::fmax(std::sqrt(dots[K]), 1e-12f);
+        r[m * n + s] = rs;
+        for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[k] / rs;
+      }
+      if (use_tanh) {
+#pragma omp simd
+        for (int64_t i = 0; i < n * K; ++i) Pa[i] = tanh_f(P[i]);
+      } else {
+        std::memcpy(Pa, P, sizeof(float) * n * K);
+      }
+      for (int64_t s = 0; s < n; ++s) {
+        for (int64_t c = 0; c < T; ++c) A[s * T + c] = Pa[s * K + c] * sa + a_static[s * T + c];
+        B[s] = Pa[s * K + T] * sb + b_static[s];
+      }
+    } else {
+      std::memcpy(A, a_static, sizeof(float) * n * T);
+      std::memcpy(B, b_static, sizeof(float) * n);
+    }
     for (int64_t s = 0; s < n; ++s) {
       rows[s] = h + (m * n + s) * d;
-      coef[s] = alpha[(m * n + s) * T];
+      coef[s] = A[s * T];
     }
     combine(h_in + m * d, rows, coef, static_cast<int>(n), d, false);
   }
+}
+
+// y[i] = tanh_f(x[i]), for tests of the approximation
+void anydepth_hc_tanh(const float* x, float* y, int64_t count) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) y[i] = tanh_f(x[i]);
 }
 
 // H_new[m, c] = sum_s alpha[m, s, 1 + c] H[m, s] + beta[m, c] y[m]
@@ -329,10 +391,10 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
 
 def _bind(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.anydepth_hc_project.argtypes = [p, p, p, p, i64, i64, i64, i64, i32]
-    lib.anydepth_hc_project.restype = None
-    lib.anydepth_hc_branch_input.argtypes = [p, p, p, i64, i64, i64, i32]
-    lib.anydepth_hc_branch_input.restype = None
+    lib.anydepth_hc_width_forward.argtypes = [p, p, p, p, f32, f32, i32, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_width_forward.restype = None
+    lib.anydepth_hc_tanh.argtypes = [p, p, i64]
+    lib.anydepth_hc_tanh.restype = None
     lib.anydepth_hc_depth_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_forward.restype = None
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
@@ -373,23 +435,18 @@ class _Width(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, wt, a_static, b_static, sa, sb, use_tanh):
         m, n, d = h.shape
-        threads = torch.get_num_threads()
-        p = pact = r = None
-        if wt is None:
-            alpha = a_static.expand(m, n, n + 1).contiguous()
-            beta = b_static.expand(m, n).contiguous()
-        else:
-            p = h.new_empty(m, n, n + 2)
-            r = h.new_empty(m, n)
-            _KERNEL.lib.anydepth_hc_project(h.data_ptr(), wt.data_ptr(), p.data_ptr(), r.data_ptr(), m, n, d, n + 2,
-                                            threads)
-            # the activation on the (M, n, n + 2) projection: torch's vectorised tanh beats a scalar
-            # libm call per value inside the kernel
-            pact = torch.tanh(p) if use_tanh else p
-            alpha = torch.addcmul(a_static, pact[..., : n + 1], sa)
-            beta = torch.addcmul(b_static, pact[..., n + 1], sb)
+        dynamic = wt is not None
+        p = h.new_empty(m, n, n + 2) if dynamic else None
+        pact = torch.empty_like(p) if dynamic else None
+        r = h.new_empty(m, n) if dynamic else None
+        alpha = h.new_empty(m, n, n + 1)
+        beta = h.new_empty(m, n)
         h_in = h.new_empty(m, d)
-        _KERNEL.lib.anydepth_hc_branch_input(h.data_ptr(), alpha.data_ptr(), h_in.data_ptr(), m, n, d, threads)
+        _KERNEL.lib.anydepth_hc_width_forward(
+            h.data_ptr(), _ptr(wt), a_static.data_ptr(), b_static.data_ptr(), _scalar(sa), _scalar(sb),
+            int(use_tanh), _ptr(p), _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(),
+            m, n, d, torch.get_num_threads(),
+        )
         ctx.save_for_backward(h, wt, p, pact, r, alpha)
         ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh))
         ctx.set_materialize_grads(False)
