@@ -133,3 +133,35 @@ def test_kernel_tanh_within_two_ulp_of_float64():
     nan = torch.tensor([float("nan")])
     hyper_fused._KERNEL.lib.anydepth_hc_tanh(nan.data_ptr(), nan.data_ptr(), 1)
     assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_seed_api_takes_the_fused_path_and_matches_eager(channel_first, monkeypatch):
+    from anydepth import get_init_and_expand_reduce_stream_functions
+
+    init, expand, reduce = get_init_and_expand_reduce_stream_functions(4)
+    conv = nn.Conv2d(16, 16, 1) if channel_first else nn.Linear(16, 16)
+    hc = _perturbed(init(dim=16, branch=conv, layer_index=1, channel_first=channel_first), 5)
+    x = torch.randn((2, 16, 3, 5) if channel_first else (2, 7, 16))
+    gy = torch.randn(x.shape)
+    results = []
+    real = hyper_fused.depth_connection
+    calls = []
+    monkeypatch.setattr(hyper_fused, "depth_connection", lambda *a: calls.append(1) or real(*a))
+    for fused in (False, True):  # eager in float64 as the reference, fused in float32
+        calls.clear()
+        dtype = torch.float32 if fused else torch.float64
+        hc.to(dtype)
+        with hyper_fused.use_fused_hyper(fused):
+            hc.zero_grad(set_to_none=True)
+            xa = x.to(dtype).requires_grad_()
+            out = reduce(hc(expand(xa)))
+            out.backward(gy.to(dtype))
+        assert bool(calls) == fused
+        # copies: hc.to() converts the gradients in place
+        results.append((out.detach().double(), xa.grad.double(), [p.grad.double().clone() for p in hc.parameters()]))
+    (o0, g0, p0), (o1, g1, p1) = results
+    torch.testing.assert_close(o1, o0, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(g1, g0, atol=2e-5, rtol=2e-5)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

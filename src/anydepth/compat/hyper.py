@@ -122,6 +122,23 @@ class _FoldedStreams:
         branch_in = _move_channels_first(branch_in, self.channel_first)
         return branch_in, mixed, beta, residuals.dtype
 
+    def _fused_width_seed(self, residuals: Tensor):
+        """``(branch_input, depth)`` through the fused kernels of the builder's module where they apply
+        (see ``HyperConnection._fusable``), else None; ``depth(branch_out)`` returns the new residuals."""
+        residuals = self.residual_transform(residuals)
+        self._check_channels(residuals)
+        h = unfold_streams(residuals, self.streams, self.channel_first)
+        if self.streams == 1 or not HyperConnection._fusable(self, h):
+            return None
+        branch_in, alpha, beta, h = HyperConnection._fused_width(self, h)
+
+        def depth(branch_out: Tensor) -> Tensor:
+            y = _move_channels_last(branch_out, self.channel_first)
+            out = HyperConnection._fused_depth(self, h, alpha, beta, y)
+            return fold_streams(out.to(residuals.dtype), self.channel_first)
+
+        return _move_channels_first(branch_in, self.channel_first), depth
+
     def depth_connection(self, branch_out: Tensor, mixed: Tensor, beta, dtype) -> Tensor:
         if not self.add_branch_out_to_residual:
             return branch_out
@@ -130,13 +147,20 @@ class _FoldedStreams:
         return fold_streams(h, self.channel_first)
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
-        branch_in, mixed, beta, dtype = self.width_connection(residuals)
+        fused = self._fused_width_seed(residuals)
+        if fused is not None:
+            branch_in, depth = fused
+        else:
+            branch_in, mixed, beta, dtype = self.width_connection(residuals)
+
+            def depth(first):
+                return self.depth_connection(first, mixed, beta, dtype)
 
         def add_residual(branch_out):
             if not self.add_branch_out_to_residual:
                 return branch_out
             (first, *rest), spec = tree_flatten(branch_out)
-            return tree_unflatten((self.depth_connection(first, mixed, beta, dtype), *rest), spec)
+            return tree_unflatten((depth(first), *rest), spec)
 
         if self.branch is None:
             return branch_in, add_residual

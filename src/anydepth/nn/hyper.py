@@ -372,6 +372,10 @@ class HyperConnection(Residual):
 
     def _fused_forward(self, h: Tensor, f, *args, **kwargs) -> Tensor:
         """The same computation as ``width_connection``/``depth_connection`` through the fused kernels."""
+        branch_in, alpha, beta, h = self._fused_width(h)
+        return self._fused_depth(h, alpha, beta, f(self.branch_norm(branch_in), *args, **kwargs))
+
+    def _fused_width(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         w = sa = sb = None
         if self.dynamic:
             gain = (self.norm.gamma + 1) * self.norm.scale
@@ -379,16 +383,15 @@ class HyperConnection(Residual):
             w = w * gain.unsqueeze(-1)
             sa, sb = self.dynamic_alpha_scale, self.dynamic_beta_scale
         use_tanh = isinstance(self.act, nn.Tanh)
-        branch_in, alpha, beta, h = hyper_fused.width_connection(
-            h, w, self.static_alpha, self.static_beta, sa, sb, use_tanh
-        )
-        y = f(self.branch_norm(branch_in), *args, **kwargs)
+        return hyper_fused.width_connection(h, w, self.static_alpha, self.static_beta, sa, sb, use_tanh)
+
+    def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
         if self.dropout_placement == "branch":
             y = self.dropout(y)
-        if y.shape != branch_in.shape:
+        if y.shape != h.shape[:-2] + h.shape[-1:]:
             raise ValueError(
-                f"the branch output must have the branch input's shape {tuple(branch_in.shape)}, got "
-                f"{tuple(y.shape)}; a residual branch must map dim to dim"
+                f"the branch output must have the branch input's shape {tuple(h.shape[:-2] + h.shape[-1:])}, "
+                f"got {tuple(y.shape)}; a residual branch must map dim to dim"
             )
         out = hyper_fused.depth_connection(h, alpha, beta, y.to(h.dtype))
         return self.dropout(out) if self.dropout_placement == "stream" else out
