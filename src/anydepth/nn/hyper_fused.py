@@ -77,6 +77,17 @@ inline v16 load16(const float* p) {
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 // sum of the lanes as a tree, four dependent adds deep instead of a chain of sixteen
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+
+inline float hsum(v16 v) {
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+#else
 inline float hsum(v16 v) {
   float t[kLanes];
   std::memcpy(t, &v, sizeof(v));
@@ -84,6 +95,7 @@ inline float hsum(v16 v) {
     for (int u = 0; u < w; ++u) t[u] += t[u + w];
   return t[0];
 }
+#endif
 
 template <int K>
 inline void multi_dot_k(const float* x, const float* const* ys, int64_t d, float* out) {
@@ -169,6 +181,53 @@ inline void combine(float* out, const float* const* rows, const float* coef, int
     out[j] = a;
   }
 }
+// One token of the width backward, dynamic variant, all N streams at once:
+//   dh_s += a0_s g - c_s H_s + sum_k q_sk W_k      dW_k += sum_s q_sk H_s
+// per block of 16 features, so that each dW row is loaded and stored once per token rather than once
+// per stream (store bandwidth, not arithmetic, limits this loop). N is a template argument so that
+// the per-stream vectors stay in registers.
+template <int N>
+inline void width_grad_block(const float* H, const float* g, const float* wt, const float (*q)[kMaxK],
+                             const float* a0, const float* cs, float* dh, float* dw, int64_t K, int64_t d,
+                             int64_t j0) {
+  v16 hv[N], acc[N];
+  const v16 gv = load16(g + j0);
+  for (int s = 0; s < N; ++s) {
+    hv[s] = load16(H + s * d + j0);
+    acc[s] = load16(dh + s * d + j0) + a0[s] * gv - cs[s] * hv[s];
+  }
+  for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
+    const v16 wk = load16(wt + k * d + j0);
+    v16 dk = load16(dw + k * d + j0);
+    for (int s = 0; s < N; ++s) {
+      acc[s] += q[s][k] * wk;
+      dk += q[s][k] * hv[s];
+    }
+    store16(dw + k * d + j0, dk);
+  }
+  for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
+}
+
+template <int N>
+inline void width_grad_token(int n, const float* H, const float* g, const float* wt, const float (*q)[kMaxK],
+                             const float* a0, const float* cs, float* dh, float* dw, int64_t K, int64_t d) {
+  if constexpr (N > 1) {
+    if (n < N) return width_grad_token<N - 1>(n, H, g, wt, q, a0, cs, dh, dw, K, d);
+  }
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= d; j0 += kLanes) width_grad_block<N>(H, g, wt, q, a0, cs, dh, dw, K, d, j0);
+  for (int64_t j = j0; j < d; ++j) {
+    for (int s = 0; s < N; ++s) {
+      float acc = dh[s * d + j] + a0[s] * g[j] - cs[s] * H[s * d + j];
+      for (int64_t k = 0; k < K; ++k) {
+        acc += q[s][k] * wt[k * d + j];
+        dw[k * d + j] += q[s][k] * H[s * d + j];
+      }
+      dh[s * d + j] = acc;
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -318,19 +377,20 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
         for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s * T + c];
         if (dB) pb[s] += dB[s];
       }
-      for (int64_t s = 0; s < n; ++s) {
-        const float* hs = h + (m * n + s) * d;
-        float* o = dh + (m * n + s) * d;
-        const float a0 = A[s * T];
-        if (!wt) {
+      if (!wt) {
+        for (int64_t s = 0; s < n; ++s) {
+          const float a0 = A[s * T];
           rows[0] = gm;
-          combine(o, rows, &a0, 1, d, true);
-          continue;
+          combine(dh + (m * n + s) * d, rows, &a0, 1, d, true);
         }
+        continue;
+      }
+      float q[kMaxStreams][kMaxK];
+      float a0[kMaxStreams], cs[kMaxStreams];
+      for (int64_t s = 0; s < n; ++s) {
         const float* P = p + (m * n + s) * K;
         const float* Pa = pact + (m * n + s) * K;
         const float rs = r[m * n + s];
-        float q[kMaxK];
         float c = 0.f;
         for (int64_t k = 0; k < K; ++k) {
           const float t = Pa[k];
@@ -345,31 +405,14 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
             ps[1] += up * t;
             up *= sb;
           }
-          q[k] = up * slope / rs;
-          c += q[k] * P[k];
+          q[s][k] = up * slope / rs;
+          c += q[s][k] * P[k];
         }
         // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
-        c = rs > 1e-12f ? c / rs : 0.f;
-        // o += a0 g - c H_s + W q and dW^T += q H_s^T, one pass over the row with o's block in a register
-        int64_t j0 = 0;
-        for (; j0 + kLanes <= d; j0 += kLanes) {
-          const v16 hv = load16(hs + j0);
-          v16 acc = load16(o + j0) + a0 * load16(gm + j0) - c * hv;
-          for (int64_t k = 0; k < K; ++k) {
-            acc += q[k] * load16(wt + k * d + j0);
-            store16(pw + k * d + j0, load16(pw + k * d + j0) + q[k] * hv);
-          }
-          store16(o + j0, acc);
-        }
-        for (int64_t j = j0; j < d; ++j) {
-          float acc = o[j] + a0 * gm[j] - c * hs[j];
-          for (int64_t k = 0; k < K; ++k) {
-            acc += q[k] * wt[k * d + j];
-            pw[k * d + j] += q[k] * hs[j];
-          }
-          o[j] = acc;
-        }
+        cs[s] = rs > 1e-12f ? c / rs : 0.f;
+        a0[s] = A[s * T];
       }
+      width_grad_token<kMaxStreams>(static_cast<int>(n), h + m * n * d, gm, wt, q, a0, cs, dh + m * n * d, pw, K, d);
     }
   }
   for (int t = 0; t < nt; ++t) {
