@@ -280,22 +280,8 @@ def test_fused_equals_eager(dtype, kw):
 
 
 
-def _vma_flags(addr: int) -> set[str]:
-    """The VmFlags of the mapping that holds ``addr``, from /proc/self/smaps."""
-    current = None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                current = lo <= addr < hi
-            elif current and head == "VmFlags:":
-                return set(line.split()[1:])
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
 @pytest.mark.skipif(not FUSED, reason="fused kernel unavailable on this machine")
-def test_fused_outputs_of_32_mib_ask_for_huge_pages():
+def test_fused_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
     # glibc maps each allocation of 32 MiB or more afresh; the kernel advises huge pages on y and dx so
     # their first write faults 2 MiB at a time ("hg" in VmFlags is the advice itself, granted or not)
     d = 1024
@@ -305,10 +291,10 @@ def test_fused_outputs_of_32_mib_ask_for_huge_pages():
     gy = torch.randn(rows, d)
     y = m(x)
     y.backward(gy)
-    assert "hg" in _vma_flags(y.data_ptr() + (4 << 20))
-    assert "hg" in _vma_flags(x.grad.data_ptr() + (4 << 20))
+    assert "hg" in vma_flags(y.data_ptr() + (4 << 20))
+    assert "hg" in vma_flags(x.grad.data_ptr() + (4 << 20))
     small = m(torch.randn(64, d))  # below 32 MiB: glibc's heap, no advice
-    assert "hg" not in _vma_flags(small.data_ptr())
+    assert "hg" not in vma_flags(small.data_ptr())
     with use_fused_rms_norm(False):
         xe = x.detach().clone().requires_grad_()
         ye = m(xe)

@@ -38,13 +38,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from anydepth.nn.native import NativeKernel, plain_cpu_op
+from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op
 
 __all__ = ["MAX_STREAMS", "fused_ok", "width_connection", "depth_connection", "use_fused_hyper"]
 
 MAX_STREAMS = 16
 
-_SOURCE = r"""
+_SOURCE = HUGE_PAGE_ADVICE + r"""
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -293,6 +293,7 @@ void anydepth_hc_tanh(const float* x, float* y, int64_t count) {
 void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* beta, const float* y,
                                float* out, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t T = n + 1;
+  anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
     const float* A = alpha + m * n * T;
@@ -314,6 +315,7 @@ void anydepth_hc_depth_backward(const float* g, const float* h, const float* alp
                                 const float* y, float* dh, float* dalpha, float* dbeta, float* dy,
                                 int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t T = n + 1;
+  if (dh) anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
     const float* A = alpha + m * n * T;

@@ -29,11 +29,37 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeKernel", "functorch_active", "plain_cpu_op"]
+__all__ = ["HUGE_PAGE_ADVICE", "NativeKernel", "functorch_active", "plain_cpu_op"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses beyond these override ops the kernel would skip
 
 log = logging.getLogger(__name__)
+
+# C++ shared by the kernel sources (prepended to them): anydepth_native::advise_huge(p, bytes).
+# glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with a fresh mapping, so
+# such an output is page-faulted 4 KiB at a time on first write, which can cost more than the kernel
+# that writes it. Asking for transparent huge pages on the fresh range faults it in 2 MiB pages
+# instead. Smaller outputs come from glibc's heap, already faulted, and are left alone.
+HUGE_PAGE_ADVICE = r"""
+#include <cstdint>
+#include <sys/mman.h>
+
+namespace anydepth_native {
+constexpr int64_t kHugeBytes = int64_t(32) << 20;
+
+inline void advise_huge(void* p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  if (bytes < kHugeBytes) return;
+  constexpr uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(huge - 1);
+  // advice only: where THP is off or the range is not a mapping of its own, the kernel says no and
+  // nothing changes
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+}  // namespace anydepth_native
+"""
 
 # -march=native: the library is built on the machine that runs it, and the cache key includes the CPU
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")

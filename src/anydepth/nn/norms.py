@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from anydepth.nn.native import NativeKernel, plain_cpu_op
+from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op
 from anydepth.registry import NORMS
 
 __all__ = [
@@ -169,13 +169,12 @@ def _rms_norm_eager(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, eps:
 #                    dw_j = sum_rows dy_j x_j r,  db_j = sum_rows dy_j.
 # r is recomputed in the backward from the row already in cache, so nothing but x is saved.
 
-_KERNEL_SOURCE = r"""
+_KERNEL_SOURCE = HUGE_PAGE_ADVICE + r"""
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
-#include <sys/mman.h>
 
 namespace {
 
@@ -206,23 +205,6 @@ struct BF16 {
 // below this many elements a second thread costs more than it saves
 constexpr int64_t kSerialBelow = 1 << 15;
 
-// glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with a fresh mapping, so
-// such an output is page-faulted 4 KiB at a time on first write, which costs more than the norm itself.
-// Asking for transparent huge pages on the fresh range faults it in 2 MiB pages instead. Smaller outputs
-// come from glibc's heap, already faulted, and are left alone.
-constexpr int64_t kHugeBytes = int64_t(32) << 20;
-
-inline void advise_huge(void* p, int64_t bytes) {
-#ifdef MADV_HUGEPAGE
-  if (bytes < kHugeBytes) return;
-  constexpr uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(huge - 1);
-  // advice only: where THP is off or the range is not a mapping of its own, the kernel says no and
-  // nothing changes
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
 
 // rows are prefetched this far ahead: a row whose statistic needs only its first k features would
 // otherwise reach memory only in the pass that also writes the output, with no read ahead of it
@@ -249,7 +231,7 @@ template <class IO>
 void forward(const typename IO::T* x, const float* w, const float* b, typename IO::T* y, int64_t rows,
              int64_t d, int64_t k, float eps, int inside, int nthreads) {
   const int nt = rows * d < kSerialBelow ? 1 : nthreads;
-  advise_huge(y, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
+  anydepth_native::advise_huge(y, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < rows; ++i) {
     const typename IO::T* xr = x + i * d;
@@ -273,7 +255,7 @@ int backward(const typename IO::T* dy, const typename IO::T* x, const float* w, 
              int nthreads) {
   const int nt = rows * d < kSerialBelow ? 1 : nthreads;
   const int64_t width = db ? 2 * d : d;
-  advise_huge(dx, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
+  anydepth_native::advise_huge(dx, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
   // per-thread partial sums of dw (and db): one pass over dy and x, no atomics
   float* part = static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float)));
   if (!part) return 1;
