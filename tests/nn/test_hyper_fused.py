@@ -188,3 +188,15 @@ def test_stream_sized_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
     finally:
         hyper_fused._Depth.backward = staticmethod(real)
     assert seen and "hg" in seen[0]
+
+
+def test_double_backward_needs_the_eager_path():
+    hc = _perturbed(HyperConnection(16, 4, layer_index=0), 9)
+    x = torch.randn(2, 3, 4, 16, requires_grad=True)
+    (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+    with hyper_fused.use_fused_hyper(False):
+        (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
+        g.sum().backward()  # the eager path differentiates twice
+    assert x.grad is not None and torch.isfinite(x.grad).all()

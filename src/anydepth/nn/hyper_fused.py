@@ -27,7 +27,9 @@ in parallel (OpenMP), parameter gradients are reduced from per-thread partial su
 :class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
 ``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
-``ANYDEPTH_FUSED_HYPER=0`` disables the kernels.
+``ANYDEPTH_FUSED_HYPER=0`` (or ``use_fused_hyper(False)``) disables the kernels; do that for
+double backward (``create_graph=True``, e.g. gradient penalties): the kernels' backward is not
+itself differentiable, and autograd says so rather than returning a wrong second derivative.
 """
 
 from __future__ import annotations
