@@ -355,16 +355,24 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
                                int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
-  // padded to a cache line so that the threads' partial sums never share one
-  const int64_t width = ((wt ? K * d : 0) + n * T + n + 2 + 15) / 16 * 16;
-  float* part = static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float)));
-  if (!part) return 1;
+  // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
+  // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
+  // matrices and the scales in double (one scalar each, summed over every token, stream and column)
+  const int64_t width = wt ? (K * d + 15) / 16 * 16 : 0;
+  const int64_t swidth = (n * T + n + 2 + 7) / 8 * 8;
+  float* part = width ? static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float))) : nullptr;
+  double* spart = static_cast<double*>(std::calloc(static_cast<size_t>(nt) * swidth, sizeof(double)));
+  if ((width && !part) || !spart) {
+    std::free(part);
+    std::free(spart);
+    return 1;
+  }
 #pragma omp parallel num_threads(nt)
   {
-    float* pw = part + omp_get_thread_num() * width;
-    float* pa = pw + (wt ? K * d : 0);
-    float* pb = pa + n * T;
-    float* ps = pb + n;
+    float* pw = width ? part + omp_get_thread_num() * width : nullptr;
+    double* pa = spart + omp_get_thread_num() * swidth;
+    double* pb = pa + n * T;
+    double* ps = pb + n;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < m_tokens; ++m) {
       const float* gm = gin + m * d;
@@ -420,16 +428,18 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
     }
   }
   for (int t = 0; t < nt; ++t) {
-    const float* pw = part + t * width;
-    const float* pa = pw + (wt ? K * d : 0);
-    if (wt)
+    if (wt) {
+      const float* pw = part + t * width;
       for (int64_t i = 0; i < K * d; ++i) dwt[i] += pw[i];
-    for (int64_t i = 0; i < n * T; ++i) da_static[i] += pa[i];
-    for (int64_t i = 0; i < n; ++i) db_static[i] += pa[n * T + i];
-    dscale[0] += pa[n * T + n];
-    dscale[1] += pa[n * T + n + 1];
+    }
+    const double* pa = spart + t * swidth;
+    for (int64_t i = 0; i < n * T; ++i) da_static[i] += static_cast<float>(pa[i]);
+    for (int64_t i = 0; i < n; ++i) db_static[i] += static_cast<float>(pa[n * T + i]);
+    dscale[0] += static_cast<float>(pa[n * T + n]);
+    dscale[1] += static_cast<float>(pa[n * T + n + 1]);
   }
   std::free(part);
+  std::free(spart);
   return 0;
 }
 }
