@@ -18,9 +18,11 @@ float16 and bfloat16 inputs neither underflow ``eps`` nor overflow ``x**2`` (|x|
 On CPU, RMSNorm runs through a small fused C++ kernel (one read of ``x`` and one write of ``y`` in
 the forward; one read of ``x`` and ``dy`` and one write of ``dx`` in the backward, with the weight
 gradient reduced from per-thread partial sums). PyTorch's own CPU ``rms_norm`` is a chain of eager
-ops with three full-size temporaries, several times slower than its fused LayerNorm. The kernel is
-compiled once per machine with the system C++ compiler (about 2 s) into a cache directory and
-loaded with ``ctypes``. Without a compiler, under ``torch.compile`` (which fuses the eager formula
+ops with three full-size temporaries, several times slower than its fused LayerNorm. Outputs of
+32 MiB or more, which glibc maps afresh, are advised onto transparent huge pages before the kernel
+writes them (:data:`anydepth.nn.native.HUGE_PAGE_ADVICE`), so they fault in 2 MiB rather than 4 KiB
+pieces. The kernel is compiled once per machine with the system C++ compiler (about 2 s) into a
+cache directory and loaded with ``ctypes``. Without a compiler, under ``torch.compile`` (which fuses the eager formula
 itself), under autocast, ``torch.func`` transforms, tensor subclasses, other devices or dtypes, the
 eager formula is used instead; both paths compute the same formula. ``ANYDEPTH_FUSED_NORM=0``
 disables the kernel; it is cached under ``$ANYDEPTH_CACHE/kernels`` (default ``~/.cache/anydepth``).
