@@ -112,32 +112,21 @@ class _FoldedStreams:
                 f"{tuple(residuals.shape)}; pass the branch width as dim="
             )
 
-    def width_connection(self, residuals: Tensor):
+    def _streams(self, residuals: Tensor) -> Tensor:
+        """The transformed, checked residual with its streams unfolded to an explicit axis."""
         residuals = self.residual_transform(residuals)
         self._check_channels(residuals)
-        h = unfold_streams(residuals, self.streams, self.channel_first)
+        return unfold_streams(residuals, self.streams, self.channel_first)
+
+    def width_connection(self, residuals: Tensor):
+        return self._eager_width(self._streams(residuals))
+
+    def _eager_width(self, h: Tensor):
         branch_in, mixed, beta = HyperConnection.width_connection(self, h)
         if self.num_input_views > 1:
             branch_in = branch_in.movedim(-2, 0)  # the original puts the views first: (v, b, ..., d)
         branch_in = _move_channels_first(branch_in, self.channel_first)
-        return branch_in, mixed, beta, residuals.dtype
-
-    def _fused_width_seed(self, residuals: Tensor):
-        """``(branch_input, depth)`` through the fused kernels of the builder's module where they apply
-        (see ``HyperConnection._fusable``), else None; ``depth(branch_out)`` returns the new residuals."""
-        residuals = self.residual_transform(residuals)
-        self._check_channels(residuals)
-        h = unfold_streams(residuals, self.streams, self.channel_first)
-        if self.streams == 1 or not HyperConnection._fusable(self, h):
-            return None
-        branch_in, alpha, beta, h = HyperConnection._fused_width(self, h)
-
-        def depth(branch_out: Tensor) -> Tensor:
-            y = _move_channels_last(branch_out, self.channel_first)
-            out = HyperConnection._fused_depth(self, h, alpha, beta, y)
-            return fold_streams(out.to(residuals.dtype), self.channel_first)
-
-        return _move_channels_first(branch_in, self.channel_first), depth
+        return branch_in, mixed, beta, h.dtype
 
     def depth_connection(self, branch_out: Tensor, mixed: Tensor, beta, dtype) -> Tensor:
         if not self.add_branch_out_to_residual:
@@ -147,14 +136,21 @@ class _FoldedStreams:
         return fold_streams(h, self.channel_first)
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
-        fused = self._fused_width_seed(residuals)
-        if fused is not None:
-            branch_in, depth = fused
-        else:
-            branch_in, mixed, beta, dtype = self.width_connection(residuals)
+        h = self._streams(residuals)
+        if self.streams > 1 and HyperConnection._fusable(self, h):
+            # the builder module's fused kernels; same result as width_connection/depth_connection
+            branch_in, alpha, beta, h = HyperConnection._fused_width(self, h)
+            branch_in = _move_channels_first(branch_in, self.channel_first)
 
-            def depth(first):
-                return self.depth_connection(first, mixed, beta, dtype)
+            def depth(branch_out: Tensor) -> Tensor:
+                y = _move_channels_last(branch_out, self.channel_first)
+                out = HyperConnection._fused_depth(self, h, alpha, beta, y)
+                return fold_streams(out, self.channel_first)
+        else:
+            branch_in, mixed, beta, dtype = self._eager_width(h)
+
+            def depth(branch_out: Tensor) -> Tensor:
+                return self.depth_connection(branch_out, mixed, beta, dtype)
 
         def add_residual(branch_out):
             if not self.add_branch_out_to_residual:

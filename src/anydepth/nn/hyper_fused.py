@@ -581,8 +581,9 @@ def width_connection(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``; ``w (d, n+2)`` is the
     dynamic projection with the stream norm's gain folded in, None for static hyper-connections. Pass
-    the returned ``h`` (the same values) to :func:`depth_connection`: its gradient then flows back
-    through the width connection's kernel, which adds both parts in one pass."""
+    the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
+    then flows back through the width connection's kernel, which adds both parts in one pass, in
+    place in the depth backward's fresh buffer."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     wt = None if w is None else w.t().contiguous()
     h_in, alpha, beta, h_out = _Width.apply(
