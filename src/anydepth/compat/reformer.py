@@ -19,6 +19,7 @@ provided.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -82,8 +83,8 @@ def _config(
     ff_glu: bool,
     post_attn_dropout: float,
     layer_dropout: float,
-    attend_across_buckets: bool,
-    allow_duplicate_attention: bool,
+    lsh_attend_across_buckets: bool,
+    lsh_allow_duplicate_attention: bool,
     random_rotations_per_head: bool,
     use_scale_norm: bool,
     use_rezero: bool,
@@ -111,8 +112,8 @@ def _config(
         "lsh",
         bucket_size=bucket_size,
         n_hashes=n_hashes,
-        attend_across_buckets=attend_across_buckets,
-        allow_duplicate_attention=allow_duplicate_attention,
+        attend_across_buckets=lsh_attend_across_buckets,
+        allow_duplicate_attention=lsh_allow_duplicate_attention,
         random_rotations_per_head=random_rotations_per_head,
         dropout=lsh_dropout,
         post_attn_dropout=post_attn_dropout,
@@ -151,6 +152,13 @@ def _config(
         emb_dim=emb_dim,
         tie_embeddings=False,
     )
+
+
+def _config_from_args(args: dict[str, Any], **given) -> ModelConfig:
+    """``_config`` from a seed constructor's arguments (its ``locals()``): every parameter of ``_config``
+    not in ``given`` is the constructor's argument of the same name."""
+    names = [name for name in inspect.signature(_config).parameters if name not in given]
+    return _config(**{name: args[name] for name in names}, **given)
 
 
 def _tie_layers(stack: nn.Module) -> None:
@@ -221,40 +229,8 @@ class Reformer(nn.Module):
         from anydepth.model.build import build_stack
 
         # max_seq_len: accepted because the seed README passes it; a Reformer has no length limit
-        self.config = _config(
-            vocab_size=1,
-            dim=dim,
-            depth=depth,
-            max_seq_len=max_seq_len or 1,
-            heads=heads,
-            dim_head=dim_head,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            ff_chunks=ff_chunks,
-            attn_chunks=attn_chunks,
-            causal=causal,
-            lsh_dropout=lsh_dropout,
-            ff_dropout=ff_dropout,
-            ff_activation=ff_activation,
-            ff_mult=ff_mult,
-            ff_glu=ff_glu,
-            post_attn_dropout=post_attn_dropout,
-            layer_dropout=layer_dropout,
-            attend_across_buckets=lsh_attend_across_buckets,
-            allow_duplicate_attention=lsh_allow_duplicate_attention,
-            random_rotations_per_head=random_rotations_per_head,
-            use_scale_norm=use_scale_norm,
-            use_rezero=use_rezero,
-            use_full_attn=use_full_attn,
-            full_attn_thres=full_attn_thres,
-            reverse_thres=reverse_thres,
-            num_mem_kv=num_mem_kv,
-            one_value_head=one_value_head,
-            n_local_attn_heads=n_local_attn_heads,
-            pkm_layers=pkm_layers,
-            position="none",
-            emb_dim=None,
-            seed=seed,
+        self.config = _config_from_args(
+            locals(), vocab_size=1, max_seq_len=max_seq_len or 1, position="none", emb_dim=None
         )
         self.dim, self.depth, self.bucket_size, self.num_mem_kv = dim, depth, bucket_size, num_mem_kv
         self.full_attn_thres = full_attn_thres
@@ -366,41 +342,7 @@ class ReformerLM(nn.Module):
             position = POSITIONS.config("rotary", interleaved=True)  # reformer-pytorch's pairing
         else:
             position = "none"
-        self.config = _config(
-            vocab_size=num_tokens,
-            dim=dim,
-            depth=depth,
-            max_seq_len=max_seq_len,
-            heads=heads,
-            dim_head=dim_head,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            ff_chunks=ff_chunks,
-            attn_chunks=attn_chunks,
-            causal=causal,
-            lsh_dropout=lsh_dropout,
-            ff_dropout=ff_dropout,
-            ff_activation=ff_activation,
-            ff_mult=ff_mult,
-            ff_glu=ff_glu,
-            post_attn_dropout=post_attn_dropout,
-            layer_dropout=layer_dropout,
-            attend_across_buckets=lsh_attend_across_buckets,
-            allow_duplicate_attention=lsh_allow_duplicate_attention,
-            random_rotations_per_head=random_rotations_per_head,
-            use_scale_norm=use_scale_norm,
-            use_rezero=use_rezero,
-            use_full_attn=use_full_attn,
-            full_attn_thres=full_attn_thres,
-            reverse_thres=reverse_thres,
-            num_mem_kv=num_mem_kv,
-            one_value_head=one_value_head,
-            n_local_attn_heads=n_local_attn_heads,
-            pkm_layers=pkm_layers,
-            position=position,
-            emb_dim=emb_dim,
-            seed=seed,
-        )
+        self.config = _config_from_args(locals(), vocab_size=num_tokens, position=position)
         self.max_seq_len, self.num_tokens, self.dim = max_seq_len, num_tokens, dim
         self.bucket_size, self.num_mem_kv, self.full_attn_thres = bucket_size, num_mem_kv, full_attn_thres
         self.lm = TransformerLM(self.config, arch="decoder" if causal else "encoder", head=False)
