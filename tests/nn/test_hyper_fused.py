@@ -172,25 +172,25 @@ def test_seed_api_takes_the_fused_path_and_matches_eager(channel_first, monkeypa
 
 
 def test_stream_sized_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
-    # glibc maps such allocations afresh; the depth forward's output and the depth backward's dH get
+    # glibc maps such allocations afresh; the depth forward's output and the width backward's dH get
     # the huge-page advice before their first write, as the RMSNorm kernel's outputs do
     hc = HyperConnection(1024, 4, layer_index=0)
     x = torch.randn(2, 1025, 4, 1024, requires_grad=True)  # 33.6 MB of streams
     seen = []
-    real = hyper_fused._Depth.backward
+    real = hyper_fused._Width.backward
 
-    def spy(ctx, g):
-        grads = real(ctx, g)
+    def spy(ctx, *g):
+        grads = real(ctx, *g)
         seen.append(vma_flags(grads[0].data_ptr() + (4 << 20)))
         return grads
 
-    hyper_fused._Depth.backward = staticmethod(spy)
+    hyper_fused._Width.backward = staticmethod(spy)
     try:
         out = hc(x, nn.Identity())
         assert "hg" in vma_flags(out.data_ptr() + (4 << 20))
         out.sum().backward()
     finally:
-        hyper_fused._Depth.backward = staticmethod(real)
+        hyper_fused._Width.backward = staticmethod(real)
     assert seen and "hg" in seen[0]
 
 

@@ -183,47 +183,70 @@ inline void combine(float* out, const float* const* rows, const float* coef, int
     out[j] = a;
   }
 }
-// One token of the width backward, dynamic variant, all N streams at once:
-//   dh_s += a0_s g - c_s H_s + sum_k q_sk W_k      dW_k += sum_s q_sk H_s
-// per block of 16 features, so that each dW row is loaded and stored once per token rather than once
-// per stream (store bandwidth, not arithmetic, limits this loop). N is a template argument so that
-// the per-stream vectors stay in registers.
-template <int N>
-inline void width_grad_block(const float* H, const float* g, const float* wt, const float (*q)[kMaxK],
-                             const float* a0, const float* cs, float* dh, float* dw, int64_t K, int64_t d,
-                             int64_t j0) {
-  v16 hv[N], acc[N];
-  const v16 gv = load16(g + j0);
-  for (int s = 0; s < N; ++s) {
-    hv[s] = load16(H + s * d + j0);
-    acc[s] = load16(dh + s * d + j0) + a0[s] * gv - cs[s] * hv[s];
+// One token of the width backward, all N streams at once, per block of 16 features:
+//   dH_s = sum_c alpha[s, 1 + c] G_c + a0_s g - c_s H_s + sum_k q_sk W_k      dW_k += sum_s q_sk H_s
+// (the W and c terms for the dynamic variant only). The depth connection's gradient G is mixed back
+// here rather than in the depth backward, so that G and H are read once for both the mixing and the
+// width connection's own terms, and dH is written once. Each dW row is loaded and stored once per
+// token rather than once per stream (store bandwidth, not arithmetic, limits this loop). N is a
+// template argument so that the per-stream vectors stay in registers.
+template <int N, bool Dynamic>
+inline void width_grad_block(const float* H, const float* G, const float* g, const float* wt,
+                             const float (*q)[kMaxK], const float (*ar)[kMaxStreams], const float* a0,
+                             const float* cs, float* dh, float* dw, int64_t d, int64_t j0) {
+  v16 gc[N], acc[N];
+  // the next token's rows, one cache line of each per block: a token's streams fill whole 4 KiB pages
+  // at the usual widths, and the hardware prefetcher does not cross into the next page
+  for (int c = 0; c < N; ++c) {
+    __builtin_prefetch(G + (N + c) * d + j0);
+    if constexpr (Dynamic) __builtin_prefetch(H + (N + c) * d + j0);
   }
-  for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
-    const v16 wk = load16(wt + k * d + j0);
-    v16 dk = load16(dw + k * d + j0);
+  __builtin_prefetch(g + d + j0);
+  const v16 gv = load16(g + j0);
+  for (int c = 0; c < N; ++c) gc[c] = load16(G + c * d + j0);
+  for (int s = 0; s < N; ++s) {
+    v16 a = a0[s] * gv;
+    for (int c = 0; c < N; ++c) a += ar[s][c] * gc[c];
+    acc[s] = a;
+  }
+  if constexpr (Dynamic) {
+    v16 hv[N];
     for (int s = 0; s < N; ++s) {
-      acc[s] += q[s][k] * wk;
-      dk += q[s][k] * hv[s];
+      hv[s] = load16(H + s * d + j0);
+      acc[s] -= cs[s] * hv[s];
     }
-    store16(dw + k * d + j0, dk);
+    for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
+      const v16 wk = load16(wt + k * d + j0);
+      v16 dk = load16(dw + k * d + j0);
+      for (int s = 0; s < N; ++s) {
+        acc[s] += q[s][k] * wk;
+        dk += q[s][k] * hv[s];
+      }
+      store16(dw + k * d + j0, dk);
+    }
   }
   for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
 }
 
-template <int N>
-inline void width_grad_token(int n, const float* H, const float* g, const float* wt, const float (*q)[kMaxK],
-                             const float* a0, const float* cs, float* dh, float* dw, int64_t K, int64_t d) {
+template <int N, bool Dynamic>
+inline void width_grad_token(int n, const float* H, const float* G, const float* g, const float* wt,
+                             const float (*q)[kMaxK], const float (*ar)[kMaxStreams], const float* a0,
+                             const float* cs, float* dh, float* dw, int64_t d) {
   if constexpr (N > 1) {
-    if (n < N) return width_grad_token<N - 1>(n, H, g, wt, q, a0, cs, dh, dw, K, d);
+    if (n < N) return width_grad_token<N - 1, Dynamic>(n, H, G, g, wt, q, ar, a0, cs, dh, dw, d);
   }
   int64_t j0 = 0;
-  for (; j0 + kLanes <= d; j0 += kLanes) width_grad_block<N>(H, g, wt, q, a0, cs, dh, dw, K, d, j0);
+  for (; j0 + kLanes <= d; j0 += kLanes) width_grad_block<N, Dynamic>(H, G, g, wt, q, ar, a0, cs, dh, dw, d, j0);
   for (int64_t j = j0; j < d; ++j) {
     for (int s = 0; s < N; ++s) {
-      float acc = dh[s * d + j] + a0[s] * g[j] - cs[s] * H[s * d + j];
-      for (int64_t k = 0; k < K; ++k) {
-        acc += q[s][k] * wt[k * d + j];
-        dw[k * d + j] += q[s][k] * H[s * d + j];
+      float acc = a0[s] * g[j];
+      for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * d + j];
+      if constexpr (Dynamic) {
+        acc -= cs[s] * H[s * d + j];
+        for (int k = 0; k < N + 2; ++k) {
+          acc += q[s][k] * wt[k * d + j];
+          dw[k * d + j] += q[s][k] * H[s * d + j];
+        }
       }
       dh[s * d + j] = acc;
     }
@@ -311,50 +334,34 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
   }
 }
 
-// dH (M, n, d), dalpha (M, n, n+1) columns 1.. (column 0 is set to zero: the width backward adds the
-// branch input's part), dbeta (M, n), dy (M, d); an output pointer may be null when not needed
-void anydepth_hc_depth_backward(const float* g, const float* h, const float* alpha, const float* beta,
-                                const float* y, float* dh, float* dalpha, float* dbeta, float* dy,
+// Depth backward, the branch's part only: dy = sum_c beta_c G_c and dbeta_c = y . G_c. The streams'
+// part (dH_s = sum_c alpha[s, 1 + c] G_c and dalpha[s, 1 + c] = H_s . G_c) is left to the width
+// backward, which reads H and G anyway; either output pointer may be null when not needed.
+void anydepth_hc_depth_backward(const float* g, const float* beta, const float* y, float* dbeta, float* dy,
                                 int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
-  const int64_t T = n + 1;
-  if (dh) anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* A = alpha + m * n * T;
     const float* gs[kMaxTerms];
-    float coef[kMaxTerms];
     for (int64_t c = 0; c < n; ++c) gs[c] = g + (m * n + c) * d;
     if (dy) combine(dy + m * d, gs, beta + m * n, static_cast<int>(n), d, false);
     if (dbeta) multi_dot(y + m * d, gs, static_cast<int>(n), d, dbeta + m * n);
-    if (dalpha) {
-      float* dA = dalpha + m * n * T;
-      for (int64_t s = 0; s < n; ++s) {
-        dA[s * T] = 0.f;
-        multi_dot(h + (m * n + s) * d, gs, static_cast<int>(n), d, dA + s * T + 1);
-      }
-    }
-    if (dh) {
-      for (int64_t s = 0; s < n; ++s) {
-        for (int64_t c = 0; c < n; ++c) coef[c] = A[s * T + 1 + c];
-        combine(dh + (m * n + s) * d, gs, coef, static_cast<int>(n), d, false);
-      }
-    }
   }
 }
 
-// Width backward. dalpha (M, n, n+1) holds the gradient alpha received from its other uses (the depth
-// connection) on entry; the branch input's part is added to column 0 here. dh (M, n, d) holds the
-// gradient H received from its other uses on entry and the width connection's part is added to it.
-// Reduced over tokens from per-thread partial sums: dwt (K, d) (dynamic variant only), da_static
-// (n, n+1), db_static (n), dscale[2] = (d s_a, d s_b). Returns nonzero if its scratch could not be
-// allocated.
-int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt, const float* p,
-                               const float* pact, const float* r, const float* alpha, float* dalpha,
-                               const float* dbeta, float sa, float sb, int use_tanh, float* dh, float* dwt,
-                               float* da_static, float* db_static, float* dscale, int64_t m_tokens, int64_t n,
-                               int64_t d, int nthreads) {
+// Width backward, which also finishes the depth connection's backward. gin (M, d): gradient of the
+// branch input; gdepth (M, n, d): gradient of the depth connection's output H_new; galpha (M, n, n+1,
+// may be null): gradient alpha received from other uses; dbeta (M, n, may be null): gradient of beta.
+// Writes dh (M, n, d), the whole gradient of H, and adds the sums over tokens (from per-thread
+// partial sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
+// dscale[2] = (d s_a, d s_b). Returns nonzero if its scratch could not be allocated.
+int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, const float* wt,
+                               const float* p, const float* pact, const float* r, const float* alpha,
+                               const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
+                               float* dh, float* dwt, float* da_static, float* db_static, float* dscale,
+                               int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
+  anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
   // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
   // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
   // matrices and the scales in double (one scalar each, summed over every token, stream and column)
@@ -376,29 +383,33 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < m_tokens; ++m) {
       const float* gm = gin + m * d;
+      const float* Gm = gdepth + m * n * d;
+      const float* Hm = h + m * n * d;
       const float* A = alpha + m * n * T;
-      float* dA = dalpha + m * n * T;
       const float* dB = dbeta ? dbeta + m * n : nullptr;
-      const float* rows[kMaxTerms];
-      float coef[kMaxTerms];
-      for (int64_t s = 0; s < n; ++s) rows[s] = h + (m * n + s) * d;
-      float g0[kMaxStreams];
-      multi_dot(gm, rows, static_cast<int>(n), d, g0);
+      // dA[s] = H_s . [g, G_0, ..., G_{n-1}]: one pass over the token's streams for all n + 1 columns
+      const float* ys[kMaxDots];
+      ys[0] = gm;
+      for (int64_t c = 0; c < n; ++c) ys[1 + c] = Gm + c * d;
+      float dA[kMaxStreams][kMaxStreams + 1];
+      float ar[kMaxStreams][kMaxStreams];
+      float a0[kMaxStreams];
       for (int64_t s = 0; s < n; ++s) {
-        dA[s * T] += g0[s];
-        for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s * T + c];
+        multi_dot(Hm + s * d, ys, static_cast<int>(T), d, dA[s]);
+        if (galpha)
+          for (int64_t c = 0; c < T; ++c) dA[s][c] += galpha[(m * n + s) * T + c];
+        for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s][c];
         if (dB) pb[s] += dB[s];
-      }
-      if (!wt) {
-        for (int64_t s = 0; s < n; ++s) {
-          const float a0 = A[s * T];
-          rows[0] = gm;
-          combine(dh + (m * n + s) * d, rows, &a0, 1, d, true);
-        }
-        continue;
+        a0[s] = A[s * T];
+        for (int64_t c = 0; c < n; ++c) ar[s][c] = A[s * T + 1 + c];
       }
       float q[kMaxStreams][kMaxK];
-      float a0[kMaxStreams], cs[kMaxStreams];
+      float cs[kMaxStreams];
+      if (!wt) {
+        width_grad_token<kMaxStreams, false>(static_cast<int>(n), Hm, Gm, gm, nullptr, q, ar, a0, cs,
+                                             dh + m * n * d, nullptr, d);
+        continue;
+      }
       for (int64_t s = 0; s < n; ++s) {
         const float* P = p + (m * n + s) * K;
         const float* Pa = pact + (m * n + s) * K;
@@ -409,7 +420,7 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
           const float slope = use_tanh ? 1.f - t * t : 1.f;
           float up;
           if (k < T) {
-            up = dA[s * T + k];
+            up = dA[s][k];
             ps[0] += up * t;
             up *= sa;
           } else {
@@ -422,9 +433,9 @@ int anydepth_hc_width_backward(const float* gin, const float* h, const float* wt
         }
         // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
         cs[s] = rs > 1e-12f ? c / rs : 0.f;
-        a0[s] = A[s * T];
       }
-      width_grad_token<kMaxStreams>(static_cast<int>(n), h + m * n * d, gm, wt, q, a0, cs, dh + m * n * d, pw, K, d);
+      width_grad_token<kMaxStreams, true>(static_cast<int>(n), Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d,
+                                          pw, d);
     }
   }
   for (int t = 0; t < nt; ++t) {
@@ -454,10 +465,10 @@ def _bind(lib) -> None:
     lib.anydepth_hc_tanh.restype = None
     lib.anydepth_hc_depth_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_forward.restype = None
-    lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, i64, i64, i64, i32
+        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, i64, i64, i64, i32
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -507,31 +518,29 @@ class _Width(torch.autograd.Function):
         ctx.save_for_backward(h, wt, p, pact, r, alpha)
         ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh))
         ctx.set_materialize_grads(False)
-        # h goes out again for the depth connection, so that its gradient from there comes back here
-        # and the width connection's part is added to it in the kernel, instead of autograd adding two
-        # stream-sized gradients in a separate pass
+        # h goes out again for the depth connection, whose backward hands the gradient of H_new back
+        # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
         return h_in, alpha, beta, h
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_in, g_alpha, g_beta, g_h):
+    def backward(ctx, g_in, g_alpha, g_beta, g_depth):
         h, wt, p, pact, r, alpha = ctx.saved_tensors
         sa, sb, use_tanh = ctx.scales
         m, n, d = h.shape
-        dalpha = h.new_zeros(m, n, n + 1) if g_alpha is None else g_alpha.contiguous().clone()
         g_in = h.new_zeros(m, d) if g_in is None else g_in.contiguous()
+        g_depth = torch.zeros_like(h) if g_depth is None else g_depth.contiguous()
+        g_alpha = None if g_alpha is None else g_alpha.contiguous()
         g_beta = None if g_beta is None else g_beta.contiguous()
-        # g_h is the depth connection's fresh gradient buffer, reached only through this function's
-        # own output: the kernel adds into it in place
-        dh = torch.zeros_like(h) if g_h is None else g_h.contiguous()
+        dh = torch.empty_like(h)
         dwt = torch.zeros_like(wt) if wt is not None else None
         da = h.new_zeros(n, n + 1)
         db = h.new_zeros(n)
         ds = h.new_zeros(2)
         status = _KERNEL.lib.anydepth_hc_width_backward(
-            g_in.data_ptr(), h.data_ptr(), _ptr(wt), _ptr(p), _ptr(pact), _ptr(r), alpha.data_ptr(), dalpha.data_ptr(),
-            _ptr(g_beta), sa, sb, int(use_tanh), dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(),
-            ds.data_ptr(), m, n, d, torch.get_num_threads(),
+            g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), _ptr(wt), _ptr(p), _ptr(pact), _ptr(r),
+            alpha.data_ptr(), _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), dh.data_ptr(), _ptr(dwt),
+            da.data_ptr(), db.data_ptr(), ds.data_ptr(), m, n, d, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
@@ -541,6 +550,15 @@ class _Width(torch.autograd.Function):
 
 
 class _Depth(torch.autograd.Function):
+    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``.
+
+    For ``h`` it returns the incoming ``G = dL/dH_new`` unmixed, and nothing for ``alpha``: ``h`` and
+    ``alpha`` are outputs of :class:`_Width`, whose backward receives ``G`` and computes
+    ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` there, while it reads ``H`` and ``G`` for its
+    own terms anyway. This is exact as long as ``h`` and ``alpha`` come from one width connection and
+    feed nothing else (the gradient is linear in ``G``, so several depth connections over the same
+    pair are exact too)."""
+
     @staticmethod
     def forward(ctx, h, alpha, beta, y):
         m, n, d = h.shape
@@ -549,25 +567,24 @@ class _Depth(torch.autograd.Function):
             h.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
             torch.get_num_threads(),
         )
-        ctx.save_for_backward(h, alpha, beta, y)
+        ctx.save_for_backward(beta, y)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, alpha, beta, y = ctx.saved_tensors
-        m, n, d = h.shape
+        beta, y = ctx.saved_tensors
+        m, n = beta.shape
         need = ctx.needs_input_grad
         g = g.contiguous()
-        dh = torch.empty_like(h) if need[0] else None
-        dalpha = h.new_empty(m, n, n + 1) if need[1] else None
-        dbeta = h.new_empty(m, n) if need[2] else None
+        dbeta = beta.new_empty(m, n) if need[2] else None
         dy = torch.empty_like(y) if need[3] else None
-        _KERNEL.lib.anydepth_hc_depth_backward(
-            g.data_ptr(), h.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dh), _ptr(dalpha),
-            _ptr(dbeta), _ptr(dy), m, n, d, torch.get_num_threads(),
-        )
-        return dh, dalpha, dbeta, dy
+        if dbeta is not None or dy is not None:
+            _KERNEL.lib.anydepth_hc_depth_backward(
+                g.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1],
+                torch.get_num_threads(),
+            )
+        return (g if need[0] or need[1] else None), None, dbeta, dy
 
 
 def width_connection(
