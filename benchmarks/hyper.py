@@ -17,6 +17,11 @@ gradients, optimizer state and allocator slack; parameters and inputs excluded).
 
     .venv/bin/python benchmarks/hyper.py                       # the issue's sizes: 12 x 256, seq 256, batch 8
     .venv/bin/python benchmarks/hyper.py --depth 2 --seq 64    # a quick check
+    .venv/bin/python benchmarks/hyper.py --steady-malloc       # without glibc's page-fault churn
+
+With glibc's default settings a step gives freed memory back to the kernel and faults it in again
+(about 30 000 page faults per plain step here, 7 000-20 000 with hyper-connections); how many varies
+from process to process, and it costs the plain model more. ``--steady-malloc`` removes it for both.
 """
 
 from __future__ import annotations
@@ -167,7 +172,9 @@ def build_step(args, variant: str):
         except Exception as e:  # the builder may not accept every option yet; report rather than fail
             return {"variant": variant, "skipped": f"{type(e).__name__}: {e}"}
 
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    # fused, as anydepth's trainer builds it on CPU (train/optim.py): the loop implementation's
+    # per-tensor overhead would otherwise weigh the hyper-connections' 7 small tensors per sublayer
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     tokens = torch.randint(vocab, (args.batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
     def step():
@@ -257,6 +264,12 @@ def main() -> None:
     p.add_argument(
         "--interleave", action="store_true", help="time all variants round-robin in one process (no memory)"
     )
+    p.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="run the children with glibc's trimming and per-allocation mmap off (MALLOC_TRIM_THRESHOLD_, "
+        "MALLOC_MMAP_THRESHOLD_), so that no step pays page faults for memory the previous one gave back",
+    )
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -290,7 +303,10 @@ def main() -> None:
     for v in args.variants.split(","):
         sizes = ("depth", "dim", "heads", "seq", "batch", "streams", "steps", "warmup", "threads")
         cmd = [sys.executable, __file__, "--child", v] + [f"--{k}={getattr(args, k)}" for k in sizes]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.steady_malloc:
+            env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 36), MALLOC_MMAP_THRESHOLD_=str(1 << 25))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             rows[v] = {"variant": v, "skipped": out.stderr.strip().splitlines()[-1]}
         else:
@@ -299,7 +315,8 @@ def main() -> None:
 
     print(
         f"\ndepth={args.depth} dim={args.dim} heads={args.heads} seq={args.seq} batch={args.batch} "
-        f"streams={args.streams} steps={args.steps} threads={args.threads}"
+        f"streams={args.streams} steps={args.steps} threads={args.threads} "
+        f"malloc={'steady' if args.steady_malloc else 'glibc default'}"
     )
     print(
         f"{'variant':<12} {'median s':>9} {'min s':>8} {'CPU s':>8} {'peak MiB':>9} {'params':>10} "
