@@ -244,3 +244,94 @@ def test_seed_api_applies_the_residual_transform_once(mhc):
         hc.residual_transform = Counting()
     hc(torch.randn(8, 5, 16))
     assert len(calls) == 1
+
+
+class _Chain(nn.Module):
+    """Three hyper-connected sublayers in a row: each depth connection's output feeds the next width
+    connection directly, so the fused path links them (the width backward does the depth backward's
+    branch part). ``tap`` returns the intermediate streams as well, for extra uses of them."""
+
+    def __init__(self, dim: int, streams: int, dynamic: bool):
+        super().__init__()
+        self.res = nn.ModuleList(
+            _perturbed(HyperConnection(dim, streams, layer_index=i, dynamic=dynamic, norm=nn.LayerNorm(dim)), i)
+            for i in range(3)
+        )
+        self.branches = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x, edit=None):
+        taps = []
+        for i, (res, f) in enumerate(zip(self.res, self.branches)):
+            x = res(x, f)
+            if edit is not None and i == 0:
+                x = edit(x)
+            taps.append(x)
+        return x, taps
+
+
+def _chain_grads(model, x, loss_fn, fused, edit=None):
+    model.zero_grad(set_to_none=True)
+    with hyper_fused.use_fused_hyper(fused):
+        xa = x.clone().requires_grad_()
+        out, taps = model(xa, edit)
+        loss_fn(out, taps).backward()
+    return xa.grad, {k: p.grad for k, p in model.named_parameters()}
+
+
+def _count_depth_kernel(monkeypatch) -> list:
+    lib, calls = hyper_fused._KERNEL.lib, []
+    real = lib.anydepth_hc_depth_backward
+    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _weights(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize(
+    "case", ["chain", "extra_use", "edited_in_place"], ids=["chain", "extra-use", "edited-in-place"]
+)
+def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case):
+    dim, streams = 37, 4
+    model = _Chain(dim, streams, dynamic)
+    x = _weights((2, 13, streams, dim), 5)
+    w_out, w_tap = _weights(x.shape, 6), _weights(x.shape, 7)
+    # extra_use: the first sublayer's output also enters the loss, so its gradient is more than what
+    # the next width backward computes; edited_in_place: the stream is changed in place between
+    # sublayers, which unties the link
+    extra = case == "extra_use"
+    edit = (lambda t: t.mul_(1.5)) if case == "edited_in_place" else None
+
+    def loss_fn(out, taps):
+        loss = (out * w_out.to(out.dtype)).sum()
+        return loss + (taps[0] * w_tap.to(out.dtype)).pow(2).sum() if extra else loss
+
+    calls = _count_depth_kernel(monkeypatch)
+    dx, grads = _chain_grads(model, x, loss_fn, True, edit)
+    # the last depth backward has no next width connection; the others run only when not linked
+    assert len(calls) == (1 if case == "chain" else 2)
+    dx_ref, grads_ref = _chain_grads(model.double(), x.double(), loss_fn, False, edit)
+    torch.testing.assert_close(dx.double(), dx_ref, atol=5e-5, rtol=5e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.double(), grads_ref[name], atol=2e-4, rtol=2e-4, msg=name)
+
+
+def test_link_survives_a_partial_backward_of_a_retained_graph():
+    # autograd.grad for the last sublayer's parameters alone runs its width backward (which claims the
+    # previous depth backward's work) but not that depth backward; the full backward that follows on the
+    # retained graph must not count that earlier claim
+    model = _Chain(24, 4, True)
+    x = _weights((2, 7, 4, 24), 8).requires_grad_()
+    w = _weights(x.shape, 9)
+    out, _ = model(x)
+    loss = (out * w).sum()
+    torch.autograd.grad(loss, list(model.res[2].parameters()), retain_graph=True)
+    loss.backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    dx = x.grad.clone()
+    dx_ref, ref = _chain_grads(model, x.detach(), lambda o, t: (o * w).sum(), True)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-6)
+    for name, g in got.items():
+        torch.testing.assert_close(g, ref[name], atol=1e-6, rtol=1e-6, msg=name)

@@ -183,74 +183,117 @@ inline void combine(float* out, const float* const* rows, const float* coef, int
     out[j] = a;
   }
 }
-// One token of the width backward, all N streams at once, per block of 16 features:
+// One token of the width backward: what the per-token loop hands to width_grad_token.
+struct WidthGradToken {
+  const float* H;     // (n, d) the token's streams
+  const float* G;     // (n, d) gradient of the depth connection's output, unmixed
+  const float* g;     // (d) gradient of the branch input
+  const float* wt;    // (K, d) dynamic projection, transposed (dynamic variant)
+  const float (*q)[kMaxK];        // (n, K) gradient of P / r (dynamic variant)
+  const float (*ar)[kMaxStreams]; // (n, n) alpha[:, 1:], the stream mixing
+  const float* a0;    // (n) alpha[:, 0]
+  const float* cs;    // (n) norm-backward coefficients (dynamic variant)
+  float* dh;          // (n, d) out: the whole gradient of H
+  float* dw;          // (K, d) this thread's dW^T partial sum (dynamic variant)
+  const float* bprev; // (n) beta of the depth connection that produced H (linked only)
+  const float* yprev; // (d) its branch output (linked only)
+  float* dyprev;      // (d) out: its gradient (linked only)
+  float* dbprev;      // (n) out: gradient of bprev (linked only)
+};
+
+// One block of 16 features of a token, all N streams at once:
 //   dH_s = sum_c alpha[s, 1 + c] G_c + a0_s g - c_s H_s + sum_k q_sk W_k      dW_k += sum_s q_sk H_s
 // (the W and c terms for the dynamic variant only). The depth connection's gradient G is mixed back
 // here rather than in the depth backward, so that G and H are read once for both the mixing and the
 // width connection's own terms, and dH is written once. Each dW row is loaded and stored once per
-// token rather than once per stream (store bandwidth, not arithmetic, limits this loop). N is a
-// template argument so that the per-stream vectors stay in registers.
-template <int N, bool Dynamic>
-inline void width_grad_block(const float* H, const float* G, const float* g, const float* wt,
-                             const float (*q)[kMaxK], const float (*ar)[kMaxStreams], const float* a0,
-                             const float* cs, float* dh, float* dw, int64_t d, int64_t j0) {
+// token rather than once per stream (store bandwidth, not arithmetic, limits this loop). Linked
+// (H is the output of the previous sublayer's depth connection, H = A^T H_prev + bprev yprev), the
+// previous depth backward is done here too, from dH while it is in registers:
+//   dyprev = sum_s bprev_s dH_s      dbprev_s += yprev . dH_s   (lanes summed per token by the caller)
+// N is a template argument so that the per-stream vectors stay in registers.
+template <int N, bool Dynamic, bool Linked>
+inline void width_grad_block(const WidthGradToken& t, int64_t d, int64_t j0, v16* dbacc) {
   v16 gc[N], acc[N];
   // the next token's rows, one cache line of each per block: a token's streams fill whole 4 KiB pages
   // at the usual widths, and the hardware prefetcher does not cross into the next page
   for (int c = 0; c < N; ++c) {
-    __builtin_prefetch(G + (N + c) * d + j0);
-    if constexpr (Dynamic) __builtin_prefetch(H + (N + c) * d + j0);
+    __builtin_prefetch(t.G + (N + c) * d + j0);
+    if constexpr (Dynamic) __builtin_prefetch(t.H + (N + c) * d + j0);
   }
-  __builtin_prefetch(g + d + j0);
-  const v16 gv = load16(g + j0);
-  for (int c = 0; c < N; ++c) gc[c] = load16(G + c * d + j0);
+  __builtin_prefetch(t.g + d + j0);
+  const v16 gv = load16(t.g + j0);
+  for (int c = 0; c < N; ++c) gc[c] = load16(t.G + c * d + j0);
   for (int s = 0; s < N; ++s) {
-    v16 a = a0[s] * gv;
-    for (int c = 0; c < N; ++c) a += ar[s][c] * gc[c];
+    v16 a = t.a0[s] * gv;
+    for (int c = 0; c < N; ++c) a += t.ar[s][c] * gc[c];
     acc[s] = a;
   }
   if constexpr (Dynamic) {
     v16 hv[N];
     for (int s = 0; s < N; ++s) {
-      hv[s] = load16(H + s * d + j0);
-      acc[s] -= cs[s] * hv[s];
+      hv[s] = load16(t.H + s * d + j0);
+      acc[s] -= t.cs[s] * hv[s];
     }
     for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
-      const v16 wk = load16(wt + k * d + j0);
-      v16 dk = load16(dw + k * d + j0);
+      const v16 wk = load16(t.wt + k * d + j0);
+      v16 dk = load16(t.dw + k * d + j0);
       for (int s = 0; s < N; ++s) {
-        acc[s] += q[s][k] * wk;
-        dk += q[s][k] * hv[s];
+        acc[s] += t.q[s][k] * wk;
+        dk += t.q[s][k] * hv[s];
       }
-      store16(dw + k * d + j0, dk);
+      store16(t.dw + k * d + j0, dk);
     }
   }
-  for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
+  for (int s = 0; s < N; ++s) store16(t.dh + s * d + j0, acc[s]);
+  if constexpr (Linked) {
+    const v16 yv = load16(t.yprev + j0);
+    v16 dy = t.bprev[0] * acc[0];
+    for (int s = 1; s < N; ++s) dy += t.bprev[s] * acc[s];
+    store16(t.dyprev + j0, dy);
+    for (int s = 0; s < N; ++s) dbacc[s] += yv * acc[s];
+  }
 }
 
-template <int N, bool Dynamic>
-inline void width_grad_token(int n, const float* H, const float* G, const float* g, const float* wt,
-                             const float (*q)[kMaxK], const float (*ar)[kMaxStreams], const float* a0,
-                             const float* cs, float* dh, float* dw, int64_t d) {
+template <int N, bool Dynamic, bool Linked>
+inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
   if constexpr (N > 1) {
-    if (n < N) return width_grad_token<N - 1, Dynamic>(n, H, G, g, wt, q, ar, a0, cs, dh, dw, d);
+    if (n < N) return width_grad_token<N - 1, Dynamic, Linked>(n, t, d);
   }
+  v16 dbacc[N] = {};
   int64_t j0 = 0;
-  for (; j0 + kLanes <= d; j0 += kLanes) width_grad_block<N, Dynamic>(H, G, g, wt, q, ar, a0, cs, dh, dw, d, j0);
+  for (; j0 + kLanes <= d; j0 += kLanes) width_grad_block<N, Dynamic, Linked>(t, d, j0, dbacc);
+  float db[N];
+  for (int s = 0; s < N; ++s) db[s] = hsum(dbacc[s]);
   for (int64_t j = j0; j < d; ++j) {
+    float dy = 0.f;
     for (int s = 0; s < N; ++s) {
-      float acc = a0[s] * g[j];
-      for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * d + j];
+      float acc = t.a0[s] * t.g[j];
+      for (int c = 0; c < N; ++c) acc += t.ar[s][c] * t.G[c * d + j];
       if constexpr (Dynamic) {
-        acc -= cs[s] * H[s * d + j];
+        acc -= t.cs[s] * t.H[s * d + j];
         for (int k = 0; k < N + 2; ++k) {
-          acc += q[s][k] * wt[k * d + j];
-          dw[k * d + j] += q[s][k] * H[s * d + j];
+          acc += t.q[s][k] * t.wt[k * d + j];
+          t.dw[k * d + j] += t.q[s][k] * t.H[s * d + j];
         }
       }
-      dh[s * d + j] = acc;
+      t.dh[s * d + j] = acc;
+      if constexpr (Linked) {
+        dy += t.bprev[s] * acc;
+        db[s] += t.yprev[j] * acc;
+      }
     }
+    if constexpr (Linked) t.dyprev[j] = dy;
   }
+  if constexpr (Linked)
+    for (int s = 0; s < N; ++s) t.dbprev[s] = db[s];
+}
+
+template <bool Dynamic>
+inline void width_grad(int n, const WidthGradToken& t, int64_t d) {
+  if (t.dyprev)
+    width_grad_token<kMaxStreams, Dynamic, true>(n, t, d);
+  else
+    width_grad_token<kMaxStreams, Dynamic, false>(n, t, d);
 }
 
 }  // namespace
@@ -353,12 +396,15 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 // may be null): gradient alpha received from other uses; dbeta (M, n, may be null): gradient of beta.
 // Writes dh (M, n, d), the whole gradient of H, and adds the sums over tokens (from per-thread
 // partial sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
-// dscale[2] = (d s_a, d s_b). Returns nonzero if its scratch could not be allocated.
+// dscale[2] = (d s_a, d s_b). Linked (dyprev not null): H = A^T H_prev + bprev yprev came from the
+// previous sublayer's depth connection with bprev (M, n), yprev (M, d), and its backward is done here
+// from dH: dyprev (M, d) and dbprev (M, n). Returns nonzero if its scratch could not be allocated.
 int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, const float* wt,
                                const float* p, const float* pact, const float* r, const float* alpha,
                                const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
-                               float* dh, float* dwt, float* da_static, float* db_static, float* dscale,
-                               int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+                               const float* bprev, const float* yprev, float* dh, float* dwt, float* da_static,
+                               float* db_static, float* dscale, float* dyprev, float* dbprev, int64_t m_tokens,
+                               int64_t n, int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
   anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
@@ -405,9 +451,15 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
+      WidthGradToken t{Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d, pw, nullptr, nullptr, nullptr, nullptr};
+      if (dyprev) {
+        t.bprev = bprev + m * n;
+        t.yprev = yprev + m * d;
+        t.dyprev = dyprev + m * d;
+        t.dbprev = dbprev + m * n;
+      }
       if (!wt) {
-        width_grad_token<kMaxStreams, false>(static_cast<int>(n), Hm, Gm, gm, nullptr, q, ar, a0, cs,
-                                             dh + m * n * d, nullptr, d);
+        width_grad<false>(static_cast<int>(n), t, d);
         continue;
       }
       for (int64_t s = 0; s < n; ++s) {
@@ -434,8 +486,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
         // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
         cs[s] = rs > 1e-12f ? c / rs : 0.f;
       }
-      width_grad_token<kMaxStreams, true>(static_cast<int>(n), Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d,
-                                          pw, d);
+      width_grad<true>(static_cast<int>(n), t, d);
     }
   }
   for (int t = 0; t < nt; ++t) {
@@ -468,7 +519,7 @@ def _bind(lib) -> None:
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, i64, i64, i64, i32
+        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -500,8 +551,12 @@ def _scalar(t: Tensor | None) -> float:
 
 
 class _Width(torch.autograd.Function):
+    """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
+    produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
+    (see :class:`_Depth`)."""
+
     @staticmethod
-    def forward(ctx, h, wt, a_static, b_static, sa, sb, use_tanh):
+    def forward(ctx, h, wt, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link):
         m, n, d = h.shape
         dynamic = wt is not None
         p = h.new_empty(m, n, n + 2) if dynamic else None
@@ -515,8 +570,9 @@ class _Width(torch.autograd.Function):
             int(use_tanh), _ptr(p), _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(),
             m, n, d, torch.get_num_threads(),
         )
-        ctx.save_for_backward(h, wt, p, pact, r, alpha)
+        ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev)
         ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh))
+        ctx.link = link
         ctx.set_materialize_grads(False)
         # h goes out again for the depth connection, whose backward hands the gradient of H_new back
         # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
@@ -525,9 +581,12 @@ class _Width(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        h, wt, p, pact, r, alpha = ctx.saved_tensors
+        h, wt, p, pact, r, alpha, bprev, yprev = ctx.saved_tensors
         sa, sb, use_tanh = ctx.scales
         m, n, d = h.shape
+        linked = ctx.link is not None and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
+        dyprev = h.new_empty(m, d) if linked else None
+        dbprev = h.new_empty(m, n) if linked else None
         g_in = h.new_zeros(m, d) if g_in is None else g_in.contiguous()
         g_depth = torch.zeros_like(h) if g_depth is None else g_depth.contiguous()
         g_alpha = None if g_alpha is None else g_alpha.contiguous()
@@ -539,25 +598,50 @@ class _Width(torch.autograd.Function):
         ds = h.new_zeros(2)
         status = _KERNEL.lib.anydepth_hc_width_backward(
             g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), _ptr(wt), _ptr(p), _ptr(pact), _ptr(r),
-            alpha.data_ptr(), _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), dh.data_ptr(), _ptr(dwt),
-            da.data_ptr(), db.data_ptr(), ds.data_ptr(), m, n, d, torch.get_num_threads(),
+            alpha.data_ptr(), _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None),
+            _ptr(yprev if linked else None), dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(), ds.data_ptr(),
+            _ptr(dyprev), _ptr(dbprev), m, n, d, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
+        if linked:
+            _claim(ctx.link, dh)
+        links = (dbprev, dyprev, None)
         if wt is None:
-            return dh, None, da, db, None, None, None
-        return dh, dwt, da, db, ds[0], ds[1], None
+            return dh, None, da, db, None, None, None, *links
+        return dh, dwt, da, db, ds[0], ds[1], None, *links
+
+
+def _claim(depth_node, dh: Tensor) -> None:
+    """Tell the depth connection's backward that its branch part was computed from ``dh`` in this
+    backward pass. The reference also keeps autograd from accumulating into ``dh``'s storage in place,
+    so that the depth backward can tell whether its incoming gradient is ``dh`` itself."""
+    claims = getattr(depth_node, "hc_claims", None)
+    if claims is None:
+        claims = depth_node.hc_claims = []
+    claims.append((torch._C._current_graph_task_id(), dh))
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 class _Depth(torch.autograd.Function):
-    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``.
+    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``, or less.
 
     For ``h`` it returns the incoming ``G = dL/dH_new`` unmixed, and nothing for ``alpha``: ``h`` and
     ``alpha`` are outputs of :class:`_Width`, whose backward receives ``G`` and computes
     ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` there, while it reads ``H`` and ``G`` for its
     own terms anyway. This is exact as long as ``h`` and ``alpha`` come from one width connection and
     feed nothing else (the gradient is linear in ``G``, so several depth connections over the same
-    pair are exact too)."""
+    pair are exact too).
+
+    When ``H_new`` feeds the next sublayer's width connection directly (:func:`depth_connection`
+    tags its output; any in-place change unties it), that width backward computes
+    ``dy = beta^T dH_new`` and ``dbeta`` from the ``dH_new`` it writes (``_claim``), so the streams'
+    gradient is not read again here. ``G`` may still hold more than that width's ``dH_new`` (other
+    uses of ``H_new``): this backward then adds the branch part of ``G - dH_new``, which keeps the
+    sum exact; when ``G`` is that ``dH_new`` itself it does nothing."""
 
     @staticmethod
     def forward(ctx, h, alpha, beta, y):
@@ -576,15 +660,24 @@ class _Depth(torch.autograd.Function):
         beta, y = ctx.saved_tensors
         m, n = beta.shape
         need = ctx.needs_input_grad
-        g = g.contiguous()
+        task = torch._C._current_graph_task_id()
+        claims = [dh for t, dh in (getattr(ctx, "hc_claims", None) or ()) if t == task]
+        ctx.hc_claims = None
+        passthrough = g if need[0] or need[1] else None
+        if len(claims) == 1 and _same_tensor(g, claims[0]):
+            return passthrough, None, None, None
+        rest = g
+        for dh in claims:
+            rest = rest - dh.view_as(g)
+        rest = rest.contiguous()
         dbeta = beta.new_empty(m, n) if need[2] else None
         dy = torch.empty_like(y) if need[3] else None
         if dbeta is not None or dy is not None:
             _KERNEL.lib.anydepth_hc_depth_backward(
-                g.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1],
+                rest.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1],
                 torch.get_num_threads(),
             )
-        return (g if need[0] or need[1] else None), None, dbeta, dy
+        return passthrough, None, dbeta, dy
 
 
 def width_connection(
@@ -603,8 +696,13 @@ def width_connection(
     place in the depth backward's fresh buffer."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     wt = None if w is None else w.t().contiguous()
+    bprev = yprev = node = None
+    link = getattr(h, "_hc_link", None)
+    if link is not None and h._version == link[3] and torch.is_grad_enabled():
+        node, bprev, yprev = link[:3]
     h_in, alpha, beta, h_out = _Width.apply(
-        h.reshape(-1, n, d).contiguous(), wt, a_static.contiguous(), b_static.contiguous(), sa, sb, use_tanh
+        h.reshape(-1, n, d).contiguous(), wt, a_static.contiguous(), b_static.contiguous(), sa, sb, use_tanh,
+        bprev, yprev, node,
     )
     return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n), h_out.view(*lead, n, d)
 
@@ -612,10 +710,10 @@ def width_connection(
 def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
-    out = _Depth.apply(
-        h.reshape(-1, n, d).contiguous(),
-        alpha.reshape(-1, n, n + 1).contiguous(),
-        beta.reshape(-1, n).contiguous(),
-        y.reshape(-1, d).contiguous(),
-    )
-    return out.view(*lead, n, d)
+    beta, y = beta.reshape(-1, n).contiguous(), y.reshape(-1, d).contiguous()
+    out = _Depth.apply(h.reshape(-1, n, d).contiguous(), alpha.reshape(-1, n, n + 1).contiguous(), beta, y)
+    view = out.view(*lead, n, d)
+    if out.grad_fn is not None:
+        # lets a width connection that takes this tensor as it is do this depth backward's work
+        view._hc_link = (out.grad_fn, beta, y, view._version)
+    return view
