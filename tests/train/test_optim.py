@@ -90,7 +90,7 @@ def test_cpu_optimizer_is_fused_and_steps_like_the_loop_implementation():
     ref = torch.optim.AdamW(
         param_groups(ref_model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False
     )
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn_like(p) for p in m.parameters()]
         for o, mod in ((opt, m), (ref, ref_model)):
             for p, g in zip(mod.parameters(), grads):
