@@ -293,8 +293,9 @@ def _weights(shape, seed):
 @pytest.mark.parametrize(
     "case", ["chain", "extra_use", "edited_in_place"], ids=["chain", "extra-use", "edited-in-place"]
 )
-def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case):
-    dim, streams = 37, 4
+@pytest.mark.parametrize("dim", [37, 32])  # 32: whole 16-lane rows, written with streaming stores
+def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
+    streams = 4
     model = _Chain(dim, streams, dynamic)
     x = _weights((2, 13, streams, dim), 5)
     w_out, w_tap = _weights(x.shape, 6), _weights(x.shape, 7)

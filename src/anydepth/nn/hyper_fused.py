@@ -52,6 +52,9 @@ _SOURCE = HUGE_PAGE_ADVICE + r"""
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 constexpr int kMaxStreams = 16;
@@ -63,6 +66,14 @@ constexpr int kLanes = 16;
 constexpr int64_t kSerialBelow = 1 << 15;
 
 inline int threads_for(int64_t elements, int nthreads) { return elements < kSerialBelow ? 1 : nthreads; }
+
+// Prefetch `bytes` from p, one request per cache line. A token's streams usually fill whole 4 KiB
+// pages, and the hardware prefetcher does not cross a page boundary: without this, every token would
+// start with a stall on its first lines.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
 
 // out[i] = x . ys[i] for i < K in one pass over x. The K reductions run as independent vector
 // accumulators held in registers (K is a template argument so the compiler unrolls over it): one dot
@@ -199,9 +210,10 @@ struct WidthGradToken {
   const float* yprev; // (d) its branch output (linked only)
   float* dyprev;      // (d) out: its gradient (linked only)
   float* dbprev;      // (n) out: gradient of bprev (linked only)
+  bool stream_dh;     // write dh with non-temporal stores (64-byte aligned rows)
 };
 
-// One block of 16 features of a token, all N streams at once:
+// One token of the width backward, all N streams at once, per block of 16 features:
 //   dH_s = sum_c alpha[s, 1 + c] G_c + a0_s g - c_s H_s + sum_k q_sk W_k      dW_k += sum_s q_sk H_s
 // (the W and c terms for the dynamic variant only). The depth connection's gradient G is mixed back
 // here rather than in the depth backward, so that G and H are read once for both the mixing and the
@@ -212,77 +224,91 @@ struct WidthGradToken {
 //   dyprev = sum_s bprev_s dH_s      dbprev_s += yprev . dH_s   (lanes summed per token by the caller)
 // N is a template argument so that the per-stream vectors stay in registers.
 template <int N, bool Dynamic, bool Linked>
-inline void width_grad_block(const WidthGradToken& t, int64_t d, int64_t j0, v16* dbacc) {
-  v16 gc[N], acc[N];
-  // the next token's rows, one cache line of each per block: a token's streams fill whole 4 KiB pages
-  // at the usual widths, and the hardware prefetcher does not cross into the next page
-  for (int c = 0; c < N; ++c) {
-    __builtin_prefetch(t.G + (N + c) * d + j0);
-    if constexpr (Dynamic) __builtin_prefetch(t.H + (N + c) * d + j0);
-  }
-  __builtin_prefetch(t.g + d + j0);
-  const v16 gv = load16(t.g + j0);
-  for (int c = 0; c < N; ++c) gc[c] = load16(t.G + c * d + j0);
-  for (int s = 0; s < N; ++s) {
-    v16 a = t.a0[s] * gv;
-    for (int c = 0; c < N; ++c) a += t.ar[s][c] * gc[c];
-    acc[s] = a;
-  }
-  if constexpr (Dynamic) {
-    v16 hv[N];
-    for (int s = 0; s < N; ++s) {
-      hv[s] = load16(t.H + s * d + j0);
-      acc[s] -= t.cs[s] * hv[s];
-    }
-    for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
-      const v16 wk = load16(t.wt + k * d + j0);
-      v16 dk = load16(t.dw + k * d + j0);
-      for (int s = 0; s < N; ++s) {
-        acc[s] += t.q[s][k] * wk;
-        dk += t.q[s][k] * hv[s];
-      }
-      store16(t.dw + k * d + j0, dk);
-    }
-  }
-  for (int s = 0; s < N; ++s) store16(t.dh + s * d + j0, acc[s]);
-  if constexpr (Linked) {
-    const v16 yv = load16(t.yprev + j0);
-    v16 dy = t.bprev[0] * acc[0];
-    for (int s = 1; s < N; ++s) dy += t.bprev[s] * acc[s];
-    store16(t.dyprev + j0, dy);
-    for (int s = 0; s < N; ++s) dbacc[s] += yv * acc[s];
-  }
-}
-
-template <int N, bool Dynamic, bool Linked>
 inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
   if constexpr (N > 1) {
     if (n < N) return width_grad_token<N - 1, Dynamic, Linked>(n, t, d);
   }
+  // local copies: the compiler may then keep them in registers across the stores to dh and dw,
+  // which it would otherwise have to assume alias them
+  const float *H = t.H, *G = t.G, *g = t.g, *wt = t.wt, *yprev = t.yprev;
+  float *dh = t.dh, *dw = t.dw, *dyprev = t.dyprev;
+  float q[N][N + 2], ar[N][N], a0[N], cs[N], bp[N];
+  for (int s = 0; s < N; ++s) {
+    for (int k = 0; k < N + 2; ++k) q[s][k] = Dynamic ? t.q[s][k] : 0.f;
+    for (int c = 0; c < N; ++c) ar[s][c] = t.ar[s][c];
+    a0[s] = t.a0[s];
+    cs[s] = Dynamic ? t.cs[s] : 0.f;
+    bp[s] = Linked ? t.bprev[s] : 0.f;
+  }
   v16 dbacc[N] = {};
   int64_t j0 = 0;
-  for (; j0 + kLanes <= d; j0 += kLanes) width_grad_block<N, Dynamic, Linked>(t, d, j0, dbacc);
+  for (; j0 + kLanes <= d; j0 += kLanes) {
+    v16 gc[N], acc[N];
+    // the next token's rows, one cache line of each per block: a token's streams fill whole 4 KiB
+    // pages at the usual widths, and the hardware prefetcher does not cross into the next page
+    for (int c = 0; c < N; ++c) {
+      __builtin_prefetch(G + (N + c) * d + j0);
+      if constexpr (Dynamic) __builtin_prefetch(H + (N + c) * d + j0);
+    }
+    __builtin_prefetch(g + d + j0);
+    const v16 gv = load16(g + j0);
+    for (int c = 0; c < N; ++c) gc[c] = load16(G + c * d + j0);
+    for (int s = 0; s < N; ++s) {
+      v16 a = a0[s] * gv;
+      for (int c = 0; c < N; ++c) a += ar[s][c] * gc[c];
+      acc[s] = a;
+    }
+    if constexpr (Dynamic) {
+      v16 hv[N];
+      for (int s = 0; s < N; ++s) {
+        hv[s] = load16(H + s * d + j0);
+        acc[s] -= cs[s] * hv[s];
+      }
+      for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
+        const v16 wk = load16(wt + k * d + j0);
+        v16 dk = load16(dw + k * d + j0);
+        for (int s = 0; s < N; ++s) {
+          acc[s] += q[s][k] * wk;
+          dk += q[s][k] * hv[s];
+        }
+        store16(dw + k * d + j0, dk);
+      }
+    }
+#if defined(__AVX512F__)
+    if (t.stream_dh) {
+      for (int s = 0; s < N; ++s) _mm512_stream_ps(dh + s * d + j0, reinterpret_cast<__m512>(acc[s]));
+    } else
+#endif
+      for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
+    if constexpr (Linked) {
+      const v16 yv = load16(yprev + j0);
+      v16 dy = bp[0] * acc[0];
+      for (int s = 1; s < N; ++s) dy += bp[s] * acc[s];
+      store16(dyprev + j0, dy);
+      for (int s = 0; s < N; ++s) dbacc[s] += yv * acc[s];
+    }
+  }
   float db[N];
   for (int s = 0; s < N; ++s) db[s] = hsum(dbacc[s]);
   for (int64_t j = j0; j < d; ++j) {
     float dy = 0.f;
     for (int s = 0; s < N; ++s) {
-      float acc = t.a0[s] * t.g[j];
-      for (int c = 0; c < N; ++c) acc += t.ar[s][c] * t.G[c * d + j];
+      float acc = a0[s] * g[j];
+      for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * d + j];
       if constexpr (Dynamic) {
-        acc -= t.cs[s] * t.H[s * d + j];
+        acc -= cs[s] * H[s * d + j];
         for (int k = 0; k < N + 2; ++k) {
-          acc += t.q[s][k] * t.wt[k * d + j];
-          t.dw[k * d + j] += t.q[s][k] * t.H[s * d + j];
+          acc += q[s][k] * wt[k * d + j];
+          dw[k * d + j] += q[s][k] * H[s * d + j];
         }
       }
-      t.dh[s * d + j] = acc;
+      dh[s * d + j] = acc;
       if constexpr (Linked) {
-        dy += t.bprev[s] * acc;
-        db[s] += t.yprev[j] * acc;
+        dy += bp[s] * acc;
+        db[s] += yprev[j] * acc;
       }
     }
-    if constexpr (Linked) t.dyprev[j] = dy;
+    if constexpr (Linked) dyprev[j] = dy;
   }
   if constexpr (Linked)
     for (int s = 0; s < N; ++s) t.dbprev[s] = db[s];
@@ -322,6 +348,7 @@ void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_s
       for (int64_t k = 0; k < K; ++k) w[k] = wt + k * d;
       for (int64_t s = 0; s < n; ++s) {
         const float* hs = h + (m * n + s) * d;
+        if (m + 1 < m_tokens) prefetch_bytes(hs + n * d, d * static_cast<int64_t>(sizeof(float)));
         float dots[kMaxDots];
         w[K] = hs;
         multi_dot(hs, w, static_cast<int>(K + 1), d, dots);
@@ -408,6 +435,9 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
   anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
+  // dh is next read after the previous sublayer's branch backward (linked) and long out of cache by
+  // then: non-temporal stores save the read-for-ownership of its lines
+  const bool stream_dh = dyprev && d % kLanes == 0 && reinterpret_cast<uintptr_t>(dh) % 64 == 0;
   // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
   // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
   // matrices and the scales in double (one scalar each, summed over every token, stream and column)
@@ -451,7 +481,8 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
-      WidthGradToken t{Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d, pw, nullptr, nullptr, nullptr, nullptr};
+      WidthGradToken t{Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d, pw,
+                       nullptr, nullptr, nullptr, nullptr, stream_dh};
       if (dyprev) {
         t.bprev = bprev + m * n;
         t.yprev = yprev + m * d;
@@ -488,6 +519,10 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       width_grad<true>(static_cast<int>(n), t, d);
     }
+#if defined(__AVX512F__)
+    // non-temporal stores are weakly ordered: each thread fences its own before the region's barrier
+    if (stream_dh) _mm_sfence();
+#endif
   }
   for (int t = 0; t < nt; ++t) {
     if (wt) {
