@@ -13,7 +13,9 @@ and a GELU MLP, final LayerNorm, tied head, AdamW) whose residual wiring is swap
 Each variant runs in its own process (``torch.set_num_threads(2)``): build, ``gc.collect()``, record
 VmRSS, reset the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs``), run warm-up and
 timed steps, report the median step time and the peak extra RSS (VmHWM - baseline: activations,
-gradients, optimizer state and allocator slack; parameters and inputs excluded).
+gradients, optimizer state and allocator slack; parameters and inputs excluded). Step times differ by
+up to 8% from one process to the next (memory placement, page faults), so ``--repeats`` rounds of
+processes run, variants alternating, and the tables give the median over a variant's processes.
 
     .venv/bin/python benchmarks/hyper.py                       # the sizes: 12 x 256, seq 256, batch 8
     .venv/bin/python benchmarks/hyper.py --depth 2 --seq 64    # a quick check
@@ -30,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -259,6 +262,9 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="processes per variant (alternating); medians are reported"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
@@ -299,23 +305,29 @@ def main() -> None:
                 )
         return
 
-    rows = {}
-    for v in args.variants.split(","):
-        sizes = ("depth", "dim", "heads", "seq", "batch", "streams", "steps", "warmup", "threads")
-        cmd = [sys.executable, __file__, "--child", v] + [f"--{k}={getattr(args, k)}" for k in sizes]
-        env = dict(os.environ)
-        if args.steady_malloc:
-            env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 36), MALLOC_MMAP_THRESHOLD_=str(1 << 25))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-            rows[v] = {"variant": v, "skipped": out.stderr.strip().splitlines()[-1]}
-        else:
-            rows[v] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(rows[v]), flush=True)
+    rows, runs = {}, {}
+    sizes = ("depth", "dim", "heads", "seq", "batch", "streams", "steps", "warmup", "threads")
+    env = dict(os.environ)
+    if args.steady_malloc:
+        env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 36), MALLOC_MMAP_THRESHOLD_=str(1 << 25))
+    for _ in range(args.repeats):  # rounds of one process per variant: machine drift hits all alike
+        for v in args.variants.split(","):
+            cmd = [sys.executable, __file__, "--child", v] + [f"--{k}={getattr(args, k)}" for k in sizes]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                rows[v] = {"variant": v, "skipped": out.stderr.strip().splitlines()[-1]}
+            else:
+                runs.setdefault(v, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[v][-1] if v in runs else rows[v]), flush=True)
+    for v, rs in runs.items():
+        # per variant: the median over processes of each process's median step (and of the other columns)
+        rows[v] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "variant"}
+        rows[v]["min_s"] = min(r["min_s"] for r in rs)
+        rows[v]["params"] = rs[0]["params"]
 
     print(
         f"\ndepth={args.depth} dim={args.dim} heads={args.heads} seq={args.seq} batch={args.batch} "
-        f"streams={args.streams} steps={args.steps} threads={args.threads} "
+        f"streams={args.streams} steps={args.steps} repeats={args.repeats} threads={args.threads} "
         f"malloc={'steady' if args.steady_malloc else 'glibc default'}"
     )
     print(
