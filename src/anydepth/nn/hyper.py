@@ -372,7 +372,7 @@ class HyperConnection(Residual):
             and self.num_input_views == 1
             and self.add_branch_out_to_residual
             and self.depth_residual_fn is None
-            and hyper_fused.fused_ok(h, self.static_alpha)
+            and hyper_fused.fused_ok(h, *self.parameters(recurse=False))
         )
 
     def _fused_forward(self, h: Tensor, f, *args, **kwargs) -> Tensor:
@@ -381,14 +381,12 @@ class HyperConnection(Residual):
         return self._fused_depth(h, alpha, beta, f(self.branch_norm(branch_in), *args, **kwargs))
 
     def _fused_width(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        w = sa = sb = None
+        dynamic = sa = sb = None
         if self.dynamic:
-            gain = (self.norm.gamma + 1) * self.norm.scale
-            w = torch.cat((self.dynamic_alpha_fn, self.dynamic_beta_fn.reshape(self.dim, 1)), dim=-1)
-            w = w * gain.unsqueeze(-1)
+            dynamic = (self.dynamic_alpha_fn, self.dynamic_beta_fn, self.norm.gamma, self.norm.scale)
             sa, sb = self.dynamic_alpha_scale, self.dynamic_beta_scale
         use_tanh = isinstance(self.act, nn.Tanh)
-        return hyper_fused.width_connection(h, w, self.static_alpha, self.static_beta, sa, sb, use_tanh)
+        return hyper_fused.width_connection(h, dynamic, self.static_alpha, self.static_beta, sa, sb, use_tanh)
 
     def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
         if self.dropout_placement == "branch":

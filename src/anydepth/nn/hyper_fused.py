@@ -378,6 +378,36 @@ void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_s
   }
 }
 
+// wt (n + 2, d): the dynamic projection [W_a | w_b] transposed, with the stream norm's gain
+// g_j = scale (1 + gamma_j) folded in: wt[k, j] = g_j wa[j, k] for k <= n, wt[n + 1, j] = g_j wb[j]
+void anydepth_hc_pack_w(const float* wa, const float* wb, const float* gamma, float scale, float* wt, int64_t n,
+                        int64_t d) {
+  const int64_t T = n + 1;
+  for (int64_t j = 0; j < d; ++j) {
+    const float g = scale * (1.f + gamma[j]);
+    for (int64_t k = 0; k < T; ++k) wt[k * d + j] = g * wa[j * T + k];
+    wt[T * d + j] = g * wb[j];
+  }
+}
+
+// The gradients of wa, wb and gamma from that of wt (the chain rule through anydepth_hc_pack_w);
+// each output pointer may be null when not needed
+void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
+                           float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d) {
+  const int64_t T = n + 1;
+  for (int64_t j = 0; j < d; ++j) {
+    const float g = scale * (1.f + gamma[j]);
+    double dg = 0.0;
+    for (int64_t k = 0; k < T; ++k) {
+      if (dwa) dwa[j * T + k] = g * dwt[k * d + j];
+      dg += static_cast<double>(dwt[k * d + j]) * wa[j * T + k];
+    }
+    if (dwb) dwb[j] = g * dwt[T * d + j];
+    dg += static_cast<double>(dwt[T * d + j]) * wb[j];
+    if (dgamma) dgamma[j] = static_cast<float>(scale * dg);
+  }
+}
+
 // y[i] = tanh_f(x[i]), for tests of the approximation
 void anydepth_hc_tanh(const float* x, float* y, int64_t count) {
 #pragma omp simd
@@ -547,6 +577,10 @@ def _bind(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.anydepth_hc_width_forward.argtypes = [p, p, p, p, f32, f32, i32, p, p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_width_forward.restype = None
+    lib.anydepth_hc_pack_w.argtypes = [p, p, p, f32, p, i64, i64]
+    lib.anydepth_hc_pack_w.restype = None
+    lib.anydepth_hc_unpack_dw.argtypes = [p, p, p, p, f32, p, p, p, i64, i64]
+    lib.anydepth_hc_unpack_dw.restype = None
     lib.anydepth_hc_tanh.argtypes = [p, p, i64]
     lib.anydepth_hc_tanh.restype = None
     lib.anydepth_hc_depth_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
@@ -591,9 +625,13 @@ class _Width(torch.autograd.Function):
     (see :class:`_Depth`)."""
 
     @staticmethod
-    def forward(ctx, h, wt, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link):
+    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link):
         m, n, d = h.shape
-        dynamic = wt is not None
+        dynamic = wa is not None
+        wt = None
+        if dynamic:
+            wt = h.new_empty(n + 2, d)
+            _KERNEL.lib.anydepth_hc_pack_w(wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, wt.data_ptr(), n, d)
         p = h.new_empty(m, n, n + 2) if dynamic else None
         pact = torch.empty_like(p) if dynamic else None
         r = h.new_empty(m, n) if dynamic else None
@@ -605,8 +643,8 @@ class _Width(torch.autograd.Function):
             int(use_tanh), _ptr(p), _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(),
             m, n, d, torch.get_num_threads(),
         )
-        ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev)
-        ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh))
+        ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma)
+        ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh), scale)
         ctx.link = link
         ctx.set_materialize_grads(False)
         # h goes out again for the depth connection, whose backward hands the gradient of H_new back
@@ -616,10 +654,11 @@ class _Width(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        h, wt, p, pact, r, alpha, bprev, yprev = ctx.saved_tensors
-        sa, sb, use_tanh = ctx.scales
+        h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma = ctx.saved_tensors
+        sa, sb, use_tanh, scale = ctx.scales
         m, n, d = h.shape
-        linked = ctx.link is not None and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8])
+        need = ctx.needs_input_grad
+        linked = ctx.link is not None and (need[10] or need[11])
         dyprev = h.new_empty(m, d) if linked else None
         dbprev = h.new_empty(m, n) if linked else None
         g_in = h.new_zeros(m, d) if g_in is None else g_in.contiguous()
@@ -643,8 +682,15 @@ class _Width(torch.autograd.Function):
             _claim(ctx.link, dh)
         links = (dbprev, dyprev, None)
         if wt is None:
-            return dh, None, da, db, None, None, None, *links
-        return dh, dwt, da, db, ds[0], ds[1], None, *links
+            return dh, None, None, None, None, da, db, None, None, None, *links
+        dwa = torch.empty_like(wa) if need[1] else None
+        dwb = torch.empty_like(wb) if need[2] else None
+        dgamma = torch.empty_like(gamma) if need[3] else None
+        _KERNEL.lib.anydepth_hc_unpack_dw(
+            dwt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, _ptr(dwa), _ptr(dwb), _ptr(dgamma),
+            n, d,
+        )
+        return dh, dwa, dwb, dgamma, None, da, db, ds[0], ds[1], None, *links
 
 
 def _claim(depth_node, dh: Tensor) -> None:
@@ -717,27 +763,31 @@ class _Depth(torch.autograd.Function):
 
 def width_connection(
     h: Tensor,
-    w: Tensor | None,
+    dynamic: tuple[Tensor, Tensor, Tensor, float] | None,
     a_static: Tensor,
     b_static: Tensor,
     sa: Tensor | None,
     sb: Tensor | None,
     use_tanh: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``; ``w (d, n+2)`` is the
-    dynamic projection with the stream norm's gain folded in, None for static hyper-connections. Pass
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``. ``dynamic`` is
+    ``(W_a (d, n+1), w_b (d,), gamma (d,), scale)``: the dynamic projections and the stream norm's gain
+    ``scale (1 + gamma)``, which the kernel folds into them; None for static hyper-connections. Pass
     the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
-    then flows back through the width connection's kernel, which adds both parts in one pass, in
-    place in the depth backward's fresh buffer."""
+    then comes back here unmixed (see :class:`_Depth`)."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
-    wt = None if w is None else w.t().contiguous()
+    wa = wb = gamma = None
+    scale = 0.0
+    if dynamic is not None:
+        wa, wb, gamma, scale = dynamic
+        wa, wb, gamma = wa.contiguous(), wb.reshape(d).contiguous(), gamma.contiguous()
     bprev = yprev = node = None
     link = getattr(h, "_hc_link", None)
     if link is not None and h._version == link[3] and torch.is_grad_enabled():
         node, bprev, yprev = link[:3]
     h_in, alpha, beta, h_out = _Width.apply(
-        h.reshape(-1, n, d).contiguous(), wt, a_static.contiguous(), b_static.contiguous(), sa, sb, use_tanh,
-        bprev, yprev, node,
+        h.reshape(-1, n, d).contiguous(), wa, wb, gamma, float(scale), a_static.contiguous(), b_static.contiguous(),
+        sa, sb, use_tanh, bprev, yprev, node,
     )
     return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n), h_out.view(*lead, n, d)
 
