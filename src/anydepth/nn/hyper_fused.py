@@ -5,22 +5,29 @@ token) but, in eager torch, a dozen passes over the n-wide residual: norm, proje
 mixing, split, multiply-add, their backwards, and the gradient concatenations. On CPU those passes,
 not the FLOPs, are what a 4-stream model pays. These kernels do the per-token work of each
 connection in one pass over the streams, with hand-derived backwards. For one token with streams
-``H`` (n x d), ``W`` (d x K, the stream norm's gain folded in; K = n + 2), scales ``s_a``, ``s_b``::
+``H`` (n x d), ``W = g [W_a | w_b]`` (d x K, K = n + 2; the stream norm's gain
+``g = sqrt(d) (1 + gamma)`` folded in by the kernel), scales ``s_a``, ``s_b``::
 
     width:  r_s = max(||H_s||, 1e-12)     P_s = H_s W / r_s                      (dynamic only)
             alpha = act(P[:, :n+1]) s_a + A_static      beta = act(P[:, n+1]) s_b + B_static
             h_in = sum_s alpha[s, 0] H_s                (the branch input; its pre-norm follows)
     depth:  H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y          (y: the branch output)
 
-Backward of the depth connection, with ``G = dL/dH_new``::
+The backward, with ``G = dL/dH_new`` and ``g = dL/dh_in``, is split so that each stream-sized
+tensor is read once and ``dH`` written once. The depth backward computes only the branch's part::
 
-    dy = sum_c beta_c G_c    dbeta_c = G_c . y    dalpha[s, 1+c] = H_s . G_c    dH_s = sum_c alpha[s, 1+c] G_c
+    dy = sum_c beta_c G_c        dbeta_c = G_c . y
 
-and of the width connection, with ``g = dL/dh_in`` and the ``dalpha``, ``dbeta`` just computed::
+and hands ``G`` on unmixed; the width backward reads ``G`` with ``H`` and does the rest::
 
-    dalpha[s, 0] = H_s . g
+    dalpha[s, 0] = H_s . g       dalpha[s, 1 + c] = H_s . G_c
     dP = [dalpha, dbeta] * [s_a, s_b] * act'(P)      q_s = dP_s / r_s    c_s = (q_s . P_s) / r_s
-    dH_s += alpha[s, 0] g + W q_s - c_s H_s          dW += H_s^T q_s     (c_s only where ||H_s|| > 1e-12)
+    dH_s = sum_c alpha[s, 1 + c] G_c + alpha[s, 0] g + W q_s - c_s H_s    dW += H_s^T q_s
+
+(``c_s`` only where ``||H_s|| > 1e-12``). When ``H`` is itself the output of the previous sublayer's
+depth connection, fed in unchanged (a chain of sublayers), the width backward also does that depth
+backward, ``dy_prev = sum_s beta_prev_s dH_s`` and ``dbeta_prev_s = y_prev . dH_s``, from ``dH``
+while it is in registers, and the depth backward then does nothing (see :class:`_Depth`).
 
 plus the sums over tokens for ``A_static``, ``B_static``, ``s_a``, ``s_b``. Float32 only; tokens run
 in parallel (OpenMP), parameter gradients are reduced from per-thread partial sums.
