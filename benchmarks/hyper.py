@@ -19,11 +19,13 @@ processes run, variants alternating, and the tables give the median over a varia
 
     .venv/bin/python benchmarks/hyper.py                       # the issue's sizes: 12 x 256, seq 256, batch 8
     .venv/bin/python benchmarks/hyper.py --depth 2 --seq 64    # a quick check
-    .venv/bin/python benchmarks/hyper.py --steady-malloc       # without glibc's page-fault churn
+    .venv/bin/python benchmarks/hyper.py --glibc-default       # glibc's allocator left as it is
 
-With glibc's default settings a step gives freed memory back to the kernel and faults it in again
-(about 30 000 page faults per plain step here, 7 000-20 000 with hyper-connections); how many varies
-from process to process, and it costs the plain model more. ``--steady-malloc`` removes it for both.
+Each process first calls ``anydepth.train.malloc.retain_freed_memory()``, as ``anydepth train`` does
+(and the ``interleave`` mode, whose models share one process, does too). With glibc's default
+settings a step gives freed memory back to the kernel and faults it in again (about 30 000 page
+faults per plain step here, 7 000-20 000 with hyper-connections), how many varies from process to
+process, and the step times scatter by up to 10%; ``--glibc-default`` measures that setting.
 """
 
 from __future__ import annotations
@@ -192,6 +194,10 @@ def build_step(args, variant: str):
 
 
 def child(args) -> dict:
+    if not args.glibc_default:
+        from anydepth.train.malloc import retain_freed_memory
+
+        retain_freed_memory()
     built = build_step(args, args.child)
     if isinstance(built, dict):
         return built
@@ -271,10 +277,9 @@ def main() -> None:
         "--interleave", action="store_true", help="time all variants round-robin in one process (no memory)"
     )
     p.add_argument(
-        "--steady-malloc",
+        "--glibc-default",
         action="store_true",
-        help="run the children with glibc's trimming and per-allocation mmap off (MALLOC_TRIM_THRESHOLD_, "
-        "MALLOC_MMAP_THRESHOLD_), so that no step pays page faults for memory the previous one gave back",
+        help="leave glibc's allocator as it is, instead of retain_freed_memory() as `anydepth train` does",
     )
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -283,6 +288,10 @@ def main() -> None:
         return
 
     if args.interleave:
+        if not args.glibc_default:
+            from anydepth.train.malloc import retain_freed_memory
+
+            retain_freed_memory()
         rows = interleaved(args, args.variants.split(","))
         print(
             f"interleaved, {args.steps} rounds; "
@@ -307,13 +316,11 @@ def main() -> None:
 
     rows, runs = {}, {}
     sizes = ("depth", "dim", "heads", "seq", "batch", "streams", "steps", "warmup", "threads")
-    env = dict(os.environ)
-    if args.steady_malloc:
-        env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 36), MALLOC_MMAP_THRESHOLD_=str(1 << 25))
     for _ in range(args.repeats):  # rounds of one process per variant: machine drift hits all alike
         for v in args.variants.split(","):
             cmd = [sys.executable, __file__, "--child", v] + [f"--{k}={getattr(args, k)}" for k in sizes]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            cmd += ["--glibc-default"] if args.glibc_default else []
+            out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 rows[v] = {"variant": v, "skipped": out.stderr.strip().splitlines()[-1]}
             else:
@@ -328,7 +335,7 @@ def main() -> None:
     print(
         f"\ndepth={args.depth} dim={args.dim} heads={args.heads} seq={args.seq} batch={args.batch} "
         f"streams={args.streams} steps={args.steps} repeats={args.repeats} threads={args.threads} "
-        f"malloc={'steady' if args.steady_malloc else 'glibc default'}"
+        f"malloc={'glibc default' if args.glibc_default else 'retained (as anydepth train)'}"
     )
     print(
         f"{'variant':<12} {'median s':>9} {'min s':>8} {'CPU s':>8} {'peak MiB':>9} {'params':>10} "

@@ -287,8 +287,10 @@ def _model_arg_value(model, name: str):
 def _train(argv: list[str]) -> int:
     from anydepth.train.checkpoint import CheckpointError
     from anydepth.train.loop import TrainingDiverged, run
+    from anydepth.train.malloc import retain_freed_memory
 
     cfg = parse_train_args(argv)
+    retain_freed_memory()
     try:
         summary = run(cfg)
     except CheckpointError as e:
@@ -401,6 +403,9 @@ def _study(argv: list[str]) -> int:
             )
             return 2
         raise
+    from anydepth.train.malloc import retain_freed_memory
+
+    retain_freed_memory()
     return int(study_main(argv) or 0)
 
 

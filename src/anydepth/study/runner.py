@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from anydepth.study.sweep import MODEL_S, SCHEMES, RunSpec
+from anydepth.train.malloc import retain_freed_memory
 
 Runner = Callable[[RunSpec, Path, bool], dict[str, Any]]
 """``runner(spec, run_dir, progress) -> record``; the record holds at least ``status`` and ``curve``."""
@@ -223,7 +224,8 @@ def execute(
 
         # spawn, not fork: a forked child of a process that already ran OpenMP-threaded torch ops can hang.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        # the workers keep freed memory like the parent (`anydepth study` calls this at start-up)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=retain_freed_memory) as pool:
             futures = {pool.submit(run_one, runner, spec, runs_dir, False): spec for spec in specs}
             for fut in as_completed(futures):
                 spec = futures[fut]
