@@ -4,9 +4,9 @@ A training step allocates and frees the same few hundred MiB of activations and 
 step. With glibc's defaults, blocks above the (adaptive) mmap threshold are fresh mappings, and free
 memory at the top of the heap is handed back to the kernel once it exceeds the trim threshold; the
 next step then faults all of it in again, page by page (about 30 000 page faults per step for the
-12-layer model of ``benchmarks/hyper.py``, 5-8% of the step on two cores). GPU allocators keep what
-they have for the same reason, and PyTorch's CPU tuning guides suggest jemalloc or tcmalloc; this
-does the glibc equivalent with ``mallopt``:
+12-layer model of ``benchmarks/hyper.py``; up to 10% of its step on two cores, and a different
+share in every process). GPU allocators keep what they have for the same reason, and PyTorch's CPU
+tuning guides suggest jemalloc or tcmalloc; this does the glibc equivalent with ``mallopt``:
 
 - ``M_MMAP_THRESHOLD = 32 MiB`` (glibc's largest): every block up to 32 MiB comes from the heap;
 - ``M_TRIM_THRESHOLD = -1``: the heap is never trimmed, so the process keeps its peak footprint.
