@@ -54,7 +54,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     The fused implementation (one kernel over all tensors) is used where torch has it: plain float
     tensors on CPU or CUDA. torch's default on CPU is a Python loop over the parameters, whose
     per-tensor overhead is most of the optimizer's time for models with many small parameters
-    (3.5x slower for the 12-layer benchmark model, 4.3x with hyper-connections: benchmarks/hyper.py).
+    (3.5x slower for the 12-layer dim-256 model of benchmarks/hyper.py, 4.3x with hyper-connections).
     Sharded (DTensor) parameters keep torch's default.
     """
     groups = param_groups(model, cfg.weight_decay)
