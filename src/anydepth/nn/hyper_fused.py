@@ -792,7 +792,7 @@ def width_connection(
         wa, wb, gamma = wa.contiguous(), wb.reshape(d).contiguous(), gamma.contiguous()
     bprev = yprev = node = None
     link = getattr(h, "_hc_link", None)
-    if link is not None and h._version == link[3] and torch.is_grad_enabled():
+    if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
         node, bprev, yprev = link[:3]
     h_in, alpha, beta, h_out = _Width.apply(
         h.reshape(-1, n, d).contiguous(), wa, wb, gamma, float(scale), a_static.contiguous(), b_static.contiguous(),
@@ -809,5 +809,5 @@ def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tenso
     view = out.view(*lead, n, d)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
-        view._hc_link = (out.grad_fn, beta, y, view._version)
+        view._hc_link = (out.grad_fn, beta, y, (view._version, view.shape, view.stride()))
     return view
