@@ -177,9 +177,7 @@ def build_step(args, variant: str):
         except Exception as e:  # the builder may not accept every option yet; report rather than fail
             return {"variant": variant, "skipped": f"{type(e).__name__}: {e}"}
 
-    # fused, as anydepth's trainer builds it on CPU (train/optim.py): the loop implementation's
-    # per-tensor overhead would otherwise weigh the hyper-connections' 7 small tensors per sublayer
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     tokens = torch.randint(vocab, (args.batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
     def step():
