@@ -53,8 +53,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
     torch's default implementation (a loop over the tensors on CPU). The fused one runs a 12-layer
     dim-256 model's optimizer step 3.4x faster on CPU and agrees with this one to 6e-8 per step, but
-    the default run's trajectory separates from this one at its early loss spike and ended 0.04 bpc
-    worse on both seeds tried (docs/training.md), so it is not the default until that is understood.
+    the default run's trajectory separates from this one at its early loss spike and ended worse or
+    equal on all four seeds tried (docs/training.md), so it is not the default until that is understood.
     """
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps
