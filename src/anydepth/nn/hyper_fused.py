@@ -228,7 +228,7 @@ struct WidthGradToken {
 // token rather than once per stream (store bandwidth, not arithmetic, limits this loop). Linked
 // (H is the output of the previous sublayer's depth connection, H = A^T H_prev + bprev yprev), the
 // previous depth backward is done here too, from dH while it is in registers:
-//   dyprev = sum_s bprev_s dH_s      dbprev_s += yprev . dH_s   (lanes summed per token by the caller)
+//   dyprev = sum_s bprev_s dH_s      dbprev_s = yprev . dH_s   (vector partial sums, added up at the end)
 // N is a template argument so that the per-stream vectors stay in registers.
 template <int N, bool Dynamic, bool Linked>
 inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
