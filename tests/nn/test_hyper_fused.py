@@ -101,6 +101,10 @@ def test_fused_path_is_skipped_where_it_does_not_apply(monkeypatch):
     for hc in cases:
         hc(x, nn.Identity())
     HyperConnection(16, 4, layer_index=0).double()(x.double(), nn.Identity())
+    # the kernel reads the stream norm's gain through a raw pointer too: a float64 gain keeps it out
+    mixed = HyperConnection(16, 4, layer_index=0)
+    mixed.norm.double()
+    mixed(x, nn.Identity())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         HyperConnection(16, 4, layer_index=0)(x, nn.Identity())
     assert not calls

@@ -372,8 +372,16 @@ class HyperConnection(Residual):
             and self.num_input_views == 1
             and self.add_branch_out_to_residual
             and self.depth_residual_fn is None
-            and hyper_fused.fused_ok(h, *self.parameters(recurse=False))
+            and hyper_fused.fused_ok(h, *self._kernel_tensors())
         )
+
+    def _kernel_tensors(self) -> list[Tensor]:
+        """The parameters the kernels read through raw pointers (so they must be float32 CPU tensors)."""
+        out = [self.static_alpha, self.static_beta]
+        if self.dynamic:
+            out += [self.dynamic_alpha_fn, self.dynamic_beta_fn, self.norm.gamma]
+            out += [self.dynamic_alpha_scale, self.dynamic_beta_scale]
+        return out
 
     def _fused_forward(self, h: Tensor, f, *args, **kwargs) -> Tensor:
         """The same computation as ``width_connection``/``depth_connection`` through the fused kernels."""

@@ -186,21 +186,22 @@ inline float tanh_f(float x) {
   return x != x ? x : std::copysign(v, x);
 }
 
-// out[j] = (accumulate ? out[j] : 0) + sum_i coef[i] rows[i][j]. Each block of out stays in a
-// register across the terms, so out is read (if at all) and written once.
-inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d, bool accumulate) {
+// out[j] = sum_i coef[i] rows[i][j]. Each block of out stays in a register across the terms, so out
+// is written once.
+inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d) {
   int64_t j0 = 0;
   for (; j0 + kLanes <= d; j0 += kLanes) {
-    v16 acc = accumulate ? load16(out + j0) : v16{};
+    v16 acc{};
     for (int i = 0; i < cnt; ++i) acc += coef[i] * load16(rows[i] + j0);
     store16(out + j0, acc);
   }
   for (int64_t j = j0; j < d; ++j) {
-    float a = accumulate ? out[j] : 0.f;
+    float a = 0.f;
     for (int i = 0; i < cnt; ++i) a += coef[i] * rows[i][j];
     out[j] = a;
   }
 }
+
 // One token of the width backward: what the per-token loop hands to width_grad_token.
 struct WidthGradToken {
   const float* H;     // (n, d) the token's streams
@@ -381,7 +382,7 @@ void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_s
       rows[s] = h + (m * n + s) * d;
       coef[s] = A[s * T];
     }
-    combine(h_in + m * d, rows, coef, static_cast<int>(n), d, false);
+    combine(h_in + m * d, rows, coef, static_cast<int>(n), d);
   }
 }
 
@@ -436,7 +437,7 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
     for (int64_t c = 0; c < n; ++c) {
       for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
       coef[n] = beta[m * n + c];
-      combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d, false);
+      combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d);
     }
   }
 }
@@ -450,7 +451,7 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
   for (int64_t m = 0; m < m_tokens; ++m) {
     const float* gs[kMaxTerms];
     for (int64_t c = 0; c < n; ++c) gs[c] = g + (m * n + c) * d;
-    if (dy) combine(dy + m * d, gs, beta + m * n, static_cast<int>(n), d, false);
+    if (dy) combine(dy + m * d, gs, beta + m * n, static_cast<int>(n), d);
     if (dbeta) multi_dot(y + m * d, gs, static_cast<int>(n), d, dbeta + m * n);
   }
 }
@@ -647,13 +648,13 @@ class _Width(torch.autograd.Function):
         alpha = h.new_empty(m, n, n + 1)
         beta = h.new_empty(m, n)
         h_in = h.new_empty(m, d)
+        sa, sb = _scalar(sa), _scalar(sb)
         _KERNEL.lib.anydepth_hc_width_forward(
-            h.data_ptr(), _ptr(wt), a_static.data_ptr(), b_static.data_ptr(), _scalar(sa), _scalar(sb),
-            int(use_tanh), _ptr(p), _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(),
-            m, n, d, torch.get_num_threads(),
+            h.data_ptr(), _ptr(wt), a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh), _ptr(p),
+            _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), m, n, d, torch.get_num_threads(),
         )
         ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma)
-        ctx.scales = (_scalar(sa), _scalar(sb), bool(use_tanh), scale)
+        ctx.scales = (sa, sb, bool(use_tanh), scale)
         ctx.link = link
         ctx.set_materialize_grads(False)
         # h goes out again for the depth connection, whose backward hands the gradient of H_new back

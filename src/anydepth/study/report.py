@@ -43,6 +43,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _title(scheme: str) -> str:
     return SCHEMES[scheme].title if scheme in SCHEMES else scheme
 
@@ -81,11 +88,7 @@ def plot_curves(ev: Evidence, out: Path) -> list[Path]:
         ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)", title=f"{depth} layers")
         ax.set_ylim(top=min(ax.get_ylim()[1], ev.unigram + 2.5))
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves_L{depth}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"curves_L{depth}.png"))
     return paths
 
 
@@ -125,11 +128,7 @@ def plot_steps_to_target(ev: Evidence, out: Path) -> Path | None:
     ax.set_xticklabels(schemes, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="steps to reach X (lower is faster)", title="Steps to the reference's half-budget bpc")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "steps_to_target.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "steps_to_target.png")
 
 
 def plot_final_vs_depth(ev: Evidence, out: Path) -> Path | None:
@@ -157,11 +156,7 @@ def plot_final_vs_depth(ev: Evidence, out: Path) -> Path | None:
     ax.set_xticklabels([str(d) for d in ev.depths()])
     ax.set(xlabel="layers", ylabel="final val bpc (x: failed to train)", title="Final bpc against depth")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "final_bpc_vs_depth.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "final_bpc_vs_depth.png")
 
 
 def plot_output_change(oc: dict[str, dict[str, float]], out: Path) -> Path | None:
@@ -176,11 +171,7 @@ def plot_output_change(oc: dict[str, dict[str, float]], out: Path) -> Path | Non
     ax.set_yscale("log")
     ax.set(xlabel="layers", ylabel="E ||F(x,W) - F(x,W+delta)||^2", title="Output change at init")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "output_change.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "output_change.png")
 
 
 def plot_fc(fc: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
@@ -196,11 +187,7 @@ def plot_fc(fc: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
         ax.set_yscale("log")
         ax.set(xlabel="step", ylabel="train loss (EMA 0.9)", title=f"fully connected, {depth} layers")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "fc_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "fc_curves.png")
 
 
 def _run_table(ev: Evidence) -> list[str]:
