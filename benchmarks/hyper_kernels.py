@@ -43,33 +43,45 @@ def main() -> None:
         dict(h=rnd(m, n, d), G=rnd(m, n, d), out=torch.empty(m, n, d), dh=torch.empty(m, n, d), y=rnd(m, d),
              gin=rnd(m, d), hin=torch.empty(m, d), dy=torch.empty(m, d), yprev=rnd(m, d), dyprev=torch.empty(m, d),
              alpha=rnd(m, n, t_), beta=rnd(m, n), dbeta=rnd(m, n), bprev=rnd(m, n), dbprev=torch.empty(m, n),
-             p=rnd(m, n, k_), pact=rnd(m, n, k_).tanh(), r=torch.rand(m, n, generator=g) + 1)
+             p=rnd(m, n, k_), pact=rnd(m, n, k_).tanh(), r=torch.rand(m, n, generator=g) + 1,
+             mu=rnd(m), rstd=torch.rand(m, generator=g) + 0.5)
         for _ in range(args.sets)
     ]
     wt, dwt = rnd(k_, d), torch.zeros(k_, d)
     a_s, b_s, da, db, ds = rnd(n, t_), rnd(n), torch.zeros(n, t_), torch.zeros(n), torch.zeros(2)
+    ln_w, ln_b, dln_w, dln_b = rnd(d), rnd(d), torch.zeros(d), torch.zeros(d)
 
     def ptr(b, k):
         return b[k].data_ptr()
 
-    def width_bwd(b, linked):
+    def width_fwd(b, ln):
+        norm = (ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd")) if ln else (None,) * 2 + (
+            0.0, None, None)
+        lib.anydepth_hc_width_forward(
+            ptr(b, "h"), wt.data_ptr(), a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"),
+            ptr(b, "r"), ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "hin"), *norm, m, n, d, th,
+        )
+
+    def width_bwd(b, linked, ln=False):
         link = (ptr(b, "bprev"), ptr(b, "yprev")) if linked else (None, None)
         outs = (ptr(b, "dyprev"), ptr(b, "dbprev")) if linked else (None, None)
+        norm = (ln_w.data_ptr(), ptr(b, "mu"), ptr(b, "rstd"), dln_w.data_ptr(), dln_b.data_ptr()) if ln else (
+            None,) * 5
         lib.anydepth_hc_width_backward(
             ptr(b, "gin"), ptr(b, "G"), ptr(b, "h"), wt.data_ptr(), ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"),
             ptr(b, "alpha"), None, ptr(b, "dbeta"), 0.01, 0.01, 1, *link, ptr(b, "dh"), dwt.data_ptr(),
-            da.data_ptr(), db.data_ptr(), ds.data_ptr(), *outs, m, n, d, th,
+            da.data_ptr(), db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, th,
         )
 
     stream, row = m * n * d * 4, m * d * 4
     kernels = [
         ("copy of the streams (reference)", 2 * stream, lambda b: b["out"].copy_(b["h"])),
-        ("width forward", stream + row, lambda b: lib.anydepth_hc_width_forward(
-            ptr(b, "h"), wt.data_ptr(), a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"),
-            ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "hin"), m, n, d, th)),
+        ("width forward", stream + row, lambda b: width_fwd(b, False)),
+        ("width forward + LayerNorm", stream + row, lambda b: width_fwd(b, True)),
         ("depth forward", 2 * stream + row, lambda b: lib.anydepth_hc_depth_forward(
             ptr(b, "h"), ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)),
         ("width backward, linked", 3 * stream + 3 * row, lambda b: width_bwd(b, True)),
+        ("width backward, linked + LayerNorm", 3 * stream + 3 * row, lambda b: width_bwd(b, True, True)),
         ("width backward, not linked", 3 * stream + row, lambda b: width_bwd(b, False)),
         ("depth backward, not linked", stream + 2 * row, lambda b: lib.anydepth_hc_depth_backward(
             ptr(b, "G"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "dbeta"), ptr(b, "dy"), m, n, d, th)),

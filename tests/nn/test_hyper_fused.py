@@ -15,6 +15,7 @@ from torch import nn
 
 from anydepth.nn import hyper_fused
 from anydepth.nn.hyper import HyperConnection, ManifoldHyperConnection
+from anydepth.nn.norms import LayerNorm, RMSNorm
 
 pytestmark = pytest.mark.skipif(
     not hyper_fused._KERNEL.available(), reason=f"fused kernel unavailable: {hyper_fused._KERNEL.error}"
@@ -42,6 +43,17 @@ def _grads(hc, branch, x, gy, fused: bool):
     return out.detach(), xa.grad, params
 
 
+def _assert_matches_float64_eager(fused, hc, branch, x, gy):
+    out, dx, grads = fused
+    out_ref, dx_ref, grads_ref = _grads(hc.double(), branch.double(), x.double(), gy.double(), fused=False)
+    torch.testing.assert_close(out.double(), out_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dx.double(), dx_ref, atol=2e-5, rtol=2e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        # parameter gradients are sums over a hundred tokens or so
+        torch.testing.assert_close(g.double(), grads_ref[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("dynamic,tanh", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("streams,dim", [(4, 32), (2, 20), (5, 67), (1, 24)])
 def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
@@ -62,13 +74,34 @@ def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
         hyper_fused._Depth.forward = staticmethod(real)
     assert calls, "the fused path was not taken"
 
-    out_ref, dx_ref, grads_ref = _grads(hc.double(), branch.double(), x.double(), gy.double(), fused=False)
-    torch.testing.assert_close(out.double(), out_ref, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(dx.double(), dx_ref, atol=2e-5, rtol=2e-5)
-    assert grads.keys() == grads_ref.keys()
-    for name, g in grads.items():
-        # parameter gradients are sums over 123 tokens
-        torch.testing.assert_close(g.double(), grads_ref[name], atol=1e-4, rtol=1e-4, msg=name)
+    _assert_matches_float64_eager((out, dx, grads), hc, branch, x, gy)
+
+
+@pytest.mark.parametrize(
+    "make_norm,fused_norm",
+    [
+        (lambda d: nn.LayerNorm(d), True),
+        (lambda d: nn.LayerNorm(d, eps=1e-3, bias=False), True),
+        (lambda d: LayerNorm(d, bias=False), True),
+        (lambda d: LayerNorm(d), True),
+        (lambda d: RMSNorm(d), False),  # not fused: the module runs on the kernel's output
+        (lambda d: None, False),
+    ],
+)
+@pytest.mark.parametrize("streams,dim", [(4, 32), (3, 37)])
+def test_fused_branch_layer_norm_equals_eager_float64(make_norm, fused_norm, streams, dim):
+    # The width kernel applies a plain LayerNorm itself and recomputes its input in the backward;
+    # every output and gradient (the norm's weight and bias included) must match float64 eager.
+    hc = _perturbed(HyperConnection(dim, streams, layer_index=2, norm=make_norm(dim)), 4)
+    branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+    g = torch.Generator().manual_seed(5)
+    x, gy = torch.randn(2, 29, streams, dim, generator=g), torch.randn(2, 29, streams, dim, generator=g)
+    norm_calls = []
+    hook = hc.branch_norm.register_forward_hook(lambda *a: norm_calls.append(1))
+    out, dx, grads = _grads(hc, branch, x, gy, fused=True)
+    hook.remove()
+    assert bool(norm_calls) != fused_norm, "the LayerNorm was not fused" if fused_norm else "the norm did not run"
+    _assert_matches_float64_eager((out, dx, grads), hc, branch, x, gy)
 
 
 def test_fused_dropout_placements_match_eager():

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from anydepth.nn import hyper_fused
 from anydepth.nn.context import LayerContext
+from anydepth.nn.norms import LayerNorm
 from anydepth.nn.residual import Residual
 from anydepth.registry import NORMS, RESIDUALS
 
@@ -385,16 +386,38 @@ class HyperConnection(Residual):
 
     def _fused_forward(self, h: Tensor, f, *args, **kwargs) -> Tensor:
         """The same computation as ``width_connection``/``depth_connection`` through the fused kernels."""
-        branch_in, alpha, beta, h = self._fused_width(h)
-        return self._fused_depth(h, alpha, beta, f(self.branch_norm(branch_in), *args, **kwargs))
+        layer_norm = self._fused_layer_norm(h)
+        branch_in, alpha, beta, h = self._fused_width(h, layer_norm)
+        x = branch_in if layer_norm is not None else self.branch_norm(branch_in)
+        return self._fused_depth(h, alpha, beta, f(x, *args, **kwargs))
 
-    def _fused_width(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _fused_layer_norm(self, h: Tensor) -> tuple[Tensor, Tensor | None, float] | None:
+        """``(weight, bias, eps)`` when the branch norm is a plain LayerNorm over ``dim`` that the width
+        kernel can apply itself, else None (the norm module then runs on the kernel's output).
+
+        Fused, the norm costs no pass of its own over the branch input in either direction, and its
+        input is not stored: the backward recomputes it from the streams it reads anyway."""
+        norm = self.branch_norm
+        if type(norm) is LayerNorm:
+            weight, bias, eps = norm.weight, norm.bias, norm.eps
+        elif type(norm) is nn.LayerNorm and norm.normalized_shape == (self.dim,) and norm.weight is not None:
+            weight, bias, eps = norm.weight, norm.bias, norm.eps
+        else:
+            return None
+        params = (weight,) if bias is None else (weight, bias)
+        if not hyper_fused.fused_ok(h, *params) or any(not p.is_contiguous() for p in params):
+            return None
+        return weight, bias, float(eps)
+
+    def _fused_width(self, h: Tensor, layer_norm=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dynamic = sa = sb = None
         if self.dynamic:
             dynamic = (self.dynamic_alpha_fn, self.dynamic_beta_fn, self.norm.gamma, self.norm.scale)
             sa, sb = self.dynamic_alpha_scale, self.dynamic_beta_scale
         use_tanh = isinstance(self.act, nn.Tanh)
-        return hyper_fused.width_connection(h, dynamic, self.static_alpha, self.static_beta, sa, sb, use_tanh)
+        return hyper_fused.width_connection(
+            h, dynamic, self.static_alpha, self.static_beta, sa, sb, use_tanh, layer_norm
+        )
 
     def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
         if self.dropout_placement == "branch":

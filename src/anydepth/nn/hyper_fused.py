@@ -145,6 +145,39 @@ inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, 
   multi_dot_upto<kMaxDots>(x, ys, k, d, out);
 }
 
+// out[s][c] = H_s . ys[c] for s < n, c <= n: all n (n + 1) products of a token in one pass over its
+// rows, each an independent accumulator (n calls of multi_dot would each wait on their own add
+// chains and reduce separately). Beyond what the registers hold, one stream at a time.
+template <int N>
+inline void cross_dots(int n, const float* H, const float* const* ys, int64_t d, float (*out)[kMaxStreams + 1]) {
+  if constexpr (N > 1) {
+    if (n < N) return cross_dots<N - 1>(n, H, ys, d, out);
+  }
+  if constexpr (N * (N + 1) > 20) {
+    for (int s = 0; s < N; ++s) multi_dot_k<N + 1>(H + s * d, ys, d, out[s]);
+  } else {
+    v16 acc[N][N + 1] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= d; j += kLanes) {
+      v16 yv[N + 1];
+#pragma GCC unroll 17
+      for (int c = 0; c <= N; ++c) yv[c] = load16(ys[c] + j);
+#pragma GCC unroll 16
+      for (int s = 0; s < N; ++s) {
+        const v16 hv = load16(H + s * d + j);
+#pragma GCC unroll 17
+        for (int c = 0; c <= N; ++c) acc[s][c] += hv * yv[c];
+      }
+    }
+    for (int s = 0; s < N; ++s)
+      for (int c = 0; c <= N; ++c) {
+        float v = hsum(acc[s][c]);
+        for (int64_t t = j; t < d; ++t) v += H[s * d + t] * ys[c][t];
+        out[s][c] = v;
+      }
+  }
+}
+
 // exp(y) for -19 <= y <= 0: y = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so that k ln2
 // is exact), e^r by its Taylor polynomial to degree 7 (truncation below 6e-9 relative), 2^k from the
 // exponent bits. Branch-free, so the loops that call it vectorise.
@@ -202,11 +235,77 @@ inline void combine(float* out, const float* const* rows, const float* coef, int
   }
 }
 
+// The branch's LayerNorm on one token row x (d) in place, in L1 right after the width connection
+// wrote it: x <- (x - mu) rstd w (+ b), rstd = 1 / sqrt(var + eps), biased variance about the mean
+// (two passes over the row, as the row is in L1 anyway). Returns (mu, rstd) for the backward.
+inline void layer_norm_row(float* x, const float* w, const float* b, float eps, int64_t d, float* mu_out,
+                           float* rstd_out) {
+  v16 acc{};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) acc += load16(x + j);
+  float sum = hsum(acc);
+  for (int64_t t = j; t < d; ++t) sum += x[t];
+  const float mu = sum / static_cast<float>(d);
+  v16 sq{};
+  for (j = 0; j + kLanes <= d; j += kLanes) {
+    const v16 c = load16(x + j) - mu;
+    sq += c * c;
+  }
+  float var = hsum(sq);
+  for (int64_t t = j; t < d; ++t) var += (x[t] - mu) * (x[t] - mu);
+  const float rstd = 1.f / std::sqrt(var / static_cast<float>(d) + eps);
+  for (j = 0; j + kLanes <= d; j += kLanes) {
+    const v16 v = (load16(x + j) - mu) * rstd * load16(w + j);
+    store16(x + j, b ? v + load16(b + j) : v);
+  }
+  for (int64_t t = j; t < d; ++t) x[t] = (x[t] - mu) * rstd * w[t] + (b ? b[t] : 0.f);
+  *mu_out = mu;
+  *rstd_out = rstd;
+}
+
+// The LayerNorm's backward for one token, its input x = sum_s a0_s H_s recomputed from the streams
+// (which the width backward reads anyway) rather than stored: with xh = (x - mu) rstd and
+// gw = go w, the input gradient is g = rstd (gw - mean(gw) - xh mean(gw xh)) into g, and
+// dw += go xh, db += go into this thread's partial sums.
+inline void layer_norm_row_backward(const float* H, const float* a0, int n, const float* go, const float* w,
+                                    float mu, float rstd, int64_t d, float* g, float* dw, float* db) {
+  v16 s1{}, s2{};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    v16 x = a0[0] * load16(H + j);
+    for (int s = 1; s < n; ++s) x += a0[s] * load16(H + s * d + j);
+    const v16 xh = (x - mu) * rstd, gv = load16(go + j), gw = gv * load16(w + j);
+    s1 += gw;
+    s2 += gw * xh;
+    store16(dw + j, load16(dw + j) + gv * xh);
+    store16(db + j, load16(db + j) + gv);
+    store16(g + j, xh);  // xh kept for the second pass
+  }
+  float t1 = hsum(s1), t2 = hsum(s2);
+  for (int64_t t = j; t < d; ++t) {
+    float x = 0.f;
+    for (int s = 0; s < n; ++s) x += a0[s] * H[s * d + t];
+    const float xh = (x - mu) * rstd, gw = go[t] * w[t];
+    t1 += gw;
+    t2 += gw * xh;
+    dw[t] += go[t] * xh;
+    db[t] += go[t];
+    g[t] = xh;
+  }
+  const float c1 = t1 / static_cast<float>(d), c2 = t2 / static_cast<float>(d);
+  for (j = 0; j + kLanes <= d; j += kLanes) {
+    const v16 xh = load16(g + j);
+    store16(g + j, rstd * (load16(go + j) * load16(w + j) - c1 - xh * c2));
+  }
+  for (int64_t t = j; t < d; ++t) g[t] = rstd * (go[t] * w[t] - c1 - g[t] * c2);
+}
+
 // One token of the width backward: what the per-token loop hands to width_grad_token.
 struct WidthGradToken {
   const float* H;     // (n, d) the token's streams
   const float* G;     // (n, d) gradient of the depth connection's output, unmixed
   const float* g;     // (d) gradient of the branch input
+  const float* gnext; // (d) the next token's incoming branch gradient (only prefetched)
   const float* wt;    // (K, d) dynamic projection, transposed (dynamic variant)
   const float (*q)[kMaxK];        // (n, K) gradient of P / r (dynamic variant)
   const float (*ar)[kMaxStreams]; // (n, n) alpha[:, 1:], the stream mixing
@@ -258,13 +357,23 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
       __builtin_prefetch(G + (N + c) * d + j0);
       if constexpr (Dynamic) __builtin_prefetch(H + (N + c) * d + j0);
     }
-    __builtin_prefetch(g + d + j0);
+    __builtin_prefetch(t.gnext + j0);
     const v16 gv = load16(g + j0);
     for (int c = 0; c < N; ++c) gc[c] = load16(G + c * d + j0);
+    // each dH_s as two independent chains of multiply-adds, the streams' terms in one and the
+    // projection's in the other (static: the streams' terms split by parity): with one chain per
+    // stream the loop waits on the adds' latency, not on their throughput
+    v16 part[N];
     for (int s = 0; s < N; ++s) {
-      v16 a = a0[s] * gv;
-      for (int c = 0; c < N; ++c) a += ar[s][c] * gc[c];
+      v16 a = a0[s] * gv, b{};
+      for (int c = 0; c < N; ++c) {
+        if (Dynamic || c % 2 == 0)
+          a += ar[s][c] * gc[c];
+        else
+          b += ar[s][c] * gc[c];
+      }
       acc[s] = a;
+      part[s] = b;
     }
     if constexpr (Dynamic) {
       v16 hv[N];
@@ -276,12 +385,13 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
         const v16 wk = load16(wt + k * d + j0);
         v16 dk = load16(dw + k * d + j0);
         for (int s = 0; s < N; ++s) {
-          acc[s] += q[s][k] * wk;
+          part[s] += q[s][k] * wk;
           dk += q[s][k] * hv[s];
         }
         store16(dw + k * d + j0, dk);
       }
     }
+    for (int s = 0; s < N; ++s) acc[s] += part[s];
 #if defined(__AVX512F__)
     if (t.stream_dh) {
       for (int s = 0; s < N; ++s) _mm512_stream_ps(dh + s * d + j0, reinterpret_cast<__m512>(acc[s]));
@@ -338,10 +448,13 @@ extern "C" {
 // r_s = max(||H_s||, 1e-12) into p (M, n, K), its activation into pact, r into r (M, n), and
 // alpha = act(P[:, :n+1]) s_a + a_static, beta = act(P[:, n+1]) s_b + b_static; static (wt null):
 // alpha = a_static, beta = b_static for every token. Then h_in[m] = sum_s alpha[m, s, 0] H[m, s],
-// while the token's streams are still in L1.
+// while the token's streams are still in L1, and with ln_w (d) not null the branch's LayerNorm of it
+// (weight ln_w, bias ln_b or none, epsilon ln_eps) in its place, its mean and 1/std into ln_mu,
+// ln_rstd (M): the norm's own pass over h_in, and the backward's, are saved.
 void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_static, const float* b_static,
                                float sa, float sb, int use_tanh, float* p, float* pact, float* r, float* alpha,
-                               float* beta, float* h_in, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+                               float* beta, float* h_in, const float* ln_w, const float* ln_b, float ln_eps,
+                               float* ln_mu, float* ln_rstd, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
@@ -360,9 +473,11 @@ void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_s
         float dots[kMaxDots];
         w[K] = hs;
         multi_dot(hs, w, static_cast<int>(K + 1), d, dots);
-        const float rs = std::fmax(std::sqrt(dots[K]), 1e-12f);
+        // as std::fmax (a NaN norm gives the clamp), without its library call
+        const float norm = std::sqrt(dots[K]);
+        const float rs = norm > 1e-12f ? norm : 1e-12f, inv = 1.f / rs;
         r[m * n + s] = rs;
-        for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[k] / rs;
+        for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[k] * inv;
       }
       if (use_tanh) {
 #pragma omp simd
@@ -383,6 +498,7 @@ void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_s
       coef[s] = A[s * T];
     }
     combine(h_in + m * d, rows, coef, static_cast<int>(n), d);
+    if (ln_w) layer_norm_row(h_in + m * d, ln_w, ln_b, ln_eps, d, ln_mu + m, ln_rstd + m);
   }
 }
 
@@ -457,8 +573,10 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 }
 
 // Width backward, which also finishes the depth connection's backward. gin (M, d): gradient of the
-// branch input; gdepth (M, n, d): gradient of the depth connection's output H_new; galpha (M, n, n+1,
-// may be null): gradient alpha received from other uses; dbeta (M, n, may be null): gradient of beta.
+// branch input (of its LayerNorm's output when ln_w is not null: then ln_mu, ln_rstd are the forward's
+// and dln_w, dln_b (d; dln_b may be null) receive the norm's parameter gradients); gdepth (M, n, d):
+// gradient of the depth connection's output H_new; galpha (M, n, n+1, may be null): gradient alpha
+// received from other uses; dbeta (M, n, may be null): gradient of beta.
 // Writes dh (M, n, d), the whole gradient of H, and adds the sums over tokens (from per-thread
 // partial sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
 // dscale[2] = (d s_a, d s_b). Linked (dyprev not null): H = A^T H_prev + bprev yprev came from the
@@ -468,8 +586,9 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
                                const float* p, const float* pact, const float* r, const float* alpha,
                                const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
                                const float* bprev, const float* yprev, float* dh, float* dwt, float* da_static,
-                               float* db_static, float* dscale, float* dyprev, float* dbprev, int64_t m_tokens,
-                               int64_t n, int64_t d, int nthreads) {
+                               float* db_static, float* dscale, float* dyprev, float* dbprev, const float* ln_w,
+                               const float* ln_mu, const float* ln_rstd, float* dln_w, float* dln_b,
+                               int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
   anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
@@ -481,7 +600,8 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
   // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
   // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
   // matrices and the scales in double (one scalar each, summed over every token, stream and column)
-  const int64_t width = wt ? (K * d + 15) / 16 * 16 : 0;
+  // and, with the LayerNorm fused (ln_w not null), its dw and db and the token's input gradient
+  const int64_t width = ((wt ? K * d : 0) + (ln_w ? 3 * d : 0) + 15) / 16 * 16;
   const int64_t swidth = (n * T + n + 2 + 7) / 8 * 8;
   float* part = width ? static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float))) : nullptr;
   double* spart = static_cast<double*>(std::calloc(static_cast<size_t>(nt) * swidth, sizeof(double)));
@@ -492,7 +612,9 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
   }
 #pragma omp parallel num_threads(nt)
   {
-    float* pw = width ? part + omp_get_thread_num() * width : nullptr;
+    float* pthread = width ? part + omp_get_thread_num() * width : nullptr;
+    float* pw = wt ? pthread : nullptr;
+    float* pln = ln_w ? pthread + (wt ? K * d : 0) : nullptr;  // dw, db, then the token's g
     double* pa = spart + omp_get_thread_num() * swidth;
     double* pb = pa + n * T;
     double* ps = pb + n;
@@ -502,6 +624,13 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       const float* Gm = gdepth + m * n * d;
       const float* Hm = h + m * n * d;
       const float* A = alpha + m * n * T;
+      if (ln_w) {  // gin is the gradient of the norm's output: the branch input's comes first
+        float a0n[kMaxStreams];
+        for (int64_t s = 0; s < n; ++s) a0n[s] = A[s * T];
+        layer_norm_row_backward(Hm, a0n, static_cast<int>(n), gm, ln_w, ln_mu[m], ln_rstd[m], d, pln + 2 * d, pln,
+                                pln + d);
+        gm = pln + 2 * d;
+      }
       const float* dB = dbeta ? dbeta + m * n : nullptr;
       // dA[s] = H_s . [g, G_0, ..., G_{n-1}]: one pass over the token's streams for all n + 1 columns
       const float* ys[kMaxDots];
@@ -510,8 +639,8 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       float dA[kMaxStreams][kMaxStreams + 1];
       float ar[kMaxStreams][kMaxStreams];
       float a0[kMaxStreams];
+      cross_dots<kMaxStreams>(static_cast<int>(n), Hm, ys, d, dA);
       for (int64_t s = 0; s < n; ++s) {
-        multi_dot(Hm + s * d, ys, static_cast<int>(T), d, dA[s]);
         if (galpha)
           for (int64_t c = 0; c < T; ++c) dA[s][c] += galpha[(m * n + s) * T + c];
         for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s][c];
@@ -521,7 +650,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
-      WidthGradToken t{Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d, pw,
+      WidthGradToken t{Hm, Gm, gm, gin + (m + 1) * d, wt, q, ar, a0, cs, dh + m * n * d, pw,
                        nullptr, nullptr, nullptr, nullptr, stream_dh};
       if (dyprev) {
         t.bprev = bprev + m * n;
@@ -533,10 +662,13 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
         width_grad<false>(static_cast<int>(n), t, d);
         continue;
       }
+      // the token's contributions to d s_a, d s_b summed here first: added to ps one by one, each
+      // would wait on the previous one's store
+      float dsa = 0.f, dsb = 0.f;
       for (int64_t s = 0; s < n; ++s) {
         const float* P = p + (m * n + s) * K;
         const float* Pa = pact + (m * n + s) * K;
-        const float rs = r[m * n + s];
+        const float rs = r[m * n + s], inv = 1.f / rs;
         float c = 0.f;
         for (int64_t k = 0; k < K; ++k) {
           const float t = Pa[k];
@@ -544,19 +676,21 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
           float up;
           if (k < T) {
             up = dA[s][k];
-            ps[0] += up * t;
+            dsa += up * t;
             up *= sa;
           } else {
             up = dB ? dB[s] : 0.f;
-            ps[1] += up * t;
+            dsb += up * t;
             up *= sb;
           }
-          q[s][k] = up * slope / rs;
+          q[s][k] = up * slope * inv;
           c += q[s][k] * P[k];
         }
         // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
-        cs[s] = rs > 1e-12f ? c / rs : 0.f;
+        cs[s] = rs > 1e-12f ? c * inv : 0.f;
       }
+      ps[0] += dsa;
+      ps[1] += dsb;
       width_grad<true>(static_cast<int>(n), t, d);
     }
 #if defined(__AVX512F__)
@@ -568,6 +702,12 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
     if (wt) {
       const float* pw = part + t * width;
       for (int64_t i = 0; i < K * d; ++i) dwt[i] += pw[i];
+    }
+    if (ln_w) {
+      const float* pln = part + t * width + (wt ? K * d : 0);
+      for (int64_t i = 0; i < d; ++i) dln_w[i] += pln[i];
+      if (dln_b)
+        for (int64_t i = 0; i < d; ++i) dln_b[i] += pln[d + i];
     }
     const double* pa = spart + t * swidth;
     for (int64_t i = 0; i < n * T; ++i) da_static[i] += static_cast<float>(pa[i]);
@@ -585,7 +725,9 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
 
 def _bind(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.anydepth_hc_width_forward.argtypes = [p, p, p, p, f32, f32, i32, p, p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_width_forward.argtypes = [
+        p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64, i32
+    ]
     lib.anydepth_hc_width_forward.restype = None
     lib.anydepth_hc_pack_w.argtypes = [p, p, p, f32, p, i64, i64]
     lib.anydepth_hc_pack_w.restype = None
@@ -598,7 +740,7 @@ def _bind(lib) -> None:
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32
+        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -632,10 +774,12 @@ def _scalar(t: Tensor | None) -> float:
 class _Width(torch.autograd.Function):
     """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
     produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
-    (see :class:`_Depth`)."""
+    (see :class:`_Depth`). With ``ln_w`` the branch input comes out through its LayerNorm
+    (``ln_w``, ``ln_b`` or None, ``ln_eps``)."""
 
     @staticmethod
-    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link):
+    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
+                ln_eps):
         m, n, d = h.shape
         dynamic = wa is not None
         wt = None
@@ -648,12 +792,16 @@ class _Width(torch.autograd.Function):
         alpha = h.new_empty(m, n, n + 1)
         beta = h.new_empty(m, n)
         h_in = h.new_empty(m, d)
+        mu = h.new_empty(m) if ln_w is not None else None
+        rstd = h.new_empty(m) if ln_w is not None else None
         sa, sb = _scalar(sa), _scalar(sb)
         _KERNEL.lib.anydepth_hc_width_forward(
             h.data_ptr(), _ptr(wt), a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh), _ptr(p),
-            _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), m, n, d, torch.get_num_threads(),
+            _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b),
+            float(ln_eps), _ptr(mu), _ptr(rstd), m, n, d, torch.get_num_threads(),
         )
-        ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma)
+        ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma, ln_w, mu, rstd)
+        ctx.ln_bias = ln_b is not None
         ctx.scales = (sa, sb, bool(use_tanh), scale)
         ctx.link = link
         ctx.set_materialize_grads(False)
@@ -664,7 +812,7 @@ class _Width(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma = ctx.saved_tensors
+        h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma, ln_w, mu, rstd = ctx.saved_tensors
         sa, sb, use_tanh, scale = ctx.scales
         m, n, d = h.shape
         need = ctx.needs_input_grad
@@ -680,17 +828,20 @@ class _Width(torch.autograd.Function):
         da = h.new_zeros(n, n + 1)
         db = h.new_zeros(n)
         ds = h.new_zeros(2)
+        dln_w = torch.zeros_like(ln_w) if ln_w is not None else None
+        dln_b = torch.zeros_like(ln_w) if ln_w is not None and ctx.ln_bias else None
         status = _KERNEL.lib.anydepth_hc_width_backward(
             g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), _ptr(wt), _ptr(p), _ptr(pact), _ptr(r),
             alpha.data_ptr(), _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None),
             _ptr(yprev if linked else None), dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(), ds.data_ptr(),
-            _ptr(dyprev), _ptr(dbprev), m, n, d, torch.get_num_threads(),
+            _ptr(dyprev), _ptr(dbprev), _ptr(ln_w), _ptr(mu), _ptr(rstd), _ptr(dln_w), _ptr(dln_b), m, n, d,
+            torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
         if linked:
             _claim(ctx.link, dh)
-        links = (dbprev, dyprev, None)
+        links = (dbprev, dyprev, None, dln_w, dln_b, None)
         if wt is None:
             return dh, None, None, None, None, da, db, None, None, None, *links
         dwa = torch.empty_like(wa) if need[1] else None
@@ -779,12 +930,14 @@ def width_connection(
     sa: Tensor | None,
     sb: Tensor | None,
     use_tanh: bool,
+    layer_norm: tuple[Tensor, Tensor | None, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``. ``dynamic`` is
     ``(W_a (d, n+1), w_b (d,), gamma (d,), scale)``: the dynamic projections and the stream norm's gain
     ``scale (1 + gamma)``, which the kernel folds into them; None for static hyper-connections. Pass
     the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
-    then comes back here unmixed (see :class:`_Depth`)."""
+    then comes back here unmixed (see :class:`_Depth`). ``layer_norm = (weight (d,), bias (d,) or None,
+    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
     lead, (n, d) = h.shape[:-2], h.shape[-2:]
     wa = wb = gamma = None
     scale = 0.0
@@ -797,7 +950,7 @@ def width_connection(
         node, bprev, yprev = link[:3]
     h_in, alpha, beta, h_out = _Width.apply(
         h.reshape(-1, n, d).contiguous(), wa, wb, gamma, float(scale), a_static.contiguous(), b_static.contiguous(),
-        sa, sb, use_tanh, bprev, yprev, node,
+        sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)),
     )
     return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n), h_out.view(*lead, n, d)
 
