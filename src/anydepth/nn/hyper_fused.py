@@ -780,7 +780,8 @@ class _Width(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
                 ln_eps):
-        m, n, d = h.shape
+        lead, (n, d) = h.shape[:-2], h.shape[-2:]
+        m = h.numel() // (n * d)
         dynamic = wa is not None
         wt = None
         if dynamic:
@@ -789,9 +790,9 @@ class _Width(torch.autograd.Function):
         p = h.new_empty(m, n, n + 2) if dynamic else None
         pact = torch.empty_like(p) if dynamic else None
         r = h.new_empty(m, n) if dynamic else None
-        alpha = h.new_empty(m, n, n + 1)
-        beta = h.new_empty(m, n)
-        h_in = h.new_empty(m, d)
+        alpha = h.new_empty(*lead, n, n + 1)
+        beta = h.new_empty(*lead, n)
+        h_in = h.new_empty(*lead, d)
         mu = h.new_empty(m) if ln_w is not None else None
         rstd = h.new_empty(m) if ln_w is not None else None
         sa, sb = _scalar(sa), _scalar(sb)
@@ -814,12 +815,13 @@ class _Width(torch.autograd.Function):
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
         h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma, ln_w, mu, rstd = ctx.saved_tensors
         sa, sb, use_tanh, scale = ctx.scales
-        m, n, d = h.shape
+        n, d = h.shape[-2:]
+        m = h.numel() // (n * d)
         need = ctx.needs_input_grad
         linked = ctx.link is not None and (need[10] or need[11])
-        dyprev = h.new_empty(m, d) if linked else None
-        dbprev = h.new_empty(m, n) if linked else None
-        g_in = h.new_zeros(m, d) if g_in is None else g_in.contiguous()
+        dyprev = torch.empty_like(yprev) if linked else None
+        dbprev = torch.empty_like(bprev) if linked else None
+        g_in = h.new_zeros(*h.shape[:-2], d) if g_in is None else g_in.contiguous()
         g_depth = torch.zeros_like(h) if g_depth is None else g_depth.contiguous()
         g_alpha = None if g_alpha is None else g_alpha.contiguous()
         g_beta = None if g_beta is None else g_beta.contiguous()
@@ -887,7 +889,8 @@ class _Depth(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, alpha, beta, y):
-        m, n, d = h.shape
+        n, d = h.shape[-2:]
+        m = h.numel() // (n * d)
         out = torch.empty_like(h)
         _KERNEL.lib.anydepth_hc_depth_forward(
             h.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
@@ -900,7 +903,8 @@ class _Depth(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         beta, y = ctx.saved_tensors
-        m, n = beta.shape
+        n = beta.shape[-1]
+        m = beta.numel() // n
         need = ctx.needs_input_grad
         task = torch._C._current_graph_task_id()
         claims = [dh for t, dh in (getattr(ctx, "hc_claims", None) or ()) if t == task]
@@ -912,7 +916,7 @@ class _Depth(torch.autograd.Function):
         for dh in claims:
             rest = rest - dh.view_as(g)
         rest = rest.contiguous()
-        dbeta = beta.new_empty(m, n) if need[2] else None
+        dbeta = torch.empty_like(beta) if need[2] else None
         dy = torch.empty_like(y) if need[3] else None
         if dbeta is not None or dy is not None:
             _KERNEL.lib.anydepth_hc_depth_backward(
@@ -938,7 +942,7 @@ def width_connection(
     the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
     then comes back here unmixed (see :class:`_Depth`). ``layer_norm = (weight (d,), bias (d,) or None,
     eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
-    lead, (n, d) = h.shape[:-2], h.shape[-2:]
+    d = h.shape[-1]
     wa = wb = gamma = None
     scale = 0.0
     if dynamic is not None:
@@ -948,20 +952,19 @@ def width_connection(
     link = getattr(h, "_hc_link", None)
     if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
         node, bprev, yprev = link[:3]
-    h_in, alpha, beta, h_out = _Width.apply(
-        h.reshape(-1, n, d).contiguous(), wa, wb, gamma, float(scale), a_static.contiguous(), b_static.contiguous(),
+    # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
+    # each cost an autograd node in both directions
+    return _Width.apply(
+        h.contiguous(), wa, wb, gamma, float(scale), a_static.contiguous(), b_static.contiguous(),
         sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)),
     )
-    return h_in.view(*lead, d), alpha.view(*lead, n, n + 1), beta.view(*lead, n), h_out.view(*lead, n, d)
 
 
 def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
-    lead, (n, d) = h.shape[:-2], h.shape[-2:]
-    beta, y = beta.reshape(-1, n).contiguous(), y.reshape(-1, d).contiguous()
-    out = _Depth.apply(h.reshape(-1, n, d).contiguous(), alpha.reshape(-1, n, n + 1).contiguous(), beta, y)
-    view = out.view(*lead, n, d)
+    beta, y = beta.contiguous(), y.contiguous()
+    out = _Depth.apply(h.contiguous(), alpha.contiguous(), beta, y)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
-        view._hc_link = (out.grad_fn, beta, y, (view._version, view.shape, view.stride()))
-    return view
+        out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
+    return out
