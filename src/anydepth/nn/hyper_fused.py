@@ -10,7 +10,8 @@ connection in one pass over the streams, with hand-derived backwards. For one to
 
     width:  r_s = max(||H_s||, 1e-12)     P_s = H_s W / r_s                      (dynamic only)
             alpha = act(P[:, :n+1]) s_a + A_static      beta = act(P[:, n+1]) s_b + B_static
-            h_in = sum_s alpha[s, 0] H_s                (the branch input; its pre-norm follows)
+            h_in = sum_s alpha[s, 0] H_s                (the branch input; its pre-norm follows,
+                                                         inside the kernel when it is a LayerNorm)
     depth:  H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y          (y: the branch output)
 
 The backward, with ``G = dL/dH_new`` and ``g = dL/dh_in``, is split so that each stream-sized
@@ -24,12 +25,16 @@ and hands ``G`` on unmixed; the width backward reads ``G`` with ``H`` and does t
     dP = [dalpha, dbeta] * [s_a, s_b] * act'(P)      q_s = dP_s / r_s    c_s = (q_s . P_s) / r_s
     dH_s = sum_c alpha[s, 1 + c] G_c + alpha[s, 0] g + W q_s - c_s H_s    dW += H_s^T q_s
 
-(``c_s`` only where ``||H_s|| > 1e-12``). When ``H`` is itself the output of the previous sublayer's
-depth connection, fed in unchanged (a chain of sublayers), the width backward also does that depth
-backward, ``dy_prev = sum_s beta_prev_s dH_s`` and ``dbeta_prev_s = y_prev . dH_s``, from ``dH``
-while it is in registers, and the depth backward then does nothing (see :class:`_Depth`).
+(``c_s`` only where ``||H_s|| > 1e-12``), plus the sums over tokens for ``A_static``, ``B_static``,
+``s_a``, ``s_b``. With the branch's LayerNorm fused, ``g`` first comes from the gradient ``g_o`` of
+the norm's output, with ``h_in`` recomputed from ``H``: ``xh = (h_in - mu) rstd``,
+``g = rstd (g_o w - mean(g_o w) - xh mean(g_o w xh))``, and ``dw += g_o xh``, ``db += g_o``
+(Ba et al., 2016, arXiv:1607.06450).
 
-plus the sums over tokens for ``A_static``, ``B_static``, ``s_a``, ``s_b``. Float32 only; tokens run
+When ``H`` is itself the output of the previous sublayer's depth connection, fed in unchanged (a
+chain of sublayers), the width backward also does that depth backward,
+``dy_prev = sum_s beta_prev_s dH_s`` and ``dbeta_prev_s = y_prev . dH_s``, from ``dH`` while it is
+in registers, and the depth backward then does nothing (see :class:`_Depth`). Float32 only; tokens run
 in parallel (OpenMP), parameter gradients are reduced from per-thread partial sums.
 :class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
