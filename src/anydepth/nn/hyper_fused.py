@@ -555,6 +555,11 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
     float coef[kMaxTerms];
     for (int64_t s = 0; s < n; ++s) rows[s] = h + (m * n + s) * d;
     rows[n] = y + m * d;
+    // the next token's streams and branch output (see prefetch_bytes)
+    if (m + 1 < m_tokens) {
+      prefetch_bytes(h + (m + 1) * n * d, n * d * static_cast<int64_t>(sizeof(float)));
+      prefetch_bytes(y + (m + 1) * d, d * static_cast<int64_t>(sizeof(float)));
+    }
     for (int64_t c = 0; c < n; ++c) {
       for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
       coef[n] = beta[m * n + c];
