@@ -20,6 +20,8 @@ processes run, variants alternating, and the tables give the median over a varia
     .venv/bin/python benchmarks/hyper.py                       # the issue's sizes: 12 x 256, seq 256, batch 8
     .venv/bin/python benchmarks/hyper.py --depth 2 --seq 64    # a quick check
     .venv/bin/python benchmarks/hyper.py --glibc-default       # glibc's allocator left as it is
+    .venv/bin/python benchmarks/hyper.py --profile --variants build_plain,build_hyper --steps 3
+                                                               # where the extra time goes, per operation
 
 Each process first calls ``anydepth.train.malloc.retain_freed_memory()``, as ``anydepth train`` does
 (and the ``interleave`` mode, whose models share one process, does too). With glibc's default
@@ -256,6 +258,39 @@ def interleaved(args, variants: list[str]) -> dict:
     return rows
 
 
+def profiled(args, variants: list[str], top: int = 20) -> None:
+    """``torch.profiler`` self CPU time per operation over ``args.steps`` steps of each variant (one
+    process, after warm-up), per step, and the operations whose time differs most between the first
+    two variants: where one wiring spends its extra time."""
+    import torch
+
+    per_op = {}
+    for v in variants:
+        built = build_step(args, v)
+        if isinstance(built, dict):
+            raise SystemExit(f"{v}: {built.get('skipped')}")
+        step = built[0]
+        for _ in range(max(1, args.warmup)):
+            step()
+        with torch.profiler.profile() as prof:
+            for _ in range(args.steps):
+                step()
+        n = args.steps
+        per_op[v] = {e.key: (e.self_cpu_time_total / 1e3 / n, e.count / n) for e in prof.key_averages()}
+    for v, ops in per_op.items():
+        print(f"{v}: {sum(t for t, _ in ops.values()):.1f} ms of self CPU time per step")
+    if len(variants) < 2:
+        return
+    a, b = per_op[variants[0]], per_op[variants[1]]
+    diff = sorted(((b.get(k, (0, 0))[0] - a.get(k, (0, 0))[0], k) for k in set(a) | set(b)), reverse=True)
+    print(f"\nms per step: {variants[1]} - {variants[0]}, then each one's ms (calls) per step")
+    shown = diff if len(diff) <= top + 5 else diff[:top] + diff[-5:]
+    for d, k in shown:
+        ta, na = a.get(k, (0, 0))
+        tb, nb = b.get(k, (0, 0))
+        print(f"  {d:+7.1f}  {k[:52]:52s} {ta:7.1f} ({na:.0f})  {tb:7.1f} ({nb:.0f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=12)
@@ -279,17 +314,26 @@ def main() -> None:
         action="store_true",
         help="leave glibc's allocator as it is, instead of retain_freed_memory() as `anydepth train` does",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-operation self CPU time of each variant in one process (torch.profiler), and the "
+        "difference between the first two",
+    )
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
 
-    if args.interleave:
-        if not args.glibc_default:
-            from anydepth.train.malloc import retain_freed_memory
+    if (args.interleave or args.profile) and not args.glibc_default:
+        from anydepth.train.malloc import retain_freed_memory
 
-            retain_freed_memory()
+        retain_freed_memory()
+    if args.profile:
+        profiled(args, args.variants.split(","))
+        return
+    if args.interleave:
         rows = interleaved(args, args.variants.split(","))
         print(
             f"interleaved, {args.steps} rounds; "
