@@ -104,6 +104,14 @@ def test_fused_branch_layer_norm_equals_eager_float64(make_norm, fused_norm, str
     _assert_matches_float64_eager((out, dx, grads), hc, branch, x, gy)
 
 
+@pytest.mark.parametrize("make_norm", [LayerNorm, nn.LayerNorm])
+def test_fused_path_keeps_the_norms_shape_error(make_norm):
+    # a branch norm of another width must fail as on the eager path, not be read past its end
+    hc = HyperConnection(16, 4, layer_index=0, norm=make_norm(8))
+    with hyper_fused.use_fused_hyper(True), pytest.raises((ValueError, RuntimeError), match="8"):
+        hc(torch.randn(2, 3, 4, 16), nn.Identity())
+
+
 def test_fused_dropout_placements_match_eager():
     for placement in ("branch", "stream"):
         hc = _perturbed(HyperConnection(16, 4, layer_index=0, dropout=0.5, dropout_placement=placement), 3)

@@ -398,16 +398,13 @@ class HyperConnection(Residual):
         Fused, the norm costs no pass of its own over the branch input in either direction, and its
         input is not stored: the backward recomputes it from the streams it reads anyway."""
         norm = self.branch_norm
-        if type(norm) is LayerNorm:
-            weight, bias, eps = norm.weight, norm.bias, norm.eps
-        elif type(norm) is nn.LayerNorm and norm.normalized_shape == (self.dim,) and norm.weight is not None:
-            weight, bias, eps = norm.weight, norm.bias, norm.eps
-        else:
+        # a norm of another width is left to its own forward, which raises the shape error
+        if type(norm) not in (LayerNorm, nn.LayerNorm) or norm.weight is None or norm.weight.shape != (self.dim,):
             return None
-        params = (weight,) if bias is None else (weight, bias)
+        params = (norm.weight,) if norm.bias is None else (norm.weight, norm.bias)
         if not hyper_fused.fused_ok(h, *params) or any(not p.is_contiguous() for p in params):
             return None
-        return weight, bias, float(eps)
+        return norm.weight, norm.bias, float(norm.eps)
 
     def _fused_width(self, h: Tensor, layer_norm=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dynamic = sa = sb = None
