@@ -634,29 +634,29 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       const float* Gm = gdepth + m * n * d;
       const float* Hm = h + m * n * d;
       const float* A = alpha + m * n * T;
+      float ar[kMaxStreams][kMaxStreams];
+      float a0[kMaxStreams];
+      for (int64_t s = 0; s < n; ++s) {
+        a0[s] = A[s * T];
+        for (int64_t c = 0; c < n; ++c) ar[s][c] = A[s * T + 1 + c];
+      }
       if (ln_w) {  // gin is the gradient of the norm's output: the branch input's comes first
-        float a0n[kMaxStreams];
-        for (int64_t s = 0; s < n; ++s) a0n[s] = A[s * T];
-        layer_norm_row_backward(Hm, a0n, static_cast<int>(n), gm, ln_w, ln_mu[m], ln_rstd[m], d, pln + 2 * d, pln,
+        layer_norm_row_backward(Hm, a0, static_cast<int>(n), gm, ln_w, ln_mu[m], ln_rstd[m], d, pln + 2 * d, pln,
                                 pln + d);
         gm = pln + 2 * d;
       }
       const float* dB = dbeta ? dbeta + m * n : nullptr;
-      // dA[s] = H_s . [g, G_0, ..., G_{n-1}]: one pass over the token's streams for all n + 1 columns
+      // dA[s] = H_s . [g, G_0, ..., G_{n-1}], all n (n + 1) dots in one pass (cross_dots)
       const float* ys[kMaxDots];
       ys[0] = gm;
       for (int64_t c = 0; c < n; ++c) ys[1 + c] = Gm + c * d;
       float dA[kMaxStreams][kMaxStreams + 1];
-      float ar[kMaxStreams][kMaxStreams];
-      float a0[kMaxStreams];
       cross_dots<kMaxStreams>(static_cast<int>(n), Hm, ys, d, dA);
       for (int64_t s = 0; s < n; ++s) {
         if (galpha)
           for (int64_t c = 0; c < T; ++c) dA[s][c] += galpha[(m * n + s) * T + c];
         for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s][c];
         if (dB) pb[s] += dB[s];
-        a0[s] = A[s * T];
-        for (int64_t c = 0; c < n; ++c) ar[s][c] = A[s * T + 1 + c];
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
