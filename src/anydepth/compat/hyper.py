@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from anydepth.nn import hyper_fused
 from anydepth.nn.hyper import HyperConnection, ManifoldHyperConnection
 
 __all__ = [
@@ -137,9 +138,10 @@ class _FoldedStreams:
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
         h = self._streams(residuals)
-        if self.streams > 1 and HyperConnection._fusable(self, h):
+        fused = HyperConnection._fused_args(self, h, branch_norm=False) if self.streams > 1 else None
+        if fused is not None:
             # the builder module's fused kernels; same result as width_connection/depth_connection
-            branch_in, alpha, beta, h = HyperConnection._fused_width(self, h)
+            branch_in, alpha, beta, h = hyper_fused.width_connection(h, *fused)
             branch_in = _move_channels_first(branch_in, self.channel_first)
 
             def depth(branch_out: Tensor) -> Tensor:

@@ -356,76 +356,85 @@ class HyperConnection(Residual):
         single = self.streams == 1
         h = x.unsqueeze(-2) if single else x
         self._check_streams(h, "forward")
-        if self._fusable(h):
-            out = self._fused_forward(h, f, *args, **kwargs)
+        fused = self._fused_args(h)
+        if fused is not None:
+            out = self._fused_forward(h, fused, f, *args, **kwargs)
         else:
             branch_in, mixed, beta = self.width_connection(h)
             y = f(self.branch_norm(branch_in), *args, **kwargs)
             out = self.depth_connection(y, mixed, beta)
         return out.squeeze(-2) if single else out
 
-    def _fusable(self, h: Tensor) -> bool:
-        # the kernels cover one fraction, one input view and the plain (tanh or identity) coefficients;
-        # mHC overrides _coefficients and keeps the eager path
-        return (
-            type(self)._coefficients is HyperConnection._coefficients
-            and self.num_fracs == 1
-            and self.num_input_views == 1
-            and self.add_branch_out_to_residual
-            and self.depth_residual_fn is None
-            and hyper_fused.fused_ok(h, *self._kernel_tensors())
-        )
+    def _fused_args(self, h: Tensor, branch_norm: bool = True) -> tuple | None:
+        """The arguments of :func:`hyper_fused.width_connection` for ``h``, or None where the kernels
+        cannot stand in for the eager formula. They cover one fraction, one input view and the plain
+        (tanh or identity) coefficients; mHC overrides ``_coefficients`` and keeps the eager path.
 
-    def _kernel_tensors(self) -> list[Tensor]:
-        """The parameters the kernels read through raw pointers (so they must be float32 CPU tensors)."""
-        out = [self.static_alpha, self.static_beta]
+        Each parameter is looked up once per call, from ``_parameters`` (an ``nn.Module`` attribute
+        lookup goes through ``__getattr__``, about a microsecond each), and every tensor the kernels
+        read is checked in one :func:`hyper_fused.fused_ok`: at a few hundred tokens this Python is as
+        long as the kernels themselves."""
+        if (
+            type(self)._coefficients is not HyperConnection._coefficients
+            or self.num_fracs != 1
+            or self.num_input_views != 1
+            or not self.add_branch_out_to_residual
+            or self.depth_residual_fn is not None
+        ):
+            return None
+        params = self._parameters
+        a_static, b_static = params["static_alpha"], params["static_beta"]
+        dynamic = sa = sb = None
+        tensors = [a_static, b_static]
         if self.dynamic:
-            out += [self.dynamic_alpha_fn, self.dynamic_beta_fn, self.norm.gamma]
-            out += [self.dynamic_alpha_scale, self.dynamic_beta_scale]
-        return out
+            norm = self._modules["norm"]
+            wa, wb, gamma = params["dynamic_alpha_fn"], params["dynamic_beta_fn"], norm._parameters["gamma"]
+            sa, sb = params["dynamic_alpha_scale"], params["dynamic_beta_scale"]
+            dynamic = (wa, wb, gamma, norm.scale)
+            tensors += [wa, wb, gamma, sa, sb]
+        if not hyper_fused.fused_ok(h, *tensors):
+            return None
+        layer_norm = self._fused_layer_norm() if branch_norm else None
+        use_tanh = isinstance(self._modules["act"], nn.Tanh)
+        return dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm
 
-    def _fused_forward(self, h: Tensor, f, *args, **kwargs) -> Tensor:
+    def _fused_forward(self, h: Tensor, fused: tuple, f, *args, **kwargs) -> Tensor:
         """The same computation as ``width_connection``/``depth_connection`` through the fused kernels."""
-        layer_norm = self._fused_layer_norm(h)
-        branch_in, alpha, beta, h = self._fused_width(h, layer_norm)
-        x = branch_in if layer_norm is not None else self.branch_norm(branch_in)
+        branch_in, alpha, beta, h = hyper_fused.width_connection(h, *fused)
+        x = branch_in if fused[-1] is not None else self.branch_norm(branch_in)
         return self._fused_depth(h, alpha, beta, f(x, *args, **kwargs))
 
-    def _fused_layer_norm(self, h: Tensor) -> tuple[Tensor, Tensor | None, float] | None:
+    def _fused_layer_norm(self) -> tuple[Tensor, Tensor | None, float] | None:
         """``(weight, bias, eps)`` when the branch norm is a plain LayerNorm over ``dim`` that the width
-        kernel can apply itself, else None (the norm module then runs on the kernel's output).
+        kernel can apply itself, else None (the norm module then runs on the kernel's output). Called
+        where :func:`hyper_fused.fused_ok` has accepted the streams (device, tracing, transforms).
 
         Fused, the norm costs no pass of its own over the branch input in either direction, and its
         input is not stored: the backward recomputes it from the streams it reads anyway."""
-        norm = self.branch_norm
+        norm = self._modules["branch_norm"]
+        if type(norm) not in (LayerNorm, nn.LayerNorm):
+            return None
+        weight, bias = norm.weight, norm.bias
         # a norm of another width is left to its own forward, which raises the shape error
-        if type(norm) not in (LayerNorm, nn.LayerNorm) or norm.weight is None or norm.weight.shape != (self.dim,):
+        if weight is None or weight.shape != (self.dim,):
             return None
-        params = (norm.weight,) if norm.bias is None else (norm.weight, norm.bias)
-        if not hyper_fused.fused_ok(h, *params) or any(not p.is_contiguous() for p in params):
+        if not all(hyper_fused.plain_f32(p) for p in ((weight,) if bias is None else (weight, bias))):
             return None
-        return norm.weight, norm.bias, float(norm.eps)
-
-    def _fused_width(self, h: Tensor, layer_norm=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        dynamic = sa = sb = None
-        if self.dynamic:
-            dynamic = (self.dynamic_alpha_fn, self.dynamic_beta_fn, self.norm.gamma, self.norm.scale)
-            sa, sb = self.dynamic_alpha_scale, self.dynamic_beta_scale
-        use_tanh = isinstance(self.act, nn.Tanh)
-        return hyper_fused.width_connection(
-            h, dynamic, self.static_alpha, self.static_beta, sa, sb, use_tanh, layer_norm
-        )
+        return weight, bias, float(norm.eps)
 
     def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
-        if self.dropout_placement == "branch":
-            y = self.dropout(y)
+        # dropout(p=0) is the identity: skipping the module call saves microseconds per sublayer
+        dropout = self._modules["dropout"]
+        drop = dropout.p > 0
+        if drop and self.dropout_placement == "branch":
+            y = dropout(y)
         if y.shape != h.shape[:-2] + h.shape[-1:]:
             raise ValueError(
                 f"the branch output must have the branch input's shape {tuple(h.shape[:-2] + h.shape[-1:])}, "
                 f"got {tuple(y.shape)}; a residual branch must map dim to dim"
             )
-        out = hyper_fused.depth_connection(h, alpha, beta, y.to(h.dtype))
-        return self.dropout(out) if self.dropout_placement == "stream" else out
+        out = hyper_fused.depth_connection(h, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype))
+        return dropout(out) if drop and self.dropout_placement == "stream" else out
 
     def width_connection(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``H (..., n, d)`` -> branch input ``(..., d)`` (``(..., views, d)`` for several views),

@@ -52,9 +52,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op
+from anydepth.nn.native import _PLAIN, HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op
 
-__all__ = ["MAX_STREAMS", "fused_ok", "width_connection", "depth_connection", "use_fused_hyper"]
+__all__ = ["MAX_STREAMS", "fused_ok", "plain_f32", "width_connection", "depth_connection", "use_fused_hyper"]
 
 MAX_STREAMS = 16
 
@@ -596,11 +596,12 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 // and dln_w, dln_b (d; dln_b may be null) receive the norm's parameter gradients); gdepth (M, n, d):
 // gradient of the depth connection's output H_new; galpha (M, n, n+1, may be null): gradient alpha
 // received from other uses; dbeta (M, n, may be null): gradient of beta.
-// Writes dh (M, n, d), the whole gradient of H, and adds the sums over tokens (from per-thread
-// partial sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
-// dscale[2] = (d s_a, d s_b). Linked (dyprev not null): H = A^T H_prev + bprev yprev came from the
-// previous sublayer's depth connection with bprev (M, n), yprev (M, d), and its backward is done here
-// from dH: dyprev (M, d) and dbprev (M, n). Returns nonzero if its scratch could not be allocated.
+// Writes dh (M, n, d), the whole gradient of H, and the sums over tokens (from per-thread partial
+// sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
+// dscale[2] = (d s_a, d s_b); no output needs initialising. Linked (dyprev not null):
+// H = A^T H_prev + bprev yprev came from the previous sublayer's depth connection with bprev (M, n),
+// yprev (M, d), and its backward is done here from dH: dyprev (M, d) and dbprev (M, n). Returns
+// nonzero if its scratch could not be allocated.
 int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, const float* wt,
                                const float* p, const float* pact, const float* r, const float* alpha,
                                const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
@@ -629,6 +630,13 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
     std::free(spart);
     return 1;
   }
+  // the sums over threads below add into these
+  if (wt) std::memset(dwt, 0, sizeof(float) * K * d);
+  if (dln_w) std::memset(dln_w, 0, sizeof(float) * d);
+  if (dln_b) std::memset(dln_b, 0, sizeof(float) * d);
+  std::memset(da_static, 0, sizeof(float) * n * T);
+  std::memset(db_static, 0, sizeof(float) * n);
+  dscale[0] = dscale[1] = 0.f;
 #pragma omp parallel num_threads(nt)
   {
     float* pthread = width ? part + omp_get_thread_num() * width : nullptr;
@@ -791,12 +799,37 @@ def fused_ok(h: Tensor, *params: Tensor | None) -> bool:
     return plain_cpu_op(h, *params) and _KERNEL.get() is not None
 
 
+def plain_f32(t: Tensor) -> bool:
+    """Whether the kernels can read ``t`` through its pointer as it is: a plain (not subclassed),
+    contiguous float32 CPU tensor. The per-call checks of tracing and transforms are
+    :func:`fused_ok`'s."""
+    return type(t) in _PLAIN and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+
+
 def _ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()
 
 
 def _scalar(t: Tensor | None) -> float:
-    return 0.0 if t is None else float(t.detach().reshape(()))
+    return 0.0 if t is None else t.item()
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    # .contiguous() of a contiguous tensor returns it, but through the dispatcher: a few microseconds
+    # per call, a dozen calls per sublayer and step
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _scratch(like: Tensor, *sizes: int) -> tuple[Tensor, list[int | None]]:
+    """One float32 buffer for several arrays that only the kernels read (sizes in elements, 0 for an
+    absent one) and their addresses (None where absent). An allocation, or a view, costs a few
+    microseconds, as long as these kernels take on a few tokens; addresses cost nothing."""
+    buf = like.new_empty(sum(sizes))
+    base, out, at = buf.data_ptr(), [], 0
+    for size in sizes:
+        out.append(base + 4 * at if size else None)
+        at += size
+    return buf, out
 
 
 class _Width(torch.autograd.Function):
@@ -811,25 +844,27 @@ class _Width(torch.autograd.Function):
         lead, (n, d) = h.shape[:-2], h.shape[-2:]
         m = h.numel() // (n * d)
         dynamic = wa is not None
-        wt = None
+        ln = ln_w is not None
+        # what the backward needs besides h and alpha: the packed projection W^T (n + 2, d), the
+        # projections and their activations (m, n, n + 2), the stream norms (m, n), the LayerNorm's
+        # mean and 1/std (m)
+        sizes = [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] if dynamic else [0] * 4
+        aux, ptrs = _scratch(h, *sizes, *([m, m] if ln else [0, 0]))
+        wt, p, pact, r, mu, rstd = ptrs
         if dynamic:
-            wt = h.new_empty(n + 2, d)
-            _KERNEL.lib.anydepth_hc_pack_w(wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, wt.data_ptr(), n, d)
-        p = h.new_empty(m, n, n + 2) if dynamic else None
-        pact = torch.empty_like(p) if dynamic else None
-        r = h.new_empty(m, n) if dynamic else None
+            _KERNEL.lib.anydepth_hc_pack_w(wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, wt, n, d)
         alpha = h.new_empty(*lead, n, n + 1)
         beta = h.new_empty(*lead, n)
         h_in = h.new_empty(*lead, d)
-        mu = h.new_empty(m) if ln_w is not None else None
-        rstd = h.new_empty(m) if ln_w is not None else None
         sa, sb = _scalar(sa), _scalar(sb)
         _KERNEL.lib.anydepth_hc_width_forward(
-            h.data_ptr(), _ptr(wt), a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh), _ptr(p),
-            _ptr(pact), _ptr(r), alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b),
-            float(ln_eps), _ptr(mu), _ptr(rstd), m, n, d, torch.get_num_threads(),
+            h.data_ptr(), wt, a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh), p, pact, r,
+            alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu, rstd, m,
+            n, d, torch.get_num_threads(),
         )
-        ctx.save_for_backward(h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma, ln_w, mu, rstd)
+        ctx.save_for_backward(h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w)
+        # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux
+        ctx.aux = [a - aux.data_ptr() if a is not None else None for a in ptrs]
         ctx.ln_bias = ln_b is not None
         ctx.scales = (sa, sb, bool(use_tanh), scale)
         ctx.link = link
@@ -841,7 +876,9 @@ class _Width(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        h, wt, p, pact, r, alpha, bprev, yprev, wa, wb, gamma, ln_w, mu, rstd = ctx.saved_tensors
+        h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
+        base = aux.data_ptr()
+        wt, p, pact, r, mu, rstd = (None if a is None else base + a for a in ctx.aux)
         sa, sb, use_tanh, scale = ctx.scales
         n, d = h.shape[-2:]
         m = h.numel() // (n * d)
@@ -849,23 +886,21 @@ class _Width(torch.autograd.Function):
         linked = ctx.link is not None and (need[10] or need[11])
         dyprev = torch.empty_like(yprev) if linked else None
         dbprev = torch.empty_like(bprev) if linked else None
-        g_in = h.new_zeros(*h.shape[:-2], d) if g_in is None else g_in.contiguous()
-        g_depth = torch.zeros_like(h) if g_depth is None else g_depth.contiguous()
-        g_alpha = None if g_alpha is None else g_alpha.contiguous()
-        g_beta = None if g_beta is None else g_beta.contiguous()
+        g_in = h.new_zeros(*h.shape[:-2], d) if g_in is None else _contiguous(g_in)
+        g_depth = torch.zeros_like(h) if g_depth is None else _contiguous(g_depth)
+        g_alpha = None if g_alpha is None else _contiguous(g_alpha)
+        g_beta = None if g_beta is None else _contiguous(g_beta)
         dh = torch.empty_like(h)
-        dwt = torch.zeros_like(wt) if wt is not None else None
-        da = h.new_zeros(n, n + 1)
-        db = h.new_zeros(n)
-        ds = h.new_zeros(2)
-        dln_w = torch.zeros_like(ln_w) if ln_w is not None else None
-        dln_b = torch.zeros_like(ln_w) if ln_w is not None and ctx.ln_bias else None
+        # the kernel writes these whole: no zero fill
+        dwt = h.new_empty(n + 2, d) if wt is not None else None
+        da, db, ds = h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2)
+        dln_w = torch.empty_like(ln_w) if ln_w is not None else None
+        dln_b = torch.empty_like(ln_w) if ln_w is not None and ctx.ln_bias else None
         status = _KERNEL.lib.anydepth_hc_width_backward(
-            g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), _ptr(wt), _ptr(p), _ptr(pact), _ptr(r),
-            alpha.data_ptr(), _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None),
-            _ptr(yprev if linked else None), dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(), ds.data_ptr(),
-            _ptr(dyprev), _ptr(dbprev), _ptr(ln_w), _ptr(mu), _ptr(rstd), _ptr(dln_w), _ptr(dln_b), m, n, d,
-            torch.get_num_threads(),
+            g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), wt, p, pact, r, alpha.data_ptr(), _ptr(g_alpha),
+            _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None), _ptr(yprev if linked else None),
+            dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev),
+            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
@@ -881,7 +916,7 @@ class _Width(torch.autograd.Function):
             dwt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, _ptr(dwa), _ptr(dwb), _ptr(dgamma),
             n, d,
         )
-        return dh, dwa, dwb, dgamma, None, da, db, ds[0], ds[1], None, *links
+        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links
 
 
 def _claim(depth_node, dh: Tensor) -> None:
@@ -975,7 +1010,7 @@ def width_connection(
     scale = 0.0
     if dynamic is not None:
         wa, wb, gamma, scale = dynamic
-        wa, wb, gamma = wa.contiguous(), wb.reshape(d).contiguous(), gamma.contiguous()
+        wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
     bprev = yprev = node = None
     link = getattr(h, "_hc_link", None)
     if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
@@ -983,15 +1018,15 @@ def width_connection(
     # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
     # each cost an autograd node in both directions
     return _Width.apply(
-        h.contiguous(), wa, wb, gamma, float(scale), a_static.contiguous(), b_static.contiguous(),
+        _contiguous(h), wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static),
         sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)),
     )
 
 
 def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
-    beta, y = beta.contiguous(), y.contiguous()
-    out = _Depth.apply(h.contiguous(), alpha.contiguous(), beta, y)
+    beta, y = _contiguous(beta), _contiguous(y)  # the width backward reads these too, linked
+    out = _Depth.apply(_contiguous(h), _contiguous(alpha), beta, y)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
         out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))

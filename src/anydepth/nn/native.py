@@ -156,7 +156,7 @@ def plain_cpu_op(*tensors: torch.Tensor | None) -> bool:
     tracer or transform that needs to see torch ops (``torch.compile`` fuses the eager formula itself;
     autocast and ``torch.func`` must act on each op)."""
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.device.type != "cpu"):
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
             return False
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
         return False
