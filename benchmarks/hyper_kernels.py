@@ -70,7 +70,7 @@ def main() -> None:
         lib.anydepth_hc_width_backward(
             ptr(b, "gin"), ptr(b, "G"), ptr(b, "h"), wt.data_ptr(), ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"),
             ptr(b, "alpha"), None, ptr(b, "dbeta"), 0.01, 0.01, 1, *link, ptr(b, "dh"), dwt.data_ptr(),
-            da.data_ptr(), db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, th,
+            da.data_ptr(), db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, n * d, d, th,
         )
 
     stream, row = m * n * d * 4, m * d * 4
@@ -84,7 +84,7 @@ def main() -> None:
         ("width backward, linked + LayerNorm", 3 * stream + 3 * row, lambda b: width_bwd(b, True, True)),
         ("width backward, not linked", 3 * stream + row, lambda b: width_bwd(b, False)),
         ("depth backward, not linked", stream + 2 * row, lambda b: lib.anydepth_hc_depth_backward(
-            ptr(b, "G"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "dbeta"), ptr(b, "dy"), m, n, d, th)),
+            ptr(b, "G"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "dbeta"), ptr(b, "dy"), m, n, d, n * d, d, th)),
     ]
     print(f"tokens={m} streams={n} dim={d} threads={th}; {args.sets} buffer sets, median of {args.calls} calls")
     print(f"{'kernel':<34} {'MiB':>6} {'ms':>7} {'GiB/s':>7}")

@@ -324,9 +324,10 @@ def _chain_grads(model, x, loss_fn, fused, edit=None):
 
 
 def _count_depth_kernel(monkeypatch) -> list:
+    """The stream stride (last argument but one) of each depth backward kernel call."""
     lib, calls = hyper_fused._KERNEL.lib, []
     real = lib.anydepth_hc_depth_backward
-    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda *a: calls.append(a[-2]) or real(*a))
     return calls
 
 
@@ -336,7 +337,9 @@ def _weights(shape, seed):
 
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize(
-    "case", ["chain", "extra_use", "edited_in_place"], ids=["chain", "extra-use", "edited-in-place"]
+    "case",
+    ["chain", "extra_use", "edited_in_place", "reduced"],
+    ids=["chain", "extra-use", "edited-in-place", "reduced"],
 )
 @pytest.mark.parametrize("dim", [37, 32])  # 32: whole 16-lane rows, written with streaming stores
 def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
@@ -346,18 +349,23 @@ def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
     w_out, w_tap = _weights(x.shape, 6), _weights(x.shape, 7)
     # extra_use: the first sublayer's output also enters the loss, so its gradient is more than what
     # the next width backward computes; edited_in_place: the stream is changed in place between
-    # sublayers, which unties the link
+    # sublayers, which unties the link; reduced: the loss sees the sum of the streams, whose gradient
+    # reaches the last sublayer as one row per token broadcast to every stream (stride 0)
     extra = case == "extra_use"
     edit = (lambda t: t.mul_(1.5)) if case == "edited_in_place" else None
 
     def loss_fn(out, taps):
+        if case == "reduced":
+            return (out.sum(-2) * w_out[..., 0, :].to(out.dtype)).sum()
         loss = (out * w_out.to(out.dtype)).sum()
         return loss + (taps[0] * w_tap.to(out.dtype)).pow(2).sum() if extra else loss
 
-    calls = _count_depth_kernel(monkeypatch)
+    strides = _count_depth_kernel(monkeypatch)
     dx, grads = _chain_grads(model, x, loss_fn, True, edit)
     # the last depth backward has no next width connection; the others run only when not linked
-    assert len(calls) == (1 if case == "chain" else 2)
+    assert len(strides) == (1 if case in ("chain", "reduced") else 2)
+    # the broadcast gradient is read in place, not copied to n rows first
+    assert strides[0] == (0 if case == "reduced" else dim)
     dx_ref, grads_ref = _chain_grads(model.double(), x.double(), loss_fn, False, edit)
     torch.testing.assert_close(dx.double(), dx_ref, atol=5e-5, rtol=5e-5)
     for name, g in grads.items():

@@ -323,6 +323,7 @@ inline void layer_norm_row_backward(const float* H, const float* a0, int n, cons
 struct WidthGradToken {
   const float* H;     // (n, d) the token's streams
   const float* G;     // (n, d) gradient of the depth connection's output, unmixed
+  int64_t g_ts, g_ss; // G's token and stream strides
   const float* g;     // (d) gradient of the branch input
   const float* wt;    // (K, d) dynamic projection, transposed (dynamic variant)
   const float (*q)[kMaxK];        // (n, K) gradient of P / r (dynamic variant)
@@ -356,6 +357,7 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
   // local copies: the compiler may then keep them in registers across the stores to dh and dw,
   // which it would otherwise have to assume alias them
   const float *H = t.H, *G = t.G, *g = t.g, *wt = t.wt, *yprev = t.yprev;
+  const int64_t gts = t.g_ts, gss = t.g_ss;
   float *dh = t.dh, *dw = t.dw, *dyprev = t.dyprev;
   float q[N][N + 2], ar[N][N], a0[N], cs[N], bp[N];
   for (int s = 0; s < N; ++s) {
@@ -371,11 +373,11 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
     v16 gc[N], acc[N];
     // the next token's streams (its other rows are prefetched in the token's earlier loops)
     for (int c = 0; c < N; ++c) {
-      __builtin_prefetch(G + (N + c) * d + j0);
+      __builtin_prefetch(G + gts + c * gss + j0);
       __builtin_prefetch(H + (N + c) * d + j0);
     }
     const v16 gv = load16(g + j0);
-    for (int c = 0; c < N; ++c) gc[c] = load16(G + c * d + j0);
+    for (int c = 0; c < N; ++c) gc[c] = load16(G + c * gss + j0);
     // each dH_s as two independent chains of multiply-adds, the streams' terms in one and the
     // projection's in the other (static: the streams' terms split by parity): with one chain per
     // stream the loop waits on the adds' latency, not on their throughput
@@ -428,7 +430,7 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
     float dy = 0.f;
     for (int s = 0; s < N; ++s) {
       float acc = a0[s] * g[j];
-      for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * d + j];
+      for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * gss + j];
       if constexpr (Dynamic) {
         acc -= cs[s] * H[s * d + j];
         for (int k = 0; k < N + 2; ++k) {
@@ -579,13 +581,15 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
 
 // Depth backward, the branch's part only: dy = sum_c beta_c G_c and dbeta_c = y . G_c. The streams'
 // part (dH_s = sum_c alpha[s, 1 + c] G_c and dalpha[s, 1 + c] = H_s . G_c) is left to the width
-// backward, which reads H and G anyway; either output pointer may be null when not needed.
+// backward, which reads H and G anyway; either output pointer may be null when not needed. Row c of
+// token m of G is at g + m g_ts + c g_ss: (n d, d) contiguous, (d, 0) for one row broadcast to every
+// stream (the gradient of the streams' sum, as the stack's last sublayer receives it).
 void anydepth_hc_depth_backward(const float* g, const float* beta, const float* y, float* dbeta, float* dy,
-                                int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+                                int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
     const float* gs[kMaxTerms];
-    for (int64_t c = 0; c < n; ++c) gs[c] = g + (m * n + c) * d;
+    for (int64_t c = 0; c < n; ++c) gs[c] = g + m * g_ts + c * g_ss;
     if (dy) combine(dy + m * d, gs, beta + m * n, static_cast<int>(n), d);
     if (dbeta) multi_dot(y + m * d, gs, static_cast<int>(n), d, dbeta + m * n);
   }
@@ -593,8 +597,9 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 
 // Width backward, which also finishes the depth connection's backward. gin (M, d): gradient of the
 // branch input (of its LayerNorm's output when ln_w is not null: then ln_mu, ln_rstd are the forward's
-// and dln_w, dln_b (d; dln_b may be null) receive the norm's parameter gradients); gdepth (M, n, d):
-// gradient of the depth connection's output H_new; galpha (M, n, n+1, may be null): gradient alpha
+// and dln_w, dln_b (d; dln_b may be null) receive the norm's parameter gradients); gdepth (M, n, d),
+// row c of token m at gdepth + m g_ts + c g_ss (see anydepth_hc_depth_backward): gradient of the
+// depth connection's output H_new; galpha (M, n, n+1, may be null): gradient alpha
 // received from other uses; dbeta (M, n, may be null): gradient of beta.
 // Writes dh (M, n, d), the whole gradient of H, and the sums over tokens (from per-thread partial
 // sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
@@ -608,7 +613,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
                                const float* bprev, const float* yprev, float* dh, float* dwt, float* da_static,
                                float* db_static, float* dscale, float* dyprev, float* dbprev, const float* ln_w,
                                const float* ln_mu, const float* ln_rstd, float* dln_w, float* dln_b,
-                               int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+                               int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
   anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
@@ -648,7 +653,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < m_tokens; ++m) {
       const float* gm = gin + m * d;
-      const float* Gm = gdepth + m * n * d;
+      const float* Gm = gdepth + m * g_ts;
       const float* Hm = h + m * n * d;
       const float* A = alpha + m * n * T;
       float ar[kMaxStreams][kMaxStreams];
@@ -666,7 +671,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       // dA[s] = H_s . [g, G_0, ..., G_{n-1}], all n (n + 1) dots in one pass (cross_dots)
       const float* ys[kMaxDots];
       ys[0] = gm;
-      for (int64_t c = 0; c < n; ++c) ys[1 + c] = Gm + c * d;
+      for (int64_t c = 0; c < n; ++c) ys[1 + c] = Gm + c * g_ss;
       float dA[kMaxStreams][kMaxStreams + 1];
       // the next token's rows besides its streams (see "Prefetching"); its branch gradient here
       // unless the LayerNorm's backward above has requested it
@@ -686,7 +691,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
-      WidthGradToken t{Hm, Gm, gm, wt, q, ar, a0, cs, dh + m * n * d, pw,
+      WidthGradToken t{Hm, Gm, g_ts, g_ss, gm, wt, q, ar, a0, cs, dh + m * n * d, pw,
                        nullptr, nullptr, nullptr, nullptr, stream_dh};
       if (dyprev) {
         t.bprev = bprev + m * n;
@@ -773,10 +778,11 @@ def _bind(lib) -> None:
     lib.anydepth_hc_tanh.restype = None
     lib.anydepth_hc_depth_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_forward.restype = None
-    lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i32
+        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64,
+        i64, i32,
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -818,6 +824,19 @@ def _contiguous(t: Tensor) -> Tensor:
     # .contiguous() of a contiguous tensor returns it, but through the dispatcher: a few microseconds
     # per call, a dozen calls per sublayer and step
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _stream_rows(g: Tensor) -> tuple[Tensor, int, int]:
+    """``(g, token stride, stream stride)`` for a gradient of the streams ``(..., n, d)`` as the kernels
+    read it: contiguous, or one row per token broadcast to the n streams (stride 0), which is how the
+    gradient of the streams' sum arrives at the stack's last sublayer. That one is read as it is
+    rather than copied to n rows (8 MiB per copy at the benchmark's size); anything else is copied."""
+    n, d = g.shape[-2:]
+    if g.is_contiguous():
+        return g, n * d, d
+    if g.stride(-1) == 1 and g.stride(-2) == 0 and g.select(-2, 0).is_contiguous():
+        return g, d, 0
+    return g.contiguous(), n * d, d
 
 
 def _scratch(like: Tensor, *sizes: int) -> tuple[Tensor, list[int | None]]:
@@ -887,7 +906,7 @@ class _Width(torch.autograd.Function):
         dyprev = torch.empty_like(yprev) if linked else None
         dbprev = torch.empty_like(bprev) if linked else None
         g_in = h.new_zeros(*h.shape[:-2], d) if g_in is None else _contiguous(g_in)
-        g_depth = torch.zeros_like(h) if g_depth is None else _contiguous(g_depth)
+        g_depth, g_ts, g_ss = (torch.zeros_like(h), n * d, d) if g_depth is None else _stream_rows(g_depth)
         g_alpha = None if g_alpha is None else _contiguous(g_alpha)
         g_beta = None if g_beta is None else _contiguous(g_beta)
         dh = torch.empty_like(h)
@@ -900,7 +919,7 @@ class _Width(torch.autograd.Function):
             g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), wt, p, pact, r, alpha.data_ptr(), _ptr(g_alpha),
             _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None), _ptr(yprev if linked else None),
             dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev),
-            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, torch.get_num_threads(),
+            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
@@ -978,12 +997,12 @@ class _Depth(torch.autograd.Function):
         rest = g
         for dh in claims:
             rest = rest - dh.view_as(g)
-        rest = rest.contiguous()
+        rest, g_ts, g_ss = _stream_rows(rest)
         dbeta = torch.empty_like(beta) if need[2] else None
         dy = torch.empty_like(y) if need[3] else None
         if dbeta is not None or dy is not None:
             _KERNEL.lib.anydepth_hc_depth_backward(
-                rest.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1],
+                rest.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1], g_ts, g_ss,
                 torch.get_num_threads(),
             )
         return passthrough, None, dbeta, dy
