@@ -9,6 +9,8 @@ kernels' 16-lane blocks.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from torch import nn
@@ -102,6 +104,34 @@ def test_fused_branch_layer_norm_equals_eager_float64(make_norm, fused_norm, str
     hook.remove()
     assert bool(norm_calls) != fused_norm, "the LayerNorm was not fused" if fused_norm else "the norm did not run"
     _assert_matches_float64_eager((out, dx, grads), hc, branch, x, gy)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_saved_tensor_hooks_that_copy_keep_the_fused_backward_exact(dynamic):
+    # The width connection keeps its per-token scratch (projections, norms, LayerNorm statistics) in
+    # one saved buffer and addresses it by offset. Hooks that hand the backward a copy of every saved
+    # tensor (as offloading does) free the original: the backward must read the copy. The original
+    # scratch (the one flat saved tensor that is not a parameter) is poisoned here, so that reading
+    # it instead cannot pass by luck.
+    dim, streams = 24, 4
+    hc = _perturbed(HyperConnection(dim, streams, layer_index=1, dynamic=dynamic, norm=nn.LayerNorm(dim)), 6)
+    branch = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+    g = torch.Generator().manual_seed(7)
+    x, gy = torch.randn(3, 11, streams, dim, generator=g), torch.randn(3, 11, streams, dim, generator=g)
+    packed = []
+
+    def pack(t):
+        packed.append(1)
+        copy = t.clone()
+        if t.dim() == 1 and not t.requires_grad and not isinstance(t, nn.Parameter):
+            # all bits set: a NaN; written behind autograd's back, which forbids changing a packed tensor
+            ctypes.memset(t.data_ptr(), 0xFF, t.numel() * t.element_size())
+        return copy
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused = _grads(hc, branch, x, gy, fused=True)
+    assert packed, "no tensor went through the hooks"
+    _assert_matches_float64_eager(fused, hc, branch, x, gy)
 
 
 @pytest.mark.parametrize("make_norm", [LayerNorm, nn.LayerNorm])
