@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from anydepth.nn.native import _PLAIN, HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op
+from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op, plain_cpu_tensor
 
 __all__ = ["MAX_STREAMS", "fused_ok", "plain_f32", "width_connection", "depth_connection", "use_fused_hyper"]
 
@@ -157,7 +157,7 @@ inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, 
 // out[s][c] = H_s . ys[c] for s < n, c <= n: all n (n + 1) products of a token in one pass over its
 // rows, each an independent accumulator (n calls of multi_dot would each wait on their own add
 // chains and reduce separately). Beyond what the registers hold, one stream at a time. Meanwhile
-// the npf rows pf[i] (d each) are prefetched for writing.
+// the npf <= 3 rows pf[i] (d each) are prefetched (for writing where the registers allow).
 template <int N>
 inline void cross_dots(int n, const float* H, const float* const* ys, int64_t d, float (*out)[kMaxStreams + 1],
                        const float* const* pf, int npf) {
@@ -165,7 +165,7 @@ inline void cross_dots(int n, const float* H, const float* const* ys, int64_t d,
     if (n < N) return cross_dots<N - 1>(n, H, ys, d, out, pf, npf);
   }
   if constexpr (N * (N + 1) > 20) {
-    for (int s = 0; s < N; ++s) multi_dot_k<N + 1>(H + s * d, ys, d, out[s], nullptr);
+    for (int s = 0; s < N; ++s) multi_dot_k<N + 1>(H + s * d, ys, d, out[s], s < npf ? pf[s] : nullptr);
   } else {
     v16 acc[N][N + 1] = {};
     int64_t j = 0;
@@ -809,7 +809,7 @@ def plain_f32(t: Tensor) -> bool:
     """Whether the kernels can read ``t`` through its pointer as it is: a plain (not subclassed),
     contiguous float32 CPU tensor. The per-call checks of tracing and transforms are
     :func:`fused_ok`'s."""
-    return type(t) in _PLAIN and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+    return plain_cpu_tensor(t) and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def _ptr(t: Tensor | None):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HUGE_PAGE_ADVICE", "NativeKernel", "functorch_active", "plain_cpu_op"]
+__all__ = ["HUGE_PAGE_ADVICE", "NativeKernel", "functorch_active", "plain_cpu_op", "plain_cpu_tensor"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses beyond these override ops the kernel would skip
 
@@ -151,12 +151,17 @@ def functorch_active() -> bool:
     return bool(probe and probe())
 
 
+def plain_cpu_tensor(t: torch.Tensor) -> bool:
+    """A CPU tensor that is a plain ``Tensor`` or ``Parameter``, whose memory a kernel may read."""
+    return type(t) in _PLAIN and t.is_cpu
+
+
 def plain_cpu_op(*tensors: torch.Tensor | None) -> bool:
     """True where a kernel over raw CPU pointers may replace torch ops: plain CPU tensors, and no
     tracer or transform that needs to see torch ops (``torch.compile`` fuses the eager formula itself;
     autocast and ``torch.func`` must act on each op)."""
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
+        if t is not None and not plain_cpu_tensor(t):
             return False
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
         return False

@@ -22,10 +22,11 @@ ops with three full-size temporaries, several times slower than its fused LayerN
 32 MiB or more, which glibc maps afresh, are advised onto transparent huge pages before the kernel
 writes them (:data:`anydepth.nn.native.HUGE_PAGE_ADVICE`), so they fault in 2 MiB rather than 4 KiB
 pieces. The kernel is compiled once per machine with the system C++ compiler (about 2 s) into a
-cache directory and loaded with ``ctypes``. Without a compiler, under ``torch.compile`` (which fuses the eager formula
-itself), under autocast, ``torch.func`` transforms, tensor subclasses, other devices or dtypes, the
-eager formula is used instead; both paths compute the same formula. ``ANYDEPTH_FUSED_NORM=0``
-disables the kernel; it is cached under ``$ANYDEPTH_CACHE/kernels`` (default ``~/.cache/anydepth``).
+cache directory and loaded with ``ctypes``. Without a compiler, under ``torch.compile`` (which
+fuses the eager formula itself), under autocast, ``torch.func`` transforms, tensor subclasses, other
+devices or dtypes, the eager formula is used instead; both paths compute the same formula.
+``ANYDEPTH_FUSED_NORM=0`` disables the kernel; it is cached under ``$ANYDEPTH_CACHE/kernels``
+(default ``~/.cache/anydepth``).
 """
 
 from __future__ import annotations
