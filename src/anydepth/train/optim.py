@@ -51,7 +51,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the learning rate is set each step by :func:`set_lr`.
 
-    torch's default implementation (a loop over the tensors on CPU). The fused one runs a 12-layer
+    Uses torch's default implementation (a loop over the tensors on CPU). The fused one runs a 12-layer
     dim-256 model's optimizer step 3.4x faster on CPU and agrees with this one to 6e-8 per step, but
     the default run's trajectory separates from this one at its early loss spike and ended worse or
     equal on all four seeds tried (docs/training.md), so it is not the default until that is understood.
