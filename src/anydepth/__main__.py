@@ -1,3 +1,3 @@
-from anydepth.cli import main
+from anydepth.cli import entry
 
-raise SystemExit(main())
+entry()

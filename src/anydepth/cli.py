@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-__all__ = ["main", "CliError", "parse_train_args", "GenerateArgs"]
+__all__ = ["main", "entry", "CliError", "parse_train_args", "GenerateArgs"]
 
 USAGE = """usage: anydepth {train,generate,study} [options]
 
@@ -429,3 +429,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # tyro's --help (0) and any parse error it reports itself (2)
         return int(e.code or 0)
+
+
+def entry() -> None:
+    """The ``anydepth`` console script and ``python -m anydepth``: :func:`main`, then exit with its code.
+
+    A process that torchrun started as one of several ranks leaves with ``os._exit`` once its output
+    is flushed, skipping the interpreter's finalization. DistributedDataParallel keeps the gloo
+    process group, and with it gloo's worker threads, alive past ``destroy_process_group``; a C++
+    thread that touches the interpreter while it finalizes is ended by Python with
+    ``pthread_exit``, which aborts the whole process ("terminate called without an active
+    exception", SIGABRT), and torchrun then reports a run whose every checkpoint was written as
+    failed. Every file the run writes is closed by then. ``faulthandler`` is on in such processes so
+    that a fatal signal still names the Python line it came from.
+    """
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi_process:
+        import faulthandler
+
+        faulthandler.enable()
+    code = main()
+    if not multi_process:
+        raise SystemExit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

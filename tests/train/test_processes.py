@@ -45,6 +45,25 @@ def _final_weights(out) -> dict[str, torch.Tensor]:
     return load_file(str(latest_checkpoint(out) / "model.safetensors"))
 
 
+@pytest.mark.parametrize(
+    "argv, code, stream, needle",
+    [
+        (["--help"], 0, "stdout", "usage: anydepth {train,generate,study}"),
+        (["train", "--train.steps=-1"], 2, "stderr", "train.steps must be a positive integer, got -1"),
+    ],
+)
+def test_a_rank_of_several_leaves_with_its_exit_code_and_its_output(argv, code, stream, needle):
+    # One of several torchrun ranks skips the interpreter's finalization (os._exit in cli.entry):
+    # stdout is a pipe here, block-buffered, so the text arrives only if entry() flushed it.
+    env = _env() | {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    env.pop("PYTHONUNBUFFERED", None)
+    r = subprocess.run(
+        [PYTHON, "-m", "anydepth", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == code, r.stderr[-2000:]
+    assert needle in getattr(r, stream)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_identical_weights(tmp_path, corpus):
     model = tiny_model(emb_dropout=0.1)  # dropout: the resumed run must also restore the RNG

@@ -72,9 +72,19 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
-def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(info: DistInfo, *, completed: bool = True) -> None:
+    """Leaves the process group; after a completed run, only once every rank has got there.
+
+    Rank 0 still writes the last checkpoint and plots the loss curve when the other ranks are done;
+    without the barrier they would destroy their process group and exit meanwhile. After a failure
+    there is no barrier: a rank that failed alone would leave the others waiting in it for the
+    collective timeout (30 minutes).
+    """
+    if not (info.enabled and dist.is_initialized()):
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:

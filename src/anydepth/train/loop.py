@@ -534,7 +534,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"run() expects a RunConfig, got {type(cfg).__name__}")
     info = D.setup(cfg.train.device)
+    completed = False
     try:
-        return _Trainer(cfg, info).fit()
+        summary = _Trainer(cfg, info).fit()
+        completed = True
+        return summary
     finally:
-        D.teardown(info)
+        D.teardown(info, completed=completed)
