@@ -440,8 +440,9 @@ def entry() -> None:
     thread that touches the interpreter while it finalizes is ended by Python with
     ``pthread_exit``, which aborts the whole process ("terminate called without an active
     exception", SIGABRT), and torchrun then reports a run whose every checkpoint was written as
-    failed. Every file the run writes is closed by then. ``faulthandler`` is on in such processes so
-    that a fatal signal still names the Python line it came from.
+    failed. Every file the run writes is closed (and the metrics log flushed line by line) by then.
+    An exception out of :func:`main` still propagates the usual way. ``faulthandler`` is on in such
+    processes so that a fatal signal still names the Python line it came from.
     """
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if multi_process:
