@@ -1,7 +1,7 @@
 """Training-step cost of hyper-connections: plain pre-LN residual vs 4 dynamic streams.
 
 One small byte-level LM (token + learned position embedding, pre-LN blocks of SDPA causal attention
-and a GELU MLP, final LayerNorm, tied head, AdamW) whose residual wiring is swappable:
+and a GELU MLP, final LayerNorm, tied head, the trainer's AdamW) whose residual wiring is swappable:
 
     plain          x = x + f(LN(x))
     ours_seed      anydepth.compat.hyper (the seed API), streams folded into the batch, LN inside f
@@ -179,7 +179,10 @@ def build_step(args, variant: str):
         except Exception as e:  # the builder may not accept every option yet; report rather than fail
             return {"variant": variant, "skipped": f"{type(e).__name__}: {e}"}
 
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    # the trainer's AdamW (torch's update, bitwise; small tensors batched) for every row alike
+    from anydepth.train.optim import AdamW
+
+    opt = AdamW(model.parameters(), lr=3e-4)
     tokens = torch.randint(vocab, (args.batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
     def step():

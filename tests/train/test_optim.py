@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 from anydepth.model.build import build_model
 from anydepth.train.config import DataConfig, RunConfig, TrainConfig
-from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, param_groups
+from anydepth.train.optim import AdamW, build_optimizer, clip_grad_norm, lr_at, param_groups
 
 
 def test_warmup_then_cosine_matches_formula():
@@ -129,3 +130,78 @@ def test_clip_grad_norm_matches_torch_and_the_formula(scale):
     for a, b, g in zip(ours, ref, grads):
         torch.testing.assert_close(a.grad, g * coef)
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def _adamw_pair(foreach_max_numel=4096):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 64), nn.LayerNorm(64), nn.Linear(64, 3))  # 5120, 64, 64, 64, 192, 3
+    twin = nn.Sequential(nn.Linear(80, 64), nn.LayerNorm(64), nn.Linear(64, 3))
+    twin.load_state_dict(model.state_dict())
+    kw = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8)
+    ours = AdamW(param_groups(model, 0.1), foreach_max_numel=foreach_max_numel, **kw)
+    ref = torch.optim.AdamW(param_groups(twin, 0.1), **kw)
+    return model, ours, twin, ref
+
+
+def _train(model, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 80, generator=gen)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("foreach_max_numel", [0, 64, 4096])
+def test_adamw_is_bitwise_torchs_adamw(foreach_max_numel):
+    model, ours, twin, ref = _adamw_pair(foreach_max_numel)
+    _train(model, ours, 12)
+    _train(twin, ref, 12)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+    a, b = ours.state_dict(), ref.state_dict()
+    assert [g["params"] for g in a["param_groups"]] == [g["params"] for g in b["param_groups"]]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["state"][i][key], b["state"][i][key]), (i, key)
+
+
+def test_adamw_state_moves_to_and_from_torchs_and_groups_stay_whole():
+    model, ours, twin, ref = _adamw_pair()
+    _train(model, ours, 3)
+    _train(twin, ref, 3)
+    assert len(ours.param_groups) == 2 and [len(g["params"]) for g in ours.param_groups] == [2, 4]
+    # a state dict saved by either optimizer resumes in the other to the same trajectory (a copy, as a
+    # checkpoint is: load_state_dict keeps tensors of the right dtype and device as they are)
+    ref.load_state_dict(copy.deepcopy(ours.state_dict()))
+    twin.load_state_dict(model.state_dict())
+    _train(model, ours, 4, seed=2)
+    _train(twin, ref, 4, seed=2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_adamw_runs_step_hooks_once_and_keeps_explicit_foreach():
+    model, ours, _, _ = _adamw_pair()
+    calls = []
+    ours.register_step_pre_hook(lambda *a: calls.append("pre"))
+    ours.register_step_post_hook(lambda *a: calls.append("post"))
+    _train(model, ours, 2)
+    assert calls == ["pre", "post"] * 2
+    explicit = AdamW(model.parameters(), lr=0.1, foreach=False)
+    seen = []
+    orig = torch.optim.AdamW.step
+    try:
+        # the group keeps its own foreach setting: one group reaches torch's step, not split
+        torch.optim.AdamW.step = lambda self, closure=None: seen.append([g.get("foreach") for g in self.param_groups])
+        explicit.step()
+    finally:
+        torch.optim.AdamW.step = orig
+    assert seen == [[False]]
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "4096"])
+def test_adamw_rejects_a_bad_threshold(bad):
+    with pytest.raises(ValueError, match="foreach_max_numel"):
+        AdamW([nn.Parameter(torch.zeros(2))], foreach_max_numel=bad)

@@ -851,6 +851,29 @@ def _scratch(like: Tensor, *sizes: int) -> tuple[Tensor, list[int | None]]:
     return buf, out
 
 
+def _direct_apply(cls):
+    """``cls.apply`` without ``Function.apply``'s Python prologue (a signature check, the functorch
+    test and a generator over every argument: about 10 us of a sublayer's forward, more in a step's
+    cold caches). Only called where :func:`fused_ok` has found no functorch transform active, the one
+    case in which that prologue does no more than unwrap dead functorch wrappers; ``h`` is unwrapped
+    here, the other arguments are module parameters."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+
+
+def _first_order(backward):
+    """``backward`` as it is while autograd records no graph (every ordinary backward pass), through
+    :func:`once_differentiable` under ``create_graph=True``, so that a second derivative through the
+    kernels raises instead of coming out wrong. once_differentiable's wrapper costs a ``no_grad``
+    context and a check per call (about 10 us per backward call in a step), which the first case
+    does not need: the engine already runs the backward with gradients off."""
+    once = once_differentiable(backward)
+
+    def dispatch(ctx, *grads):
+        return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+    return dispatch
+
+
 class _Width(torch.autograd.Function):
     """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
     produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
@@ -893,7 +916,6 @@ class _Width(torch.autograd.Function):
         return h_in, alpha, beta, h
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
         h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
         base = aux.data_ptr()
@@ -982,7 +1004,6 @@ class _Depth(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         beta, y = ctx.saved_tensors
         n = beta.shape[-1]
@@ -1006,6 +1027,11 @@ class _Depth(torch.autograd.Function):
                 torch.get_num_threads(),
             )
         return passthrough, None, dbeta, dy
+
+
+_Width.backward = staticmethod(_first_order(_Width.backward))
+_Depth.backward = staticmethod(_first_order(_Depth.backward))
+_width_apply, _depth_apply = _direct_apply(_Width), _direct_apply(_Depth)
 
 
 def width_connection(
@@ -1036,16 +1062,18 @@ def width_connection(
         node, bprev, yprev = link[:3]
     # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
     # each cost an autograd node in both directions
-    return _Width.apply(
-        _contiguous(h), wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static),
+    h = _contiguous(torch._C._functorch.unwrap_if_dead(h))
+    return _width_apply(
+        h, wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static),
         sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)),
     )
 
 
 def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
-    beta, y = _contiguous(beta), _contiguous(y)  # the width backward reads these too, linked
-    out = _Depth.apply(_contiguous(h), _contiguous(alpha), beta, y)
+    # the width backward reads these too, linked
+    beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
+    out = _depth_apply(_contiguous(h), _contiguous(alpha), beta, y)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
         out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))

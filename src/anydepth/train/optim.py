@@ -17,7 +17,7 @@ from torch import nn
 
 from anydepth.train.config import TrainConfig
 
-__all__ = ["param_groups", "build_optimizer", "lr_at", "set_lr", "clip_grad_norm"]
+__all__ = ["AdamW", "param_groups", "build_optimizer", "lr_at", "set_lr", "clip_grad_norm"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -48,17 +48,68 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; the learning rate is set each step by :func:`set_lr`.
+def _unhooked_step(cls: type[torch.optim.Optimizer]):
+    # torch wraps a class's step in its hook runner the first time one of its instances is built;
+    # AdamW.step below is called from inside our own (already wrapped) step, so hooks run once
+    step = cls.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
-    Uses torch's default implementation (a loop over the tensors on CPU). The fused one runs a 12-layer
-    dim-256 model's optimizer step 3.4x faster on CPU and agrees with this one to 6e-8 per step, but
-    the default run's trajectory separates from this one at its early loss spike and ended worse or
-    equal on all four seeds tried (docs/training.md), so it is not the default until that is understood.
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW (Loshchilov & Hutter, ICLR 2019) with the same result, updating each group's
+    small tensors together.
+
+    On CPU torch's default updates the tensors one at a time, a dozen small ops each: for a tensor of
+    a few hundred elements that is dispatch, not arithmetic. Here the tensors of at most
+    ``foreach_max_numel`` elements (gains, biases, per-sublayer scalars, hyper-connection mixing) go
+    through torch's multi-tensor (``foreach``) path and the rest through the per-tensor loop, which
+    keeps a large tensor's parameter, gradient and moments in cache across its ops (``foreach`` for
+    every tensor streams all of them through memory once per op: slower). Both paths compute the
+    same element-wise formula, and the parameters and moments are bitwise equal to
+    ``torch.optim.AdamW``'s (``tests/train/test_optim.py``). Groups, state and ``state_dict`` are
+    torch's, unchanged. A group given ``foreach`` or ``fused`` explicitly is left to that choice.
     """
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps
-    )
+
+    def __init__(self, params, *args, foreach_max_numel: int = 4096, **kwargs):
+        if isinstance(foreach_max_numel, bool) or not isinstance(foreach_max_numel, int) or foreach_max_numel < 0:
+            raise ValueError(
+                f"foreach_max_numel must be an int >= 0, got {foreach_max_numel!r}; 0 updates every tensor "
+                "one at a time, as torch.optim.AdamW does on CPU"
+            )
+        super().__init__(params, *args, **kwargs)
+        self.foreach_max_numel = foreach_max_numel
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        split = []
+        for group in groups:
+            if group.get("foreach") is not None or group.get("fused") or group.get("differentiable"):
+                split.append(group)
+                continue
+            small = [p for p in group["params"] if p.numel() <= self.foreach_max_numel]
+            large = [p for p in group["params"] if p.numel() > self.foreach_max_numel]
+            # copies of the group: the update reads its hyper-parameters and writes nothing to it
+            if small:
+                split.append({**group, "params": small, "foreach": True})
+            if large:
+                split.append({**group, "params": large})
+        self.param_groups = split
+        try:
+            return _unhooked_step(torch.optim.AdamW)(self, closure)
+        finally:
+            self.param_groups = groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AdamW:
+    """:class:`AdamW` over :func:`param_groups`; the learning rate is set each step by :func:`set_lr`.
+
+    The update is torch's default AdamW, bitwise (the small tensors batched, see :class:`AdamW`). The
+    fused implementation runs a 12-layer dim-256 model's optimizer step 3.4x faster on CPU and agrees
+    with this one to 6e-8 per step, but the default run's trajectory separates from this one at its
+    early loss spike and ended worse or equal on all four seeds tried (docs/training.md), so it is not
+    the default until that is understood.
+    """
+    return AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg), betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
