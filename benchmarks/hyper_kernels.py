@@ -47,7 +47,10 @@ def main() -> None:
              mu=rnd(m), rstd=torch.rand(m, generator=g) + 0.5)
         for _ in range(args.sets)
     ]
-    wt, dwt = rnd(k_, d), torch.zeros(k_, d)
+    # the dynamic projection as the kernels take it: W_a (d, n+1), w_b (d), the norm's gamma (d), packed by
+    # the width forward into wt (n+2, d); the width backward writes their gradients
+    wa, wb, gamma, wt = rnd(d, t_), rnd(d), rnd(d), torch.empty(k_, d)
+    dwa, dwb, dgamma = torch.empty(d, t_), torch.empty(d), torch.empty(d)
     a_s, b_s, da, db, ds = rnd(n, t_), rnd(n), torch.zeros(n, t_), torch.zeros(n), torch.zeros(2)
     ln_w, ln_b, dln_w, dln_b = rnd(d), rnd(d), torch.zeros(d), torch.zeros(d)
 
@@ -58,8 +61,9 @@ def main() -> None:
         norm = (ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd")) if ln else (None,) * 2 + (
             0.0, None, None)
         lib.anydepth_hc_width_forward(
-            ptr(b, "h"), wt.data_ptr(), a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"),
-            ptr(b, "r"), ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "hin"), *norm, m, n, d, th,
+            ptr(b, "h"), wt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0, a_s.data_ptr(),
+            b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha"), ptr(b, "beta"),
+            ptr(b, "hin"), *norm, m, n, d, th,
         )
 
     def width_bwd(b, linked, ln=False):
@@ -69,8 +73,9 @@ def main() -> None:
             None,) * 5
         lib.anydepth_hc_width_backward(
             ptr(b, "gin"), ptr(b, "G"), ptr(b, "h"), wt.data_ptr(), ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"),
-            ptr(b, "alpha"), None, ptr(b, "dbeta"), 0.01, 0.01, 1, *link, ptr(b, "dh"), dwt.data_ptr(),
-            da.data_ptr(), db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, n * d, d, th,
+            ptr(b, "alpha"), None, ptr(b, "dbeta"), 0.01, 0.01, 1, *link, ptr(b, "dh"), wa.data_ptr(),
+            wb.data_ptr(), gamma.data_ptr(), 1.0, dwa.data_ptr(), dwb.data_ptr(), dgamma.data_ptr(), da.data_ptr(),
+            db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, n * d, d, th,
         )
 
     stream, row = m * n * d * 4, m * d * 4

@@ -468,12 +468,18 @@ extern "C" {
 // alpha = a_static, beta = b_static for every token. Then h_in[m] = sum_s alpha[m, s, 0] H[m, s],
 // while the token's streams are still in L1, and with ln_w (d) not null the branch's LayerNorm of it
 // (weight ln_w, bias ln_b or none, epsilon ln_eps) in its place, its mean and 1/std into ln_mu,
-// ln_rstd (M): the norm's own pass over h_in, and the backward's, are saved.
-void anydepth_hc_width_forward(const float* h, const float* wt, const float* a_static, const float* b_static,
-                               float sa, float sb, int use_tanh, float* p, float* pact, float* r, float* alpha,
-                               float* beta, float* h_in, const float* ln_w, const float* ln_b, float ln_eps,
-                               float* ln_mu, float* ln_rstd, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+// ln_rstd (M): the norm's own pass over h_in, and the backward's, are saved. With wa not null, wt is
+// first packed from wa, wb, gamma and scale (anydepth_hc_pack_w): one call fewer per sublayer.
+void anydepth_hc_pack_w(const float* wa, const float* wb, const float* gamma, float scale, float* wt, int64_t n,
+                        int64_t d);
+
+void anydepth_hc_width_forward(const float* h, float* wt, const float* wa, const float* wb, const float* gamma,
+                               float scale, const float* a_static, const float* b_static, float sa, float sb,
+                               int use_tanh, float* p, float* pact, float* r, float* alpha, float* beta, float* h_in,
+                               const float* ln_w, const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd,
+                               int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
+  if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
     float* A = alpha + m * n * T;
@@ -602,17 +608,22 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 // depth connection's output H_new; galpha (M, n, n+1, may be null): gradient alpha
 // received from other uses; dbeta (M, n, may be null): gradient of beta.
 // Writes dh (M, n, d), the whole gradient of H, and the sums over tokens (from per-thread partial
-// sums) into dwt (K, d) (dynamic variant only), da_static (n, n+1), db_static (n) and
-// dscale[2] = (d s_a, d s_b); no output needs initialising. Linked (dyprev not null):
+// sums) into da_static (n, n+1), db_static (n) and dscale[2] = (d s_a, d s_b), and (dynamic variant
+// only) the sum of dW^T through anydepth_hc_unpack_dw into dwa, dwb, dgamma (each may be null; wa, wb,
+// gamma and scale are the forward's); no output needs initialising. Linked (dyprev not null):
 // H = A^T H_prev + bprev yprev came from the previous sublayer's depth connection with bprev (M, n),
 // yprev (M, d), and its backward is done here from dH: dyprev (M, d) and dbprev (M, n). Returns
 // nonzero if its scratch could not be allocated.
+void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
+                           float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d);
+
 int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, const float* wt,
                                const float* p, const float* pact, const float* r, const float* alpha,
                                const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
-                               const float* bprev, const float* yprev, float* dh, float* dwt, float* da_static,
-                               float* db_static, float* dscale, float* dyprev, float* dbprev, const float* ln_w,
-                               const float* ln_mu, const float* ln_rstd, float* dln_w, float* dln_b,
+                               const float* bprev, const float* yprev, float* dh, const float* wa, const float* wb,
+                               const float* gamma, float scale, float* dwa, float* dwb, float* dgamma,
+                               float* da_static, float* db_static, float* dscale, float* dyprev, float* dbprev,
+                               const float* ln_w, const float* ln_mu, const float* ln_rstd, float* dln_w, float* dln_b,
                                int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
@@ -636,7 +647,6 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
     return 1;
   }
   // the sums over threads below add into these
-  if (wt) std::memset(dwt, 0, sizeof(float) * K * d);
   if (dln_w) std::memset(dln_w, 0, sizeof(float) * d);
   if (dln_b) std::memset(dln_b, 0, sizeof(float) * d);
   std::memset(da_static, 0, sizeof(float) * n * T);
@@ -739,11 +749,13 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
     if (stream_dh) _mm_sfence();
 #endif
   }
+  // dW^T summed into the first thread's partial sums, in thread order
+  for (int t = 1; t < nt && wt; ++t) {
+    const float* pw = part + t * width;
+    for (int64_t i = 0; i < K * d; ++i) part[i] += pw[i];
+  }
+  if (wt) anydepth_hc_unpack_dw(part, wa, wb, gamma, scale, dwa, dwb, dgamma, n, d);
   for (int t = 0; t < nt; ++t) {
-    if (wt) {
-      const float* pw = part + t * width;
-      for (int64_t i = 0; i < K * d; ++i) dwt[i] += pw[i];
-    }
     if (ln_w) {
       const float* pln = part + t * width + (wt ? K * d : 0);
       for (int64_t i = 0; i < d; ++i) dln_w[i] += pln[i];
@@ -767,7 +779,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
 def _bind(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.anydepth_hc_width_forward.argtypes = [
-        p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64, i32
+        p, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64, i32
     ]
     lib.anydepth_hc_width_forward.restype = None
     lib.anydepth_hc_pack_w.argtypes = [p, p, p, f32, p, i64, i64]
@@ -781,8 +793,8 @@ def _bind(lib) -> None:
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64,
-        i64, i32,
+        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, f32, p, p, p, p, p, p, p, p, p, p, p, p, p,
+        i64, i64, i64, i64, i64, i32,
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -893,23 +905,22 @@ class _Width(torch.autograd.Function):
         sizes = [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] if dynamic else [0] * 4
         aux, ptrs = _scratch(h, *sizes, *([m, m] if ln else [0, 0]))
         wt, p, pact, r, mu, rstd = ptrs
-        if dynamic:
-            _KERNEL.lib.anydepth_hc_pack_w(wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, wt, n, d)
         alpha = h.new_empty(*lead, n, n + 1)
         beta = h.new_empty(*lead, n)
         h_in = h.new_empty(*lead, d)
         sa, sb = _scalar(sa), _scalar(sb)
+        # the kernel packs W^T (anydepth_hc_pack_w) into wt first
         _KERNEL.lib.anydepth_hc_width_forward(
-            h.data_ptr(), wt, a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh), p, pact, r,
-            alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu, rstd, m,
-            n, d, torch.get_num_threads(),
+            h.data_ptr(), wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(), b_static.data_ptr(), sa,
+            sb, int(use_tanh), p, pact, r, alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b),
+            float(ln_eps), mu, rstd, m, n, d, torch.get_num_threads(),
         )
         ctx.save_for_backward(h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w)
-        # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux
-        ctx.aux = [a - aux.data_ptr() if a is not None else None for a in ptrs]
-        ctx.ln_bias = ln_b is not None
-        ctx.scales = (sa, sb, bool(use_tanh), scale)
-        ctx.link = link
+        # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux. One
+        # attribute for all: each costs a lookup in both directions
+        base = aux.data_ptr()
+        ctx.plan = ([a - base if a is not None else None for a in ptrs], sa, sb, bool(use_tanh), scale,
+                    ln_b is not None, link)
         ctx.set_materialize_grads(False)
         # h goes out again for the depth connection, whose backward hands the gradient of H_new back
         # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
@@ -918,13 +929,13 @@ class _Width(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
         h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
+        offsets, sa, sb, use_tanh, scale, ln_bias, link = ctx.plan
         base = aux.data_ptr()
-        wt, p, pact, r, mu, rstd = (None if a is None else base + a for a in ctx.aux)
-        sa, sb, use_tanh, scale = ctx.scales
+        wt, p, pact, r, mu, rstd = [None if a is None else base + a for a in offsets]
         n, d = h.shape[-2:]
         m = h.numel() // (n * d)
         need = ctx.needs_input_grad
-        linked = ctx.link is not None and (need[10] or need[11])
+        linked = link is not None and (need[10] or need[11])
         dyprev = torch.empty_like(yprev) if linked else None
         dbprev = torch.empty_like(bprev) if linked else None
         g_in = h.new_zeros(*h.shape[:-2], d) if g_in is None else _contiguous(g_in)
@@ -933,30 +944,27 @@ class _Width(torch.autograd.Function):
         g_beta = None if g_beta is None else _contiguous(g_beta)
         dh = torch.empty_like(h)
         # the kernel writes these whole: no zero fill
-        dwt = h.new_empty(n + 2, d) if wt is not None else None
+        dynamic = wt is not None
+        dwa = torch.empty_like(wa) if dynamic and need[1] else None
+        dwb = torch.empty_like(wb) if dynamic and need[2] else None
+        dgamma = torch.empty_like(gamma) if dynamic and need[3] else None
         da, db, ds = h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2)
         dln_w = torch.empty_like(ln_w) if ln_w is not None else None
-        dln_b = torch.empty_like(ln_w) if ln_w is not None and ctx.ln_bias else None
+        dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else None
         status = _KERNEL.lib.anydepth_hc_width_backward(
             g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), wt, p, pact, r, alpha.data_ptr(), _ptr(g_alpha),
             _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None), _ptr(yprev if linked else None),
-            dh.data_ptr(), _ptr(dwt), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev),
-            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
+            dh.data_ptr(), _ptr(wa), _ptr(wb), _ptr(gamma), scale, _ptr(dwa), _ptr(dwb), _ptr(dgamma), da.data_ptr(),
+            db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev), _ptr(ln_w), mu, rstd, _ptr(dln_w),
+            _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
         if linked:
-            _claim(ctx.link, dh)
+            _claim(link, dh)
         links = (dbprev, dyprev, None, dln_w, dln_b, None)
-        if wt is None:
+        if not dynamic:
             return dh, None, None, None, None, da, db, None, None, None, *links
-        dwa = torch.empty_like(wa) if need[1] else None
-        dwb = torch.empty_like(wb) if need[2] else None
-        dgamma = torch.empty_like(gamma) if need[3] else None
-        _KERNEL.lib.anydepth_hc_unpack_dw(
-            dwt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), scale, _ptr(dwa), _ptr(dwb), _ptr(dgamma),
-            n, d,
-        )
         return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links
 
 
