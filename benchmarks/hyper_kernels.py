@@ -61,7 +61,7 @@ def main() -> None:
         norm = (ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd")) if ln else (None,) * 2 + (
             0.0, None, None)
         lib.anydepth_hc_width_forward(
-            ptr(b, "h"), wt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0, a_s.data_ptr(),
+            ptr(b, "h"), n * d, d, wt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0, a_s.data_ptr(),
             b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha"), ptr(b, "beta"),
             ptr(b, "hin"), *norm, m, n, d, th,
         )
@@ -72,7 +72,7 @@ def main() -> None:
         norm = (ln_w.data_ptr(), ptr(b, "mu"), ptr(b, "rstd"), dln_w.data_ptr(), dln_b.data_ptr()) if ln else (
             None,) * 5
         lib.anydepth_hc_width_backward(
-            ptr(b, "gin"), ptr(b, "G"), ptr(b, "h"), wt.data_ptr(), ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"),
+            ptr(b, "gin"), ptr(b, "G"), ptr(b, "h"), n * d, d, wt.data_ptr(), ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"),
             ptr(b, "alpha"), None, ptr(b, "dbeta"), 0.01, 0.01, 1, *link, ptr(b, "dh"), wa.data_ptr(),
             wb.data_ptr(), gamma.data_ptr(), 1.0, dwa.data_ptr(), dwb.data_ptr(), dgamma.data_ptr(), da.data_ptr(),
             db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, n * d, d, th,
@@ -84,7 +84,7 @@ def main() -> None:
         ("width forward", stream + row, lambda b: width_fwd(b, False)),
         ("width forward + LayerNorm", stream + row, lambda b: width_fwd(b, True)),
         ("depth forward", 2 * stream + row, lambda b: lib.anydepth_hc_depth_forward(
-            ptr(b, "h"), ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)),
+            ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)),
         ("width backward, linked", 3 * stream + 3 * row, lambda b: width_bwd(b, True)),
         ("width backward, linked + LayerNorm", 3 * stream + 3 * row, lambda b: width_bwd(b, True, True)),
         ("width backward, not linked", 3 * stream + row, lambda b: width_bwd(b, False)),

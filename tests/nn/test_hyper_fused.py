@@ -419,3 +419,77 @@ def test_link_survives_a_partial_backward_of_a_retained_graph():
     torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-6)
     for name, g in got.items():
         torch.testing.assert_close(g, ref[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise: bool):
+    """reduce(hc2(hc1(expand(x)))) with perturbed connections: output, x's gradient, parameter gradients
+    and the stream stride of what expand returned (materialised with .contiguous() when asked)."""
+    torch.manual_seed(0)
+    hcs = nn.ModuleList(
+        _perturbed(HyperConnection(dim, streams, layer_index=i, dynamic=dynamic, norm=norm(dim)), 7 + i)
+        for i in range(2)
+    )
+    branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+    xa = x.clone().requires_grad_()
+    h = hcs[0].expand(xa)
+    stride = h.stride(-2)
+    if materialise:
+        h = h.contiguous()
+    out = hcs[0].reduce(hcs[1](hcs[0](h, branch), branch))
+    out.backward(gy)
+    grads = [p.grad for p in [*hcs.parameters(), *branch.parameters()]]
+    return out.detach(), xa.grad, grads, stride
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("streams,dim,tokens", [(4, 32, 9), (2, 37, 9), (4, 37, 300)])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, lambda d: None], ids=["layernorm", "none"])
+def test_expand_view_gives_the_materialised_streams_result(dynamic, streams, dim, tokens, norm):
+    # expand() hands the fused kernels one row per token with a stream stride of 0, and the first width
+    # backward returns x's gradient (the sum over the streams) itself; everything must equal the run
+    # on n materialised copies, which the tests above check against float64 eager. 2 x 300 tokens x 4
+    # streams x 37 take the kernels' two-thread path; 37 leaves a remainder after the 16-lane blocks.
+    g = torch.Generator().manual_seed(3)
+    x, gy = torch.randn(2, tokens, dim, generator=g), torch.randn(2, tokens, dim, generator=g)
+    out, dx, grads, stride = _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise=False)
+    ref_out, ref_dx, ref_grads, ref_stride = _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise=True)
+    assert stride == 0 and ref_stride == 0  # the reference copies the same view
+    # the kernels read the same values in the same order: bitwise equal but for x's gradient, which
+    # the kernel sums over the streams where autograd summed the materialised copies' gradients
+    assert torch.equal(out, ref_out)
+    for got, want in zip(grads, ref_grads):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-6, atol=1e-6)
+
+
+def test_expand_materialises_the_streams_where_the_kernels_will_not_read_them():
+    hc = HyperConnection(16, 4, layer_index=0)
+    x = torch.randn(2, 3, 16)
+    assert hc.expand(x).stride(-2) == 0
+    with hyper_fused.use_fused_hyper(False):
+        assert hc.expand(x).is_contiguous()  # the eager path's batched matmuls want copies
+    assert hc.double().expand(x.double()).is_contiguous()  # the kernels are float32 only
+    mhc = ManifoldHyperConnection(16, 4, layer_index=0)
+    assert mhc.expand(x).is_contiguous()  # mHC keeps the eager path
+    assert hc.float().expand(x.transpose(0, 1)).is_contiguous()  # a strided residual is copied
+    assert HyperConnection(16, 1, layer_index=0).expand(x) is x
+
+
+def test_a_broadcast_view_of_another_tensor_is_read_as_it_is():
+    # x is itself a view (of a flat buffer): its broadcast has no base of x's shape, so the connection
+    # takes its streams as given (copied to n rows) and the gradient reaches the buffer through autograd
+    dim, streams = 24, 4
+    g = torch.Generator().manual_seed(4)
+    flat, gy = torch.randn(2 * 5 * dim, generator=g), torch.randn(2, 5, dim, generator=g)
+    hc = _perturbed(HyperConnection(dim, streams, layer_index=1, norm=nn.LayerNorm(dim)), 2)
+    branch = nn.Linear(dim, dim)
+    grads = []
+    for view in (True, False):
+        buf = flat.clone().requires_grad_()
+        x = buf.view(2, 5, dim)
+        h = hyper_fused.broadcast_streams(x, streams) if view else x.unsqueeze(-2).repeat(1, 1, streams, 1)
+        out = hc.reduce(hc(h, branch))
+        out.backward(gy)
+        grads.append((out.detach(), buf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-6)

@@ -54,7 +54,15 @@ from torch.autograd.function import once_differentiable
 
 from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op, plain_cpu_tensor
 
-__all__ = ["MAX_STREAMS", "fused_ok", "plain_f32", "width_connection", "depth_connection", "use_fused_hyper"]
+__all__ = [
+    "MAX_STREAMS",
+    "broadcast_streams",
+    "fused_ok",
+    "plain_f32",
+    "width_connection",
+    "depth_connection",
+    "use_fused_hyper",
+]
 
 MAX_STREAMS = 16
 
@@ -157,15 +165,16 @@ inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, 
 // out[s][c] = H_s . ys[c] for s < n, c <= n: all n (n + 1) products of a token in one pass over its
 // rows, each an independent accumulator (n calls of multi_dot would each wait on their own add
 // chains and reduce separately). Beyond what the registers hold, one stream at a time. Meanwhile
-// the npf <= 3 rows pf[i] (d each) are prefetched (for writing where the registers allow).
+// the npf <= 3 rows pf[i] (d each) are prefetched (for writing where the registers allow). Row s of H
+// is at H + s hss (hss = d, or 0 for one row broadcast to every stream).
 template <int N>
-inline void cross_dots(int n, const float* H, const float* const* ys, int64_t d, float (*out)[kMaxStreams + 1],
-                       const float* const* pf, int npf) {
+inline void cross_dots(int n, const float* H, int64_t hss, const float* const* ys, int64_t d,
+                       float (*out)[kMaxStreams + 1], const float* const* pf, int npf) {
   if constexpr (N > 1) {
-    if (n < N) return cross_dots<N - 1>(n, H, ys, d, out, pf, npf);
+    if (n < N) return cross_dots<N - 1>(n, H, hss, ys, d, out, pf, npf);
   }
   if constexpr (N * (N + 1) > 20) {
-    for (int s = 0; s < N; ++s) multi_dot_k<N + 1>(H + s * d, ys, d, out[s], s < npf ? pf[s] : nullptr);
+    for (int s = 0; s < N; ++s) multi_dot_k<N + 1>(H + s * hss, ys, d, out[s], s < npf ? pf[s] : nullptr);
   } else {
     v16 acc[N][N + 1] = {};
     int64_t j = 0;
@@ -176,7 +185,7 @@ inline void cross_dots(int n, const float* H, const float* const* ys, int64_t d,
       for (int c = 0; c <= N; ++c) yv[c] = load16(ys[c] + j);
 #pragma GCC unroll 16
       for (int s = 0; s < N; ++s) {
-        const v16 hv = load16(H + s * d + j);
+        const v16 hv = load16(H + s * hss + j);
 #pragma GCC unroll 17
         for (int c = 0; c <= N; ++c) acc[s][c] += hv * yv[c];
       }
@@ -184,7 +193,7 @@ inline void cross_dots(int n, const float* H, const float* const* ys, int64_t d,
     for (int s = 0; s < N; ++s)
       for (int c = 0; c <= N; ++c) {
         float v = hsum(acc[s][c]);
-        for (int64_t t = j; t < d; ++t) v += H[s * d + t] * ys[c][t];
+        for (int64_t t = j; t < d; ++t) v += H[s * hss + t] * ys[c][t];
         out[s][c] = v;
       }
   }
@@ -284,7 +293,9 @@ inline void layer_norm_row(float* x, const float* w, const float* b, float eps, 
 // (which the width backward reads anyway) rather than stored: with xh = (x - mu) rstd and
 // gw = go w, the input gradient is g = rstd (gw - mean(gw) - xh mean(gw xh)) into g, and
 // dw += go xh, db += go into this thread's partial sums. Meanwhile the row pf (d, or null) is prefetched.
-inline void layer_norm_row_backward(const float* H, const float* a0, int n, const float* go, const float* w,
+// Row s of H is at H + s hss.
+inline void layer_norm_row_backward(const float* H, int64_t hss, const float* a0, int n, const float* go,
+                                    const float* w,
                                     float mu, float rstd, int64_t d, float* g, float* dw, float* db,
                                     const float* pf) {
   v16 s1{}, s2{};
@@ -292,7 +303,7 @@ inline void layer_norm_row_backward(const float* H, const float* a0, int n, cons
   for (; j + kLanes <= d; j += kLanes) {
     if (pf) __builtin_prefetch(pf + j);
     v16 x = a0[0] * load16(H + j);
-    for (int s = 1; s < n; ++s) x += a0[s] * load16(H + s * d + j);
+    for (int s = 1; s < n; ++s) x += a0[s] * load16(H + s * hss + j);
     const v16 xh = (x - mu) * rstd, gv = load16(go + j), gw = gv * load16(w + j);
     s1 += gw;
     s2 += gw * xh;
@@ -303,7 +314,7 @@ inline void layer_norm_row_backward(const float* H, const float* a0, int n, cons
   float t1 = hsum(s1), t2 = hsum(s2);
   for (int64_t t = j; t < d; ++t) {
     float x = 0.f;
-    for (int s = 0; s < n; ++s) x += a0[s] * H[s * d + t];
+    for (int s = 0; s < n; ++s) x += a0[s] * H[s * hss + t];
     const float xh = (x - mu) * rstd, gw = go[t] * w[t];
     t1 += gw;
     t2 += gw * xh;
@@ -321,7 +332,8 @@ inline void layer_norm_row_backward(const float* H, const float* a0, int n, cons
 
 // One token of the width backward: what the per-token loop hands to width_grad_token.
 struct WidthGradToken {
-  const float* H;     // (n, d) the token's streams
+  const float* H;     // (n, d) the token's streams, row s at H + s h_ss
+  int64_t h_ts, h_ss; // H's token and stream strides (d, 0: one row broadcast to every stream)
   const float* G;     // (n, d) gradient of the depth connection's output, unmixed
   int64_t g_ts, g_ss; // G's token and stream strides
   const float* g;     // (d) gradient of the branch input
@@ -330,7 +342,8 @@ struct WidthGradToken {
   const float (*ar)[kMaxStreams]; // (n, n) alpha[:, 1:], the stream mixing
   const float* a0;    // (n) alpha[:, 0]
   const float* cs;    // (n) norm-backward coefficients (dynamic variant)
-  float* dh;          // (n, d) out: the whole gradient of H
+  float* dh;          // (n, d) out: the whole gradient of H; (d) its sum over the streams where sum_dh
+  bool sum_dh;        // H is one row broadcast (h_ss 0): write the gradient of that row
   float* dw;          // (K, d) this thread's dW^T partial sum (dynamic variant)
   const float* bprev; // (n) beta of the depth connection that produced H (linked only)
   const float* yprev; // (d) its branch output (linked only)
@@ -357,7 +370,7 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
   // local copies: the compiler may then keep them in registers across the stores to dh and dw,
   // which it would otherwise have to assume alias them
   const float *H = t.H, *G = t.G, *g = t.g, *wt = t.wt, *yprev = t.yprev;
-  const int64_t gts = t.g_ts, gss = t.g_ss;
+  const int64_t gts = t.g_ts, gss = t.g_ss, hts = t.h_ts, hss = t.h_ss;
   float *dh = t.dh, *dw = t.dw, *dyprev = t.dyprev;
   float q[N][N + 2], ar[N][N], a0[N], cs[N], bp[N];
   for (int s = 0; s < N; ++s) {
@@ -374,7 +387,7 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
     // the next token's streams (its other rows are prefetched in the token's earlier loops)
     for (int c = 0; c < N; ++c) {
       __builtin_prefetch(G + gts + c * gss + j0);
-      __builtin_prefetch(H + (N + c) * d + j0);
+      __builtin_prefetch(H + hts + c * hss + j0);
     }
     const v16 gv = load16(g + j0);
     for (int c = 0; c < N; ++c) gc[c] = load16(G + c * gss + j0);
@@ -396,7 +409,7 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
     if constexpr (Dynamic) {
       v16 hv[N];
       for (int s = 0; s < N; ++s) {
-        hv[s] = load16(H + s * d + j0);
+        hv[s] = load16(H + s * hss + j0);
         acc[s] -= cs[s] * hv[s];
       }
       for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
@@ -410,12 +423,18 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
       }
     }
     for (int s = 0; s < N; ++s) acc[s] += part[s];
+    if (t.sum_dh) {
+      v16 sum = acc[0];
+      for (int s = 1; s < N; ++s) sum += acc[s];
+      store16(dh + j0, sum);
+    } else {
 #if defined(__AVX512F__)
-    if (t.stream_dh) {
-      for (int s = 0; s < N; ++s) _mm512_stream_ps(dh + s * d + j0, reinterpret_cast<__m512>(acc[s]));
-    } else
+      if (t.stream_dh) {
+        for (int s = 0; s < N; ++s) _mm512_stream_ps(dh + s * d + j0, reinterpret_cast<__m512>(acc[s]));
+      } else
 #endif
-      for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
+        for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
+    }
     if constexpr (Linked) {
       const v16 yv = load16(yprev + j0);
       v16 dy = bp[0] * acc[0];
@@ -427,24 +446,28 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
   float db[N];
   for (int s = 0; s < N; ++s) db[s] = hsum(dbacc[s]);
   for (int64_t j = j0; j < d; ++j) {
-    float dy = 0.f;
+    float dy = 0.f, sum = 0.f;
     for (int s = 0; s < N; ++s) {
       float acc = a0[s] * g[j];
       for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * gss + j];
       if constexpr (Dynamic) {
-        acc -= cs[s] * H[s * d + j];
+        acc -= cs[s] * H[s * hss + j];
         for (int k = 0; k < N + 2; ++k) {
           acc += q[s][k] * wt[k * d + j];
-          dw[k * d + j] += q[s][k] * H[s * d + j];
+          dw[k * d + j] += q[s][k] * H[s * hss + j];
         }
       }
-      dh[s * d + j] = acc;
+      if (t.sum_dh)
+        sum += acc;
+      else
+        dh[s * d + j] = acc;
       if constexpr (Linked) {
         dy += bp[s] * acc;
         db[s] += yprev[j] * acc;
       }
     }
     if constexpr (Linked) dyprev[j] = dy;
+    if (t.sum_dh) dh[j] = sum;
   }
   if constexpr (Linked)
     for (int s = 0; s < N; ++s) t.dbprev[s] = db[s];
@@ -473,11 +496,12 @@ extern "C" {
 void anydepth_hc_pack_w(const float* wa, const float* wb, const float* gamma, float scale, float* wt, int64_t n,
                         int64_t d);
 
-void anydepth_hc_width_forward(const float* h, float* wt, const float* wa, const float* wb, const float* gamma,
-                               float scale, const float* a_static, const float* b_static, float sa, float sb,
-                               int use_tanh, float* p, float* pact, float* r, float* alpha, float* beta, float* h_in,
-                               const float* ln_w, const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd,
-                               int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+void anydepth_hc_width_forward(const float* h, int64_t h_ts, int64_t h_ss, float* wt, const float* wa,
+                               const float* wb, const float* gamma, float scale, const float* a_static,
+                               const float* b_static, float sa, float sb, int use_tanh, float* p, float* pact,
+                               float* r, float* alpha, float* beta, float* h_in, const float* ln_w,
+                               const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd, int64_t m_tokens,
+                               int64_t n, int64_t d, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
@@ -492,10 +516,10 @@ void anydepth_hc_width_forward(const float* h, float* wt, const float* wa, const
       const float* w[kMaxDots];
       for (int64_t k = 0; k < K; ++k) w[k] = wt + k * d;
       for (int64_t s = 0; s < n; ++s) {
-        const float* hs = h + (m * n + s) * d;
+        const float* hs = h + m * h_ts + s * h_ss;
         float dots[kMaxDots];
         w[K] = hs;
-        multi_dot(hs, w, static_cast<int>(K + 1), d, dots, m + 1 < m_tokens ? hs + n * d : nullptr);
+        multi_dot(hs, w, static_cast<int>(K + 1), d, dots, m + 1 < m_tokens ? hs + h_ts : nullptr);
         // as std::fmax (a NaN norm gives the clamp), without its library call
         const float norm = std::sqrt(dots[K]);
         const float rs = norm > 1e-12f ? norm : 1e-12f, inv = 1.f / rs;
@@ -517,7 +541,7 @@ void anydepth_hc_width_forward(const float* h, float* wt, const float* wa, const
       std::memcpy(B, b_static, sizeof(float) * n);
     }
     for (int64_t s = 0; s < n; ++s) {
-      rows[s] = h + (m * n + s) * d;
+      rows[s] = h + m * h_ts + s * h_ss;
       coef[s] = A[s * T];
     }
     combine(h_in + m * d, rows, coef, static_cast<int>(n), d);
@@ -562,8 +586,8 @@ void anydepth_hc_tanh(const float* x, float* y, int64_t count) {
 }
 
 // H_new[m, c] = sum_s alpha[m, s, 1 + c] H[m, s] + beta[m, c] y[m]
-void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* beta, const float* y,
-                               float* out, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
+void anydepth_hc_depth_forward(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha, const float* beta,
+                               const float* y, float* out, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
   const int64_t T = n + 1;
   anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
@@ -571,7 +595,7 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
     const float* A = alpha + m * n * T;
     const float* rows[kMaxTerms];
     float coef[kMaxTerms];
-    for (int64_t s = 0; s < n; ++s) rows[s] = h + (m * n + s) * d;
+    for (int64_t s = 0; s < n; ++s) rows[s] = h + m * h_ts + s * h_ss;
     rows[n] = y + m * d;
     // the next token: stream c and output row c while row c is computed, the branch output with row 0
     const bool more = m + 1 < m_tokens;
@@ -579,7 +603,8 @@ void anydepth_hc_depth_forward(const float* h, const float* alpha, const float* 
       for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
       coef[n] = beta[m * n + c];
       const int64_t next = ((m + 1) * n + c) * d;
-      combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d, more ? h + next : nullptr,
+      combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d,
+              more && (h_ss || c == 0) ? h + (m + 1) * h_ts + c * h_ss : nullptr,
               more && c == 0 ? y + (m + 1) * d : nullptr, more ? out + next : nullptr);
     }
   }
@@ -617,7 +642,8 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
                            float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d);
 
-int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, const float* wt,
+int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, int64_t h_ts, int64_t h_ss,
+                               const float* wt,
                                const float* p, const float* pact, const float* r, const float* alpha,
                                const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
                                const float* bprev, const float* yprev, float* dh, const float* wa, const float* wb,
@@ -627,7 +653,10 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
                                int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
   const int nt = threads_for(m_tokens * n * d, nthreads);
-  anydepth_native::advise_huge(dh, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
+  // H broadcast from one row per token (h_ss 0): dh is the gradient of that row, (M, d)
+  const bool sum_dh = h_ss == 0 && n > 1;
+  const int64_t dh_ts = sum_dh ? d : n * d;
+  anydepth_native::advise_huge(dh, m_tokens * dh_ts * static_cast<int64_t>(sizeof(float)));
   // dh goes out with non-temporal stores, which save the read-for-ownership of its lines: linked, it
   // is next read after the previous sublayer's branch backward, long out of cache by then; unlinked,
   // the next reader (a depth backward, the stack's expand) loses less by reading it from memory than
@@ -664,7 +693,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
     for (int64_t m = 0; m < m_tokens; ++m) {
       const float* gm = gin + m * d;
       const float* Gm = gdepth + m * g_ts;
-      const float* Hm = h + m * n * d;
+      const float* Hm = h + m * h_ts;
       const float* A = alpha + m * n * T;
       float ar[kMaxStreams][kMaxStreams];
       float a0[kMaxStreams];
@@ -673,7 +702,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
         for (int64_t c = 0; c < n; ++c) ar[s][c] = A[s * T + 1 + c];
       }
       if (ln_w) {  // gin is the gradient of the norm's output: the branch input's comes first
-        layer_norm_row_backward(Hm, a0, static_cast<int>(n), gm, ln_w, ln_mu[m], ln_rstd[m], d, pln + 2 * d, pln,
+        layer_norm_row_backward(Hm, h_ss, a0, static_cast<int>(n), gm, ln_w, ln_mu[m], ln_rstd[m], d, pln + 2 * d, pln,
                                 pln + d, m + 1 < m_tokens ? gin + (m + 1) * d : nullptr);
         gm = pln + 2 * d;
       }
@@ -692,7 +721,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
         pf[npf++] = dyprev + (m + 1) * d;
       }
       if (!ln_w && m + 1 < m_tokens) pf[npf++] = gin + (m + 1) * d;
-      cross_dots<kMaxStreams>(static_cast<int>(n), Hm, ys, d, dA, pf, npf);
+      cross_dots<kMaxStreams>(static_cast<int>(n), Hm, h_ss, ys, d, dA, pf, npf);
       for (int64_t s = 0; s < n; ++s) {
         if (galpha)
           for (int64_t c = 0; c < T; ++c) dA[s][c] += galpha[(m * n + s) * T + c];
@@ -701,7 +730,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
-      WidthGradToken t{Hm, Gm, g_ts, g_ss, gm, wt, q, ar, a0, cs, dh + m * n * d, pw,
+      WidthGradToken t{Hm, h_ts, h_ss, Gm, g_ts, g_ss, gm, wt, q, ar, a0, cs, dh + m * dh_ts, sum_dh, pw,
                        nullptr, nullptr, nullptr, nullptr, stream_dh};
       if (dyprev) {
         t.bprev = bprev + m * n;
@@ -779,7 +808,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
 def _bind(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.anydepth_hc_width_forward.argtypes = [
-        p, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64, i32
+        p, i64, i64, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64, i32
     ]
     lib.anydepth_hc_width_forward.restype = None
     lib.anydepth_hc_pack_w.argtypes = [p, p, p, f32, p, i64, i64]
@@ -788,13 +817,13 @@ def _bind(lib) -> None:
     lib.anydepth_hc_unpack_dw.restype = None
     lib.anydepth_hc_tanh.argtypes = [p, p, i64]
     lib.anydepth_hc_tanh.restype = None
-    lib.anydepth_hc_depth_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    lib.anydepth_hc_depth_forward.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_forward.restype = None
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, f32, p, p, p, p, p, p, p, p, p, p, p, p, p,
-        i64, i64, i64, i64, i64, i32,
+        p, p, p, i64, i64, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, f32, p, p, p, p, p, p, p, p, p,
+        p, p, p, p, i64, i64, i64, i64, i64, i32,
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -890,13 +919,20 @@ class _Width(torch.autograd.Function):
     """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
     produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
     (see :class:`_Depth`). With ``ln_w`` the branch input comes out through its LayerNorm
-    (``ln_w``, ``ln_b`` or None, ``ln_eps``)."""
+    (``ln_w``, ``ln_b`` or None, ``ln_eps``). With ``streams`` (an int) ``h`` is one row per token,
+    ``(..., d)``, that every stream holds (the stack's first sublayer): the kernels read it by a
+    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly."""
 
     @staticmethod
     def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
-                ln_eps):
-        lead, (n, d) = h.shape[:-2], h.shape[-2:]
-        m = h.numel() // (n * d)
+                ln_eps, streams):
+        if streams is None:
+            lead, (n, d) = h.shape[:-2], h.shape[-2:]
+            h_ts, h_ss = n * d, d
+        else:
+            lead, n, d = h.shape[:-1], streams, h.shape[-1]
+            h_ts, h_ss = d, 0
+        m = h.numel() // d if streams is not None else h.numel() // (n * d)
         dynamic = wa is not None
         ln = ln_w is not None
         # what the backward needs besides h and alpha: the packed projection W^T (n + 2, d), the
@@ -911,38 +947,36 @@ class _Width(torch.autograd.Function):
         sa, sb = _scalar(sa), _scalar(sb)
         # the kernel packs W^T (anydepth_hc_pack_w) into wt first
         _KERNEL.lib.anydepth_hc_width_forward(
-            h.data_ptr(), wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(), b_static.data_ptr(), sa,
-            sb, int(use_tanh), p, pact, r, alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b),
-            float(ln_eps), mu, rstd, m, n, d, torch.get_num_threads(),
+            h.data_ptr(), h_ts, h_ss, wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(),
+            b_static.data_ptr(), sa, sb, int(use_tanh), p, pact, r, alpha.data_ptr(), beta.data_ptr(),
+            h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu, rstd, m, n, d, torch.get_num_threads(),
         )
         ctx.save_for_backward(h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w)
         # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux. One
         # attribute for all: each costs a lookup in both directions
         base = aux.data_ptr()
         ctx.plan = ([a - base if a is not None else None for a in ptrs], sa, sb, bool(use_tanh), scale,
-                    ln_b is not None, link)
+                    ln_b is not None, link, (lead, m, n, d, h_ts, h_ss))
         ctx.set_materialize_grads(False)
         # h goes out again for the depth connection, whose backward hands the gradient of H_new back
         # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
-        return h_in, alpha, beta, h
+        return h_in, alpha, beta, h if streams is None else h.unsqueeze(-2).expand(*lead, n, d)
 
     @staticmethod
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
         h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
-        offsets, sa, sb, use_tanh, scale, ln_bias, link = ctx.plan
+        offsets, sa, sb, use_tanh, scale, ln_bias, link, (lead, m, n, d, h_ts, h_ss) = ctx.plan
         base = aux.data_ptr()
         wt, p, pact, r, mu, rstd = [None if a is None else base + a for a in offsets]
-        n, d = h.shape[-2:]
-        m = h.numel() // (n * d)
         need = ctx.needs_input_grad
         linked = link is not None and (need[10] or need[11])
         dyprev = torch.empty_like(yprev) if linked else None
         dbprev = torch.empty_like(bprev) if linked else None
-        g_in = h.new_zeros(*h.shape[:-2], d) if g_in is None else _contiguous(g_in)
-        g_depth, g_ts, g_ss = (torch.zeros_like(h), n * d, d) if g_depth is None else _stream_rows(g_depth)
+        g_in = h.new_zeros(*lead, d) if g_in is None else _contiguous(g_in)
+        g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
         g_alpha = None if g_alpha is None else _contiguous(g_alpha)
         g_beta = None if g_beta is None else _contiguous(g_beta)
-        dh = torch.empty_like(h)
+        dh = torch.empty_like(h)  # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
         # the kernel writes these whole: no zero fill
         dynamic = wt is not None
         dwa = torch.empty_like(wa) if dynamic and need[1] else None
@@ -952,11 +986,11 @@ class _Width(torch.autograd.Function):
         dln_w = torch.empty_like(ln_w) if ln_w is not None else None
         dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else None
         status = _KERNEL.lib.anydepth_hc_width_backward(
-            g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), wt, p, pact, r, alpha.data_ptr(), _ptr(g_alpha),
-            _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None), _ptr(yprev if linked else None),
-            dh.data_ptr(), _ptr(wa), _ptr(wb), _ptr(gamma), scale, _ptr(dwa), _ptr(dwb), _ptr(dgamma), da.data_ptr(),
-            db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev), _ptr(ln_w), mu, rstd, _ptr(dln_w),
-            _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
+            g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), h_ts, h_ss, wt, p, pact, r, alpha.data_ptr(),
+            _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None),
+            _ptr(yprev if linked else None), dh.data_ptr(), _ptr(wa), _ptr(wb), _ptr(gamma), scale, _ptr(dwa),
+            _ptr(dwb), _ptr(dgamma), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev),
+            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
@@ -964,8 +998,8 @@ class _Width(torch.autograd.Function):
             _claim(link, dh)
         links = (dbprev, dyprev, None, dln_w, dln_b, None)
         if not dynamic:
-            return dh, None, None, None, None, da, db, None, None, None, *links
-        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links
+            return dh, None, None, None, None, da, db, None, None, None, *links, None
+        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links, None
 
 
 def _claim(depth_node, dh: Tensor) -> None:
@@ -1002,10 +1036,12 @@ class _Depth(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, alpha, beta, y):
         n, d = h.shape[-2:]
-        m = h.numel() // (n * d)
-        out = torch.empty_like(h)
+        m = y.numel() // d
+        # h is contiguous, or one row per token broadcast to the streams (the stack's first sublayer)
+        rows, h_ts, h_ss = _stream_rows(h)
+        out = h.new_empty(h.shape)
         _KERNEL.lib.anydepth_hc_depth_forward(
-            h.data_ptr(), alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
+            rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
             torch.get_num_threads(),
         )
         ctx.save_for_backward(beta, y)
@@ -1064,24 +1100,56 @@ def width_connection(
     if dynamic is not None:
         wa, wb, gamma, scale = dynamic
         wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
-    bprev = yprev = node = None
-    link = getattr(h, "_hc_link", None)
-    if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
-        node, bprev, yprev = link[:3]
-    # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
-    # each cost an autograd node in both directions
-    h = _contiguous(torch._C._functorch.unwrap_if_dead(h))
+    bprev = yprev = node = streams = None
+    h = torch._C._functorch.unwrap_if_dead(h)
+    row = _broadcast_row(h)
+    if row is not None:
+        h, streams = row, h.shape[-2]
+    else:
+        link = getattr(h, "_hc_link", None)
+        if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
+            node, bprev, yprev = link[:3]
+        # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
+        # each cost an autograd node in both directions
+        h = _contiguous(h)
     return _width_apply(
         h, wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static),
-        sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)),
+        sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)), streams,
     )
+
+
+def broadcast_streams(x: Tensor, streams: int) -> Tensor:
+    """``x (..., d)`` as ``(..., streams, d)`` with every stream the same row, without copying: a view
+    with a stream stride of 0. :func:`width_connection` reads it as it is and sends its gradient
+    straight to ``x`` (the sum over the streams, formed in the kernel); a copy would cost a pass over
+    the n-wide streams forward and the autograd sum over them backward. Writing into the view in
+    place is an error (its streams share memory)."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], streams, x.shape[-1])
+
+
+def _broadcast_row(h: Tensor) -> Tensor | None:
+    """The ``(..., d)`` tensor that ``h (..., n, d)`` broadcasts to its streams (a
+    :func:`broadcast_streams` view of a contiguous tensor, possibly through autograd), else None."""
+    if h.stride(-2) != 0 or h.dim() < 2 or h.shape[-2] < 2:
+        return None
+    base = h._base
+    if (
+        base is None
+        or base.shape != h.shape[:-2] + h.shape[-1:]
+        or not base.is_contiguous()
+        or base.data_ptr() != h.data_ptr()
+        or h.stride()[:-2] + h.stride()[-1:] != base.stride()
+    ):
+        return None
+    return base
 
 
 def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
     """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
     # the width backward reads these too, linked
     beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
-    out = _depth_apply(_contiguous(h), _contiguous(alpha), beta, y)
+    # h as it is: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
+    out = _depth_apply(h, _contiguous(alpha), beta, y)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
         out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
