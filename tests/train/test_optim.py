@@ -201,6 +201,17 @@ def test_adamw_runs_step_hooks_once_and_keeps_explicit_foreach():
     assert seen == [[False]]
 
 
+def test_adamw_with_a_tensor_learning_rate_is_torchs():
+    # torch's foreach path refuses a tensor lr unless capturable: such a group is not split
+    model, _, twin, _ = _adamw_pair()
+    ours = AdamW(model.parameters(), lr=torch.tensor(0.05))
+    ref = torch.optim.AdamW(twin.parameters(), lr=torch.tensor(0.05))
+    _train(model, ours, 3)
+    _train(twin, ref, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "4096"])
 def test_adamw_rejects_a_bad_threshold(bad):
     with pytest.raises(ValueError, match="foreach_max_numel"):

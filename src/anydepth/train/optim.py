@@ -67,7 +67,8 @@ class AdamW(torch.optim.AdamW):
     every tensor streams all of them through memory once per op: slower). Both paths compute the
     same element-wise formula, and the parameters and moments are bitwise equal to
     ``torch.optim.AdamW``'s (``tests/train/test_optim.py``). Groups, state and ``state_dict`` are
-    torch's, unchanged. A group given ``foreach`` or ``fused`` explicitly is left to that choice.
+    torch's, unchanged. A group given ``foreach`` or ``fused`` explicitly, or a tensor learning rate,
+    is left to torch's own choice.
     """
 
     def __init__(self, params, *args, foreach_max_numel: int = 4096, **kwargs):
@@ -83,7 +84,9 @@ class AdamW(torch.optim.AdamW):
         groups = self.param_groups
         split = []
         for group in groups:
-            if group.get("foreach") is not None or group.get("fused") or group.get("differentiable"):
+            explicit = group.get("foreach") is not None or group.get("fused") or group.get("differentiable")
+            # torch's foreach path takes a tensor learning rate only when capturable
+            if explicit or torch.is_tensor(group["lr"]):
                 split.append(group)
                 continue
             small = [p for p in group["params"] if p.numel() <= self.foreach_max_numel]
