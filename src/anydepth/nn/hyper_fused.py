@@ -868,10 +868,11 @@ def _contiguous(t: Tensor) -> Tensor:
 
 
 def _stream_rows(g: Tensor) -> tuple[Tensor, int, int]:
-    """``(g, token stride, stream stride)`` for a gradient of the streams ``(..., n, d)`` as the kernels
-    read it: contiguous, or one row per token broadcast to the n streams (stride 0), which is how the
-    gradient of the streams' sum arrives at the stack's last sublayer. That one is read as it is
-    rather than copied to n rows (8 MiB per copy at the benchmark's size); anything else is copied."""
+    """``(g, token stride, stream stride)`` for streams ``(..., n, d)``, or their gradient, as the kernels
+    read them: contiguous, or one row per token broadcast to the n streams (stride 0), which is how the
+    gradient of the streams' sum arrives at the stack's last sublayer and how ``expand`` hands the
+    residual to its first. Those are read as they are rather than copied to n rows (8 MiB per copy at
+    the benchmark's size); anything else is copied."""
     n, d = g.shape[-2:]
     if g.is_contiguous():
         return g, n * d, d
@@ -1130,7 +1131,7 @@ def broadcast_streams(x: Tensor, streams: int) -> Tensor:
 def _broadcast_row(h: Tensor) -> Tensor | None:
     """The ``(..., d)`` tensor that ``h (..., n, d)`` broadcasts to its streams (a
     :func:`broadcast_streams` view of a contiguous tensor, possibly through autograd), else None."""
-    if h.stride(-2) != 0 or h.dim() < 2 or h.shape[-2] < 2:
+    if h.dim() < 2 or h.stride(-2) != 0 or h.shape[-2] < 2:
         return None
     base = h._base
     if (
