@@ -421,6 +421,19 @@ def test_link_survives_a_partial_backward_of_a_retained_graph():
         torch.testing.assert_close(g, ref[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+def _spy_broadcast_rows(monkeypatch) -> list[bool]:
+    """Per width connection, whether it took its streams as one broadcast row."""
+    seen, real = [], hyper_fused._broadcast_row
+
+    def spy(h):
+        row = real(h)
+        seen.append(row is not None)
+        return row
+
+    monkeypatch.setattr(hyper_fused, "_broadcast_row", spy)
+    return seen
+
+
 def _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise: bool):
     """reduce(hc2(hc1(expand(x)))) with perturbed connections: output, x's gradient, parameter gradients
     and the stream stride of what expand returned (materialised with .contiguous() when asked)."""
@@ -444,15 +457,19 @@ def _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise: bool):
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize("streams,dim,tokens", [(4, 32, 9), (2, 37, 9), (4, 37, 300)])
 @pytest.mark.parametrize("norm", [nn.LayerNorm, lambda d: None], ids=["layernorm", "none"])
-def test_expand_view_gives_the_materialised_streams_result(dynamic, streams, dim, tokens, norm):
+def test_expand_view_gives_the_materialised_streams_result(dynamic, streams, dim, tokens, norm, monkeypatch):
     # expand() hands the fused kernels one row per token with a stream stride of 0, and the first width
     # backward returns x's gradient (the sum over the streams) itself; everything must equal the run
     # on n materialised copies, which the tests above check against float64 eager. 2 x 300 tokens x 4
     # streams x 37 take the kernels' two-thread path; 37 leaves a remainder after the 16-lane blocks.
     g = torch.Generator().manual_seed(3)
     x, gy = torch.randn(2, tokens, dim, generator=g), torch.randn(2, tokens, dim, generator=g)
+    rows = _spy_broadcast_rows(monkeypatch)
     out, dx, grads, stride = _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise=False)
+    assert rows == [True, False]  # the first sublayer read the broadcast row, the second real streams
+    rows.clear()
     ref_out, ref_dx, ref_grads, ref_stride = _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise=True)
+    assert rows == [False, False]
     assert stride == 0 and ref_stride == 0  # the reference copies the same view
     # the kernels read the same values in the same order: bitwise equal but for x's gradient, which
     # the kernel sums over the streams where autograd summed the materialised copies' gradients
@@ -475,7 +492,7 @@ def test_expand_materialises_the_streams_where_the_kernels_will_not_read_them():
     assert HyperConnection(16, 1, layer_index=0).expand(x) is x
 
 
-def test_a_broadcast_view_of_another_tensor_is_read_as_it_is():
+def test_a_broadcast_view_of_another_tensor_is_read_as_it_is(monkeypatch):
     # x is itself a view (of a flat buffer): its broadcast has no base of x's shape, so the connection
     # takes its streams as given (copied to n rows) and the gradient reaches the buffer through autograd
     dim, streams = 24, 4
@@ -483,6 +500,7 @@ def test_a_broadcast_view_of_another_tensor_is_read_as_it_is():
     flat, gy = torch.randn(2 * 5 * dim, generator=g), torch.randn(2, 5, dim, generator=g)
     hc = _perturbed(HyperConnection(dim, streams, layer_index=1, norm=nn.LayerNorm(dim)), 2)
     branch = nn.Linear(dim, dim)
+    rows = _spy_broadcast_rows(monkeypatch)
     grads = []
     for view in (True, False):
         buf = flat.clone().requires_grad_()
@@ -491,5 +509,6 @@ def test_a_broadcast_view_of_another_tensor_is_read_as_it_is():
         out = hc.reduce(hc(h, branch))
         out.backward(gy)
         grads.append((out.detach(), buf.grad))
+    assert rows == [False, False]  # no base of x's shape: taken as the n streams it shows
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-6)

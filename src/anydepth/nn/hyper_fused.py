@@ -897,8 +897,8 @@ def _direct_apply(cls):
     """``cls.apply`` without ``Function.apply``'s Python prologue (a signature check, the functorch
     test and a generator over every argument: about 10 us of a sublayer's forward, more in a step's
     cold caches). Only called where :func:`fused_ok` has found no functorch transform active, the one
-    case in which that prologue does no more than unwrap dead functorch wrappers; ``h`` is unwrapped
-    here, the other arguments are module parameters."""
+    case in which that prologue does no more than unwrap dead functorch wrappers: the callers unwrap
+    the streams and the branch output, the other arguments are module parameters."""
     return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
 
 
@@ -933,7 +933,7 @@ class _Width(torch.autograd.Function):
         else:
             lead, n, d = h.shape[:-1], streams, h.shape[-1]
             h_ts, h_ss = d, 0
-        m = h.numel() // d if streams is not None else h.numel() // (n * d)
+        m = lead.numel()
         dynamic = wa is not None
         ln = ln_w is not None
         # what the backward needs besides h and alpha: the packed projection W^T (n + 2, d), the

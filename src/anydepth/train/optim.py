@@ -89,8 +89,9 @@ class AdamW(torch.optim.AdamW):
             if explicit or torch.is_tensor(group["lr"]):
                 split.append(group)
                 continue
-            small = [p for p in group["params"] if p.numel() <= self.foreach_max_numel]
-            large = [p for p in group["params"] if p.numel() > self.foreach_max_numel]
+            small, large = [], []
+            for p in group["params"]:
+                (small if p.numel() <= self.foreach_max_numel else large).append(p)
             # copies of the group: the update reads its hyper-parameters and writes nothing to it
             if small:
                 split.append({**group, "params": small, "foreach": True})
