@@ -90,7 +90,8 @@ def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
         (lambda d: None, False),
     ],
 )
-@pytest.mark.parametrize("streams,dim", [(4, 32), (3, 37)])
+# 8 streams: the kernels' loops that are unrolled for up to 6 terms take their general form
+@pytest.mark.parametrize("streams,dim", [(4, 32), (3, 37), (8, 37)])
 def test_fused_branch_layer_norm_equals_eager_float64(make_norm, fused_norm, streams, dim):
     # The width kernel applies a plain LayerNorm itself and recomputes its input in the backward;
     # every output and gradient (the norm's weight and bias included) must match float64 eager.

@@ -122,6 +122,30 @@ inline float hsum(v16 v) {
   const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
+
+// out[i] = the sum of v[i]'s lanes for i < cnt <= 16, as one transposing tree: each level adds the
+// two halves of two vectors into one, so 16 sums take 15 shuffle pairs and 15 adds instead of 16
+// separate trees (about 3x the instructions, each tree a chain of dependent steps). The sums
+// come out in bit-reversed lane order.
+inline void hsum_many(const v16* v, int cnt, float* out) {
+  v16 u[8], w[4], x[2];
+  for (int i = 0; i < 8; ++i) {
+    const v16 a = 2 * i < cnt ? v[2 * i] : v16{}, b = 2 * i + 1 < cnt ? v[2 * i + 1] : v16{};
+    u[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i)
+    w[i] = __builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const v16 y = __builtin_shufflevector(x[0], x[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                __builtin_shufflevector(x[0], x[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  // lane l of y holds the sum of v[bit-reversed l]
+  constexpr int kLane[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int i = 0; i < cnt; ++i) out[i] = y[kLane[i]];
+}
 #else
 inline float hsum(v16 v) {
   float t[kLanes];
@@ -129,6 +153,10 @@ inline float hsum(v16 v) {
   for (int w = kLanes / 2; w >= 1; w /= 2)
     for (int u = 0; u < w; ++u) t[u] += t[u + w];
   return t[0];
+}
+
+inline void hsum_many(const v16* v, int cnt, float* out) {
+  for (int i = 0; i < cnt; ++i) out[i] = hsum(v[i]);
 }
 #endif
 
@@ -162,6 +190,58 @@ inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, 
   multi_dot_upto<kMaxDots>(x, ys, k, d, out, pf);
 }
 
+// Two streams' projections and squared norms in one pass: out0[i] = x0 . ys[i] and out1[i] = x1 . ys[i]
+// for i < K, out0[K] = x0 . x0 and out1[K] = x1 . x1. Each row ys[i] is loaded once for both streams,
+// and the 2 (K + 1) accumulators are independent, so the loop runs at the multiply-add rate rather
+// than waiting on one stream's K + 1 chains; their lanes are summed together (hsum_many). Meanwhile
+// the rows pf0 and pf1 (d, or null) are prefetched.
+template <int K>
+inline void pair_dots_k(const float* x0, const float* x1, const float* const* ys, int64_t d, float* out0,
+                        float* out1, const float* pf0, const float* pf1) {
+  v16 acc[2 * (K + 1)] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+    if (pf0) __builtin_prefetch(pf0 + j);
+    if (pf1) __builtin_prefetch(pf1 + j);
+    const v16 a = load16(x0 + j), b = load16(x1 + j);
+#pragma GCC unroll 8
+    for (int i = 0; i < K; ++i) {
+      const v16 y = load16(ys[i] + j);
+      acc[i] += a * y;
+      acc[K + 1 + i] += b * y;
+    }
+    acc[K] += a * a;
+    acc[2 * K + 1] += b * b;
+  }
+  float sums[2 * (K + 1)];
+  hsum_many(acc, 2 * (K + 1), sums);
+  for (int i = 0; i <= K; ++i) {
+    out0[i] = sums[i];
+    out1[i] = sums[K + 1 + i];
+  }
+  for (int64_t t = j; t < d; ++t) {
+    for (int i = 0; i < K; ++i) {
+      out0[i] += x0[t] * ys[i][t];
+      out1[i] += x1[t] * ys[i][t];
+    }
+    out0[K] += x0[t] * x0[t];
+    out1[K] += x1[t] * x1[t];
+  }
+}
+
+// pair_dots_k for K <= kMaxPairK, where the 2 (K + 1) accumulators and the two streams' blocks fit the
+// 32 vector registers next to the K rows' blocks
+constexpr int kMaxPairK = 6;
+
+template <int K>
+inline void pair_dots(int k, const float* x0, const float* x1, const float* const* ys, int64_t d, float* out0,
+                      float* out1, const float* pf0, const float* pf1) {
+  if constexpr (K > 1) {
+    if (k < K) return pair_dots<K - 1>(k, x0, x1, ys, d, out0, out1, pf0, pf1);
+  }
+  pair_dots_k<K>(x0, x1, ys, d, out0, out1, pf0, pf1);
+}
+
 // out[s][c] = H_s . ys[c] for s < n, c <= n: all n (n + 1) products of a token in one pass over its
 // rows, each an independent accumulator (n calls of multi_dot would each wait on their own add
 // chains and reduce separately). Beyond what the registers hold, one stream at a time. Meanwhile
@@ -190,9 +270,12 @@ inline void cross_dots(int n, const float* H, int64_t hss, const float* const* y
         for (int c = 0; c <= N; ++c) acc[s][c] += hv * yv[c];
       }
     }
+    float sums[N * (N + 1)];
+    for (int i = 0; i < N * (N + 1); i += 16)
+      hsum_many(&acc[0][0] + i, N * (N + 1) - i < 16 ? N * (N + 1) - i : 16, sums + i);
     for (int s = 0; s < N; ++s)
       for (int c = 0; c <= N; ++c) {
-        float v = hsum(acc[s][c]);
+        float v = sums[s * (N + 1) + c];
         for (int64_t t = j; t < d; ++t) v += H[s * hss + t] * ys[c][t];
         out[s][c] = v;
       }
@@ -241,24 +324,50 @@ inline float tanh_f(float x) {
 }
 
 // out[j] = sum_i coef[i] rows[i][j]. Each block of out stays in a register across the terms, so out
-// is written once. Meanwhile the rows pf and pf2 (d each, or null) are prefetched for reading, pfw
-// for writing.
-inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
-                    const float* pf = nullptr, const float* pf2 = nullptr, const float* pfw = nullptr) {
+// is written once; the terms go to two independent chains (even and odd i), halving the wait on the
+// multiply-adds' latency. With CNT a template argument (cnt <= kMaxUnrolledTerms) the coefficients
+// and row pointers stay in registers across the blocks. Meanwhile the rows pf and pf2 (d each, or
+// null) are prefetched for reading, pfw for writing.
+template <int CNT>
+inline void combine_k(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
+                      const float* pf, const float* pf2, const float* pfw) {
+  const int c = CNT ? CNT : cnt;
   int64_t j0 = 0;
   for (; j0 + kLanes <= d; j0 += kLanes) {
     if (pf) __builtin_prefetch(pf + j0);
     if (pf2) __builtin_prefetch(pf2 + j0);
     if (pfw) __builtin_prefetch(pfw + j0, 1);
-    v16 acc{};
-    for (int i = 0; i < cnt; ++i) acc += coef[i] * load16(rows[i] + j0);
-    store16(out + j0, acc);
+    v16 acc{}, acc2{};
+    int i = 0;
+    for (; i + 1 < c; i += 2) {
+      acc += coef[i] * load16(rows[i] + j0);
+      acc2 += coef[i + 1] * load16(rows[i + 1] + j0);
+    }
+    if (i < c) acc += coef[i] * load16(rows[i] + j0);
+    store16(out + j0, acc + acc2);
   }
   for (int64_t j = j0; j < d; ++j) {
     float a = 0.f;
-    for (int i = 0; i < cnt; ++i) a += coef[i] * rows[i][j];
+    for (int i = 0; i < c; ++i) a += coef[i] * rows[i][j];
     out[j] = a;
   }
+}
+
+constexpr int kMaxUnrolledTerms = 6;
+
+template <int CNT>
+inline void combine_upto(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
+                         const float* pf, const float* pf2, const float* pfw) {
+  if constexpr (CNT > 1) {
+    if (cnt < CNT) return combine_upto<CNT - 1>(out, rows, coef, cnt, d, pf, pf2, pfw);
+  }
+  combine_k<CNT>(out, rows, coef, cnt, d, pf, pf2, pfw);
+}
+
+inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
+                    const float* pf = nullptr, const float* pf2 = nullptr, const float* pfw = nullptr) {
+  if (cnt > kMaxUnrolledTerms) return combine_k<0>(out, rows, coef, cnt, d, pf, pf2, pfw);
+  combine_upto<kMaxUnrolledTerms>(out, rows, coef, cnt, d, pf, pf2, pfw);
 }
 
 // The branch's LayerNorm on one token row x (d) in place, in L1 right after the width connection
@@ -266,18 +375,28 @@ inline void combine(float* out, const float* const* rows, const float* coef, int
 // (two passes over the row, as the row is in L1 anyway). Returns (mu, rstd) for the backward.
 inline void layer_norm_row(float* x, const float* w, const float* b, float eps, int64_t d, float* mu_out,
                            float* rstd_out) {
-  v16 acc{};
+  // two accumulators each (even and odd blocks): one would wait on its own add chain
+  v16 acc{}, acc2{};
   int64_t j = 0;
+  for (; j + 2 * kLanes <= d; j += 2 * kLanes) {
+    acc += load16(x + j);
+    acc2 += load16(x + j + kLanes);
+  }
   for (; j + kLanes <= d; j += kLanes) acc += load16(x + j);
-  float sum = hsum(acc);
+  float sum = hsum(acc + acc2);
   for (int64_t t = j; t < d; ++t) sum += x[t];
   const float mu = sum / static_cast<float>(d);
-  v16 sq{};
-  for (j = 0; j + kLanes <= d; j += kLanes) {
+  v16 sq{}, sq2{};
+  for (j = 0; j + 2 * kLanes <= d; j += 2 * kLanes) {
+    const v16 c = load16(x + j) - mu, c2 = load16(x + j + kLanes) - mu;
+    sq += c * c;
+    sq2 += c2 * c2;
+  }
+  for (; j + kLanes <= d; j += kLanes) {
     const v16 c = load16(x + j) - mu;
     sq += c * c;
   }
-  float var = hsum(sq);
+  float var = hsum(sq + sq2);
   for (int64_t t = j; t < d; ++t) var += (x[t] - mu) * (x[t] - mu);
   const float rstd = 1.f / std::sqrt(var / static_cast<float>(d) + eps);
   for (j = 0; j + kLanes <= d; j += kLanes) {
@@ -294,16 +413,25 @@ inline void layer_norm_row(float* x, const float* w, const float* b, float eps, 
 // gw = go w, the input gradient is g = rstd (gw - mean(gw) - xh mean(gw xh)) into g, and
 // dw += go xh, db += go into this thread's partial sums. Meanwhile the row pf (d, or null) is prefetched.
 // Row s of H is at H + s hss.
-inline void layer_norm_row_backward(const float* H, int64_t hss, const float* a0, int n, const float* go,
-                                    const float* w,
-                                    float mu, float rstd, int64_t d, float* g, float* dw, float* db,
-                                    const float* pf) {
+// N (a template argument, 0 for n above kMaxUnrolledTerms) lets the recomputation of x unroll over the
+// streams, in two chains.
+template <int N>
+inline void layer_norm_row_backward_k(const float* H, int64_t hss, const float* a0, int n, const float* go,
+                                      const float* w, float mu, float rstd, int64_t d, float* g, float* dw,
+                                      float* db, const float* pf) {
+  const int ns = N ? N : n;
   v16 s1{}, s2{};
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
     if (pf) __builtin_prefetch(pf + j);
-    v16 x = a0[0] * load16(H + j);
-    for (int s = 1; s < n; ++s) x += a0[s] * load16(H + s * hss + j);
+    v16 x = a0[0] * load16(H + j), x2{};
+    int s = 1;
+    for (; s + 1 < ns; s += 2) {
+      x2 += a0[s] * load16(H + s * hss + j);
+      x += a0[s + 1] * load16(H + (s + 1) * hss + j);
+    }
+    if (s < ns) x2 += a0[s] * load16(H + s * hss + j);
+    x += x2;
     const v16 xh = (x - mu) * rstd, gv = load16(go + j), gw = gv * load16(w + j);
     s1 += gw;
     s2 += gw * xh;
@@ -328,6 +456,23 @@ inline void layer_norm_row_backward(const float* H, int64_t hss, const float* a0
     store16(g + j, rstd * (load16(go + j) * load16(w + j) - c1 - xh * c2));
   }
   for (int64_t t = j; t < d; ++t) g[t] = rstd * (go[t] * w[t] - c1 - g[t] * c2);
+}
+
+template <int N>
+inline void layer_norm_row_backward_upto(const float* H, int64_t hss, const float* a0, int n, const float* go,
+                                         const float* w, float mu, float rstd, int64_t d, float* g, float* dw,
+                                         float* db, const float* pf) {
+  if constexpr (N > 1) {
+    if (n < N) return layer_norm_row_backward_upto<N - 1>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
+  }
+  layer_norm_row_backward_k<N>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
+}
+
+inline void layer_norm_row_backward(const float* H, int64_t hss, const float* a0, int n, const float* go,
+                                    const float* w, float mu, float rstd, int64_t d, float* g, float* dw, float* db,
+                                    const float* pf) {
+  if (n > kMaxUnrolledTerms) return layer_norm_row_backward_k<0>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
+  layer_norm_row_backward_upto<kMaxUnrolledTerms>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
 }
 
 // One token of the width backward: what the per-token loop hands to width_grad_token.
@@ -515,16 +660,27 @@ void anydepth_hc_width_forward(const float* h, int64_t h_ts, int64_t h_ss, float
       float* Pa = pact + m * n * K;
       const float* w[kMaxDots];
       for (int64_t k = 0; k < K; ++k) w[k] = wt + k * d;
-      for (int64_t s = 0; s < n; ++s) {
-        const float* hs = h + m * h_ts + s * h_ss;
-        float dots[kMaxDots];
-        w[K] = hs;
-        multi_dot(hs, w, static_cast<int>(K + 1), d, dots, m + 1 < m_tokens ? hs + h_ts : nullptr);
+      // dots[s] = [H_s . W_0, ..., H_s . W_{K-1}, ||H_s||^2], two streams per pass where they fit (the
+      // next token's rows prefetched meanwhile; a broadcast row only once)
+      const float* hm = h + m * h_ts;
+      const float* next = m + 1 < m_tokens ? hm + h_ts : nullptr;
+      float dots[kMaxStreams][kMaxDots];
+      int64_t s = 0;
+      if (K <= kMaxPairK)
+        for (; s + 1 < n; s += 2)
+          pair_dots<kMaxPairK>(static_cast<int>(K), hm + s * h_ss, hm + (s + 1) * h_ss, w, d, dots[s], dots[s + 1],
+                               next ? next + s * h_ss : nullptr, next && h_ss ? next + (s + 1) * h_ss : nullptr);
+      for (; s < n; ++s) {
+        w[K] = hm + s * h_ss;
+        multi_dot(hm + s * h_ss, w, static_cast<int>(K + 1), d, dots[s],
+                  next && (h_ss || s == 0) ? next + s * h_ss : nullptr);
+      }
+      for (s = 0; s < n; ++s) {
         // as std::fmax (a NaN norm gives the clamp), without its library call
-        const float norm = std::sqrt(dots[K]);
+        const float norm = std::sqrt(dots[s][K]);
         const float rs = norm > 1e-12f ? norm : 1e-12f, inv = 1.f / rs;
         r[m * n + s] = rs;
-        for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[k] * inv;
+        for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[s][k] * inv;
       }
       if (use_tanh) {
 #pragma omp simd
