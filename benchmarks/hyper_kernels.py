@@ -43,6 +43,7 @@ def main() -> None:
         dict(h=rnd(m, n, d), G=rnd(m, n, d), out=torch.empty(m, n, d), dh=torch.empty(m, n, d), y=rnd(m, d),
              gin=rnd(m, d), hin=torch.empty(m, d), dy=torch.empty(m, d), yprev=rnd(m, d), dyprev=torch.empty(m, d),
              alpha=rnd(m, n, t_), beta=rnd(m, n), dbeta=rnd(m, n), bprev=rnd(m, n), dbprev=torch.empty(m, n),
+             alpha2=torch.empty(m, n, t_), beta2=torch.empty(m, n),
              p=rnd(m, n, k_), pact=rnd(m, n, k_).tanh(), r=torch.rand(m, n, generator=g) + 1,
              mu=rnd(m), rstd=torch.rand(m, generator=g) + 0.5)
         for _ in range(args.sets)
@@ -66,6 +67,25 @@ def main() -> None:
             ptr(b, "hin"), *norm, m, n, d, th,
         )
 
+    def depth_then_width(b):
+        lib.anydepth_hc_depth_forward(
+            ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)
+        lib.anydepth_hc_width_forward(
+            ptr(b, "out"), n * d, d, wt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0,
+            a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha2"),
+            ptr(b, "beta2"), ptr(b, "hin"), ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd"), m, n,
+            d, th,
+        )
+
+    def depth_width(b):
+        # the builder's case between two sublayers: one kernel for the depth forward and the next width forward
+        lib.anydepth_hc_depth_width_forward(
+            ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), wt.data_ptr(),
+            wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0, a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1,
+            ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha2"), ptr(b, "beta2"), ptr(b, "hin"),
+            ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd"), m, n, d, th,
+        )
+
     def width_bwd(b, linked, ln=False):
         link = (ptr(b, "bprev"), ptr(b, "yprev")) if linked else (None, None)
         outs = (ptr(b, "dyprev"), ptr(b, "dbprev")) if linked else (None, None)
@@ -85,6 +105,8 @@ def main() -> None:
         ("width forward + LayerNorm", stream + row, lambda b: width_fwd(b, True)),
         ("depth forward", 2 * stream + row, lambda b: lib.anydepth_hc_depth_forward(
             ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)),
+        ("depth forward, then width forward", 3 * stream + 2 * row, depth_then_width),
+        ("the two as one kernel (builder)", 2 * stream + 2 * row, depth_width),
         ("width backward, linked", 3 * stream + 3 * row, lambda b: width_bwd(b, True)),
         ("width backward, linked + LayerNorm", 3 * stream + 3 * row, lambda b: width_bwd(b, True, True)),
         ("width backward, not linked", 3 * stream + row, lambda b: width_bwd(b, False)),

@@ -46,3 +46,112 @@ def test_built_model_trains_and_reaches_the_mixing_weights(kind):
     assert losses[-1] < losses[0]
     moved = [n for n, p in model.named_parameters() if n in static and not torch.equal(p, static[n])]
     assert set(moved) == set(static)
+
+
+def _perturbed_hyper_model(layer_dropout=0.0):
+    from anydepth.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, depth=3, heads=2, max_seq_len=16, residual=RESIDUALS.config("hyper", streams=4))
+    if layer_dropout:
+        cfg.stack = anydepth.registry.STACKS.config("sequential", layer_dropout=layer_dropout)
+    model = anydepth.build_model(cfg)
+    with torch.no_grad():  # dynamic weights away from their zero init, so every term of the kernels counts
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _connections(model):
+    from anydepth.nn.hyper import HyperConnection
+
+    return [m for m in model.modules() if isinstance(m, HyperConnection)]
+
+
+def _unlinked(model):
+    import copy
+
+    twin = copy.deepcopy(model)
+    for hc in _connections(twin):
+        hc.followed_by(None)
+    return twin
+
+
+def _run_counting_kernels(model, tokens, hook=None):
+    from collections import Counter
+
+    from anydepth.nn import hyper_fused
+
+    lib, calls = hyper_fused._KERNEL.get(), Counter()
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            return lambda *a: calls.update([name]) or fn(*a)
+
+    handle = _connections(model)[1].register_forward_pre_hook(hook) if hook else None
+    hyper_fused._KERNEL.lib = Counting()
+    try:
+        out = model(tokens)
+        out.pow(2).mean().backward()
+    finally:
+        hyper_fused._KERNEL.lib = lib
+        if handle:
+            handle.remove()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}, calls
+
+
+def _assert_same_run(a, b):
+    assert torch.equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.equal(a[1][name], b[1][name]), name
+
+
+def test_depth_kernel_doing_the_next_width_forward_changes_no_bit():
+    # The sequential stack links consecutive connections: each depth kernel also runs the next width
+    # forward on its output. Outputs and every gradient must be those of the unlinked model, bit for bit.
+    from anydepth.nn import hyper_fused
+
+    if not hyper_fused._KERNEL.available():
+        pytest.skip(f"fused kernel unavailable: {hyper_fused._KERNEL.error}")
+    model = _perturbed_hyper_model()
+    hcs = _connections(model)
+    assert len(hcs) == 6
+    assert [hc.__dict__.get("_next_connection") for hc in hcs] == hcs[1:] + [None]
+    tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(3))
+    linked = _run_counting_kernels(model, tokens)
+    plain = _run_counting_kernels(_unlinked(model), tokens)
+    assert linked[2]["anydepth_hc_depth_width_forward"] == 5 and linked[2]["anydepth_hc_width_forward"] == 1
+    assert plain[2]["anydepth_hc_depth_width_forward"] == 0 and plain[2]["anydepth_hc_width_forward"] == 6
+    _assert_same_run(linked, plain)
+
+
+@pytest.mark.parametrize("change", ["parameter", "input"])
+def test_next_width_forward_is_recomputed_when_its_inputs_changed(change):
+    # A hook between two sublayers that changes the second's parameter or its input in place: the
+    # width forward the depth kernel did ahead is stale and must not be used.
+    from anydepth.nn import hyper_fused
+
+    if not hyper_fused._KERNEL.available():
+        pytest.skip(f"fused kernel unavailable: {hyper_fused._KERNEL.error}")
+
+    def hook(module, args):
+        with torch.no_grad():
+            if change == "parameter":
+                module.static_alpha.mul_(1.5)
+            else:
+                args[0].mul_(1.5)
+
+    model = _perturbed_hyper_model()
+    tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(4))
+    linked = _run_counting_kernels(model, tokens, hook)
+    plain = _run_counting_kernels(_unlinked(_perturbed_hyper_model()), tokens, hook)
+    # the second connection computes its own width forward
+    assert linked[2]["anydepth_hc_width_forward"] == 2
+    _assert_same_run(linked, plain)
+
+
+def test_layer_dropout_links_no_connections():
+    model = _perturbed_hyper_model(layer_dropout=0.2)
+    assert all(hc.__dict__.get("_next_connection") is None for hc in _connections(model))

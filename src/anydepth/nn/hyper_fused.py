@@ -626,6 +626,98 @@ inline void width_grad(int n, const WidthGradToken& t, int64_t d) {
     width_grad_token<kMaxStreams, Dynamic, false>(n, t, d);
 }
 
+// The width connection's parameters and per-token outputs, as anydepth_hc_width_forward takes them
+struct WidthForward {
+  const float* wt;
+  const float* a_static;
+  const float* b_static;
+  float sa, sb;
+  int use_tanh;
+  float *p, *pact, *r, *alpha, *beta, *h_in;
+  const float* ln_w;
+  const float* ln_b;
+  float ln_eps;
+  float *ln_mu, *ln_rstd;
+};
+
+// The width forward of one token m (see anydepth_hc_width_forward), its streams at h + m h_ts, row s at
+// + s h_ss; next (or null): the next token's streams, prefetched meanwhile.
+inline void width_forward_token(const WidthForward& a, const float* h, int64_t h_ts, int64_t h_ss, int64_t m,
+                                int64_t n, int64_t d, const float* next) {
+  const int64_t K = n + 2, T = n + 1;
+  float* A = a.alpha + m * n * T;
+  float* B = a.beta + m * n;
+  const float* hm = h + m * h_ts;
+  if (a.wt) {
+    float* P = a.p + m * n * K;
+    float* Pa = a.pact + m * n * K;
+    const float* w[kMaxDots];
+    for (int64_t k = 0; k < K; ++k) w[k] = a.wt + k * d;
+    // dots[s] = [H_s . W_0, ..., H_s . W_{K-1}, ||H_s||^2], two streams per pass where they fit (the
+    // next token's rows prefetched meanwhile; a broadcast row only once)
+    float dots[kMaxStreams][kMaxDots];
+    int64_t s = 0;
+    if (K <= kMaxPairK)
+      for (; s + 1 < n; s += 2)
+        pair_dots<kMaxPairK>(static_cast<int>(K), hm + s * h_ss, hm + (s + 1) * h_ss, w, d, dots[s], dots[s + 1],
+                             next ? next + s * h_ss : nullptr, next && h_ss ? next + (s + 1) * h_ss : nullptr);
+    for (; s < n; ++s) {
+      w[K] = hm + s * h_ss;
+      multi_dot(hm + s * h_ss, w, static_cast<int>(K + 1), d, dots[s],
+                next && (h_ss || s == 0) ? next + s * h_ss : nullptr);
+    }
+    for (s = 0; s < n; ++s) {
+      // as std::fmax (a NaN norm gives the clamp), without its library call
+      const float norm = std::sqrt(dots[s][K]);
+      const float rs = norm > 1e-12f ? norm : 1e-12f, inv = 1.f / rs;
+      a.r[m * n + s] = rs;
+      for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[s][k] * inv;
+    }
+    if (a.use_tanh) {
+#pragma omp simd
+      for (int64_t i = 0; i < n * K; ++i) Pa[i] = tanh_f(P[i]);
+    } else {
+      std::memcpy(Pa, P, sizeof(float) * n * K);
+    }
+    for (s = 0; s < n; ++s) {
+      for (int64_t c = 0; c < T; ++c) A[s * T + c] = Pa[s * K + c] * a.sa + a.a_static[s * T + c];
+      B[s] = Pa[s * K + T] * a.sb + a.b_static[s];
+    }
+  } else {
+    std::memcpy(A, a.a_static, sizeof(float) * n * T);
+    std::memcpy(B, a.b_static, sizeof(float) * n);
+  }
+  const float* rows[kMaxTerms];
+  float coef[kMaxTerms];
+  for (int64_t s = 0; s < n; ++s) {
+    rows[s] = hm + s * h_ss;
+    coef[s] = A[s * T];
+  }
+  combine(a.h_in + m * d, rows, coef, static_cast<int>(n), d);
+  if (a.ln_w) layer_norm_row(a.h_in + m * d, a.ln_w, a.ln_b, a.ln_eps, d, a.ln_mu + m, a.ln_rstd + m);
+}
+
+// The depth forward of one token m (see anydepth_hc_depth_forward)
+inline void depth_forward_token(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha, const float* beta,
+                                const float* y, float* out, int64_t m, int64_t m_tokens, int64_t n, int64_t d) {
+  const int64_t T = n + 1;
+  const float* A = alpha + m * n * T;
+  const float* rows[kMaxTerms];
+  float coef[kMaxTerms];
+  for (int64_t s = 0; s < n; ++s) rows[s] = h + m * h_ts + s * h_ss;
+  rows[n] = y + m * d;
+  // the next token: stream c and output row c while row c is computed, the branch output with row 0
+  const bool more = m + 1 < m_tokens;
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
+    coef[n] = beta[m * n + c];
+    const int64_t next = ((m + 1) * n + c) * d;
+    combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d,
+            more && (h_ss || c == 0) ? h + (m + 1) * h_ts + c * h_ss : nullptr,
+            more && c == 0 ? y + (m + 1) * d : nullptr, more ? out + next : nullptr);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -647,62 +739,12 @@ void anydepth_hc_width_forward(const float* h, int64_t h_ts, int64_t h_ss, float
                                float* r, float* alpha, float* beta, float* h_in, const float* ln_w,
                                const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd, int64_t m_tokens,
                                int64_t n, int64_t d, int nthreads) {
-  const int64_t K = n + 2, T = n + 1;
   if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
+  const WidthForward a{wt, a_static, b_static, sa, sb, use_tanh, p, pact, r, alpha, beta, h_in, ln_w, ln_b, ln_eps,
+                       ln_mu, ln_rstd};
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m) {
-    float* A = alpha + m * n * T;
-    float* B = beta + m * n;
-    const float* rows[kMaxTerms];
-    float coef[kMaxTerms];
-    if (wt) {
-      float* P = p + m * n * K;
-      float* Pa = pact + m * n * K;
-      const float* w[kMaxDots];
-      for (int64_t k = 0; k < K; ++k) w[k] = wt + k * d;
-      // dots[s] = [H_s . W_0, ..., H_s . W_{K-1}, ||H_s||^2], two streams per pass where they fit (the
-      // next token's rows prefetched meanwhile; a broadcast row only once)
-      const float* hm = h + m * h_ts;
-      const float* next = m + 1 < m_tokens ? hm + h_ts : nullptr;
-      float dots[kMaxStreams][kMaxDots];
-      int64_t s = 0;
-      if (K <= kMaxPairK)
-        for (; s + 1 < n; s += 2)
-          pair_dots<kMaxPairK>(static_cast<int>(K), hm + s * h_ss, hm + (s + 1) * h_ss, w, d, dots[s], dots[s + 1],
-                               next ? next + s * h_ss : nullptr, next && h_ss ? next + (s + 1) * h_ss : nullptr);
-      for (; s < n; ++s) {
-        w[K] = hm + s * h_ss;
-        multi_dot(hm + s * h_ss, w, static_cast<int>(K + 1), d, dots[s],
-                  next && (h_ss || s == 0) ? next + s * h_ss : nullptr);
-      }
-      for (s = 0; s < n; ++s) {
-        // as std::fmax (a NaN norm gives the clamp), without its library call
-        const float norm = std::sqrt(dots[s][K]);
-        const float rs = norm > 1e-12f ? norm : 1e-12f, inv = 1.f / rs;
-        r[m * n + s] = rs;
-        for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[s][k] * inv;
-      }
-      if (use_tanh) {
-#pragma omp simd
-        for (int64_t i = 0; i < n * K; ++i) Pa[i] = tanh_f(P[i]);
-      } else {
-        std::memcpy(Pa, P, sizeof(float) * n * K);
-      }
-      for (int64_t s = 0; s < n; ++s) {
-        for (int64_t c = 0; c < T; ++c) A[s * T + c] = Pa[s * K + c] * sa + a_static[s * T + c];
-        B[s] = Pa[s * K + T] * sb + b_static[s];
-      }
-    } else {
-      std::memcpy(A, a_static, sizeof(float) * n * T);
-      std::memcpy(B, b_static, sizeof(float) * n);
-    }
-    for (int64_t s = 0; s < n; ++s) {
-      rows[s] = h + m * h_ts + s * h_ss;
-      coef[s] = A[s * T];
-    }
-    combine(h_in + m * d, rows, coef, static_cast<int>(n), d);
-    if (ln_w) layer_norm_row(h_in + m * d, ln_w, ln_b, ln_eps, d, ln_mu + m, ln_rstd + m);
-  }
+  for (int64_t m = 0; m < m_tokens; ++m)
+    width_forward_token(a, h, h_ts, h_ss, m, n, d, m + 1 < m_tokens ? h + (m + 1) * h_ts : nullptr);
 }
 
 // wt (n + 2, d): the dynamic projection [W_a | w_b] transposed, with the stream norm's gain
@@ -744,25 +786,31 @@ void anydepth_hc_tanh(const float* x, float* y, int64_t count) {
 // H_new[m, c] = sum_s alpha[m, s, 1 + c] H[m, s] + beta[m, c] y[m]
 void anydepth_hc_depth_forward(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha, const float* beta,
                                const float* y, float* out, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
-  const int64_t T = n + 1;
+  anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
+#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
+  for (int64_t m = 0; m < m_tokens; ++m) depth_forward_token(h, h_ts, h_ss, alpha, beta, y, out, m, m_tokens, n, d);
+}
+
+// The depth forward followed, token by token, by the next sublayer's width forward on its output while
+// the token's new streams are in L1: anydepth_hc_depth_forward's arguments, then
+// anydepth_hc_width_forward's from wt on (its streams are out). The two outputs are those of the two
+// kernels called in turn, bit for bit; the width part reads out without another pass over memory.
+void anydepth_hc_depth_width_forward(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha,
+                                     const float* beta, const float* y, float* out, float* wt, const float* wa,
+                                     const float* wb, const float* gamma, float scale, const float* a_static,
+                                     const float* b_static, float sa, float sb, int use_tanh, float* p, float* pact,
+                                     float* r, float* alpha2, float* beta2, float* h_in, const float* ln_w,
+                                     const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd, int64_t m_tokens,
+                                     int64_t n, int64_t d, int nthreads) {
+  if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
+  const WidthForward a{wt, a_static, b_static, sa, sb, use_tanh, p, pact, r, alpha2, beta2, h_in, ln_w, ln_b, ln_eps,
+                       ln_mu, ln_rstd};
   anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
 #pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
   for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* A = alpha + m * n * T;
-    const float* rows[kMaxTerms];
-    float coef[kMaxTerms];
-    for (int64_t s = 0; s < n; ++s) rows[s] = h + m * h_ts + s * h_ss;
-    rows[n] = y + m * d;
-    // the next token: stream c and output row c while row c is computed, the branch output with row 0
-    const bool more = m + 1 < m_tokens;
-    for (int64_t c = 0; c < n; ++c) {
-      for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
-      coef[n] = beta[m * n + c];
-      const int64_t next = ((m + 1) * n + c) * d;
-      combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d,
-              more && (h_ss || c == 0) ? h + (m + 1) * h_ts + c * h_ss : nullptr,
-              more && c == 0 ? y + (m + 1) * d : nullptr, more ? out + next : nullptr);
-    }
+    depth_forward_token(h, h_ts, h_ss, alpha, beta, y, out, m, m_tokens, n, d);
+    // no prefetch of the next token's output: the depth part above requests it for writing
+    width_forward_token(a, out, n * d, d, m, n, d, nullptr);
   }
 }
 
@@ -975,6 +1023,11 @@ def _bind(lib) -> None:
     lib.anydepth_hc_tanh.restype = None
     lib.anydepth_hc_depth_forward.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_forward.restype = None
+    lib.anydepth_hc_depth_width_forward.argtypes = [
+        p, i64, i64, p, p, p, p, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64,
+        i32,
+    ]
+    lib.anydepth_hc_depth_width_forward.restype = None
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
@@ -1049,6 +1102,28 @@ def _scratch(like: Tensor, *sizes: int) -> tuple[Tensor, list[int | None]]:
     return buf, out
 
 
+def _width_buffers(like: Tensor, lead, n: int, d: int, dynamic: bool, ln: bool):
+    """The width forward's outputs ``(aux, addresses in aux, alpha, beta, h_in)`` for ``lead`` tokens:
+    besides ``h`` and ``alpha``, the backward reads the packed projection W^T (n + 2, d), the
+    projections and their activations (m, n, n + 2), the stream norms (m, n) and the LayerNorm's mean
+    and 1/std (m), all in ``aux``."""
+    m = lead.numel()
+    sizes = [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] if dynamic else [0] * 4
+    aux, ptrs = _scratch(like, *sizes, *([m, m] if ln else [0, 0]))
+    return aux, ptrs, like.new_empty(*lead, n, n + 1), like.new_empty(*lead, n), like.new_empty(*lead, d)
+
+
+def _width_kernel_args(bufs, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps) -> tuple:
+    """The arguments that anydepth_hc_width_forward and anydepth_hc_depth_width_forward take from ``wt`` on
+    (the kernel packs W^T from ``wa``, ``wb``, ``gamma`` and ``scale`` into ``wt`` first)."""
+    _, (wt, p, pact, r, mu, rstd), alpha, beta, h_in = bufs
+    return (
+        wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh),
+        p, pact, r, alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu,
+        rstd,
+    )
+
+
 def _direct_apply(cls):
     """``cls.apply`` without ``Function.apply``'s Python prologue (a signature check, the functorch
     test and a generator over every argument: about 10 us of a sublayer's forward, more in a step's
@@ -1082,7 +1157,7 @@ class _Width(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
-                ln_eps, streams):
+                ln_eps, streams, pre):
         if streams is None:
             lead, (n, d) = h.shape[:-2], h.shape[-2:]
             h_ts, h_ss = n * d, d
@@ -1090,24 +1165,15 @@ class _Width(torch.autograd.Function):
             lead, n, d = h.shape[:-1], streams, h.shape[-1]
             h_ts, h_ss = d, 0
         m = lead.numel()
-        dynamic = wa is not None
-        ln = ln_w is not None
-        # what the backward needs besides h and alpha: the packed projection W^T (n + 2, d), the
-        # projections and their activations (m, n, n + 2), the stream norms (m, n), the LayerNorm's
-        # mean and 1/std (m)
-        sizes = [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] if dynamic else [0] * 4
-        aux, ptrs = _scratch(h, *sizes, *([m, m] if ln else [0, 0]))
-        wt, p, pact, r, mu, rstd = ptrs
-        alpha = h.new_empty(*lead, n, n + 1)
-        beta = h.new_empty(*lead, n)
-        h_in = h.new_empty(*lead, d)
-        sa, sb = _scalar(sa), _scalar(sb)
-        # the kernel packs W^T (anydepth_hc_pack_w) into wt first
-        _KERNEL.lib.anydepth_hc_width_forward(
-            h.data_ptr(), h_ts, h_ss, wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(),
-            b_static.data_ptr(), sa, sb, int(use_tanh), p, pact, r, alpha.data_ptr(), beta.data_ptr(),
-            h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu, rstd, m, n, d, torch.get_num_threads(),
-        )
+        if pre is None:
+            sa, sb = _scalar(sa), _scalar(sb)
+            bufs = _width_buffers(h, lead, n, d, wa is not None, ln_w is not None)
+            args = _width_kernel_args(bufs, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b,
+                                      ln_eps)
+            _KERNEL.lib.anydepth_hc_width_forward(h.data_ptr(), h_ts, h_ss, *args, m, n, d, torch.get_num_threads())
+        else:  # computed by the previous sublayer's depth kernel from these very streams and parameters
+            bufs, sa, sb = pre
+        aux, ptrs, alpha, beta, h_in = bufs
         ctx.save_for_backward(h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w)
         # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux. One
         # attribute for all: each costs a lookup in both directions
@@ -1155,8 +1221,8 @@ class _Width(torch.autograd.Function):
             _claim(link, dh)
         links = (dbprev, dyprev, None, dln_w, dln_b, None)
         if not dynamic:
-            return dh, None, None, None, None, da, db, None, None, None, *links, None
-        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links, None
+            return dh, None, None, None, None, da, db, None, None, None, *links, None, None
+        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links, None, None
 
 
 def _claim(depth_node, dh: Tensor) -> None:
@@ -1191,16 +1257,25 @@ class _Depth(torch.autograd.Function):
     sum exact; when ``G`` is that ``dH_new`` itself it does nothing."""
 
     @staticmethod
-    def forward(ctx, h, alpha, beta, y):
+    def forward(ctx, h, alpha, beta, y, ahead):
         n, d = h.shape[-2:]
         m = y.numel() // d
         # h is contiguous, or one row per token broadcast to the streams (the stack's first sublayer)
         rows, h_ts, h_ss = _stream_rows(h)
         out = h.new_empty(h.shape)
-        _KERNEL.lib.anydepth_hc_depth_forward(
-            rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
-            torch.get_num_threads(),
-        )
+        if ahead is None:
+            _KERNEL.lib.anydepth_hc_depth_forward(
+                rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n,
+                d, torch.get_num_threads(),
+            )
+        else:
+            # the next sublayer's width forward on out as well (see depth_connection): its outputs go
+            # to ahead's buffers, which nothing in autograd sees until that width connection takes them
+            args, bufs = ahead
+            _KERNEL.lib.anydepth_hc_depth_width_forward(
+                rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(),
+                *_width_kernel_args(bufs, *args), m, n, d, torch.get_num_threads(),
+            )
         ctx.save_for_backward(beta, y)
         return out
 
@@ -1215,7 +1290,7 @@ class _Depth(torch.autograd.Function):
         ctx.hc_claims = None
         passthrough = g if need[0] or need[1] else None
         if len(claims) == 1 and _same_tensor(g, claims[0]):
-            return passthrough, None, None, None
+            return passthrough, None, None, None, None
         rest = g
         for dh in claims:
             rest = rest - dh.view_as(g)
@@ -1227,7 +1302,7 @@ class _Depth(torch.autograd.Function):
                 rest.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1], g_ts, g_ss,
                 torch.get_num_threads(),
             )
-        return passthrough, None, dbeta, dy
+        return passthrough, None, dbeta, dy, None
 
 
 _Width.backward = staticmethod(_first_order(_Width.backward))
@@ -1250,15 +1325,20 @@ def width_connection(
     ``scale (1 + gamma)``, which the kernel folds into them; None for static hyper-connections. Pass
     the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
     then comes back here unmixed (see :class:`_Depth`). ``layer_norm = (weight (d,), bias (d,) or None,
-    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
-    d = h.shape[-1]
-    wa = wb = gamma = None
-    scale = 0.0
-    if dynamic is not None:
-        wa, wb, gamma, scale = dynamic
-        wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
-    bprev = yprev = node = streams = None
+    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel.
+
+    Where ``h`` came from :func:`depth_connection` with these same arguments as its ``ahead`` (and
+    neither ``h`` nor a parameter has changed since), the depth kernel has already computed this width
+    forward; it is taken from there instead of computed again."""
+    args = _width_args(h.shape[-1], dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm)
+    bprev = yprev = node = streams = pre = None
     h = torch._C._functorch.unwrap_if_dead(h)
+    ahead = getattr(h, "_hc_ahead", None)
+    if ahead is not None:
+        h._hc_ahead = None  # taken once: the buffers are not kept alive with h until its backward
+        version, used, bufs, sa_f, sb_f = ahead
+        if version == h._version and _same_args(used, args):
+            pre = (bufs, sa_f, sb_f)
     row = _broadcast_row(h)
     if row is not None:
         h, streams = row, h.shape[-2]
@@ -1269,10 +1349,41 @@ def width_connection(
         # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
         # each cost an autograd node in both directions
         h = _contiguous(h)
+    wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
     return _width_apply(
-        h, wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static),
-        sa, sb, use_tanh, bprev, yprev, node, *(layer_norm or (None, None, 0.0)), streams,
+        h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, node, ln_w, ln_b, ln_eps, streams,
+        pre,
     )
+
+
+def _width_args(d: int, dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm) -> tuple:
+    """``(wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps)`` as the width
+    kernels read them, from :func:`width_connection`'s arguments."""
+    wa = wb = gamma = None
+    scale = 0.0
+    if dynamic is not None:
+        wa, wb, gamma, scale = dynamic
+        wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
+    ln_w, ln_b, ln_eps = layer_norm or (None, None, 0.0)
+    return (wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static), sa, sb, bool(use_tanh), ln_w,
+            ln_b, float(ln_eps))
+
+
+def _versions(args: tuple) -> tuple:
+    return tuple(a._version if isinstance(a, Tensor) else None for a in args)
+
+
+def _same_args(used: tuple, args: tuple) -> bool:
+    """Whether ``args`` (see :func:`_width_args`) are the very tensors, unchanged since, and the values of
+    ``used = (args, their versions)``."""
+    then, versions = used
+    for a, b in zip(then, args):
+        if isinstance(a, Tensor) or isinstance(b, Tensor):
+            if a is not b:
+                return False
+        elif a != b:
+            return False
+    return versions == _versions(args)
 
 
 def broadcast_streams(x: Tensor, streams: int) -> Tensor:
@@ -1301,13 +1412,28 @@ def _broadcast_row(h: Tensor) -> Tensor | None:
     return base
 
 
-def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
-    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
+def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, ahead: tuple | None = None) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``.
+
+    ``ahead``: :func:`width_connection`'s arguments after ``h`` for the connection that reads ``H_new``
+    next (the next sublayer's). The kernel then does that width forward as well, token by token while
+    the token's new streams are in L1, instead of leaving it to a pass of its own over ``H_new``. The
+    result waits on ``H_new`` for that call, which checks that its arguments are the same."""
     # the width backward reads these too, linked
     beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
+    bufs = None
+    if ahead is not None:
+        n, d = h.shape[-2:]
+        args = _width_args(d, *ahead)
+        wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
+        sa_f, sb_f = _scalar(sa), _scalar(sb)
+        bufs = _width_buffers(h, h.shape[:-2], n, d, wa is not None, ln_w is not None)
+        ahead = ((wa, wb, gamma, scale, a_static, b_static, sa_f, sb_f, use_tanh, ln_w, ln_b, ln_eps), bufs)
     # h as it is: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
-    out = _depth_apply(h, _contiguous(alpha), beta, y)
+    out = _depth_apply(h, _contiguous(alpha), beta, y, ahead)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
         out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
+    if bufs is not None:
+        out._hc_ahead = (out._version, (args, _versions(args)), bufs, sa_f, sb_f)
     return out
