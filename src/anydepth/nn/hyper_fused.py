@@ -1270,8 +1270,11 @@ class _Depth(torch.autograd.Function):
             )
         else:
             # the next sublayer's width forward on out as well (see depth_connection): its outputs go
-            # to ahead's buffers, which nothing in autograd sees until that width connection takes them
-            args, bufs = ahead
+            # to buffers that nothing in autograd sees until that width connection takes them, allocated
+            # after out as they would be without the look-ahead (the heap then sees the same sequence)
+            args, holder = ahead
+            bufs = _width_buffers(out, h.shape[:-2], n, d, args[0] is not None, args[9] is not None)
+            holder.append(bufs)
             _KERNEL.lib.anydepth_hc_depth_width_forward(
                 rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(),
                 *_width_kernel_args(bufs, *args), m, n, d, torch.get_num_threads(),
@@ -1421,19 +1424,18 @@ def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, ahead: t
     result waits on ``H_new`` for that call, which checks that its arguments are the same."""
     # the width backward reads these too, linked
     beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
-    bufs = None
+    holder = None
     if ahead is not None:
-        n, d = h.shape[-2:]
-        args = _width_args(d, *ahead)
+        args = _width_args(h.shape[-1], *ahead)
         wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
         sa_f, sb_f = _scalar(sa), _scalar(sb)
-        bufs = _width_buffers(h, h.shape[:-2], n, d, wa is not None, ln_w is not None)
-        ahead = ((wa, wb, gamma, scale, a_static, b_static, sa_f, sb_f, use_tanh, ln_w, ln_b, ln_eps), bufs)
+        holder = []  # _Depth.forward puts the width outputs' buffers here
+        ahead = ((wa, wb, gamma, scale, a_static, b_static, sa_f, sb_f, use_tanh, ln_w, ln_b, ln_eps), holder)
     # h as it is: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
     out = _depth_apply(h, _contiguous(alpha), beta, y, ahead)
     if out.grad_fn is not None:
         # lets a width connection that takes this tensor as it is do this depth backward's work
         out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
-    if bufs is not None:
-        out._hc_ahead = (out._version, (args, _versions(args)), bufs, sa_f, sb_f)
+    if holder:
+        out._hc_ahead = (out._version, (args, _versions(args)), holder[0], sa_f, sb_f)
     return out
