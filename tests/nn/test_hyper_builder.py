@@ -155,3 +155,16 @@ def test_next_width_forward_is_recomputed_when_its_inputs_changed(change):
 def test_layer_dropout_links_no_connections():
     model = _perturbed_hyper_model(layer_dropout=0.2)
     assert all(hc.__dict__.get("_next_connection") is None for hc in _connections(model))
+
+
+def test_a_copied_model_links_its_own_connections():
+    # the link is a plain attribute, not a submodule: a deep copy must point at the copy's connections
+    # (and a state dict must not list the next connection's parameters twice)
+    import copy
+
+    model = _perturbed_hyper_model()
+    twin = copy.deepcopy(model)
+    hcs, twins = _connections(model), _connections(twin)
+    assert [hc.__dict__.get("_next_connection") for hc in twins] == twins[1:] + [None]
+    assert not set(map(id, hcs)) & set(map(id, twins))
+    assert list(model.state_dict()) == list(_unlinked(model).state_dict())
