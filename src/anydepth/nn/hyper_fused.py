@@ -34,8 +34,11 @@ the norm's output, with ``h_in`` recomputed from ``H``: ``xh = (h_in - mu) rstd`
 When ``H`` is itself the output of the previous sublayer's depth connection, fed in unchanged (a
 chain of sublayers), the width backward also does that depth backward,
 ``dy_prev = sum_s beta_prev_s dH_s`` and ``dbeta_prev_s = y_prev . dH_s``, from ``dH`` while it is
-in registers, and the depth backward then does nothing (see :class:`_Depth`). Float32 only; tokens run
-in parallel (OpenMP), parameter gradients are reduced from per-thread partial sums.
+in registers, and the depth backward then does nothing (see :class:`_Depth`). Forward, the depth
+connection can run the next sublayer's width forward in the same kernel, token by token on its fresh
+output (``depth_connection(..., ahead=...)``; the next width connection takes the result only where
+its arguments are unchanged). Float32 only; tokens run in parallel (OpenMP), parameter gradients are
+reduced from per-thread partial sums.
 :class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
 ``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
