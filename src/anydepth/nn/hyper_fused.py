@@ -1262,7 +1262,11 @@ class _Depth(torch.autograd.Function):
     ``dy = beta^T dH_new`` and ``dbeta`` from the ``dH_new`` it writes (``_claim``), so the streams'
     gradient is not read again here. ``G`` may still hold more than that width's ``dH_new`` (other
     uses of ``H_new``): this backward then adds the branch part of ``G - dH_new``, which keeps the
-    sum exact; when ``G`` is that ``dH_new`` itself it does nothing."""
+    sum exact; when ``G`` is that ``dH_new`` itself it does nothing.
+
+    ``ahead``, when not None, is ``(kernel arguments of the next width forward, a list)``: the
+    forward then runs that width forward on ``H_new`` in the same kernel and appends its output
+    buffers to the list (see :func:`depth_connection`); it is not an input of the graph."""
 
     @staticmethod
     def forward(ctx, h, alpha, beta, y, ahead):
