@@ -1161,7 +1161,10 @@ class _Width(torch.autograd.Function):
     (see :class:`_Depth`). With ``ln_w`` the branch input comes out through its LayerNorm
     (``ln_w``, ``ln_b`` or None, ``ln_eps``). With ``streams`` (an int) ``h`` is one row per token,
     ``(..., d)``, that every stream holds (the stack's first sublayer): the kernels read it by a
-    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly."""
+    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly.
+    ``pre``, when not None, is ``(buffers, s_a, s_b)`` that the previous depth kernel has already
+    filled from this ``h`` and these parameters (see :func:`width_connection`): the forward then runs
+    no kernel of its own."""
 
     @staticmethod
     def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
