@@ -1288,7 +1288,8 @@ class _Depth(torch.autograd.Function):
             # to buffers that nothing in autograd sees until that width connection takes them, allocated
             # after out as they would be without the look-ahead (the heap then sees the same sequence)
             args, holder = ahead
-            bufs = _width_buffers(out, h.shape[:-2], n, d, args[0] is not None, args[9] is not None)
+            wa, _, _, _, _, _, _, _, _, ln_w, _, _ = args  # the layout of _width_args
+            bufs = _width_buffers(out, h.shape[:-2], n, d, wa is not None, ln_w is not None)
             holder.append(bufs)
             _KERNEL.lib.anydepth_hc_depth_width_forward(
                 rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(),
