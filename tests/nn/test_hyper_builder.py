@@ -127,10 +127,11 @@ def test_depth_kernel_doing_the_next_width_forward_changes_no_bit():
     _assert_same_run(linked, plain)
 
 
-@pytest.mark.parametrize("change", ["parameter", "input"])
+@pytest.mark.parametrize("change", ["parameter", "input", "parameter data", "input data"])
 def test_next_width_forward_is_recomputed_when_its_inputs_changed(change):
-    # A hook between two sublayers that changes the second's parameter or its input in place: the
-    # width forward the depth kernel did ahead is stale and must not be used.
+    # A hook between two sublayers that changes the second's parameter or its input, in place or by
+    # assigning new memory to ``.data`` (which leaves the version counter as it was): the width forward
+    # the depth kernel did ahead is stale and must not be used.
     from anydepth.nn import hyper_fused
 
     if not hyper_fused._KERNEL.available():
@@ -140,8 +141,12 @@ def test_next_width_forward_is_recomputed_when_its_inputs_changed(change):
         with torch.no_grad():
             if change == "parameter":
                 module.static_alpha.mul_(1.5)
-            else:
+            elif change == "input":
                 args[0].mul_(1.5)
+            elif change == "parameter data":
+                module.static_alpha.data = module.static_alpha.data * 1.5
+            else:
+                args[0].data = args[0].data * 1.5
 
     model = _perturbed_hyper_model()
     tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(4))

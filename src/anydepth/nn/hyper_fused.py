@@ -1356,7 +1356,7 @@ def width_connection(
     if ahead is not None:
         h._hc_ahead = None  # taken once: the buffers are not kept alive with h until its backward
         version, used, bufs, sa_f, sb_f = ahead
-        if version == h._version and _same_args(used, args):
+        if version == _state(h) and _same_args(used, args):
             pre = (bufs, sa_f, sb_f)
     row = _broadcast_row(h)
     if row is not None:
@@ -1388,8 +1388,14 @@ def _width_args(d: int, dynamic, a_static, b_static, sa, sb, use_tanh, layer_nor
             ln_b, float(ln_eps))
 
 
+def _state(t: Tensor) -> tuple[int, int]:
+    """What tells whether ``t``'s values may have changed since: its version counter, which in-place
+    ops bump, and its address, which assigning to ``.data`` changes without a bump."""
+    return t._version, t.data_ptr()
+
+
 def _versions(args: tuple) -> tuple:
-    return tuple(a._version if isinstance(a, Tensor) else None for a in args)
+    return tuple(_state(a) if isinstance(a, Tensor) else None for a in args)
 
 
 def _same_args(used: tuple, args: tuple) -> bool:
@@ -1453,5 +1459,5 @@ def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, ahead: t
         # lets a width connection that takes this tensor as it is do this depth backward's work
         out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
     if holder:
-        out._hc_ahead = (out._version, (args, _versions(args)), holder[0], sa_f, sb_f)
+        out._hc_ahead = (_state(out), (args, _versions(args)), holder[0], sa_f, sb_f)
     return out
