@@ -157,6 +157,52 @@ def test_next_width_forward_is_recomputed_when_its_inputs_changed(change):
     _assert_same_run(linked, plain)
 
 
+def test_inference_mode_runs_linked_models_without_the_look_ahead():
+    # Under inference mode the streams are inference tensors, which have no version counter to tell
+    # the next width connection of an in-place change: the depth kernels then leave no look-ahead,
+    # and the output is that of an ordinary forward.
+    from collections import Counter
+
+    from anydepth.nn import hyper_fused
+
+    if not hyper_fused._KERNEL.available():
+        pytest.skip(f"fused kernel unavailable: {hyper_fused._KERNEL.error}")
+    model = _perturbed_hyper_model()
+    tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(5))
+    expected = model(tokens).detach()
+    lib, calls = hyper_fused._KERNEL.get(), Counter()
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            return lambda *a: calls.update([name]) or fn(*a)
+
+    hyper_fused._KERNEL.lib = Counting()
+    try:
+        with torch.inference_mode():
+            out = model(tokens)
+    finally:
+        hyper_fused._KERNEL.lib = lib
+    assert calls["anydepth_hc_depth_width_forward"] == 0 and calls["anydepth_hc_width_forward"] == 6
+    assert torch.equal(out, expected)
+
+
+def test_a_model_built_in_inference_mode_runs_linked_outside_it():
+    # its parameters are inference tensors, without the version counter that the look-ahead's check
+    # reads elsewhere (outside inference mode nothing may change them in place)
+    from anydepth.nn import hyper_fused
+
+    if not hyper_fused._KERNEL.available():
+        pytest.skip(f"fused kernel unavailable: {hyper_fused._KERNEL.error}")
+    expected = _perturbed_hyper_model()
+    with torch.inference_mode():
+        model = _perturbed_hyper_model()
+    assert all(p.is_inference() for p in model.parameters())
+    tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), expected(tokens))
+
+
 def test_layer_dropout_links_no_connections():
     model = _perturbed_hyper_model(layer_dropout=0.2)
     assert all(hc.__dict__.get("_next_connection") is None for hc in _connections(model))

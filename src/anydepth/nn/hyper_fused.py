@@ -1390,8 +1390,10 @@ def _width_args(d: int, dynamic, a_static, b_static, sa, sb, use_tanh, layer_nor
 
 def _state(t: Tensor) -> tuple[int, int]:
     """What tells whether ``t``'s values may have changed since: its version counter, which in-place
-    ops bump, and its address, which assigning to ``.data`` changes without a bump."""
-    return t._version, t.data_ptr()
+    ops bump, and its address, which assigning to ``.data`` changes without a bump. An inference
+    tensor has no version counter, and outside inference mode nothing may change it in place (within
+    it, :func:`depth_connection` leaves no look-ahead to check)."""
+    return (0 if t.is_inference() else t._version), t.data_ptr()
 
 
 def _versions(args: tuple) -> tuple:
@@ -1447,6 +1449,10 @@ def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, ahead: t
     # the width backward reads these too, linked
     beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
     holder = None
+    if torch.is_inference_mode_enabled():
+        # H_new is then an inference tensor: no version counter would tell the next width connection
+        # about an in-place change, so it computes its own
+        ahead = None
     if ahead is not None:
         args = _width_args(h.shape[-1], *ahead)
         wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
