@@ -450,3 +450,38 @@ def test_depth_connection_backward_matches_autograd_of_the_broadcast_formula():
     torch.testing.assert_close(out, ref)
     for x1, x2 in zip(torch.autograd.grad(out, b, g), torch.autograd.grad(ref, a, g)):
         torch.testing.assert_close(x1, x2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", ["static_alpha", "dynamic_alpha_fn", "gamma"])
+def test_parametrized_parameter_gives_the_formula_and_its_gradient(name, fused):
+    # torch.nn.utils.parametrize takes the parameter out of _parameters and computes it on access:
+    # the connection must read it there, and the gradient reach the parametrization's original
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from anydepth.nn import hyper_fused
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    hc = HyperConnection(DIM, 4, layer_index=1, norm=nn.LayerNorm(DIM))
+    _perturb(hc, scale=0.1)
+    ref = copy.deepcopy(hc)
+    owner, ref_owner = (hc.norm, ref.norm) if name == "gamma" else (hc, ref)
+    with torch.no_grad():
+        getattr(ref_owner, name).mul_(2)
+    parametrize.register_parametrization(owner, name, Double())
+    f = nn.Linear(DIM, DIM)
+    h = torch.randn(2, 8, 4, DIM)
+    with hyper_fused.use_fused_hyper(fused):
+        if fused and hyper_fused._KERNEL.available():
+            assert hc._fused_args(h) is not None  # the kernels run
+        out, expected = hc(h, f), ref(h, f)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    original = getattr(owner.parametrizations, name).original
+    torch.testing.assert_close(original.grad, 2 * getattr(ref_owner, name).grad, atol=1e-5, rtol=1e-4)

@@ -188,6 +188,15 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, log_domain: bool = False) -> Te
     return p.to(dtype)
 
 
+def _param(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>`` for a parameter: straight from ``_parameters`` (an ``nn.Module`` attribute
+    lookup goes through ``__getattr__``, about a microsecond each), or as the attribute where it is not
+    there. A ``torch.nn.utils.parametrize`` parametrization computes it on access; the kernels then
+    read that tensor, and its gradient flows back through the parametrization."""
+    p = module._parameters.get(name)
+    return p if p is not None else getattr(module, name)
+
+
 def _check_int(name: str, value, minimum: int, fix: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}; {fix}")
@@ -378,8 +387,7 @@ class HyperConnection(Residual):
         cannot stand in for the eager formula. They cover one fraction, one input view and the plain
         (tanh or identity) coefficients; mHC overrides ``_coefficients`` and keeps the eager path.
 
-        Each parameter is looked up once per call, from ``_parameters`` (an ``nn.Module`` attribute
-        lookup goes through ``__getattr__``, about a microsecond each), and every tensor the kernels
+        Each parameter is looked up once per call (:func:`_param`), and every tensor the kernels
         read is checked in one :func:`hyper_fused.fused_ok`: at a few hundred tokens this Python is as
         long as the kernels themselves."""
         if (
@@ -390,14 +398,13 @@ class HyperConnection(Residual):
             or self.depth_residual_fn is not None
         ):
             return None
-        params = self._parameters
-        a_static, b_static = params["static_alpha"], params["static_beta"]
+        a_static, b_static = _param(self, "static_alpha"), _param(self, "static_beta")
         dynamic = sa = sb = None
         tensors = [a_static, b_static]
         if self.dynamic:
             norm = self._modules["norm"]
-            wa, wb, gamma = params["dynamic_alpha_fn"], params["dynamic_beta_fn"], norm._parameters["gamma"]
-            sa, sb = params["dynamic_alpha_scale"], params["dynamic_beta_scale"]
+            wa, wb, gamma = _param(self, "dynamic_alpha_fn"), _param(self, "dynamic_beta_fn"), _param(norm, "gamma")
+            sa, sb = _param(self, "dynamic_alpha_scale"), _param(self, "dynamic_beta_scale")
             dynamic = (wa, wb, gamma, norm.scale)
             tensors += [wa, wb, gamma, sa, sb]
         if not hyper_fused.fused_ok(h, *tensors):
