@@ -48,6 +48,15 @@ def test_built_model_trains_and_reaches_the_mixing_weights(kind):
     assert set(moved) == set(static)
 
 
+@pytest.fixture(autouse=True)
+def _look_ahead_at_any_size(monkeypatch):
+    # these models are small: their streams are below the size from which the depth kernels look
+    # ahead by default
+    from anydepth.nn import hyper_fused
+
+    monkeypatch.setattr(hyper_fused, "LOOK_AHEAD_MIN_ELEMENTS", 0)
+
+
 def _perturbed_hyper_model(layer_dropout=0.0):
     from anydepth.model.config import ModelConfig
 
@@ -201,6 +210,24 @@ def test_a_model_built_in_inference_mode_runs_linked_outside_it():
     tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(model(tokens), expected(tokens))
+
+
+def test_look_ahead_starts_at_its_size_threshold(monkeypatch):
+    from anydepth.nn import hyper_fused
+
+    if not hyper_fused._KERNEL.available():
+        pytest.skip(f"fused kernel unavailable: {hyper_fused._KERNEL.error}")
+    model = _perturbed_hyper_model()
+    tokens = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(7))
+    size = 2 * 16 * 4 * 32  # the streams' elements: batch, sequence, streams, dim
+    monkeypatch.setattr(hyper_fused, "LOOK_AHEAD_MIN_ELEMENTS", size + 1)
+    below = _run_counting_kernels(model, tokens)
+    assert below[2]["anydepth_hc_depth_width_forward"] == 0 and below[2]["anydepth_hc_width_forward"] == 6
+    model.zero_grad()
+    monkeypatch.setattr(hyper_fused, "LOOK_AHEAD_MIN_ELEMENTS", size)
+    at = _run_counting_kernels(model, tokens)
+    assert at[2]["anydepth_hc_depth_width_forward"] == 5 and at[2]["anydepth_hc_width_forward"] == 1
+    _assert_same_run(below, at)
 
 
 def test_layer_dropout_links_no_connections():

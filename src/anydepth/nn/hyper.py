@@ -443,7 +443,8 @@ class HyperConnection(Residual):
         output, token by token while the token's new streams are in L1 (one pass over the n-wide
         streams fewer per sublayer). ``nxt`` takes the result only if it is called with that very
         output and its parameters are unchanged since; else it computes its own, so the model computes
-        the same either way, bit for bit."""
+        the same either way, bit for bit. Streams below ``hyper_fused.LOOK_AHEAD_MIN_ELEMENTS`` get no
+        look-ahead (at that size it costs more Python than it saves)."""
         ok = isinstance(nxt, HyperConnection) and nxt is not self and (nxt.dim, nxt.streams) == (self.dim, self.streams)
         # not a submodule: its parameters belong to its own place in the model
         self.__dict__["_next_connection"] = nxt if ok else None
@@ -462,8 +463,10 @@ class HyperConnection(Residual):
         stream_dropout = drop and self.dropout_placement == "stream"
         nxt = self.__dict__.get("_next_connection")
         # the next connection's width forward, done by this depth kernel (see followed_by); a dropped
-        # stream would not be its input
-        ahead = nxt._fused_args(h) if nxt is not None and not stream_dropout else None
+        # stream would not be its input, and small streams gain less than the look-ahead costs
+        ahead = None
+        if nxt is not None and not stream_dropout and h.numel() >= hyper_fused.LOOK_AHEAD_MIN_ELEMENTS:
+            ahead = nxt._fused_args(h)
         out = hyper_fused.depth_connection(h, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype), ahead)
         return dropout(out) if stream_dropout else out
 
