@@ -105,6 +105,8 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        check_shardable(model)
+
         for block in getattr(model, "blocks", []):
             fully_shard(block)
         fully_shard(model)
@@ -113,6 +115,20 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, static_graph=True)
+
+
+def check_shardable(model: nn.Module) -> None:
+    """Raise ``ValueError`` where FSDP2 cannot shard ``model``: ``fully_shard`` rejects 0-dim
+    parameters, which hyper-connections (``dynamic_alpha_scale``, ``dynamic_beta_scale``), mHC
+    (``h_post_scale``) and ScaleNorm (``g``) have. Checked before sharding, so that the message names
+    the parameters and the flag to use instead."""
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        shown = ", ".join(scalars[:3]) + (f" and {len(scalars) - 3} more" if len(scalars) > 3 else "")
+        raise ValueError(
+            f"--train.parallel=fsdp: FSDP2 cannot shard 0-dim parameters, and this model has {len(scalars)} "
+            f"({shown}); train it with --train.parallel=ddp, which replicates the model"
+        )
 
 
 def is_sharded(model: nn.Module) -> bool:
