@@ -24,6 +24,7 @@ __all__ = [
     "wrap",
     "is_sharded",
     "mean_over_ranks",
+    "sync_replicated_grads",
     "gather_objects",
     "resolve_device",
 ]
@@ -98,18 +99,21 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     ``"fsdp"``: FSDP2, ``fully_shard`` on every block and then on the model (in place, so the
     returned module is ``model``): parameters, gradients and optimizer state are sharded over the
     processes and gathered block by block, for models that do not fit one device. Build the
-    optimizer after this call, since sharding replaces the parameters.
+    optimizer after this call, since sharding replaces the parameters. FSDP2 cannot shard 0-dim
+    parameters; those are left whole on every process, and :func:`sync_replicated_grads` must
+    average their gradients after each backward.
     """
     if not info.enabled:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        check_shardable(model)
-
+        # fully_shard rejects 0-dim parameters (hyper-connection and mHC scales, ScaleNorm's g): they
+        # stay whole on every process, and sync_replicated_grads averages their gradients
+        replicated = {p for p in model.parameters() if p.dim() == 0} or None
         for block in getattr(model, "blocks", []):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, ignored_params=replicated)
+        fully_shard(model, ignored_params=replicated)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -117,18 +121,26 @@ def wrap(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
-def check_shardable(model: nn.Module) -> None:
-    """Raise ``ValueError`` where FSDP2 cannot shard ``model``: ``fully_shard`` rejects 0-dim
-    parameters, which hyper-connections (``dynamic_alpha_scale``, ``dynamic_beta_scale``), mHC
-    (``h_post_scale``) and ScaleNorm (``g``) have. Checked before sharding, so that the message names
-    the parameters and the flag to use instead."""
-    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
-    if scalars:
-        shown = ", ".join(scalars[:3]) + (f" and {len(scalars) - 3} more" if len(scalars) > 3 else "")
-        raise ValueError(
-            f"--train.parallel=fsdp: FSDP2 cannot shard 0-dim parameters, and this model has {len(scalars)} "
-            f"({shown}); train it with --train.parallel=ddp, which replicates the model"
-        )
+def sync_replicated_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average over processes the gradients of the parameters that :func:`wrap` left unsharded in an
+    FSDP2 model (its 0-dim ones), as FSDP2's reduce-scatter does for the others: one all-reduce of
+    the gradients packed together with a has-gradient flag each, so that a parameter no process
+    used keeps no gradient (AdamW then skips it, as in one process). Every process must call it
+    after each backward."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if not params or not info.enabled:
+        return
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=parts[0].dtype)
+    flat = torch.cat([*parts, flags.to(parts[0].device)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    at = 0
+    for p, used in zip(params, flat[-len(params) :].tolist()):
+        n = p.numel()
+        p.grad = (flat[at : at + n] / info.world).view_as(p).to(p.dtype) if used else None
+        at += n
 
 
 def is_sharded(model: nn.Module) -> bool:

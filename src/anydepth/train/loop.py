@@ -413,6 +413,8 @@ class _Trainer:
                 )
                 loss = _loss(model, x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), dev, tc.dtype)
                 loss.backward()
+                if self.sharded:
+                    D.sync_replicated_grads(self.model, info)
                 loss_value = float(D.mean_over_ranks(loss.detach(), info))
                 step += 1
                 grad_norm = None
