@@ -422,6 +422,97 @@ def test_link_survives_a_partial_backward_of_a_retained_graph():
         torch.testing.assert_close(g, ref[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+def _spy_in_place(monkeypatch) -> list[bool]:
+    """Per width backward kernel call, whether it writes dH over G (the same address)."""
+    lib, calls = hyper_fused._KERNEL.lib, []
+    real = lib.anydepth_hc_width_backward
+    monkeypatch.setattr(lib, "anydepth_hc_width_backward", lambda *a: calls.append(a[1] == a[17]) or real(*a))
+    return calls
+
+
+def test_width_backward_writes_over_a_gradient_nothing_else_holds(monkeypatch):
+    assert isinstance(hyper_fused._Baseline.get(), tuple)  # this torch shows who holds a tensor
+    model = _Chain(32, 4, True)
+    x = _weights((2, 13, 4, 32), 5)
+    w = _weights(x.shape, 6)
+    in_place = _spy_in_place(monkeypatch)
+    dx, grads = _chain_grads(model, x, lambda out, taps: (out * w).sum(), True)
+    # every G here is private: two come from the next width backward, the last from the loss's mul
+    assert in_place == [True, True, True]
+    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: False)
+    dx_ref, ref = _chain_grads(model, x, lambda out, taps: (out * w).sum(), True)
+    assert in_place[3:] == [False, False, False]
+    assert torch.equal(dx, dx_ref)
+    for name, g in grads.items():
+        assert torch.equal(g, ref[name]), name
+
+
+def _observe(case: str, taps: list, kept: list) -> None:
+    """Ways to keep the gradient of the first sublayer's output (the G of its width backward)."""
+    if case == "tensor-hook":
+        taps[0].register_hook(kept.append)
+    elif case == "hook-keeps-a-view":
+        taps[0].register_hook(lambda g: kept.append(g[0]))
+    elif case == "node-prehook":
+        taps[0].grad_fn.register_prehook(lambda go: kept.append(go[0]))
+    elif case == "node-hook":  # the depth node hands G on as its input's gradient
+        taps[0].grad_fn.register_hook(lambda gi, go: kept.append(gi[0]))
+    elif case == "retain-grad":
+        taps[0].retain_grad()
+
+
+@pytest.mark.parametrize(
+    "case", ["tensor-hook", "hook-keeps-a-view", "node-prehook", "node-hook", "retain-grad", "captured"]
+)
+def test_a_gradient_that_something_keeps_is_not_written_over(monkeypatch, case):
+    # each way of keeping G must leave it as it was; forcing the write shows that the case reaches it
+    model = _Chain(32, 4, True)
+    x = _weights((2, 13, 4, 32), 5).requires_grad_()
+    w = _weights(x.shape, 6)
+
+    def run():
+        kept = []
+        out, taps = model(x)
+        _observe(case, taps, kept)
+        loss = (out * w).sum()
+        if case == "captured":  # torch.autograd.grad holds G for its result while the backward goes on
+            kept.extend(torch.autograd.grad(loss, [taps[0], x]))
+        else:
+            loss.backward()
+        return (taps[0].grad if case == "retain-grad" else kept[0]).clone()
+
+    got = run()
+    real = hyper_fused._unshared
+    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: False)
+    fresh = run()
+    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: record is None)
+    forced = run()
+    assert torch.equal(got, fresh)
+    if case == "retain-grad":  # retain_grad keeps a copy, so writing over G is safe there
+        assert torch.equal(forced, fresh)
+        monkeypatch.setattr(hyper_fused, "_unshared", real)
+        in_place = _spy_in_place(monkeypatch)
+        run()
+        assert in_place == [True, True, True]
+    else:
+        assert not torch.equal(forced, fresh)
+
+
+def test_no_gradient_is_written_over_while_a_graph_is_recorded(monkeypatch):
+    # create_graph=True: the incoming gradients are themselves in a graph that may need them
+    model = _Chain(32, 4, True)
+    x = _weights((2, 13, 4, 32), 5).requires_grad_()
+    w = _weights(x.shape, 6).requires_grad_()
+    in_place = _spy_in_place(monkeypatch)
+    out, _ = model(x)
+    (dx,) = torch.autograd.grad((out * w).sum(), [x], create_graph=True)
+    assert in_place == [False, False, False]
+    out, _ = model(x)
+    (dx_ref,) = torch.autograd.grad((out * w).sum(), [x])
+    assert in_place[3:] == [True, True, True]
+    assert torch.equal(dx, dx_ref)
+
+
 def _spy_broadcast_rows(monkeypatch) -> list[bool]:
     """Per width connection, whether it took its streams as one broadcast row."""
     seen, real = [], hyper_fused._broadcast_row

@@ -50,6 +50,8 @@ itself differentiable, and autograd says so rather than returning a wrong second
 from __future__ import annotations
 
 import ctypes
+import sys
+import threading
 
 import torch
 from torch import Tensor
@@ -857,7 +859,9 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 // gamma and scale are the forward's); no output needs initialising. Linked (dyprev not null):
 // H = A^T H_prev + bprev yprev came from the previous sublayer's depth connection with bprev (M, n),
 // yprev (M, d), and its backward is done here from dH: dyprev (M, d) and dbprev (M, n). Returns
-// nonzero if its scratch could not be allocated.
+// nonzero if its scratch could not be allocated. dh may be gdepth itself (contiguous, d a multiple of 16):
+// each 16-float block of a token's G rows is read before the block's dH rows are written, and no
+// later pass reads G; dH then goes out by ordinary stores into the lines G has just brought in.
 void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
                            float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d);
 
@@ -880,7 +884,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
   // is next read after the previous sublayer's branch backward, long out of cache by then; unlinked,
   // the next reader (a depth backward, the stack's expand) loses less by reading it from memory than
   // the ownership reads cost here (2.8 -> 2.0 ms for 8 MiB of streams)
-  const bool stream_dh = d % kLanes == 0 && reinterpret_cast<uintptr_t>(dh) % 64 == 0;
+  const bool stream_dh = d % kLanes == 0 && reinterpret_cast<uintptr_t>(dh) % 64 == 0 && dh != gdepth;
   // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
   // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
   // matrices and the scales in double (one scalar each, summed over every token, stream and column)
@@ -1162,6 +1166,109 @@ def _first_order(backward):
     return dispatch
 
 
+def _references(t: Tensor) -> tuple[int, int, int]:
+    """Who holds ``t``: C++ references to its tensor, Python references to its object, and tensors on
+    its storage (views). Called from the top of a ``backward``, one frame down, where the engine's own
+    references are the same for every gradient it hands over (see :func:`_unshared`)."""
+    return t._use_count(), sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _Baseline:
+    """``_references`` of a gradient that nothing but autograd's call holds, measured once per process
+    on a three-node graph of its own that hands a fresh gradient through a pass-through ``Function``
+    to a ``backward`` with the width backward's signature, as a depth backward hands ``G`` on; the
+    same graph with a hook that keeps the gradient must then count more, else (a ``torch`` whose
+    counts do not show such a holder) nothing is written in place. ``False`` until measured or where
+    it cannot be."""
+
+    value: tuple[int, int, int] | bool | None = None
+    lock = threading.Lock()
+
+    @classmethod
+    def get(cls):
+        if cls.value is None:
+            with cls.lock:
+                if cls.value is None:
+                    cls.value = cls._measure()
+        return cls.value
+
+    @staticmethod
+    def _measure():
+        if not hasattr(Tensor, "_use_count") or not hasattr(torch._C, "_storage_Use_Count"):
+            return False
+        seen = []
+
+        class Source(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return torch.ones(4)
+
+        class Pass(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                return g
+
+        class Sink(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                ctx.set_materialize_grads(False)
+                return x.clone(), x.clone(), x.clone(), x.clone()
+
+            @staticmethod
+            def backward(ctx, g_in, g_alpha, g_beta, g_depth):
+                _unshared(g_depth, record=seen)
+                return g_depth
+
+        for fn in (Source, Pass, Sink):
+            fn.backward = staticmethod(_first_order(fn.backward))
+
+        def run(keep):
+            with torch.enable_grad(), torch.inference_mode(False):
+                x = torch.zeros(4, requires_grad=True)
+                y = Pass.apply(Sink.apply(x)[3])
+                if keep is not None:
+                    y.register_hook(keep.append)
+                Source.apply(y).backward(torch.ones(4))
+
+        try:
+            run(None)
+            run(None)
+            run([])
+        except Exception:  # noqa: BLE001 - any failure only means no writing in place
+            return False
+        free, again, held = seen
+        return free if free == again and held[1] > free[1] else False
+
+
+def _unshared(g: Tensor, record: list | None = None) -> bool:
+    """Whether the gradient ``g`` that a ``backward`` has just received is held by nothing but
+    autograd's call: no tensor hook or ``retain_grad`` keeps it, no ``torch.autograd.grad`` captures it,
+    no view shares its storage. A backward may then write its own gradient into ``g``'s memory. Call it
+    first thing in the backward (the counts include the caller's references). Never for a gradient
+    that is itself part of a graph (``create_graph=True``), nor with anomaly detection on or a dispatch
+    mode active, whose own references are not the measured ones."""
+    if (
+        g.requires_grad
+        or torch.is_grad_enabled()
+        or torch.is_anomaly_enabled()
+        or torch._C._len_torch_dispatch_stack()
+    ):
+        return False
+    if record is not None:  # _Baseline's measurement, through this very frame
+        record.append(_references(g))
+        return False
+    base = _Baseline.value if _Baseline.value is not None else _Baseline.get()
+    return base is not False and _references(g) == base
+
+
 class _Width(torch.autograd.Function):
     """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
     produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
@@ -1171,7 +1278,8 @@ class _Width(torch.autograd.Function):
     stream stride of 0 and the backward returns its gradient, the sum over the streams, directly.
     ``pre``, when not None, is ``(buffers, s_a, s_b)`` that the previous depth kernel has already
     filled from this ``h`` and these parameters (see :func:`width_connection`): the forward then runs
-    no kernel of its own."""
+    no kernel of its own. The backward writes ``dH`` over the incoming ``G`` where :func:`_unshared`
+    finds that nothing else holds it (``G`` contiguous, ``d`` a multiple of 16)."""
 
     @staticmethod
     def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
@@ -1205,6 +1313,7 @@ class _Width(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
+        unshared = g_depth is not None and _unshared(g_depth)  # first: it counts the references to g_depth
         h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
         offsets, sa, sb, use_tanh, scale, ln_bias, link, (lead, m, n, d, h_ts, h_ss) = ctx.plan
         base = aux.data_ptr()
@@ -1217,7 +1326,12 @@ class _Width(torch.autograd.Function):
         g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
         g_alpha = None if g_alpha is None else _contiguous(g_alpha)
         g_beta = None if g_beta is None else _contiguous(g_beta)
-        dh = torch.empty_like(h)  # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
+        if unshared and h_ss != 0 and g_ss == d and d % 16 == 0 and g_depth.shape == h.shape:
+            # dH over G, which nothing else holds: its lines are in cache when the kernel writes them,
+            # where a fresh buffer costs an 8 MiB stream of stores that compete with the reads
+            dh = g_depth
+        else:  # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
+            dh = torch.empty_like(h)
         # the kernel writes these whole: no zero fill
         dynamic = wt is not None
         dwa = torch.empty_like(wa) if dynamic and need[1] else None
