@@ -462,7 +462,8 @@ def _observe(case: str, taps: list, kept: list) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["tensor-hook", "hook-keeps-a-view", "node-prehook", "node-hook", "retain-grad", "captured"]
+    "case",
+    ["tensor-hook", "hook-keeps-a-view", "node-prehook", "node-hook", "module-hook", "retain-grad", "captured"],
 )
 def test_a_gradient_that_something_keeps_is_not_written_over(monkeypatch, case):
     # each way of keeping G must leave it as it was; forcing the write shows that the case reaches it
@@ -472,7 +473,15 @@ def test_a_gradient_that_something_keeps_is_not_written_over(monkeypatch, case):
 
     def run():
         kept = []
+        # a module's full backward hook wraps its output in a Function of its own, before the forward
+        handle = (
+            model.res[0].register_full_backward_hook(lambda m, gi, go: kept.append(go[0]))
+            if case == "module-hook"
+            else None
+        )
         out, taps = model(x)
+        if handle is not None:
+            handle.remove()
         _observe(case, taps, kept)
         loss = (out * w).sum()
         if case == "captured":  # torch.autograd.grad holds G for its result while the backward goes on
