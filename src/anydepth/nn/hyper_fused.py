@@ -1168,8 +1168,8 @@ def _first_order(backward):
 
 def _references(t: Tensor) -> tuple[int, int, int]:
     """Who holds ``t``: C++ references to its tensor, Python references to its object, and tensors on
-    its storage (views). Called from the top of a ``backward``, one frame down, where the engine's own
-    references are the same for every gradient it hands over (see :func:`_unshared`)."""
+    its storage (views). Called through :func:`_unshared` from the top of a ``backward``, where the
+    engine's own references are the same for every gradient it hands over."""
     return t._use_count(), sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
@@ -1178,7 +1178,7 @@ class _Baseline:
     on a three-node graph of its own that hands a fresh gradient through a pass-through ``Function``
     to a ``backward`` with the width backward's signature, as a depth backward hands ``G`` on; the
     same graph with a hook that keeps the gradient must then count more, else (a ``torch`` whose
-    counts do not show such a holder) nothing is written in place. ``False`` until measured or where
+    counts do not show such a holder) nothing is written in place. None until measured, False where
     it cannot be."""
 
     value: tuple[int, int, int] | bool | None = None
@@ -1250,11 +1250,12 @@ class _Baseline:
 
 def _unshared(g: Tensor, record: list | None = None) -> bool:
     """Whether the gradient ``g`` that a ``backward`` has just received is held by nothing but
-    autograd's call: no tensor hook or ``retain_grad`` keeps it, no ``torch.autograd.grad`` captures it,
-    no view shares its storage. A backward may then write its own gradient into ``g``'s memory. Call it
-    first thing in the backward (the counts include the caller's references). Never for a gradient
-    that is itself part of a graph (``create_graph=True``), nor with anomaly detection on or a dispatch
-    mode active, whose own references are not the measured ones."""
+    autograd's call: no tensor, node or module hook keeps it, no ``torch.autograd.grad`` captures it,
+    no view shares its storage (``retain_grad`` keeps a copy, which does not count). A backward may
+    then write its own gradient into ``g``'s memory. Call it first thing in the backward (the counts
+    include the caller's references). Never for a gradient that is itself part of a graph
+    (``create_graph=True``), nor with anomaly detection on or a dispatch mode active, whose own
+    references are not the measured ones."""
     if (
         g.requires_grad
         or torch.is_grad_enabled()
@@ -1265,7 +1266,7 @@ def _unshared(g: Tensor, record: list | None = None) -> bool:
     if record is not None:  # _Baseline's measurement, through this very frame
         record.append(_references(g))
         return False
-    base = _Baseline.value if _Baseline.value is not None else _Baseline.get()
+    base = _Baseline.get()
     return base is not False and _references(g) == base
 
 
