@@ -15,10 +15,17 @@ VmRSS, reset the kernel's RSS high-water mark (``echo 5 > /proc/self/clear_refs`
 timed steps, report the median step time and the peak extra RSS (VmHWM - baseline: activations,
 gradients, optimizer state and allocator slack; parameters and inputs excluded). Step times differ by
 up to 8% from one process to the next (memory placement, page faults), so ``--repeats`` rounds of
-processes run, variants alternating, and the tables give the median over a variant's processes.
+processes run, one per variant in each round (the order flips every round), and the tables give the
+median over a variant's processes. The goals are judged on paired ratios: each round's own
+``build_hyper / build_plain`` (and ``ours_nn / plain``, ``ours_seed / orig``), their geometric mean
+and a 95% bootstrap interval over rounds (``--repeats 5`` or more); a goal is met when the whole
+interval is at or under it. A round's two processes run next to each other, so a change in the
+host's speed over minutes cancels in their ratio, where it does not in medians pooled over rounds.
 
     .venv/bin/python benchmarks/hyper.py                       # the issue's sizes: 12 x 256, seq 256, batch 8
     .venv/bin/python benchmarks/hyper.py --depth 2 --seq 64    # a quick check
+    .venv/bin/python benchmarks/hyper.py --variants build_plain,build_hyper --repeats 12
+                                                               # the builder pair's goal, with an interval
     .venv/bin/python benchmarks/hyper.py --glibc-default       # glibc's allocator left as it is
     .venv/bin/python benchmarks/hyper.py --profile --variants build_plain,build_hyper --steps 3
                                                                # where the extra time goes, per operation
@@ -42,6 +49,9 @@ import sys
 import time
 
 VARIANTS = ("plain", "ours_seed", "orig", "ours_nn", "build_plain", "build_hyper")
+# (variant, baseline, the issue's goal for variant / baseline)
+GOALS = (("build_hyper", "build_plain", 1.10), ("ours_nn", "plain", 1.10), ("ours_seed", "orig", 1.00))
+MIN_ROUNDS_FOR_INTERVAL = 5
 
 
 def _rss_kib(field: str) -> int:
@@ -260,8 +270,59 @@ def interleaved(args, variants: list[str]) -> dict:
             cpu[v].append(time.process_time() - c)
     for v in steps:
         ts, cs = sorted(times[v]), sorted(cpu[v])
-        rows[v] = {"variant": v, "median_s": ts[len(ts) // 2], "min_s": ts[0], "cpu_s": cs[len(cs) // 2]}
+        rows[v] = {
+            "variant": v,
+            "median_s": ts[len(ts) // 2],
+            "min_s": ts[0],
+            "cpu_s": cs[len(cs) // 2],
+            "steps_s": times[v],  # in round order, for the paired ratios
+        }
     return rows
+
+
+def paired(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """``(geometric mean, 2.5th, 97.5th percentile)`` of the per-round ratios ``a[i] / b[i]``, the
+    interval by a percentile bootstrap over rounds (Efron & Tibshirani, "An Introduction to the
+    Bootstrap", 1993, ch. 13), seeded so that a rerun on the same figures prints the same interval.
+
+    Why paired: a round's two measurements ran next to each other, so a change in the machine's
+    speed over minutes (other tenants of the host) hits both, and the ratio cancels it where
+    medians pooled over all rounds do not. The interval covers what is left: the process-to-process
+    scatter (memory placement) and step noise."""
+    import math
+    import random
+
+    logs = [math.log(x / y) for x, y in zip(a, b, strict=True)]
+    if not logs:
+        raise ValueError("paired() needs at least one round")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(logs, k=len(logs))) / len(logs) for _ in range(resamples))
+    lo, hi = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    return math.exp(sum(logs) / len(logs)), math.exp(lo), math.exp(hi)
+
+
+def print_paired(per_round: dict[str, list[float]], unit: str) -> None:
+    """For each goal pair both of whose variants ran: the paired ratio, its interval, and whether the
+    goal is met (the whole interval at or under it), missed (the whole interval above) or undecided."""
+    shown = [(a, b, goal) for a, b, goal in GOALS if a in per_round and b in per_round]
+    if not shown:
+        return
+    print(f"\npaired ratios (each {unit}'s own ratio; geometric mean and 95% bootstrap interval over {unit}s):")
+    for a, b, goal in shown:
+        n = len(per_round[a])
+        if n < MIN_ROUNDS_FOR_INTERVAL:
+            mean = paired(per_round[a], per_round[b], resamples=1)[0]
+            print(
+                f"  {a:>11} / {b:<11} {mean:.3f}x over {n} {unit}s (goal <= {goal:.2f}; "
+                f"{MIN_ROUNDS_FOR_INTERVAL} or more for an interval)"
+            )
+            continue
+        mean, lo, hi = paired(per_round[a], per_round[b])
+        verdict = "met" if hi <= goal else "missed" if lo > goal else "undecided: the interval holds it"
+        print(
+            f"  {a:>11} / {b:<11} {mean:.3f}x [{lo:.3f}, {hi:.3f}] over {n} {unit}s "
+            f"(goal <= {goal:.2f}: {verdict})"
+        )
 
 
 def profiled(args, variants: list[str], top: int = 20) -> None:
@@ -308,7 +369,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
-        "--repeats", type=int, default=3, help="processes per variant (alternating); medians are reported"
+        "--repeats",
+        type=int,
+        default=MIN_ROUNDS_FOR_INTERVAL,
+        help="rounds of one process per variant; medians and paired ratios with an interval are reported",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -346,7 +410,7 @@ def main() -> None:
             f"depth={args.depth} dim={args.dim} seq={args.seq} batch={args.batch}"
         )
         for r in rows.values():
-            print(json.dumps(r))
+            print(json.dumps({k: v for k, v in r.items() if k != "steps_s"}))
         ratios = [
             ("ours_nn", "plain"),
             ("ours_seed", "orig"),
@@ -360,12 +424,15 @@ def main() -> None:
                     f"  {a} / {b}: wall {rows[a]['median_s'] / rows[b]['median_s']:.2f}x, "
                     f"CPU {rows[a]['cpu_s'] / rows[b]['cpu_s']:.2f}x"
                 )
+        print_paired({v: r["steps_s"] for v, r in rows.items() if "steps_s" in r}, "round")
         return
 
     rows, runs = {}, {}
     sizes = ("depth", "dim", "heads", "seq", "batch", "streams", "steps", "warmup", "threads")
-    for _ in range(args.repeats):  # rounds of one process per variant: machine drift hits all alike
-        for v in args.variants.split(","):
+    variants = args.variants.split(",")
+    for r in range(args.repeats):  # rounds of one process per variant: machine drift hits all alike
+        # the order flips every round, so that neither of two neighbours always runs right after the other
+        for v in variants if r % 2 == 0 else variants[::-1]:
             cmd = [sys.executable, __file__, "--child", v] + [f"--{k}={getattr(args, k)}" for k in sizes]
             cmd += ["--glibc-default"] if args.glibc_default else []
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -419,6 +486,8 @@ def main() -> None:
     for a in ("ours_nn", "ours_seed", "orig"):
         print(f"  {a:<9} / plain       {ratio(a, 'plain', 'peak_mib')}")
     print(f"  build_hyper / build_plain {ratio('build_hyper', 'build_plain', 'peak_mib')}")
+    complete = [v for v in variants if len(runs.get(v, ())) == args.repeats]
+    print_paired({v: [r["median_s"] for r in runs[v]] for v in complete}, "round")
 
 
 if __name__ == "__main__":
