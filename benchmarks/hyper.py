@@ -18,7 +18,7 @@ up to 8% from one process to the next (memory placement, page faults), so ``--re
 processes run, one per variant in each round (the order flips every round), and the tables give the
 median over a variant's processes. The goals are judged on paired ratios: each round's own
 ``build_hyper / build_plain`` (and ``ours_nn / plain``, ``ours_seed / orig``), their geometric mean
-and a 95% bootstrap interval over rounds (``--repeats 5`` or more); a goal is met when the whole
+and their 95% Student-t interval over rounds (``--repeats 5`` or more); a goal is met when the whole
 interval is at or under it. A round's two processes run next to each other, so a change in the
 host's speed over minutes cancels in their ratio, where it does not in medians pooled over rounds.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -280,25 +281,34 @@ def interleaved(args, variants: list[str]) -> dict:
     return rows
 
 
-def paired(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """``(geometric mean, 2.5th, 97.5th percentile)`` of the per-round ratios ``a[i] / b[i]``, the
-    interval by a percentile bootstrap over rounds (Efron & Tibshirani, "An Introduction to the
-    Bootstrap", 1993, ch. 13), seeded so that a rerun on the same figures prints the same interval.
+# Student's t, 97.5th percentile, for 1-30 degrees of freedom (more: the Cornish-Fisher expansion)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-    Why paired: a round's two measurements ran next to each other, so a change in the machine's
-    speed over minutes (other tenants of the host) hits both, and the ratio cancels it where
-    medians pooled over all rounds do not. The interval covers what is left: the process-to-process
-    scatter (memory placement) and step noise."""
-    import math
-    import random
 
+def _t975(df: int) -> float:
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """``(geometric mean, low, high)`` of the per-round ratios ``a[i] / b[i]``: the mean of their logs
+    and its 95% Student-t interval, ``mean +- t(0.975, n - 1) * sd / sqrt(n)``, taken back through exp.
+
+    Why paired: a round's two measurements ran next to each other, so a change in the machine's speed
+    over minutes (other tenants of the host) hits both, and the ratio cancels it where medians pooled
+    over all rounds do not. Why logs: step times scatter multiplicatively. Why t rather than a
+    bootstrap: with the 5-12 rounds a run affords, a percentile bootstrap's interval came out 16-30%
+    narrower, too narrow for so few. The interval is one run's; runs on a host whose load changes
+    between them can disagree by more than it (docs/benchmarks.md)."""
     logs = [math.log(x / y) for x, y in zip(a, b, strict=True)]
-    if not logs:
-        raise ValueError("paired() needs at least one round")
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(logs, k=len(logs))) / len(logs) for _ in range(resamples))
-    lo, hi = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
-    return math.exp(sum(logs) / len(logs)), math.exp(lo), math.exp(hi)
+    if len(logs) < 2:
+        raise ValueError(f"paired() needs at least 2 rounds for an interval, got {len(logs)}")
+    mean = statistics.fmean(logs)
+    half = _t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def print_paired(per_round: dict[str, list[float]], unit: str) -> None:
@@ -307,11 +317,11 @@ def print_paired(per_round: dict[str, list[float]], unit: str) -> None:
     shown = [(a, b, goal) for a, b, goal in GOALS if a in per_round and b in per_round]
     if not shown:
         return
-    print(f"\npaired ratios (each {unit}'s own ratio; geometric mean and 95% bootstrap interval over {unit}s):")
+    print(f"\npaired ratios (each {unit}'s own ratio; geometric mean and 95% t interval over {unit}s):")
     for a, b, goal in shown:
         n = len(per_round[a])
         if n < MIN_ROUNDS_FOR_INTERVAL:
-            mean = paired(per_round[a], per_round[b], resamples=1)[0]
+            mean = math.exp(statistics.fmean(math.log(x / y) for x, y in zip(per_round[a], per_round[b])))
             print(
                 f"  {a:>11} / {b:<11} {mean:.3f}x over {n} {unit}s (goal <= {goal:.2f}; "
                 f"{MIN_ROUNDS_FOR_INTERVAL} or more for an interval)"
