@@ -293,6 +293,10 @@ def _t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def _log_ratios(a: list[float], b: list[float]) -> list[float]:
+    return [math.log(x / y) for x, y in zip(a, b, strict=True)]
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """``(geometric mean, low, high)`` of the per-round ratios ``a[i] / b[i]``: the mean of their logs
     and its 95% Student-t interval, ``mean +- t(0.975, n - 1) * sd / sqrt(n)``, taken back through exp.
@@ -303,7 +307,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
     bootstrap: with the 5-12 rounds a run affords, a percentile bootstrap's interval came out 16-30%
     narrower, too narrow for so few. The interval is one run's; runs on a host whose load changes
     between them can disagree by more than it (docs/benchmarks.md)."""
-    logs = [math.log(x / y) for x, y in zip(a, b, strict=True)]
+    logs = _log_ratios(a, b)
     if len(logs) < 2:
         raise ValueError(f"paired() needs at least 2 rounds for an interval, got {len(logs)}")
     mean = statistics.fmean(logs)
@@ -321,7 +325,7 @@ def print_paired(per_round: dict[str, list[float]], unit: str) -> None:
     for a, b, goal in shown:
         n = len(per_round[a])
         if n < MIN_ROUNDS_FOR_INTERVAL:
-            mean = math.exp(statistics.fmean(math.log(x / y) for x, y in zip(per_round[a], per_round[b])))
+            mean = math.exp(statistics.fmean(_log_ratios(per_round[a], per_round[b])))
             print(
                 f"  {a:>11} / {b:<11} {mean:.3f}x over {n} {unit}s (goal <= {goal:.2f}; "
                 f"{MIN_ROUNDS_FOR_INTERVAL} or more for an interval)"
