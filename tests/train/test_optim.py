@@ -216,3 +216,114 @@ def test_adamw_with_a_tensor_learning_rate_is_torchs():
 def test_adamw_rejects_a_bad_threshold(bad):
     with pytest.raises(ValueError, match="foreach_max_numel"):
         AdamW([nn.Parameter(torch.zeros(2))], foreach_max_numel=bad)
+
+
+def _small_params(sizes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in sizes]
+
+
+def _step_both(ours, theirs, opt_ours, opt_theirs, gen, skip=()):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        g = None if i in skip else torch.randn(a.shape, generator=gen, dtype=a.dtype) * 10.0 ** (i % 5 - 2)
+        a.grad, b.grad = (None, None) if g is None else (g.clone(), g.clone())
+    opt_ours.step()
+    opt_theirs.step()
+
+
+def _assert_same(ours, theirs, opt_ours, opt_theirs):
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        sa, sb = opt_ours.state[a], opt_theirs.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def _flat_buffer(opt, p):
+    """The flat buffer that ``p``'s first moment is a view of, or None (updated one tensor at a time)."""
+    return opt.state[p]["exp_avg"]._base
+
+
+# sizes straddling every vector width, a 0-d scalar, and a lone tensor (a flat copy of one tensor
+# must not be a view of it)
+@pytest.mark.parametrize("sizes", [[(), 1, 3, 7, 15, 16, 17, 33, 129, 257, (5, 13), 4096], [(4, 4)]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adamw_small_tensors_update_together_bitwise_as_torchs(sizes, dtype):
+    ours, theirs = _small_params(sizes, dtype), _small_params(sizes, dtype)
+    kw = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt, ref = AdamW(ours, **kw), torch.optim.AdamW(theirs, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        _step_both(ours, theirs, opt, ref, gen)
+    _assert_same(ours, theirs, opt, ref)
+    # the update did go through one flat buffer, not one tensor at a time
+    buffers = {id(_flat_buffer(opt, p)) for p in ours}
+    assert len(buffers) == 1 and _flat_buffer(opt, ours[0]) is not None
+
+
+def test_adamw_flat_update_follows_torch_when_a_gradient_is_missing():
+    # torch skips a tensor without a gradient, whose step count then lags: the group's tensors no
+    # longer share one step, and the update falls back to torch's per-tensor arithmetic for good
+    sizes = [3, 17, 64, 5]
+    ours, theirs = _small_params(sizes), _small_params(sizes)
+    opt, ref = AdamW(ours, lr=0.05), torch.optim.AdamW(theirs, lr=0.05)
+    gen = torch.Generator().manual_seed(2)
+    for t in range(8):
+        _step_both(ours, theirs, opt, ref, gen, skip={2} if t == 3 else ())
+        _assert_same(ours, theirs, opt, ref)
+    assert float(opt.state[ours[2]]["step"]) == 7 and float(opt.state[ours[0]]["step"]) == 8
+
+
+def test_adamw_flat_state_round_trips_through_torchs_and_owns_its_memory():
+    from safetensors.torch import save_file
+
+    sizes = [3, 17, 64]
+    ours, theirs = _small_params(sizes), _small_params(sizes)
+    opt, ref = AdamW(ours, lr=0.05), torch.optim.AdamW(theirs, lr=0.05)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        _step_both(ours, theirs, opt, ref, gen)
+    sd = opt.state_dict()
+    tensors = {f"{i}/{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    assert all(v._base is None for v in tensors.values())
+    save_file(tensors, "/dev/null")  # refuses tensors that share memory
+    # the state dict is a copy: a step does not move it
+    before = copy.deepcopy(sd)
+    _step_both(ours, theirs, opt, ref, gen)
+    assert all(torch.equal(before["state"][i]["exp_avg"], sd["state"][i]["exp_avg"]) for i in sd["state"])
+    # either optimizer resumes from the other's state to the same trajectory
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for _ in range(3):
+        _step_both(ours, theirs, opt, ref, gen)
+    _assert_same(ours, theirs, opt, ref)
+    assert _flat_buffer(opt, ours[0]) is not None
+
+
+def test_adamw_flat_state_follows_an_assignment_to_the_state():
+    sizes = [3, 17]
+    ours, theirs = _small_params(sizes), _small_params(sizes)
+    opt, ref = AdamW(ours, lr=0.05), torch.optim.AdamW(theirs, lr=0.05)
+    gen = torch.Generator().manual_seed(4)
+    _step_both(ours, theirs, opt, ref, gen)
+    for o, p in ((opt, ours[1]), (ref, theirs[1])):
+        o.state[p]["exp_avg"] = torch.full((17,), 0.5)
+    for _ in range(2):
+        _step_both(ours, theirs, opt, ref, gen)
+    _assert_same(ours, theirs, opt, ref)
+
+
+def test_adamw_flat_update_leaves_a_frozen_tensor_alone():
+    sizes = [3, 17, 64]
+    ours, theirs = _small_params(sizes), _small_params(sizes)
+    for params in (ours, theirs):
+        params[1].requires_grad_(False)
+    opt, ref = AdamW(ours, lr=0.05, weight_decay=0.1), torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(5)
+    frozen = ours[1].detach().clone()
+    for _ in range(4):
+        _step_both(ours, theirs, opt, ref, gen, skip={1})
+    _assert_same(ours, theirs, opt, ref)
+    assert torch.equal(ours[1], frozen) and not opt.state[ours[1]]
+    assert _flat_buffer(opt, ours[0]) is not None and _flat_buffer(opt, ours[0]) is _flat_buffer(opt, ours[2])
