@@ -327,3 +327,16 @@ def test_adamw_flat_update_leaves_a_frozen_tensor_alone():
     _assert_same(ours, theirs, opt, ref)
     assert torch.equal(ours[1], frozen) and not opt.state[ours[1]]
     assert _flat_buffer(opt, ours[0]) is not None and _flat_buffer(opt, ours[0]) is _flat_buffer(opt, ours[2])
+
+
+def test_adamw_keeps_no_flat_buffers_of_groups_it_no_longer_has():
+    sizes = [3, 17]
+    ours = _small_params(sizes)
+    opt = AdamW(ours, lr=0.05)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        for p in ours:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new group dicts each time
+    assert len(opt._flats) == 1

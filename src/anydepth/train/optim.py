@@ -261,6 +261,13 @@ class AdamW(torch.optim.AdamW):
                 split.append({**group, "params": small, "foreach": True})
             if large:
                 split.append({**group, "params": large})
+        flats = self.__dict__.get("_flats")
+        if flats and len(flats) > len(flat):
+            # buffers of groups gone (load_state_dict builds new group dicts) or updated otherwise
+            # this step: dropped, not kept alive with the optimizer
+            live = {id(together) for together, _ in flat}
+            for key in [k for k, v in flats.items() if id(v) not in live]:
+                del flats[key]
         self.param_groups = split
         try:
             _unhooked_step(torch.optim.AdamW)(self)
