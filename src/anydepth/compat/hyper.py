@@ -113,28 +113,53 @@ class _FoldedStreams:
                 f"{tuple(residuals.shape)}; pass the branch width as dim="
             )
 
+    def _unfold(self, residuals: Tensor) -> Tensor:
+        """The residual in this API's layout -> ``(..., n, d)``; :meth:`_fold` is the inverse."""
+        return unfold_streams(residuals, self.streams, self.channel_first)
+
+    def _fold(self, h: Tensor) -> Tensor:
+        return fold_streams(h, self.channel_first)
+
     def _streams(self, residuals: Tensor) -> Tensor:
         """The transformed, checked residual with its streams unfolded to an explicit axis."""
         residuals = self.residual_transform(residuals)
         self._check_channels(residuals)
-        return unfold_streams(residuals, self.streams, self.channel_first)
+        return self._unfold(residuals)
 
     def width_connection(self, residuals: Tensor):
-        return self._eager_width(self._streams(residuals))
+        """``(branch_input, residuals, residual_kwargs)``, the original's contract: the mixed streams
+        ``H' = A_r^T H`` in the residual's layout and ``{"beta": B}`` (``B`` of shape
+        ``(..., fracs, n)``), all in the residual's dtype; :meth:`depth_connection` takes them back."""
+        h = self._streams(residuals)
+        branch_in, mixed, beta, dtype = self._eager_width(h)
+        mixed = self._fold(self._merge_fracs(mixed).to(dtype))
+        return branch_in, mixed, {"beta": None if beta is None else beta.to(dtype)}
+
+    def depth_connection(self, branch_output: Tensor, residuals: Tensor, *, beta: Tensor | None = None) -> Tensor:
+        """``H_new = B * branch_output + residuals`` for the values :meth:`width_connection` returned,
+        in ``residuals``' layout and dtype."""
+        if not self.add_branch_out_to_residual:
+            return branch_output
+        if beta is None:
+            raise ValueError("depth_connection needs beta=, the residual_kwargs['beta'] of width_connection")
+        mixed = self._split_fracs(self._unfold(residuals))
+        return self._depth(branch_output, mixed, beta, residuals.dtype)
 
     def _eager_width(self, h: Tensor):
         branch_in, mixed, beta = HyperConnection.width_connection(self, h)
-        if self.num_input_views > 1:
+        views = self.num_input_views > 1
+        if views:
             branch_in = branch_in.movedim(-2, 0)  # the original puts the views first: (v, b, ..., d)
-        branch_in = _move_channels_first(branch_in, self.channel_first)
+        if self.channel_first:
+            branch_in = branch_in.movedim(-1, 2 if views else 1)
         return branch_in, mixed, beta, h.dtype
 
-    def depth_connection(self, branch_out: Tensor, mixed: Tensor, beta, dtype) -> Tensor:
+    def _depth(self, branch_out: Tensor, mixed: Tensor, beta, dtype) -> Tensor:
         if not self.add_branch_out_to_residual:
             return branch_out
         y = _move_channels_last(branch_out, self.channel_first)
         h = HyperConnection.depth_connection(self, y, mixed, beta).to(dtype)
-        return fold_streams(h, self.channel_first)
+        return self._fold(h)
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
         h = self._streams(residuals)
@@ -146,13 +171,12 @@ class _FoldedStreams:
 
             def depth(branch_out: Tensor) -> Tensor:
                 y = _move_channels_last(branch_out, self.channel_first)
-                out = HyperConnection._fused_depth(self, h, alpha, beta, y)
-                return fold_streams(out, self.channel_first)
+                return self._fold(HyperConnection._fused_depth(self, h, alpha, beta, y))
         else:
             branch_in, mixed, beta, dtype = self._eager_width(h)
 
             def depth(branch_out: Tensor) -> Tensor:
-                return self.depth_connection(branch_out, mixed, beta, dtype)
+                return self._depth(branch_out, mixed, beta, dtype)
 
         def add_residual(branch_out):
             if not self.add_branch_out_to_residual:
@@ -304,6 +328,13 @@ class Residual(nn.Module):
         super().__init__()
         self.branch = branch
         self.residual_transform = residual_transform if residual_transform is not None else nn.Identity()
+
+    def width_connection(self, residuals: Tensor, *args, **kwargs):
+        """``(branch_input, residuals, {})``: the residual is the branch input."""
+        return residuals, residuals, {}
+
+    def depth_connection(self, branch_output: Tensor, residuals: Tensor) -> Tensor:
+        return branch_output + self.residual_transform(residuals)
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
         def add_residual(branch_out):
