@@ -158,8 +158,26 @@ class _FoldedStreams:
         if not self.add_branch_out_to_residual:
             return branch_out
         y = _move_channels_last(branch_out, self.channel_first)
+        if self.depth_residual_fn is not None:
+            return self._custom_depth(y, mixed, beta, dtype)
         h = HyperConnection.depth_connection(self, y, mixed, beta).to(dtype)
         return self._fold(h)
+
+    def _custom_depth(self, y: Tensor, mixed: Tensor, beta: Tensor, dtype) -> Tensor:
+        """``depth_residual_fn(B * y, H')`` with both arguments in this API's residual layout and dtype,
+        as the original calls it (a gated or orthogonal update sees whole streams, not fractions)."""
+        if y.shape[-1] != self.dim:
+            raise ValueError(
+                f"the branch output's feature size must be dim={self.dim}, got shape {tuple(y.shape)}; "
+                "a residual branch must map dim to dim"
+            )
+        if self.dropout_placement == "branch":
+            y = self.dropout(y)
+        ys = y.unflatten(-1, (self.num_fracs, self.frac_dim)).unsqueeze(-2).to(mixed.dtype)
+        out = self._merge_fracs(beta.unsqueeze(-1).to(mixed.dtype) * ys)
+        residuals = self._fold(self._merge_fracs(mixed).to(dtype))
+        new = self.depth_residual_fn(self._fold(out.to(dtype)), residuals)
+        return self.dropout(new) if self.dropout_placement == "stream" else new
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
         h = self._streams(residuals)

@@ -17,7 +17,7 @@ from torch import nn
 from anydepth.compat import hyper as _compat
 from anydepth.compat.hyper import Residual
 from anydepth.compat.hyper_connections._state import Renamed, shape, translate_state_dict
-from anydepth.nn.hyper import StreamNorm as RMSNorm
+from anydepth.nn.hyper import StreamNorm
 
 __all__ = [
     "HyperConnections",
@@ -26,6 +26,18 @@ __all__ = [
     "get_expand_reduce_stream_functions",
     "get_init_and_expand_reduce_stream_functions",
 ]
+
+
+class RMSNorm(StreamNorm):
+    """:class:`anydepth.nn.hyper.StreamNorm` over dimension 1 (``x / ||x|| * sqrt(d) * (1 + gamma)``
+    per position of a feature map); ``gamma`` is stored as ``(d, 1, 1)`` like the package's."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        translate_state_dict(self, Renamed("gamma", "gamma", (dim,), (dim, 1, 1)))
+
+    def forward(self, x):
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class HyperConnections(_compat.HyperConnections):

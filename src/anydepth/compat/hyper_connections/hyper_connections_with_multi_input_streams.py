@@ -33,6 +33,7 @@ from anydepth.nn.hyper import StreamNorm as RMSNorm
 __all__ = [
     "HyperConnections",
     "InputPathType",
+    "ProjActScale",
     "RMSNorm",
     "Residual",
     "get_expand_reduce_stream_functions",
@@ -43,14 +44,28 @@ InputPathType = int | str
 
 
 class ProjActScale(nn.Module):
-    """``act(x W^T) * scale`` after the stream norm: the dynamic weight of one extra input
-    (``W`` zero and ``scale = 0.01`` at init; the norm is folded into the projection)."""
+    """``act(x W^T) * scale`` (``W`` zero and ``scale = 0.01`` at init; ``squeeze_output`` drops a
+    trailing size-1 dim): the dynamic weight of one extra input. The hyper-connection folds its stream
+    norm into ``W`` (:meth:`anydepth.nn.hyper.StreamNorm.project`) instead of calling this forward."""
 
-    def __init__(self, dim: int, dim_out: int = 1, scale_init: float = 1e-2):
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int | None = None,
+        activation: nn.Module | None = None,
+        scale_init: float = 1e-2,
+        squeeze_output: bool = False,
+    ):
         super().__init__()
-        self.proj = nn.Linear(dim, dim_out, bias=False)
+        self.proj = nn.Linear(dim, dim if dim_out is None else dim_out, bias=False)
         nn.init.zeros_(self.proj.weight)
-        self.scale = nn.Parameter(torch.full((), scale_init))
+        self.act = activation if activation is not None else nn.Identity()
+        self.scale = nn.Parameter(torch.full((), float(scale_init)))
+        self.squeeze_output = squeeze_output
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.proj(x)) * self.scale
+        return out.squeeze(-1) if self.squeeze_output else out
 
 
 def _check_path(entry, dim: int) -> tuple[InputPathType, int]:
@@ -97,7 +112,9 @@ class HyperConnections(_compat.HyperConnections):
         start = torch.zeros(s)
         start[self.layer_index % s] = 1.0
         self.additional_norms = nn.ModuleList([RMSNorm(d) for _, d in paths])
-        self.additional_to_dynamic_input = nn.ModuleList([ProjActScale(d) for _, d in paths])
+        self.additional_to_dynamic_input = nn.ModuleList(
+            [ProjActScale(d, 1, self.act, squeeze_output=True) for _, d in paths]
+        )
         self.additional_static_input = nn.ParameterList([nn.Parameter(start.clone()) for _ in paths])
         if self.num_fracs == 1 and self.num_input_views == 1 and self.add_branch_out_to_residual:
             d = self.dim
