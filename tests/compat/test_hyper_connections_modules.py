@@ -535,3 +535,18 @@ def _param_by_their_name(model: nn.Module, name: str) -> torch.Tensor:
 def test_vit_bad_patch_size_raises_value_error():
     with pytest.raises(ValueError, match="patch_size"):
         u_vit.ViT(image_size=10, patch_size=4, num_classes=2, dim=8, depth=1, heads=1, mlp_dim=8)
+
+
+def test_multi_branch_inputs_channel_first_match_original():
+    torch.manual_seed(17)
+    o = o_mb.HyperConnections(2, dim=8, layer_index=1, num_branch_inputs=2, channel_first=True)
+    _perturb(o)
+    u = u_mb.HyperConnections(2, dim=8, layer_index=1, num_branch_inputs=2, channel_first=True)
+    _same_state(o, u)
+    x = torch.randn(4, 8, 3, 5)  # (b s) d h w
+    bo, add_o = o(x)
+    bu, add_u = u(x)
+    assert bu.shape == (4, 8, 3, 5)  # (i b) d h w
+    torch.testing.assert_close(bu, bo, **TOL)
+    y = torch.randn(bo.shape)
+    torch.testing.assert_close(add_u(y), add_o(y), **TOL)

@@ -15,7 +15,13 @@ Deliberate differences from ``hyper_connections`` 0.4.11:
 - with ``num_fracs > 1`` the model equals the plain residual at init (see :mod:`anydepth.nn.hyper`);
 - mHC accepts several input views, fractions and ``channel_first`` (each raises in the original),
   and ``identity_init=True`` starts its residual mixing at the identity;
+- with several input views and ``channel_first=True`` the branch input is ``(v, b, d, ...)`` (the
+  original moves the features in front of the batch, ``(v, d, b, ...)``);
+- ``width_connection`` returns ``beta`` as ``(..., fracs, streams)``; what it returns is meant for
+  ``depth_connection`` (the original's contract), not for inspection;
 - bad arguments raise ``ValueError`` naming the argument instead of failing inside einops.
+
+Every public module of the package has its counterpart in :mod:`anydepth.compat.hyper_connections`.
 """
 
 from __future__ import annotations
