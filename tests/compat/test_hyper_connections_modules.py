@@ -550,3 +550,13 @@ def test_multi_branch_inputs_channel_first_match_original():
     torch.testing.assert_close(bu, bo, **TOL)
     y = torch.randn(bo.shape)
     torch.testing.assert_close(add_u(y), add_o(y), **TOL)
+
+
+def test_vit_single_head_attention_has_no_output_projection_like_original():
+    torch.manual_seed(18)
+    o, u = o_vit.Attention(8, heads=1, dim_head=8, dropout=0.1), u_vit.Attention(8, heads=1, dim_head=8, dropout=0.1)
+    _perturb(o, 0.1)
+    _same_state(o, u)
+    assert not any("to_out" in k for k in u.state_dict())
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(u.eval()(x), o.eval()(x), **TOL)

@@ -57,7 +57,7 @@ class Attention(FullAttention):
         super().__init__(dim, heads, dim_head, dropout=dropout, post_dropout=dropout)
         self.norm = nn.LayerNorm(dim)
         if heads == 1 and dim_head == dim:
-            self.to_out = nn.Identity()
+            self.to_out, self.post_dropout = nn.Identity(), nn.Identity()
         else:
             inner = heads * dim_head
             translate_state_dict(
