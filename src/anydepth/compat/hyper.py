@@ -15,7 +15,13 @@ Deliberate differences from ``hyper_connections`` 0.4.11:
 - with ``num_fracs > 1`` the model equals the plain residual at init (see :mod:`anydepth.nn.hyper`);
 - mHC accepts several input views, fractions and ``channel_first`` (each raises in the original),
   and ``identity_init=True`` starts its residual mixing at the identity;
+- with several input views and ``channel_first=True`` the branch input is ``(v, b, d, ...)`` (the
+  original moves the features in front of the batch, ``(v, d, b, ...)``);
+- ``width_connection`` returns ``beta`` as ``(..., fracs, streams)``; what it returns is meant for
+  ``depth_connection`` (the original's contract), not for inspection;
 - bad arguments raise ``ValueError`` naming the argument instead of failing inside einops.
+
+Every public module of the package has its counterpart in :mod:`anydepth.compat.hyper_connections`.
 """
 
 from __future__ import annotations
@@ -113,28 +119,71 @@ class _FoldedStreams:
                 f"{tuple(residuals.shape)}; pass the branch width as dim="
             )
 
+    def _unfold(self, residuals: Tensor) -> Tensor:
+        """The residual in this API's layout -> ``(..., n, d)``; :meth:`_fold` is the inverse."""
+        return unfold_streams(residuals, self.streams, self.channel_first)
+
+    def _fold(self, h: Tensor) -> Tensor:
+        return fold_streams(h, self.channel_first)
+
     def _streams(self, residuals: Tensor) -> Tensor:
         """The transformed, checked residual with its streams unfolded to an explicit axis."""
         residuals = self.residual_transform(residuals)
         self._check_channels(residuals)
-        return unfold_streams(residuals, self.streams, self.channel_first)
+        return self._unfold(residuals)
 
     def width_connection(self, residuals: Tensor):
-        return self._eager_width(self._streams(residuals))
+        """``(branch_input, residuals, residual_kwargs)``, the original's contract: the mixed streams
+        ``H' = A_r^T H`` in the residual's layout and ``{"beta": B}`` (``B`` of shape
+        ``(..., fracs, n)``), all in the residual's dtype; :meth:`depth_connection` takes them back."""
+        h = self._streams(residuals)
+        branch_in, mixed, beta, dtype = self._eager_width(h)
+        mixed = self._fold(self._merge_fracs(mixed).to(dtype))
+        return branch_in, mixed, {"beta": None if beta is None else beta.to(dtype)}
+
+    def depth_connection(self, branch_output: Tensor, residuals: Tensor, *, beta: Tensor | None = None) -> Tensor:
+        """``H_new = B * branch_output + residuals`` for the values :meth:`width_connection` returned,
+        in ``residuals``' layout and dtype."""
+        if not self.add_branch_out_to_residual:
+            return branch_output
+        if beta is None:
+            raise ValueError("depth_connection needs beta=, the residual_kwargs['beta'] of width_connection")
+        mixed = self._split_fracs(self._unfold(residuals))
+        return self._depth(branch_output, mixed, beta, residuals.dtype)
 
     def _eager_width(self, h: Tensor):
         branch_in, mixed, beta = HyperConnection.width_connection(self, h)
-        if self.num_input_views > 1:
+        views = self.num_input_views > 1
+        if views:
             branch_in = branch_in.movedim(-2, 0)  # the original puts the views first: (v, b, ..., d)
-        branch_in = _move_channels_first(branch_in, self.channel_first)
+        if self.channel_first:
+            branch_in = branch_in.movedim(-1, 2 if views else 1)
         return branch_in, mixed, beta, h.dtype
 
-    def depth_connection(self, branch_out: Tensor, mixed: Tensor, beta, dtype) -> Tensor:
+    def _depth(self, branch_out: Tensor, mixed: Tensor, beta, dtype) -> Tensor:
         if not self.add_branch_out_to_residual:
             return branch_out
         y = _move_channels_last(branch_out, self.channel_first)
+        if self.depth_residual_fn is not None:
+            return self._custom_depth(y, mixed, beta, dtype)
         h = HyperConnection.depth_connection(self, y, mixed, beta).to(dtype)
-        return fold_streams(h, self.channel_first)
+        return self._fold(h)
+
+    def _custom_depth(self, y: Tensor, mixed: Tensor, beta: Tensor, dtype) -> Tensor:
+        """``depth_residual_fn(B * y, H')`` with both arguments in this API's residual layout and dtype,
+        as the original calls it (a gated or orthogonal update sees whole streams, not fractions)."""
+        if y.shape[-1] != self.dim:
+            raise ValueError(
+                f"the branch output's feature size must be dim={self.dim}, got shape {tuple(y.shape)}; "
+                "a residual branch must map dim to dim"
+            )
+        if self.dropout_placement == "branch":
+            y = self.dropout(y)
+        ys = y.unflatten(-1, (self.num_fracs, self.frac_dim)).unsqueeze(-2).to(mixed.dtype)
+        out = self._merge_fracs(beta.unsqueeze(-1).to(mixed.dtype) * ys)
+        residuals = self._fold(self._merge_fracs(mixed).to(dtype))
+        new = self.depth_residual_fn(self._fold(out.to(dtype)), residuals)
+        return self.dropout(new) if self.dropout_placement == "stream" else new
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
         h = self._streams(residuals)
@@ -146,13 +195,12 @@ class _FoldedStreams:
 
             def depth(branch_out: Tensor) -> Tensor:
                 y = _move_channels_last(branch_out, self.channel_first)
-                out = HyperConnection._fused_depth(self, h, alpha, beta, y)
-                return fold_streams(out, self.channel_first)
+                return self._fold(HyperConnection._fused_depth(self, h, alpha, beta, y))
         else:
             branch_in, mixed, beta, dtype = self._eager_width(h)
 
             def depth(branch_out: Tensor) -> Tensor:
-                return self.depth_connection(branch_out, mixed, beta, dtype)
+                return self._depth(branch_out, mixed, beta, dtype)
 
         def add_residual(branch_out):
             if not self.add_branch_out_to_residual:
@@ -304,6 +352,13 @@ class Residual(nn.Module):
         super().__init__()
         self.branch = branch
         self.residual_transform = residual_transform if residual_transform is not None else nn.Identity()
+
+    def width_connection(self, residuals: Tensor, *args, **kwargs):
+        """``(branch_input, residuals, {})``: the residual is the branch input."""
+        return residuals, residuals, {}
+
+    def depth_connection(self, branch_output: Tensor, residuals: Tensor) -> Tensor:
+        return branch_output + self.residual_transform(residuals)
 
     def forward(self, residuals: Tensor, *branch_args, **branch_kwargs):
         def add_residual(branch_out):
