@@ -403,8 +403,9 @@ def _generation_tokenizer(args: GenerateArgs, vocab: int):
             p = Path(args.checkpoint)
             d = p if (p / "model.safetensors").is_file() and not (p / "manifest.json").exists() else None
             d = d or C.latest_checkpoint(p)
-            if (d / "tokenizer.json").is_file() and (d / "manifest.json").is_file():
-                C.verify_files(d, ("tokenizer.json",))
+            manifest = d / "manifest.json"
+            if manifest.is_file() and "tokenizer.json" in json.loads(manifest.read_text()):
+                C.verify_files(d, ("tokenizer.json",))  # a run with a tokenizer: its copy must be intact
             tok = Tokenizer.from_file(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else None
         if tok is not None:
             tok.check_vocab(vocab, f"checkpoint {args.checkpoint}")
