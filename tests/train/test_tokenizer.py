@@ -199,6 +199,16 @@ def test_missing_tokenizer_and_vocab_mismatch_are_one_line_errors(tmp_path, caps
         ["generate", "--checkpoint", "run", "--tokenizer", "small.json"],
         f"vocab_size={tok.vocab_size} but tokenizer small.json has {small.vocab_size} tokens",
     )
+    from tokenizers import normalizers
+
+    lower = Tokenizer.from_file("tok.json").hf
+    lower.normalizer = normalizers.Lowercase()  # same vocabulary, but "Def" encodes as "def"
+    Tokenizer(lower).save("lower.json")
+    one_line_error(
+        capsys,
+        ["generate", "--checkpoint", "run", "--tokenizer", "lower.json", "--prompt", "Def"],
+        "--prompt 'Def' cannot be encoded exactly by tokenizer lower.json (it decodes to 'def')",
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     (ckpt / "tokenizer.json").unlink()
     one_line_error(capsys, ["generate", "--checkpoint", str(ckpt)], "is missing")

@@ -184,11 +184,12 @@ class _Trainer:
             saved = self.resume.path / "tokenizer.json"
             saved_sha = Tokenizer.from_file(saved).sha256 if saved.is_file() else None
             if saved_sha != (self.tokenizer.sha256 if self.tokenizer else None):
+                used = f"tokenizer {saved}" if saved_sha else "bytes as tokens"
+                fix = f"--tokenizer {saved}" if saved_sha else "no --tokenizer"
                 raise ValueError(
-                    f"resume checkpoint {self.resume.path} was trained with "
-                    f"{'tokenizer ' + str(saved) if saved_sha else 'bytes as tokens'}, this run uses "
-                    f"{'tokenizer ' + cfg.data.tokenizer if self.tokenizer else 'bytes'}; resume with "
-                    f"--tokenizer {saved}" + ("" if saved_sha else " left out")
+                    f"resume checkpoint {self.resume.path} was trained with {used}, not with "
+                    f"{'tokenizer ' + str(cfg.data.tokenizer) if self.tokenizer else 'bytes as tokens'}; "
+                    f"resume with {fix}"
                 )
         self.sample_ids = (
             self.tokenizer.encode(tc.sample_prompt, "train.sample_prompt")
@@ -407,6 +408,7 @@ class _Trainer:
             "skipped_steps": s["skipped"],
             "unigram_bits": self.unigram,
             "unigram_bpb": self.unigram_bpb,
+            "val_bytes_per_token": self._val_bytes_per_token(),
             "tokenizer": self.cfg.data.tokenizer,
             "checkpoint": self.last_ckpt,
             "plot": str(self.out / "loss.png"),
