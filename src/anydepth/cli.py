@@ -1,4 +1,4 @@
-"""The ``anydepth`` command: ``train``, ``generate`` and ``study``.
+"""The ``anydepth`` command: ``train``, ``generate``, ``tokenize`` and ``study``.
 
 ``anydepth train`` builds a :class:`~anydepth.train.config.RunConfig` from, in order: the default
 run (or ``--config FILE.json``, or ``--preset NAME``, or the run being resumed with ``--resume
@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-__all__ = ["main", "entry", "CliError", "parse_train_args", "GenerateArgs"]
+__all__ = ["main", "entry", "CliError", "parse_train_args", "GenerateArgs", "TokenizeArgs"]
 
-USAGE = """usage: anydepth {train,generate,study} [options]
+USAGE = """usage: anydepth {train,generate,tokenize,study} [options]
 
   train     train a model (no options: a 12-layer pre-LN LM on the Python stdlib, ~5 min on 2 cores)
   generate  sample a continuation from a checkpoint
+  tokenize  train a byte-level BPE tokenizer on local text and encode the corpus once
   study     the depth study (see `anydepth study --help`)
 
 `anydepth <command> --help` lists each command's options."""
@@ -149,6 +150,10 @@ def _base_run(argv: list[str]):
         ck = load_checkpoint(resume)
         d = dict(ck.run)
         d["out"], d["resume"] = None, resume
+        saved_tok = (d.get("data") or {}).get("tokenizer")
+        if saved_tok and not Path(saved_tok).is_file() and (ck.path / "tokenizer.json").is_file():
+            # The run's tokenizer file has moved: the checkpoint carries its own copy.
+            d["data"] = {**d["data"], "tokenizer": str(ck.path / "tokenizer.json")}
         return RunConfig.from_dict(d)
     return RunConfig()
 
@@ -236,12 +241,14 @@ def parse_train_args(argv: Sequence[str]):
     from anydepth.train.config import RunConfig
 
     argv = list(argv)
-    # `--data PATH` is the documented short form of `--data.path PATH`.
+    # `--data PATH` and `--tokenizer FILE` are the documented short forms of `--data.path PATH` and
+    # `--data.tokenizer FILE`.
     for i, tok in enumerate(argv):
-        if tok == "--data":
-            argv[i] = "--data.path"
-        elif tok.startswith("--data="):
-            argv[i] = "--data.path=" + tok.split("=", 1)[1]
+        for short, full in (("--data", "--data.path"), ("--tokenizer", "--data.tokenizer")):
+            if tok == short:
+                argv[i] = full
+            elif tok.startswith(short + "="):
+                argv[i] = full + "=" + tok.split("=", 1)[1]
     try:
         base = _base_run(argv)
     except (ValueError, TypeError) as e:
@@ -301,9 +308,13 @@ def _train(argv: list[str]) -> int:
     except ValueError as e:
         raise CliError(str(e).splitlines()[0]) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        val = summary["final_val_bpc"]
+        bpb = summary["final_val_bpb"]
+        if bpb is not None:
+            score = f"val bpb {bpb:.3f} (unigram {summary['unigram_bpb']:.2f})"
+        else:
+            score = f"val loss {summary['final_val_loss']:.3f} nats/token (ids without a tokenizer: no bits per byte)"
         print(
-            f"done: {summary['steps']} steps, val bpc {val:.3f} (unigram {summary['unigram_bits']:.2f}), "
+            f"done: {summary['steps']} steps, {score}, "
             f"{summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_mem_mb']:.0f} MB"
         )
         print(f"checkpoint: {summary['checkpoint']}")
@@ -319,7 +330,7 @@ class GenerateArgs:
     """``anydepth generate``: sample a continuation of ``--prompt`` from a trained checkpoint."""
 
     checkpoint: str  # run directory, checkpoint directory or save_pretrained directory
-    prompt: str = "def "  # text to continue (UTF-8 bytes for a byte-level model)
+    prompt: str = "def "  # text to continue (UTF-8 bytes for a byte-level model, else the tokenizer's ids)
     max_new_tokens: int = 200  # tokens to sample after the prompt
     temperature: float = 0.8  # softmax temperature; lower is more conservative
     top_k: int | None = 40  # sample only from the k most likely tokens (None: all)
@@ -327,6 +338,7 @@ class GenerateArgs:
     seed: int = 0  # sampling seed, so a command prints the same text twice
     device: str = "cpu"  # device to run on
     use_cache: bool = True  # reuse keys/values of earlier positions where the attention supports it
+    tokenizer: str | None = None  # tokenizer.json; None: the checkpoint's own (byte-level models need none)
 
 
 def _generate(argv: list[str]) -> int:
@@ -341,17 +353,22 @@ def _generate(argv: list[str]) -> int:
         raise CliError(f"--temperature must be > 0, got {args.temperature}")
     model = load_for_generation(args.checkpoint, device=args.device)
     vocab = model.config.vocab_size
-    if vocab < 256:
+    tok = _generation_tokenizer(args, vocab)
+    if tok is None and vocab < 256:
         raise CliError(
             f"the model has vocab_size={vocab}; --prompt text needs a byte-level model (256 tokens)"
         )
-    ids = list(args.prompt.encode("utf-8"))
-    if not ids:
+    if not args.prompt:
         raise CliError("--prompt is empty; give at least one character to continue")
+    try:
+        ids = tok.encode(args.prompt, "--prompt") if tok is not None else list(args.prompt.encode("utf-8"))
+    except ValueError as e:
+        raise CliError(str(e)) from None
     room = model.config.max_seq_len - len(ids)
     if room <= 0:
+        unit = "tokens" if tok is not None else "bytes"
         raise CliError(
-            f"--prompt has {len(ids)} bytes, the model's limit is {model.config.max_seq_len}; shorten it"
+            f"--prompt has {len(ids)} {unit}, the model's limit is {model.config.max_seq_len}; shorten it"
         )
     torch.manual_seed(args.seed)
     prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
@@ -362,10 +379,102 @@ def _generate(argv: list[str]) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         use_cache=args.use_cache,
+        logits_processor=tok.utf8_processor(vocab) if tok is not None else None,
     )
     tokens = out[0].tolist()
-    text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+    if tok is not None:
+        text = tok.complete_text(tokens)
+    else:
+        text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
     print(text)
+    return 0
+
+
+def _generation_tokenizer(args: GenerateArgs, vocab: int):
+    """The tokenizer of ``--tokenizer`` or of the checkpoint, checked against the model's vocabulary;
+    None for a byte-level model without one."""
+    from anydepth.train import checkpoint as C
+    from anydepth.train.tokenizer import Tokenizer
+
+    try:
+        if args.tokenizer is not None:
+            tok = Tokenizer.from_file(args.tokenizer, "--tokenizer")
+        else:
+            p = Path(args.checkpoint)
+            d = p if (p / "model.safetensors").is_file() and not (p / "manifest.json").exists() else None
+            d = d or C.latest_checkpoint(p)
+            manifest = d / "manifest.json"
+            if manifest.is_file() and "tokenizer.json" in json.loads(manifest.read_text()):
+                C.verify_files(d, ("tokenizer.json",))  # a run with a tokenizer: its copy must be intact
+            tok = Tokenizer.from_file(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else None
+        if tok is not None:
+            tok.check_vocab(vocab, f"checkpoint {args.checkpoint}")
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if tok is None and vocab > 256:
+        raise CliError(
+            f"the model has vocab_size={vocab} and {args.checkpoint} holds no tokenizer.json; pass the tokenizer "
+            "it was trained with: --tokenizer FILE"
+        )
+    return tok
+
+
+@dataclass(kw_only=True)
+class TokenizeArgs:
+    """``anydepth tokenize``: train a byte-level BPE tokenizer on local text, then encode the corpus once.
+
+    The tokenizer learns from the training split only (the validation text stays unseen), and the
+    encoded splits are cached where ``anydepth train --data PATH --tokenizer OUT`` finds them.
+    """
+
+    data: str | None = None  # text file, directory, .jsonl, .parquet or enwik8(.zip); None: the stdlib
+    vocab_size: int = 4096  # ids in the vocabulary, the 256 byte tokens included
+    out: str = "tokenizer.json"  # where the tokenizer is written (an existing file is not overwritten)
+    text_field: str = "text"  # the field (.jsonl) or column (.parquet) holding the text
+    val_fraction: float = 0.05  # as --data.val_fraction of the runs that will use it
+    max_bytes: int | None = None  # as --data.max_bytes of the runs that will use it
+    cache_dir: str | None = None  # token cache; None: $ANYDEPTH_CACHE or ~/.cache/anydepth
+    min_frequency: int = 2  # merges of pairs seen fewer times are not learnt
+    encode: bool = True  # also encode the corpus to the cache (else the first run does it)
+    progress: bool = True  # progress bars on stderr
+
+
+def _tokenize(argv: list[str]) -> int:
+    from anydepth.train.config import DataConfig
+    from anydepth.train.data import load_corpus, raw_split
+    from anydepth.train.tokenizer import train_bpe
+
+    if "-h" not in argv and "--help" not in argv:
+        _check_keys(argv, _option_names(TokenizeArgs), "tokenize")
+    args = _tyro_cli(TokenizeArgs, argv, None, "anydepth tokenize")
+    out = Path(args.out)
+    if out.exists():
+        raise CliError(f"--out {args.out!r} already exists; delete it or choose another --out")
+    if args.min_frequency < 1:
+        raise CliError(f"--min-frequency must be a positive integer, got {args.min_frequency}")
+    try:
+        cfg = DataConfig(
+            path=args.data,
+            val_fraction=args.val_fraction,
+            max_bytes=args.max_bytes,
+            cache_dir=args.cache_dir,
+            text_field=args.text_field,
+        )
+        train_bytes, _ = raw_split(cfg)
+        tok = train_bpe(train_bytes, args.vocab_size, min_frequency=args.min_frequency, progress=args.progress)
+    except ValueError as e:
+        raise CliError(str(e).splitlines()[0]) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"tokenizer: {out} ({tok.vocab_size} tokens, trained on {train_bytes.size:,} bytes)")
+    if args.encode:
+        train, val = load_corpus(cfg, tok, progress=args.progress)
+        print(
+            f"corpus:    {train.size:,} training and {val.size:,} validation tokens, "
+            f"{train_bytes.size / max(train.size, 1):.2f} bytes per token, cached in {Path(train.filename).parent}"
+        )
+    data = f" --data {args.data}" if args.data else ""
+    print(f"train:     anydepth train{data} --tokenizer {out}")
     return 0
 
 
@@ -416,10 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "study": _study}
+    handlers = {"train": _train, "generate": _generate, "tokenize": _tokenize, "study": _study}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
-        hint = f"did you mean `anydepth {close[0]}`?" if close else "commands: train, generate, study"
+        hint = f"did you mean `anydepth {close[0]}`?" if close else "commands: train, generate, tokenize, study"
         print(f"anydepth: error: unknown command {command!r}; {hint}", file=sys.stderr)
         return 2
     try:

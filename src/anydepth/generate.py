@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,6 +58,7 @@ def generate(
     eos_token: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    logits_processor: Callable[[Tensor, Tensor], Tensor] | None = None,
     **forward_kw,
 ) -> Tensor:
     """Appends up to ``max_new_tokens`` sampled tokens to ``prompt`` ``(b, n)``.
@@ -64,7 +67,8 @@ def generate(
     new token costs one position (keys and values of the prefix are cached). Sequences that produce
     ``eos_token`` are padded with it afterwards; generation stops when all have. When the sequence
     would exceed ``max_seq_len`` the context is cropped to the last ``max_seq_len`` tokens and
-    re-encoded.
+    re-encoded. ``logits_processor(logits, tokens)`` may rewrite the last-position logits ``(b, vocab)``
+    given the tokens so far ``(b, n)`` before sampling (e.g. set disallowed tokens to -inf).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -88,6 +92,8 @@ def generate(
                 logits = model(pending, cache=cache, **forward_kw)[:, -1]
             else:
                 logits = model(out[:, -max_len:], **forward_kw)[:, -1]
+            if logits_processor is not None:
+                logits = logits_processor(logits, out)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token), nxt)

@@ -17,6 +17,8 @@ _LAZY = {
     "TrainingDiverged": "anydepth.train.loop",
     "load_corpus": "anydepth.train.data",
     "unigram_entropy_bits": "anydepth.train.data",
+    "Tokenizer": "anydepth.train.tokenizer",
+    "train_bpe": "anydepth.train.tokenizer",
     "CheckpointError": "anydepth.train.checkpoint",
     "load_checkpoint": "anydepth.train.checkpoint",
 }

@@ -9,6 +9,7 @@ A checkpoint is a directory ``<run>/checkpoints/step_<NNNNNNNN>/``:
   of every process (``rng.torch.<rank>``, ``rng.cuda.<rank>``);
 - ``trainer.json``: step, optimizer hyper-parameters per group, schedule and data position,
   Python/NumPy RNG states, and the running metrics; ``run.json``: the full ``RunConfig``;
+- ``tokenizer.json``, in runs that have a tokenizer (the one the model was trained with);
 - ``manifest.json``, written last: size and SHA-256 of every other file.
 
 It is written into a hidden temporary directory, every file is fsync'd, and the directory is
@@ -143,12 +144,14 @@ def save_checkpoint(
     trainer: dict[str, Any],
     rng: list[dict[str, Any]],
     model_state: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Writes ``root/step_<step>/`` atomically and returns its path.
 
     ``optimizer_state`` is keyed by parameter name (``get_optimizer_state_dict``); ``rng`` has one
     entry per process; ``model_state`` (full tensors gathered from a sharded model) replaces
-    reading the weights from ``model``.
+    reading the weights from ``model``; ``extra_files`` (name -> text, e.g. ``tokenizer.json``) are
+    written beside the others and listed in the manifest.
     """
     from safetensors.torch import save_file, save_model
 
@@ -174,6 +177,8 @@ def save_checkpoint(
     save_file(state, str(tmp / "state.safetensors"))
     _write_json(tmp / "config.json", model.config.to_dict())
     _write_json(tmp / "run.json", run)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     _write_json(
         tmp / "trainer.json",
         {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta, "rng": py_rng, **trainer},

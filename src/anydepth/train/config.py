@@ -87,15 +87,18 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the byte-level corpus comes from and how it is split.
+    """Where the corpus comes from, how it is split, and how it is tokenized.
 
     ``path=None`` is the default corpus: the ``.py`` files of the Python standard library on this
-    machine (no download); see :func:`anydepth.train.data.load_corpus`.
+    machine (no download); see :func:`anydepth.train.data.load_corpus`. Without a tokenizer the
+    tokens are the text's bytes.
     """
 
-    path: str | None = None  # text file, directory, enwik8(.zip) or .npy tokens; None: the stdlib
+    path: str | None = None  # text file, directory, .jsonl, .parquet, enwik8(.zip) or .npy tokens; None: the stdlib
+    tokenizer: str | None = None  # tokenizer.json (byte-level BPE, `anydepth tokenize`); None: bytes are the tokens
+    text_field: str = "text"  # the field (.jsonl) or column (.parquet) that holds each document's text
     val_fraction: float = 0.05  # contiguous tail held out for validation (enwik8 uses its 90M/5M/5M split)
-    max_bytes: int | None = None  # use only the first max_bytes tokens of the corpus (None: all of it)
+    max_bytes: int | None = None  # use only the first max_bytes bytes of the text (tokens of a .npy); None: all
     cache_dir: str | None = None  # token cache; None: $ANYDEPTH_CACHE or ~/.cache/anydepth
 
     def __post_init__(self) -> None:
@@ -107,6 +110,10 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}; e.g. 0.05")
         if self.max_bytes is not None:
             _positive_int(self, "max_bytes", prefix="data")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise ValueError(f"data.tokenizer must be a path to tokenizer.json or None, got {self.tokenizer!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"data.text_field must be a non-empty field name, got {self.text_field!r}")
 
 
 def default_model() -> ModelConfig:
@@ -125,7 +132,11 @@ def default_model() -> ModelConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    """One training run: model, optimisation, data, output directory and an optional resume point."""
+    """One training run: model, optimisation, data, output directory and an optional resume point.
+
+    With ``data.tokenizer`` the model's vocabulary comes from the tokenizer: a model left at the
+    byte vocabulary (256) takes the tokenizer's size; any other ``vocab_size`` must equal it.
+    """
 
     model: ModelConfig = field(default_factory=default_model)  # the network (a preset plus overrides)
     train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, logging, checkpoints
@@ -144,6 +155,17 @@ class RunConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(
                     f"RunConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}"
+                )
+        if self.data.tokenizer is not None:
+            from anydepth.train.tokenizer import Tokenizer
+
+            n = Tokenizer.from_file(self.data.tokenizer, "data.tokenizer").vocab_size
+            if self.model.vocab_size == 256 and n != 256:
+                self.model = self.model.replace(vocab_size=n)
+            elif self.model.vocab_size != n:
+                raise ValueError(
+                    f"model.vocab_size={self.model.vocab_size} does not match the {n} tokens of data.tokenizer "
+                    f"{self.data.tokenizer!r}; leave --model.vocab_size out (the tokenizer sets it) or set it to {n}"
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Byte-level corpora as memory-mapped token arrays, and the batches drawn from them.
+"""Corpora as memory-mapped token arrays (bytes, or the ids of a tokenizer), and the batches drawn from them.
 
 Sources (``DataConfig.path``):
 
@@ -8,19 +8,30 @@ Sources (``DataConfig.path``):
   about 11 MB with a unigram entropy of about 4.7 bits per byte, the bpc of a model that only learnt
   byte frequencies; anything well below that is learnt structure.
 - a text file (read as bytes, mapped directly), a directory (its regular files that contain no NUL
-  byte in their first 8 KiB, sorted, concatenated), ``enwik8`` or ``enwik8.zip`` (the standard
-  90M/5M/5M train/validation/test split), or a ``.npy`` array of uint8/uint16 token ids.
+  byte in their first 8 KiB, and its ``.jsonl``/``.parquet`` files, sorted by path, concatenated),
+  ``enwik8`` or ``enwik8.zip`` (the standard 90M/5M/5M train/validation/test split), or a ``.npy``
+  array of uint8/uint16 token ids.
+- a ``.jsonl`` file (one JSON object per line; the string field ``DataConfig.text_field``) or a
+  ``.parquet`` file (that column, read with pyarrow): the documents in file order, UTF-8 encoded,
+  separated by a blank line (``"\n\n"``).
 
 Concatenated sources are written once to a cache file keyed by the source's paths, sizes and
 modification times, then memory-mapped, so a second run starts at once.
 
 The split is contiguous: the last ``val_fraction`` of the (optionally ``max_bytes``-truncated)
 corpus is validation. Bits per character (byte) is the cross-entropy in nats divided by ln 2.
+It depends only on the files (sorted paths, records in file order), never on the seed.
+
+With ``DataConfig.tokenizer`` the split is made on the bytes (moved forward to the next character
+boundary) and each side is encoded on its own (:func:`anydepth.train.tokenizer.encode_to_cache`),
+so a tokenized run validates on exactly the text of the byte-level run of the same corpus; the id
+arrays are cached under a key of the source, the byte range and the tokenizer's SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sysconfig
@@ -34,6 +45,7 @@ from anydepth.train.config import DataConfig
 
 __all__ = [
     "load_corpus",
+    "raw_split",
     "unigram_entropy_bits",
     "stdlib_files",
     "sample_batch",
@@ -41,6 +53,8 @@ __all__ = [
     "ENWIK8_SPLIT",
 ]
 
+RECORD_SEPARATOR = b"\n\n"  # between the documents of a .jsonl or .parquet file
+RECORD_SUFFIXES = (".jsonl", ".parquet")
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)  # train / validation / test bytes (Hutter prize convention)
 _EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 
@@ -69,8 +83,12 @@ def unigram_entropy_bits(tokens: np.ndarray | torch.Tensor) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def load_corpus(cfg: DataConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_tokens, val_tokens)``: read-only memory-mapped uint8 (or uint16) arrays.
+def load_corpus(
+    cfg: DataConfig | None = None, tokenizer=None, *, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_tokens, val_tokens)``: read-only memory-mapped arrays of uint8 bytes, or of the ids
+    of ``tokenizer`` (an :class:`~anydepth.train.tokenizer.Tokenizer`; default: the file
+    ``cfg.tokenizer``, if set). ``progress`` shows a bar while a corpus is encoded the first time.
 
     Raises ``ValueError`` naming the path for a missing or empty source, or a corpus too short to
     split.
@@ -78,7 +96,45 @@ def load_corpus(cfg: DataConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     cfg = cfg or DataConfig()
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"load_corpus expects a DataConfig, got {type(cfg).__name__}")
+    if tokenizer is None and cfg.tokenizer is not None:
+        from anydepth.train.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_file(cfg.tokenizer)
     tokens, split = _source_tokens(cfg)
+    n_train = _split_point(cfg, tokens, split)
+    if tokenizer is None or tokens.dtype != np.uint8 or (cfg.path or "").endswith(".npy"):
+        n_val = split[1] if split is not None and cfg.max_bytes is None else None
+        end = n_train + n_val if n_val is not None else min(tokens.size, cfg.max_bytes or tokens.size)
+        return tokens[:n_train], tokens[n_train:end]
+    return _encoded_split(cfg, tokens, split, tokenizer, progress)
+
+
+def raw_split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The corpus's ``(train, validation)`` bytes as a tokenized run splits them: the split of
+    :func:`load_corpus` with both ends moved to character boundaries."""
+    tokens, split = _source_tokens(cfg)
+    if tokens.dtype != np.uint8 or (cfg.path or "").endswith(".npy"):
+        raise ValueError(
+            f"data.path {cfg.path!r} holds token ids, not text; pass a text file, a directory, .jsonl or .parquet"
+        )
+    lo, end = _byte_bounds(cfg, tokens, split)
+    return tokens[:lo], tokens[lo:end]
+
+
+def _byte_bounds(cfg: DataConfig, tokens: np.ndarray, split) -> tuple[int, int]:
+    n_train = _split_point(cfg, tokens, split)
+    if split is not None and cfg.max_bytes is None:
+        end = n_train + split[1]
+    else:
+        end = min(tokens.size, cfg.max_bytes or tokens.size)
+    lo = _char_boundary(tokens, n_train)
+    while lo < end < tokens.size and (int(tokens[end]) & 0xC0) == 0x80:
+        end -= 1
+    return lo, end
+
+
+def _split_point(cfg: DataConfig, tokens: np.ndarray, split) -> int:
+    """Where validation starts (tokens before it train); checks the corpus is long enough."""
     if split is not None and cfg.max_bytes is None:
         n_train, n_val, _ = split
         if tokens.size < n_train + n_val:
@@ -86,20 +142,49 @@ def load_corpus(cfg: DataConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
                 f"data.path={cfg.path!r} looks like enwik8 but has {tokens.size} bytes, fewer than the "
                 f"{n_train + n_val} of its standard split; pass the full 100 MB file"
             )
-        return tokens[:n_train], tokens[n_train : n_train + n_val]
-    if cfg.max_bytes is not None:
-        tokens = tokens[: cfg.max_bytes]
-    n_val = int(round(tokens.size * cfg.val_fraction))
-    if tokens.size - n_val < 2 or n_val < 2:
+        return n_train
+    size = tokens.size if cfg.max_bytes is None else min(tokens.size, cfg.max_bytes)
+    n_val = int(round(size * cfg.val_fraction))
+    if size - n_val < 2 or n_val < 2:
         raise ValueError(
-            f"the corpus at {cfg.path or 'the stdlib'} has {tokens.size} tokens (after max_bytes), too few "
+            f"the corpus at {cfg.path or 'the stdlib'} has {size} tokens (after max_bytes), too few "
             f"for a split with val_fraction={cfg.val_fraction}; use a larger file or raise data.max_bytes"
         )
-    return tokens[: tokens.size - n_val], tokens[tokens.size - n_val :]
+    return size - n_val
+
+
+def _char_boundary(data: np.ndarray, i: int) -> int:
+    # UTF-8 continuation bytes are 10xxxxxx: step over them so that no character is cut in two.
+    while i < data.size and (int(data[i]) & 0xC0) == 0x80:
+        i += 1
+    return i
+
+
+def _encoded_split(cfg: DataConfig, raw: np.ndarray, split, tok, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    from anydepth.train.tokenizer import encode_to_cache
+
+    lo, end = _byte_bounds(cfg, raw, split)
+    src = getattr(raw, "filename", None) or cfg.path
+    st = Path(src).stat() if src and Path(src).exists() else None
+    ident = f"{src}\0{st.st_size if st else raw.size}\0{st.st_mtime_ns if st else 0}\0{tok.sha256}"
+    out = []
+    for a, b in ((0, lo), (lo, end)):
+        key = hashlib.sha256(f"{ident}\0{a}\0{b}".encode()).hexdigest()[:16]
+        out.append(encode_to_cache(raw[a:b], tok, _cache_dir(cfg) / f"ids-{key}.bin", progress=progress))
+    for name, ids in zip(("training", "validation"), out):
+        if ids.size < 2:
+            raise ValueError(
+                f"the {name} split of {cfg.path or 'the stdlib'} encodes to {ids.size} tokens; use more text"
+            )
+    return out[0], out[1]
+
+
+def _cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("ANYDEPTH_CACHE") or Path.home() / ".cache" / "anydepth")
 
 
 def _source_tokens(cfg: DataConfig) -> tuple[np.ndarray, tuple[int, int, int] | None]:
-    cache = Path(cfg.cache_dir or os.environ.get("ANYDEPTH_CACHE") or Path.home() / ".cache" / "anydepth")
+    cache = _cache_dir(cfg)
     if cfg.path is None:
         files = stdlib_files()
         if not files:
@@ -113,13 +198,14 @@ def _source_tokens(cfg: DataConfig) -> tuple[np.ndarray, tuple[int, int, int] | 
         raise ValueError(f"data.path {str(path)!r} does not exist; pass an existing text file or directory")
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and _is_text(p)), key=lambda p: p.as_posix()
+            (p for p in path.rglob("*") if p.is_file() and (p.suffix in RECORD_SUFFIXES or _is_text(p))),
+            key=lambda p: p.as_posix(),
         )
         if not files or all(p.stat().st_size == 0 for p in files):
             raise ValueError(
                 f"data.path {str(path)!r} contains no non-empty text files; point it at text data"
             )
-        return _cached_concat(files, cache, "dir"), None
+        return _cached_concat(files, cache, "dir", cfg.text_field), None
     if path.stat().st_size == 0:
         raise ValueError(f"data.path {str(path)!r} is empty; pass a file with text in it")
     if path.suffix == ".npy":
@@ -130,6 +216,8 @@ def _source_tokens(cfg: DataConfig) -> tuple[np.ndarray, tuple[int, int, int] | 
                 "1-d uint8 or uint16"
             )
         return arr, None
+    if path.suffix in RECORD_SUFFIXES:
+        return _cached_concat([path], cache, "records", cfg.text_field), None
     if path.suffix == ".zip":
         return _cached_zip(path, cache), (ENWIK8_SPLIT if path.stem == "enwik8" else None)
     tokens = np.memmap(path, dtype=np.uint8, mode="r")
@@ -141,15 +229,67 @@ def _is_text(path: Path) -> bool:
         return b"\0" not in f.read(8192)
 
 
-def _cached_concat(files: list[Path], cache: Path, tag: str) -> np.ndarray:
+def _cached_concat(files: list[Path], cache: Path, tag: str, text_field: str = "text") -> np.ndarray:
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if any(p.suffix in RECORD_SUFFIXES for p in files):
+        h.update(f"field={text_field}".encode())
     target = cache / f"{tag}-{h.hexdigest()[:16]}.u8"
     if not target.exists():
-        _atomic_write(target, lambda f: [f.write(p.read_bytes()) for p in files])
+
+        def write(f) -> None:
+            for p in files:
+                if p.suffix in RECORD_SUFFIXES:
+                    for i, doc in enumerate(_records(p, text_field)):
+                        f.write(RECORD_SEPARATOR + doc if i else doc)
+                else:
+                    f.write(p.read_bytes())
+
+        _atomic_write(target, write)
+    if target.stat().st_size == 0:
+        raise ValueError(f"data.path {str(files[0])!r} holds no text in field {text_field!r}; point it at text data")
     return np.memmap(target, dtype=np.uint8, mode="r")
+
+
+def _records(path: Path, field: str):
+    """UTF-8 bytes of each document's ``field`` in a .jsonl or .parquet file, in file order."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"data.path {str(path)!r} line {n} is not JSON ({e}); one object per line"
+                    ) from None
+                text = rec.get(field) if isinstance(rec, dict) else None
+                if not isinstance(text, str):
+                    keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+                    raise ValueError(
+                        f"data.path {str(path)!r} line {n} has no string field {field!r} (it has {keys}); "
+                        "set --data.text_field"
+                    )
+                yield text.encode("utf-8")
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow reports a damaged file with its own exception types
+        raise ValueError(f"data.path {str(path)!r} is not a readable Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise ValueError(
+            f"data.path {str(path)!r} has no column {field!r} (columns: {', '.join(names)}); set --data.text_field"
+        )
+    for batch in pf.iter_batches(columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield (text if isinstance(text, str) else str(text)).encode("utf-8")
 
 
 def _cached_zip(path: Path, cache: Path) -> np.ndarray:

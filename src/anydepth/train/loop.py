@@ -2,8 +2,11 @@
 
 One update is: learning rate from the schedule, the batch of this step (a pure function of seed
 and step), forward, next-token cross-entropy, backward (DDP averages gradients), a finiteness
-check of the process-averaged loss, gradient clipping, ``AdamW.step``. Bits per character is the
-loss in nats divided by ln 2.
+check of the process-averaged loss, gradient clipping, ``AdamW.step``. Bits per byte (``bpb``) is
+the loss in nats divided by ln 2, times tokens per byte of the scored text: the same unit for bytes
+and for any tokenizer's ids; where the tokens are bytes it equals bits per character (``bpc``),
+which is then logged too. Token ids without a tokenizer have no byte count: their loss alone is
+logged (and plotted in bits per token).
 
 Outputs under ``<out>/``: ``metrics.jsonl`` (one JSON object per line: train lines every
 ``log_every`` steps with the mean loss since the previous line; validation lines every
@@ -33,6 +36,7 @@ from anydepth.train import distributed as D
 from anydepth.train.config import RunConfig
 from anydepth.train.data import eval_batch, load_corpus, sample_batch, unigram_entropy_bits
 from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from anydepth.train.tokenizer import Tokenizer, text_bytes
 
 __all__ = ["run", "TrainingDiverged", "evaluate", "config_mismatch"]
 
@@ -173,7 +177,36 @@ class _Trainer:
                     f"resume checkpoint {self.resume.path} was trained with a different model "
                     f"({'; '.join(diff[:4])}); drop the model overrides or start a new run with another --out"
                 )
-        self.train_tokens, self.val_tokens = load_corpus(cfg.data)
+        self.tokenizer = Tokenizer.from_file(cfg.data.tokenizer, "data.tokenizer") if cfg.data.tokenizer else None
+        if self.tokenizer is not None:
+            self.tokenizer.check_vocab(mc.vocab_size, "model")
+        if self.resume is not None:
+            saved = self.resume.path / "tokenizer.json"
+            saved_sha = Tokenizer.from_file(saved).sha256 if saved.is_file() else None
+            if saved_sha != (self.tokenizer.sha256 if self.tokenizer else None):
+                used = f"tokenizer {saved}" if saved_sha else "bytes as tokens"
+                fix = f"--tokenizer {saved}" if saved_sha else "no --tokenizer"
+                raise ValueError(
+                    f"resume checkpoint {self.resume.path} was trained with {used}, not with "
+                    f"{'tokenizer ' + str(cfg.data.tokenizer) if self.tokenizer else 'bytes as tokens'}; "
+                    f"resume with {fix}"
+                )
+        self.sample_ids = (
+            self.tokenizer.encode(tc.sample_prompt, "train.sample_prompt")
+            if self.tokenizer is not None and tc.sample_tokens
+            else None
+        )
+        self.train_tokens, self.val_tokens = load_corpus(
+            cfg.data, self.tokenizer, progress=tc.progress and info.is_main
+        )
+        # Bytes of text per token id: the tokenizer's, 1 for a byte corpus, unknown for bare ids.
+        self.bytes_are_tokens = self.tokenizer is None and self.train_tokens.dtype == np.uint8
+        if self.tokenizer is not None:
+            self.byte_lengths = self.tokenizer.byte_lengths
+        elif self.bytes_are_tokens:
+            self.byte_lengths = np.ones(256, dtype=np.int64)
+        else:
+            self.byte_lengths = None
         top = int(self.train_tokens.max()) if self.train_tokens.dtype != np.uint8 else 255
         if top >= mc.vocab_size:
             raise ValueError(
@@ -210,7 +243,9 @@ class _Trainer:
             "skipped": 0,
             "pending_loss": 0.0,
             "pending_steps": 0,
+            "pending_bytes": 0,
             "last_train_loss": None,
+            "last_train_bpb": None,
             "last_val_loss": None,
         }
         if self.resume is not None:
@@ -291,6 +326,7 @@ class _Trainer:
                 optimizer_state=opt_state,
                 model_state=model_state,
                 run=self.cfg.to_dict(),
+                extra_files={"tokenizer.json": self.tokenizer.json} if self.tokenizer is not None else None,
                 trainer={
                     "scheduler": {"kind": self.cfg.train.schedule, "step": step},
                     "data": {"sampler": "uniform-random-windows", "seed": self.cfg.train.seed, "step": step},
@@ -315,9 +351,40 @@ class _Trainer:
             info=self.info,
         )
 
+    def _val_bytes_per_token(self) -> float | None:
+        """Bytes per token of the validation windows :func:`evaluate` scores (their target tokens)."""
+        if self.byte_lengths is None:
+            return None
+        if not hasattr(self, "_val_ratio"):
+            tc = self.cfg.train
+            n_bytes = n_tokens = 0
+            for i in range(tc.eval_batches):
+                _, y = eval_batch(
+                    self.val_tokens, index=i, n_batches=tc.eval_batches, batch_size=tc.batch_size, seq_len=tc.seq_len
+                )
+                n_bytes += text_bytes(y, self.byte_lengths)
+                n_tokens += y.numel()
+            self._val_ratio = n_bytes / n_tokens
+        return self._val_ratio
+
+    def _bpb(self, loss: float | None, bytes_per_token: float | None) -> float | None:
+        """Bits per byte: ``loss / ln 2 / bytes_per_token``."""
+        if loss is None or bytes_per_token is None:
+            return None
+        return loss / LN2 / bytes_per_token
+
+    def _bits_record(self, prefix: str, loss: float, bpb: float | None) -> dict[str, Any]:
+        rec: dict[str, Any] = {f"{prefix}_loss": loss}
+        if self.bytes_are_tokens:
+            rec[f"{prefix}_bpc"] = loss / LN2
+        if bpb is not None:
+            rec[f"{prefix}_bpb"] = bpb
+        return rec
+
     def _summary(self, steps_done: int, diverged: bool) -> dict[str, Any]:
         s = self.state
         val = s["last_val_loss"]
+        byte = self.bytes_are_tokens
         if self.info.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.info.device) / 2**20
         else:
@@ -327,9 +394,11 @@ class _Trainer:
             "out": str(self.out),
             "steps": steps_done,
             "final_train_loss": s["last_train_loss"],
-            "final_train_bpc": None if s["last_train_loss"] is None else s["last_train_loss"] / LN2,
+            "final_train_bpc": None if s["last_train_loss"] is None or not byte else s["last_train_loss"] / LN2,
+            "final_train_bpb": s.get("last_train_bpb"),
             "final_val_loss": val,
-            "final_val_bpc": None if val is None else val / LN2,
+            "final_val_bpc": None if val is None or not byte else val / LN2,
+            "final_val_bpb": self._bpb(val, self._val_bytes_per_token()),
             "tokens_per_s": s["tokens"] / s["train_time"] if s["train_time"] > 0 else 0.0,
             "train_time_s": s["train_time"],
             "peak_mem_mb": peak,
@@ -338,6 +407,9 @@ class _Trainer:
             "diverged_step": self.diverged_step,
             "skipped_steps": s["skipped"],
             "unigram_bits": self.unigram,
+            "unigram_bpb": self.unigram_bpb,
+            "val_bytes_per_token": self._val_bytes_per_token(),
+            "tokenizer": self.cfg.data.tokenizer,
             "checkpoint": self.last_ckpt,
             "plot": str(self.out / "loss.png"),
             "world": self.info.world,
@@ -348,12 +420,19 @@ class _Trainer:
         if not self.info.is_main:
             return
         self.metrics_file.close()
-        plot_metrics(self.out / "metrics.jsonl", self.out / "loss.png", unigram_bits=self.unigram)
+        plot_metrics(
+            self.out / "metrics.jsonl",
+            self.out / "loss.png",
+            unigram_bits=self.unigram if self.unigram_bpb is None else self.unigram_bpb,
+        )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def _sample(self) -> str:
         tc, mc = self.cfg.train, self.cfg.model
-        prompt_ids = list(tc.sample_prompt.encode("utf-8")) if mc.vocab_size >= 256 else [0]
+        if self.sample_ids is not None:
+            prompt_ids = self.sample_ids
+        else:
+            prompt_ids = list(tc.sample_prompt.encode("utf-8")) if mc.vocab_size >= 256 else [0]
         n_new = min(tc.sample_tokens, mc.max_seq_len - len(prompt_ids))
         if n_new <= 0 or not hasattr(self.model, "generate"):
             return ""
@@ -368,19 +447,45 @@ class _Trainer:
         model.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tc.seed)
-            out = model.generate(prompt, n_new, temperature=0.8, top_k=40)
+            processor = self.tokenizer.utf8_processor(mc.vocab_size) if self.tokenizer is not None else None
+            out = model.generate(prompt, n_new, temperature=0.8, top_k=40, logits_processor=processor)
         model.train(was_training)
         ids = out[0].tolist()
+        if self.tokenizer is not None:
+            return self.tokenizer.complete_text(ids)
         if mc.vocab_size == 256:
             return bytes(ids).decode("utf-8", errors="replace")
         return " ".join(map(str, ids))
+
+    def _batch_bytes(self, step: int, y: torch.Tensor) -> int:
+        """Bytes of text the targets of the global batch of ``step`` stand for."""
+        if self.bytes_are_tokens:
+            return y.numel() * self.info.world
+        if self.info.world > 1:
+            tc = self.cfg.train
+            _, y = sample_batch(
+                self.train_tokens, step=step, seed=tc.seed, batch_size=tc.batch_size, seq_len=tc.seq_len
+            )
+        return text_bytes(y, self.byte_lengths)
+
+    def _pending_bpb(self, per_step_tokens: int) -> float | None:
+        s = self.state
+        if self.byte_lengths is None or not s.get("pending_bytes"):
+            return None
+        n = s["pending_steps"]
+        return self._bpb(s["pending_loss"] / n, s["pending_bytes"] / (per_step_tokens * n))
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         tc, info, dev = self.cfg.train, self.info, self.info.device
-        self.unigram = unigram_entropy_bits(self.train_tokens[: 1 << 24])
+        head = self.train_tokens[: 1 << 24]
+        self.unigram = unigram_entropy_bits(head)
+        # The unigram reference in bits per byte: its bits per token over the bytes those tokens stand for.
+        self.unigram_bpb = None
+        if self.byte_lengths is not None:
+            self.unigram_bpb = self._bpb(self.unigram * LN2, text_bytes(head, self.byte_lengths) / head.size)
         _reset_peak_rss()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -422,13 +527,9 @@ class _Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     if tc.on_nan == "stop":
                         # null, not NaN: strict JSON readers reject NaN tokens.
-                        rec = {
-                            "step": step,
-                            "train_loss": None,
-                            "train_bpc": None,
-                            "nonfinite": True,
-                            "lr": lr,
-                        }
+                        rec = {"step": step, "train_loss": None, "train_bpb": None, "nonfinite": True, "lr": lr}
+                        if self.bytes_are_tokens:
+                            rec["train_bpc"] = None
                         self._log(rec)
                         self.diverged_step = step
                         self._finish(self._summary(step - 1, diverged=True))
@@ -447,6 +548,8 @@ class _Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     s["pending_loss"] += loss_value
                     s["pending_steps"] += 1
+                    if self.byte_lengths is not None:
+                        s["pending_bytes"] = s.get("pending_bytes", 0) + self._batch_bytes(step - 1, y)
                 dt = time.perf_counter() - t0
                 s["train_time"] += dt
                 s["tokens"] += per_step_tokens
@@ -456,31 +559,29 @@ class _Trainer:
 
                 if step % tc.log_every == 0 and s["pending_steps"]:
                     mean = s["pending_loss"] / s["pending_steps"]
-                    s["last_train_loss"] = mean
+                    bpb = self._pending_bpb(per_step_tokens)
+                    s["last_train_loss"], s["last_train_bpb"] = mean, bpb
                     tps = interval_tokens / interval_time if interval_time > 0 else 0.0
-                    rec = {
-                        "step": step,
-                        "train_loss": mean,
-                        "train_bpc": mean / LN2,
-                        "lr": lr,
-                        "tokens_per_s": tps,
-                    }
+                    rec = {"step": step, **self._bits_record("train", mean, bpb), "lr": lr, "tokens_per_s": tps}
                     if grad_norm is not None:
                         rec["grad_norm"] = grad_norm
                     self._log(rec)
-                    bar.set_postfix(bpc=f"{mean / LN2:.3f}", tok_s=f"{tps:.0f}", refresh=False)
-                    s["pending_loss"], s["pending_steps"] = 0.0, 0
+                    bits = {"bpb": bpb} if bpb is not None else {"bits_per_token": mean / LN2}
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in bits.items()} | {"tok_s": f"{tps:.0f}"}, refresh=False)
+                    s["pending_loss"], s["pending_steps"], s["pending_bytes"] = 0.0, 0, 0
                     interval_tokens, interval_time = 0, 0.0
                 if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
                     val = self._evaluate()
                     s["last_val_loss"] = val
-                    self._log({"step": step, "val_loss": val, "val_bpc": val / LN2})
+                    bpb = self._bpb(val, self._val_bytes_per_token())
+                    self._log({"step": step, **self._bits_record("val", val, bpb)})
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
                     self._checkpoint(step)
         finally:
             bar.close()
         if s["pending_steps"]:
             s["last_train_loss"] = s["pending_loss"] / s["pending_steps"]
+            s["last_train_bpb"] = self._pending_bpb(tc.batch_size * tc.seq_len)
         if s["last_val_loss"] is None:
             s["last_val_loss"] = self._evaluate()
         summary = self._summary(step, diverged=False)
@@ -493,30 +594,36 @@ class _Trainer:
 def plot_metrics(
     metrics: str | os.PathLike, png: str | os.PathLike, *, unigram_bits: float | None = None
 ) -> None:
-    """Train and validation bpc against step from ``metrics.jsonl``, saved as a PNG (matplotlib Agg)."""
+    """Train and validation bits per byte against step from ``metrics.jsonl``, saved as a PNG.
+
+    Runs on bare token ids (no byte count) are plotted in bits per token; ``unigram_bits`` is the
+    unigram reference in the plotted unit.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = [], []
-    for line in Path(metrics).read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if r.get("train_bpc") is not None:
-            train.append((r["step"], r["train_bpc"]))
-        if r.get("val_bpc") is not None:
-            val.append((r["step"], r["val_bpc"]))
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    # Logs of earlier versions have bpc (bytes as tokens) but no bpb: the same numbers.
+    key = "bpb" if any("train_bpb" in r or "val_bpb" in r for r in rows) else "bpc"
+    if not any(f"train_{key}" in r or f"val_{key}" in r for r in rows):
+        key = None
+    curves: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    for r in rows:
+        for split in curves:
+            v = r.get(f"{split}_{key}") if key else r.get(f"{split}_loss")
+            if v is not None:
+                curves[split].append((r["step"], v if key else v / LN2))
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.2, ms=3)
+    if curves["train"]:
+        ax.plot(*zip(*curves["train"]), label="train", lw=1.2)
+    if curves["val"]:
+        ax.plot(*zip(*curves["val"]), "o-", label="validation", lw=1.2, ms=3)
     if unigram_bits is not None:
         ax.axhline(unigram_bits, color="gray", ls="--", lw=0.8, label=f"unigram entropy {unigram_bits:.2f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per character")
+    ax.set_ylabel({"bpb": "bits per byte", "bpc": "bits per character (byte)", None: "bits per token"}[key])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -527,7 +634,8 @@ def plot_metrics(
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Trains ``cfg`` (resuming from ``cfg.resume`` if set) and returns the summary dict.
 
-    Keys include ``out``, ``steps``, ``final_train_loss``, ``final_val_bpc``, ``tokens_per_s``,
+    Keys include ``out``, ``steps``, ``final_train_loss``, ``final_val_bpb``, ``final_val_bpc`` (where
+    tokens are bytes), ``unigram_bits`` (per token), ``unigram_bpb``, ``tokens_per_s``,
     ``peak_mem_mb``, ``diverged``, ``diverged_step`` and ``sample``. Raises ``ValueError`` for bad
     configuration (before writing anything), :class:`~anydepth.train.checkpoint.CheckpointError`
     for a damaged resume point, and :class:`TrainingDiverged` for a non-finite loss with
