@@ -499,7 +499,8 @@ def _meta(model: nn.Module, subs: list[Sublayer]) -> dict[str, Any]:
     }
     if cfg is not None and hasattr(cfg, "residual"):
         r = cfg.residual
-        meta.update(residual=getattr(r, "kind", r), depth=cfg.depth, dim=cfg.dim, norm=getattr(cfg.norm, "kind", cfg.norm))
+        norm = getattr(cfg.norm, "kind", cfg.norm)
+        meta.update(residual=getattr(r, "kind", r), depth=cfg.depth, dim=cfg.dim, norm=norm)
     else:
         meta.update(residual=type(res).__name__, depth=meta["blocks"])
     return meta
@@ -729,8 +730,8 @@ def main(argv: Sequence[str]) -> int:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if tc.device == "auto" else tc.device))
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if tc.device == "auto" else tc.device)
     if checkpoint is not None:
         model = load_for_generation(checkpoint, device=str(device)).train()
     else:
