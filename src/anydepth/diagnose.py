@@ -590,10 +590,10 @@ RULES: list[Rule] = [
     ),
     Rule(
         "output-change",
-        2000.0,
-        lambda r: r.output_amplification,
-        lambda r, v: f"the output changes {v:.3g}x more, relatively, than the weights under a small random "
-        f"perturbation ({_scheme(r)}): each update is amplified by the depth (Liu et al. 2020); use admin or "
+        0.02,
+        lambda r: r.relative_output_change,
+        lambda r, v: f"a 1e-3 random change of the weights changes the output by {v:.3g} of its squared norm "
+        f"({_scheme(r)}): each update is amplified through the depth (Liu et al. 2020); use admin or "
         "deepnorm, or a longer --train.warmup",
     ),
     Rule(
