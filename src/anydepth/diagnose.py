@@ -62,6 +62,8 @@ __all__ = [
     "residual_weights",
     "write_report",
     "plot_report",
+    "plot_profiles",
+    "main",
 ]
 
 OUTPUT_CHANGE_SIGMA = 1e-3  # std of Admin's weight perturbation (Liu et al. 2020 measure at a fixed small step)
@@ -97,7 +99,6 @@ class Report:
     loss: float
     output_change: float | None = None
     relative_output_change: float | None = None
-    output_amplification: float | None = None
     max_attention_logit: float | None = None
     amax_gain: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -130,8 +131,7 @@ class Report:
         if self.output_change is not None:
             lines.append(
                 f"  output change under a 1e-3 weight perturbation: {self.output_change:.3g} "
-                f"({self.relative_output_change:.3g} of the output's squared norm, "
-                f"{self.output_amplification:.3g}x the weights' relative change)"
+                f"({self.relative_output_change:.3g} of the output's squared norm)"
             )
         if self.max_attention_logit is not None:
             lines.append(f"  largest attention logit: {self.max_attention_logit:.3g}")
@@ -247,7 +247,7 @@ def amax_gain(matrices: Sequence[Tensor]) -> Tensor:
 def _residual_mixing(res: nn.Module, h: Tensor) -> Tensor:
     """``A_r(H)^T`` per token ``(..., f n, f n)``: sub-stream j of ``H'`` is ``sum_i A_r[i, j] H_i``."""
     hs = res._split_fracs(h)
-    alpha, _ = res._coefficients(hs)
+    alpha = res._coefficients(hs)[0].detach()
     f, v, s = res.num_fracs, res.num_input_views, res.streams
     a = alpha.unflatten(-1, (f, v + s))[..., v:].flatten(-2)  # (..., f n, f n)
     if a.dim() == 2:
@@ -473,10 +473,6 @@ def diagnose(
                 base = model(first).double().pow(2).sum(-1).mean().item()
                 model.train(was)
         report.relative_output_change = report.output_change / base if base > 0 else math.inf
-        # the same selection as output_change(): every parameter outside the embeddings
-        w2 = [p.detach().double().pow(2).mean() for n, p in model.named_parameters() if "emb" not in n]
-        rel_w = OUTPUT_CHANGE_SIGMA**2 / float(torch.stack(w2).mean()) if w2 else math.nan
-        report.output_amplification = report.relative_output_change / rel_w
     report.findings = evaluate_rules(report, rules)
     return report
 
@@ -633,14 +629,16 @@ def findings(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], **kw: A
 
 
 def write_report(report: Report, out: str | os.PathLike) -> dict[str, str]:
-    """Writes ``diagnose.json`` and ``diagnose.png`` under ``out``; returns their paths."""
+    """Writes ``diagnose.json``, the heatmap ``diagnose.png`` and the line plots ``profiles.png``
+    under ``out``; returns their paths."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
     data["verdict"] = report.verdict()
     (d / "diagnose.json").write_text(json.dumps(data, indent=2))
     plot_report(report, d / "diagnose.png")
-    return {"json": str(d / "diagnose.json"), "png": str(d / "diagnose.png")}
+    plot_profiles(report, d / "profiles.png")
+    return {"json": str(d / "diagnose.json"), "png": str(d / "diagnose.png"), "profiles": str(d / "profiles.png")}
 
 
 _LABELS = {
@@ -671,12 +669,39 @@ def plot_report(report: Report, png: str | os.PathLike, title: str | None = None
             with np.errstate(divide="ignore", invalid="ignore"):
                 img[:, j] = np.log10(vals / np.median(pos))
     fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2.2, min(9.0, 2.0 + 0.06 * n)), dpi=110)
-    lim = max(1.0, float(np.nanmax(np.abs(img))) if np.isfinite(img).any() else 1.0)
-    im = ax.imshow(img, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    # one fixed scale (100x either way, clipped) so that two models' pictures compare directly
+    im = ax.imshow(img, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-2, vmax=2, interpolation="nearest")
     ax.set_xticks(range(len(cols)), [_LABELS[c] for c in cols], rotation=30, ha="right")
     ax.set_ylabel("sublayer (0 = next to the embedding)")
-    fig.colorbar(im, ax=ax, label="log10(value / median over sublayers)")
+    fig.colorbar(im, ax=ax, label="log10(value / median over sublayers), clipped at +-2")
     ax.set_title(title or _scheme(report), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def plot_profiles(report: Report, png: str | os.PathLike, title: str | None = None) -> None:
+    """The same quantities as lines against the sublayer index, each on its own log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [q for q in (*QUANTITIES, "attn_logit_max") if any(v is not None for v in getattr(report, q))]
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.6 * len(cols), 3.0), dpi=110, squeeze=False)
+    for ax, q in zip(axes[0], cols):
+        pts = [(i, v) for i, v in enumerate(getattr(report, q)) if v is not None and v > 0 and math.isfinite(v)]
+        ax.set_yscale("log")
+        if pts:
+            ax.plot(*zip(*pts), lw=1)
+            lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+            if hi < 100 * lo:  # at least two decades, so a flat profile looks flat
+                mid = math.sqrt(lo * hi)
+                ax.set_ylim(mid / 10, mid * 10)
+        ax.set_title(_LABELS[q], fontsize=9)
+        ax.set_xlabel("sublayer")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or _scheme(report), fontsize=10)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -691,7 +716,8 @@ Builds the model exactly as `anydepth train` would with the same options (same s
 init), or loads a trained one with --checkpoint (a run, checkpoint or save_pretrained directory),
 runs one forward and backward on the first N training batches of the run's corpus (--batches,
 default 4; --train.batch_size and --train.seq_len set their shape), prints the verdict and writes
-diagnose.json and diagnose.png under --out (default runs/diagnose-<UTC time>). Nothing is trained.
+diagnose.json, diagnose.png (heatmap) and profiles.png (lines) under --out (default
+runs/diagnose-<UTC time>). Nothing is trained.
 
   anydepth diagnose --preset postnorm --model.depth=64 --model.dim=64 --train.seq_len=64"""
 
@@ -755,6 +781,7 @@ def main(argv: Sequence[str]) -> int:
     print(report.verdict())
     print(f"report:  {paths['json']}")
     print(f"heatmap: {paths['png']}")
+    print(f"lines:   {paths['profiles']}")
     return 0
 
 
