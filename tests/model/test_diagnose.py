@@ -213,3 +213,29 @@ def test_cli_config_that_does_not_build_gives_the_builders_error(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "invalid model configuration [reversible-additive]" in lines[0]
+
+
+def test_cli_diagnoses_a_saved_model_and_reports_a_config_that_does_not_build(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    model = _model("admin", depth=2)
+    model.save_pretrained(tmp_path / "saved")
+    data = [f"--data.path={corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--train.seq_len=16"]
+    p = _cli("--checkpoint", str(tmp_path / "saved"), "--batches=1", *data, f"--out={tmp_path / 'd'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((tmp_path / "d" / "diagnose.json").read_text())
+    assert report["meta"]["residual"] == "admin" and len(report["residual_weights"]) == 4
+    assert report["residual_weights"][0]["w"] == pytest.approx(float(model.blocks[0].res_attn.omega))
+
+    cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    cfg["stack"] = {"kind": "reversible"}
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(cfg))
+    p = _cli("--checkpoint", str(tmp_path / "saved"), *data, cwd=tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid model configuration [reversible-additive]" in lines[0], p.stderr
+
+
+def test_cli_model_overrides_do_not_apply_to_a_checkpoint(tmp_path):
+    p = _cli("--checkpoint", str(tmp_path), "--model.depth=4", cwd=tmp_path)
+    assert p.returncode == 2 and "--model.depth does not apply to --checkpoint" in p.stderr
