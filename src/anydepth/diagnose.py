@@ -768,7 +768,10 @@ def main(argv: Sequence[str]) -> int:
             raise CliError(str(e).splitlines()[0]) from None
     seq_len = min(tc.seq_len, model.config.max_seq_len)
     try:
-        train_tokens, _ = load_corpus(cfg.data)
+        from anydepth.train.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_file(cfg.data.tokenizer, "data.tokenizer") if cfg.data.tokenizer else None
+        train_tokens, _ = load_corpus(cfg.data, tok)
         batches = [
             sample_batch(train_tokens, step=i, seed=tc.seed, batch_size=tc.batch_size, seq_len=seq_len)
             for i in range(n)
