@@ -239,3 +239,25 @@ def test_cli_diagnoses_a_saved_model_and_reports_a_config_that_does_not_build(tm
 def test_cli_model_overrides_do_not_apply_to_a_checkpoint(tmp_path):
     p = _cli("--checkpoint", str(tmp_path), "--model.depth=4", cwd=tmp_path)
     assert p.returncode == 2 and "--model.depth does not apply to --checkpoint" in p.stderr
+
+
+def test_hyper_connection_gradients_equal_autograd_of_the_same_loss():
+    # the fused hyper-connection kernels may write a gradient in place where nothing else holds it;
+    # the diagnostics hold every stream's gradient, which must come back intact
+    model = _model("hyper", depth=2)
+    (x, y), = _batches(1, b=4, seq=32)
+    r = diagnose(model, [(x, y)], output_change=False)
+    first = model.blocks[0].first_residual
+    h = first.expand(model.embed(x)[0])
+    streams = []
+    for blk in model.blocks:
+        for res, br in zip(blk.residuals(), blk.branches()):
+            h = res(h, br)
+            streams.append(h)
+    logits = model.logits(model.norm(first.reduce(h)))
+    loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+    sg = torch.autograd.grad(loss, streams, retain_graph=True)
+    assert r.stream_grad_rms == pytest.approx([float(g.pow(2).mean().sqrt()) for g in sg], rel=1e-5)
+    blk = model.blocks[1]
+    gp = torch.autograd.grad(loss, list(blk.attn.parameters()) + list(blk.res_attn.parameters()))
+    assert r.grad_norm[2] == pytest.approx(float(torch.sqrt(sum(g.double().pow(2).sum() for g in gp))), rel=1e-5)
