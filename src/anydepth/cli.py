@@ -26,9 +26,10 @@ from typing import Annotated, Any, Literal
 
 __all__ = ["main", "entry", "CliError", "parse_train_args", "GenerateArgs", "TokenizeArgs"]
 
-USAGE = """usage: anydepth {train,generate,tokenize,study} [options]
+USAGE = """usage: anydepth {train,diagnose,generate,tokenize,study} [options]
 
   train     train a model (no options: a 12-layer pre-LN LM on the Python stdlib, ~5 min on 2 cores)
+  diagnose  per-layer signals of a model at one forward and backward, with named findings
   generate  sample a continuation from a checkpoint
   tokenize  train a byte-level BPE tokenizer on local text and encode the corpus once
   study     the depth study (see `anydepth study --help`)
@@ -325,6 +326,12 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _diagnose(argv: list[str]) -> int:
+    from anydepth.diagnose import main as diagnose_main
+
+    return diagnose_main(argv)
+
+
 @dataclass(kw_only=True)
 class GenerateArgs:
     """``anydepth generate``: sample a continuation of ``--prompt`` from a trained checkpoint."""
@@ -525,10 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "generate": _generate, "tokenize": _tokenize, "study": _study}
+    handlers = {"train": _train, "diagnose": _diagnose, "generate": _generate, "tokenize": _tokenize, "study": _study}
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
-        hint = f"did you mean `anydepth {close[0]}`?" if close else "commands: train, generate, tokenize, study"
+        commands = "commands: train, diagnose, generate, tokenize, study"
+        hint = f"did you mean `anydepth {close[0]}`?" if close else commands
         print(f"anydepth: error: unknown command {command!r}; {hint}", file=sys.stderr)
         return 2
     try:

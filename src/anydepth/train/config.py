@@ -52,6 +52,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on stderr (rank 0 only)
     sample_tokens: int = 200  # length of the generated sample in the summary; 0 skips it
     sample_prompt: str = "def "  # prompt of that sample (bytes of this string for byte-level models)
+    diagnostics_every: int = 0  # steps between per-layer depth diagnostics in diagnostics.jsonl; 0: off
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -75,6 +76,9 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}; e.g. 0.9 0.95")
+        from anydepth.train.diagnostics import check_every
+
+        check_every(self.diagnostics_every, self.steps)
         _choice(self, "schedule", ("cosine", "constant"))
         _choice(self, "dtype", ("float32", "bfloat16"))
         _choice(self, "on_nan", ("stop", "skip"))

@@ -35,6 +35,7 @@ from anydepth.train import checkpoint as ckpt_io
 from anydepth.train import distributed as D
 from anydepth.train.config import RunConfig
 from anydepth.train.data import eval_batch, load_corpus, sample_batch, unigram_entropy_bits
+from anydepth.train.diagnostics import TrainingDiagnostics
 from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from anydepth.train.tokenizer import Tokenizer, text_bytes
 
@@ -259,6 +260,9 @@ class _Trainer:
             self._restore(self.resume)
         self.last_ckpt: str | None = str(self.resume.path) if self.resume is not None else None
         self.diverged_step: int | None = None
+        self.diagnostics = TrainingDiagnostics.for_run(
+            self.model, tc.diagnostics_every, self.out, start=self.start, main=info.is_main, sharded=self.sharded
+        )
 
     def _restore(self, ck: ckpt_io.Checkpoint) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -550,6 +554,8 @@ class _Trainer:
                     s["pending_steps"] += 1
                     if self.byte_lengths is not None:
                         s["pending_bytes"] = s.get("pending_bytes", 0) + self._batch_bytes(step - 1, y)
+                    if self.diagnostics is not None:
+                        self.diagnostics.after_step(step, x, y)
                 dt = time.perf_counter() - t0
                 s["train_time"] += dt
                 s["tokens"] += per_step_tokens
@@ -587,6 +593,8 @@ class _Trainer:
         summary = self._summary(step, diverged=False)
         if info.is_main and tc.sample_tokens:
             summary["sample"] = self._sample()
+        if self.diagnostics is not None:
+            summary["diagnostics"] = self.diagnostics.finish()
         self._finish(summary)
         return summary
 
