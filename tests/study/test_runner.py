@@ -25,7 +25,7 @@ def crashing_runner(spec, run_dir, progress):
 
 
 def _plan():
-    return full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 3, 4: 3})
+    return full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 3, 4: 3}, lr_sweep=False)
 
 
 def test_finished_runs_are_skipped_and_interrupted_runs_restart(tmp_path, monkeypatch):
@@ -42,15 +42,15 @@ def test_finished_runs_are_skipped_and_interrupted_runs_restart(tmp_path, monkey
     assert math.isnan(first[2]["curve"][1][1])
 
     # Simulate an interrupted run: the folder exists but result.json was never written.
-    (tmp_path / "runs" / "rezero-L4-s0" / "result.json").unlink()
-    (tmp_path / "runs" / "rezero-L4-s0" / "stale").write_text("partial")
+    (tmp_path / "runs" / "rezero-L4-lr1e-3-s0" / "result.json").unlink()
+    (tmp_path / "runs" / "rezero-L4-lr1e-3-s0" / "stale").write_text("partial")
     calls.clear()
     second = execute(specs, tmp_path, counting, progress=False)
-    assert calls == ["rezero-L4-s0"]
-    assert not (tmp_path / "runs" / "rezero-L4-s0" / "stale").exists()
+    assert calls == ["rezero-L4-lr1e-3-s0"]
+    assert not (tmp_path / "runs" / "rezero-L4-lr1e-3-s0" / "stale").exists()
     assert [r.get("resumed", False) for r in second] == [True, True, True, False]
     # NaN is stored as null (strict JSON) and the curve survives the round trip.
-    saved = json.loads((tmp_path / "runs" / "postln-L4-s0" / "result.json").read_text())
+    saved = json.loads((tmp_path / "runs" / "postln-L4-lr1e-3-s0" / "result.json").read_text())
     assert saved["curve"] == [[1, 5.0], [2, None]]
 
 
@@ -102,7 +102,24 @@ def test_read_metrics_splits_train_and_val_and_tolerates_a_torn_line(tmp_path):
 def test_estimate_scales_with_steps_depth_and_workers():
     specs = _plan().runs()
     one = runner_mod.estimate_seconds(specs, 1)
-    expected = sum(s.steps * (s.depth * runner_mod.SEC_PER_BLOCK_STEP + runner_mod.SEC_PER_STEP) for s in specs)
+    expected = sum(
+        s.steps * (s.depth * runner_mod.SEC_PER_BLOCK_STEP + runner_mod.SEC_PER_STEP) + runner_mod.SEC_PER_RUN
+        for s in specs
+    )
     assert one == pytest.approx(expected)
+    # calibrated step times replace the fallback cost model, per (scheme, depth)
+    rates = {(s.scheme, s.depth): 0.5 for s in specs}
+    assert runner_mod.estimate_seconds(specs, 1, rates) == pytest.approx(
+        sum(s.steps * 0.5 + runner_mod.SEC_PER_RUN for s in specs))
     # Two workers share the cores: they divide the time only when there are at least two cores.
     assert runner_mod.estimate_seconds(specs, 2) == pytest.approx(one / min(2, os.cpu_count() or 1))
+
+
+def test_calibrate_times_each_model_once():
+    from anydepth.study.runner import TrainerRunner, calibrate
+
+    specs = full_plan(schemes=["rezero", "postln"], depths=[1, 2], seeds=1, budgets={1: 3, 2: 3}).runs()
+    rates = calibrate(specs, TrainerRunner(), steps=1)
+    assert set(rates) == {(s, d) for s in ("rezero", "postln") for d in (1, 2)}
+    assert all(0 < r < 10 for r in rates.values())
+    assert calibrate(specs, lambda *a: {}) == {}  # a runner that builds no model is not calibrated

@@ -32,12 +32,12 @@ def _check_outputs(out, depths):
 
 
 def test_tiny_study_with_a_synthetic_runner_writes_report(tmp_path):
-    plan = full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 6, 4: 6})
+    plan = full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 6, 4: 6}, lr_sweep=False)
     res = run_study(plan, tmp_path, runner=synthetic_runner, unigram_bits=4.74, fc=False, output_change=False,
                     progress=False)
     report, results = _check_outputs(tmp_path, [2, 4])
     assert "## RZ-2:" in report and "| Post-LN, no warm-up |" in report
-    div = [r for r in results["runs"] if r["run_id"] == "postln-L4-s0"][0]
+    div = [r for r in results["runs"] if r["run_id"] == "postln-L4-lr1e-3-s0"][0]
     assert div["status"] == "diverged" and div["curve"][-1] == [3, None]
     assert "0/1 trained (diverged)" in report
     assert all(v.status == NOT_RUN for v in res["verdicts"])  # no claim is about depths 2 and 4
@@ -50,17 +50,30 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
     data = tmp_path / "corpus.txt"  # a small file keeps corpus loading out of the test's time
     data.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)))
     argv = ["--data", str(data), "--schemes", "rezero,postln", "--depths", "1,2", "--seeds", "1", "--steps", "3",
-            "--fc-depths", "2", "--fc-steps", "3", "--output-change-depths", "1,2", "--out", str(out),
-            "--no-progress"]
+            "--lrs", "1e-3,1e-2", "--fc-depths", "2", "--fc-steps", "3", "--output-change-depths", "1,2",
+            "--out", str(out), "--no-progress", "--deep", "--deep-depth", "3", "--deep-minutes", "0.02"]
     assert main(argv) == 0
-    assert "estimated" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "estimated" in printed and "calibrated on this machine" in printed and "time: " in printed
     report, results = _check_outputs(out, [1, 2])
-    for name in ("fc_curves.png", "output_change.png"):
+    for name in ("fc_curves.png", "output_change.png", "lr_sensitivity.png"):
         assert (out / name).exists() and f"]({name})" in report
+    # the LR grid of two points: every scheme at both rates at every depth, and its sensitivity in the results
+    assert {(r["scheme"], r["depth"], r["lr"]) for r in results["runs"]} == {
+        (s, d, lr) for s in ("rezero", "postln") for d in (1, 2) for lr in (1e-3, 1e-2)}
+    assert set(results["lr_sweep"]) == {"1", "2"}
+    assert all(row["sensitivity"] >= 0 for t in results["lr_sweep"].values() for row in t.values())
+    assert "## Choosing a scheme" in report and "- **Budget:** 3 steps at" in report
+    # the deep runs: one JSON each, with the figures the docs quote
+    deep = sorted((out / "deep").glob("*.json"))
+    assert [p.name for p in deep] == ["deepnorm-L3-lr1e-3-s0.json", "postln-L3-lr1e-3-s0.json"]
+    rec = json.loads(deep[0].read_text())
+    assert {"depth", "steps", "wall_s", "final_val_bpc", "unigram_bits"} <= set(rec) and rec["depth"] == 3
     assert {r["status"] for r in results["runs"]} <= {"ok", "diverged"}
+    assert len(results["deep"]) == 2
     for r in results["runs"]:
         assert [s for s, _ in r["curve"]] == [1, 2, 3]  # every step logged, curve read from metrics.jsonl
-    assert set(results["output_change"]) == {"postln", "preln", "admin"}
+    assert set(results["output_change"]) == {"postln", "preln", "admin", "chain-postln", "chain-preln", "chain-admin"}
     # A second start trains nothing: every run is loaded from its result.json.
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     assert main(argv) == 0
@@ -69,8 +82,18 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
 
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["--quick", "--depths", "12"]) == 2
-    assert "--quick fixes its schemes and depths" in capsys.readouterr().err
+    assert "--quick fixes its schemes, depths and rates" in capsys.readouterr().err
     assert main(["--schemes", "nope"]) == 2
     assert "unknown scheme(s) ['nope']" in capsys.readouterr().err
     assert main(["--workers", "0"]) == 2
     assert "--workers must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["--lrs", "1e-3,2"]) == 2
+    assert "lrs must be learning rates in (0, 1)" in capsys.readouterr().err
+    assert main(["--deep-minutes", "5"]) == 2
+    assert "--deep-minutes needs --deep" in capsys.readouterr().err
+    # an unknown flag: one line, exit 2 (argparse's own usage block would be seven)
+    with pytest.raises(SystemExit) as e:
+        main(["--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --bogus" in err

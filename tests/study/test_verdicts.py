@@ -109,11 +109,20 @@ def test_ad2_slopes():
     oc = {"postln": {str(L): 0.01 * L for L in depths},
           "admin": {str(L): 0.01 * math.log(L) for L in depths},
           "preln": {str(L): 0.005 for L in depths}}
+    # the exact construction measured at 5% off its closed form: the measurement is sound
+    s2 = V.OUTPUT_CHANGE_SIGMA**2
+    oc |= {"chain-postln": {str(L): 1.05 * L * s2 / 2 for L in depths},
+           **{f"chain-{k}": {str(L): 0.95 * s2 * sum(1 / (i + 1) for i in range(1, L + 1)) for L in depths}
+              for k in ("admin", "preln")}}
     v = V.ad2(V.Evidence([], unigram_bits=UNIGRAM, output_change=oc))
     assert v.details["slopes"]["postln"] == pytest.approx(1.0)
-    assert v.status == V.REPRODUCED
+    assert v.status == V.REPRODUCED, v.measured
     oc["admin"] = {str(L): 0.02 * L for L in depths}  # Admin also linear: not reproduced
     assert V.ad2(V.Evidence([], unigram_bits=UNIGRAM, output_change=oc)).status == V.NOT_REPRODUCED
+    # a chain 30% off its closed form means the measurement itself is wrong: no verdict on the claim
+    oc["chain-postln"] = {str(L): 1.3 * L * s2 / 2 for L in depths}
+    broken = V.ad2(V.Evidence([], unigram_bits=UNIGRAM, output_change=oc))
+    assert broken.status == V.FAILED and "postln 1.30x" in broken.measured
     assert V.ad2(V.Evidence([], unigram_bits=UNIGRAM)).status == V.NOT_RUN
 
 
@@ -145,3 +154,38 @@ def test_decide_returns_every_claim_once():
     out = V.decide(V.Evidence([], unigram_bits=UNIGRAM))
     assert [v.claim for v in out] == ["RZ-1", "RZ-2", "RZ-2b", "RZ-3", "AD-1", "AD-2", "DN-1", "NR-2", "HC-2"]
     assert all(v.status == V.NOT_RUN for v in out)
+
+
+def test_budget_rule_undecided_is_not_not_reproduced():
+    """A reference that ends less than 1 bpc under the unigram entropy leaves its claim undecided; the same
+    curves shifted 1 bpc lower decide it (here: reproduced)."""
+    def runs(floor):
+        return [rec("postln", 64, c=curve(5.0, 0.05, 100, floor=5.0)),  # stays at the unigram: fails
+                rec("rezero", 64, c=curve(5.0, 0.05, 100, floor=floor)),
+                rec("deepnorm", 64, c=curve(5.0, 0.05, 100, floor=floor)),
+                rec("preln", 64, c=curve(5.0, 0.05, 100, floor=floor)),
+                rec("admin", 64, c=curve(5.0, 0.05, 100, floor=floor))]
+    short = V.Evidence(runs(UNIGRAM - 0.8), unigram_bits=UNIGRAM)  # trained, but only 0.8 below
+    for claim in (V.rz3, V.dn1, V.ad1):
+        v = claim(short)
+        assert v.status == V.UNDECIDED, (v.claim, v.measured)
+        assert "budget" in v.measured
+    assert V.rz3(short).details["budgets"] == {"64": 100}
+    long = V.Evidence(runs(UNIGRAM - 1.2), unigram_bits=UNIGRAM)
+    for claim in (V.rz3, V.dn1):
+        assert claim(long).status == V.REPRODUCED, claim(long).measured
+    # AD-1 is decided now: (b) holds, (c) does not (Admin equals pre-LN), so not reproduced
+    assert V.ad1(long).status == V.NOT_REPRODUCED and "(parts decided: b, c)" in V.ad1(long).measured
+    # a reference that diverged decides nothing either
+    blown = runs(UNIGRAM - 1.2)
+    blown[1] = rec("rezero", 64, status="diverged", c=[[1, 5.0], [2, math.nan]], val=math.nan)
+    assert V.rz3(V.Evidence(blown, unigram_bits=UNIGRAM)).status == V.UNDECIDED
+
+
+def test_claims_read_only_the_claim_rate():
+    """Runs of the learning-rate sweep (other rates) do not enter a claim's seed groups."""
+    runs = [rec("postln", 64, c=curve(5.0, 0.05, 100, floor=5.0)), rec("rezero", 64, c=curve(5.0, 0.05, 100))]
+    runs += [{**rec("rezero", 64, c=curve(5.0, 0.05, 100, floor=5.0)), "lr": 1e-2}]
+    ev = V.Evidence(runs, unigram_bits=UNIGRAM)
+    assert len(ev.group("rezero", 64)) == 1 and len(ev.group("rezero", 64, lr=1e-2)) == 1
+    assert V.rz3(ev).status == V.REPRODUCED

@@ -10,7 +10,9 @@ Every output lands in ``--out``; starting the same command again skips finished 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -20,15 +22,14 @@ from typing import Any
 
 from anydepth.study import fc as fc_mod
 from anydepth.study import output_change as oc_mod
+from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
 from anydepth.study.report import write_report
-from anydepth.study.runner import Runner, TrainerRunner, estimate_seconds, execute
-from anydepth.study.sweep import SCHEMES, Plan, full_plan, quick_plan
+from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute
+from anydepth.study.sweep import SCHEMES, Plan, full_plan, quick_plan, validate_schemes
 from anydepth.study.verdicts import Evidence, decide
 
-# Seconds per FC step per layer (width 256, batch 100) and per output-change forward per layer,
-# measured on 2 contended cores; only for the estimate printed up front.
-SEC_PER_FC_LAYER_STEP = 0.0012
-SEC_PER_OC_LAYER = 0.15
+# Seconds per output-change forward per layer on 2 cores; only for the estimate printed up front.
+SEC_PER_OC_LAYER = 0.05
 
 
 def _cached(path: Path, compute: Callable[[], Any]) -> Any:
@@ -42,10 +43,20 @@ def _cached(path: Path, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def estimate_total_seconds(plan: Plan, workers: int = 1, *, fc: bool = True, oc: bool = True) -> float:
-    total = estimate_seconds(plan.runs(), workers)
+def estimate_total_seconds(
+    plan: Plan, workers: int = 1, *, fc: bool = True, oc: bool = True, lm: bool = True,
+    rates: dict[tuple[str, int], float] | None = None, fc_rates: dict[tuple[str, int], float] | None = None,
+) -> float:
+    """Seconds the plan will take: calibrated step times (``rates``, ``fc_rates``) where measured."""
+    total = 0.0
+    if lm:
+        # the following depths' runs are chosen later; their count is known (3 rates per scheme)
+        total += estimate_seconds(plan.runs() + plan.follow_placeholders(), workers, rates)
     if fc:
-        total += len(fc_mod.VARIANTS) * plan.fc_steps * sum(plan.fc_depths) * SEC_PER_FC_LAYER_STEP
+        fc_rates = fc_rates or {}
+        for d in plan.fc_depths:
+            for v in fc_mod.VARIANTS:
+                total += plan.fc_steps * fc_rates.get((v, d), 1.5e-5 * d * plan.fc_width**0.5)
     if oc:
         total += len(oc_mod.OUTPUT_CHANGE_SCHEMES) * sum(plan.output_change_depths) * SEC_PER_OC_LAYER
     return total
@@ -63,16 +74,24 @@ def run_study(
     output_change: bool = True,
     command: str = "anydepth study",
     oc_build: Callable | None = None,
+    lm: bool = True,
+    deep: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Runs ``plan`` into ``out`` (resuming) and writes the report; returns ``{"verdicts", "report"}``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = execute(plan.runs(), out, runner, workers=workers, progress=progress)
+    records = execute(plan.runs(), out, runner, workers=workers, progress=progress) if lm else []
+    if lm and plan.lr_follow:
+        records += execute(plan.follow_runs(records), out, runner, workers=workers, progress=progress)
+    fc_name = f"fc_L{'-'.join(map(str, plan.fc_depths))}_{plan.fc_steps}steps"
+    if (plan.fc_width, plan.fc_lr) != (256, 0.01):
+        fc_name += f"_w{plan.fc_width}_lr{plan.fc_lr:g}"
     fc_curves = (
         _cached(
-            out / f"fc_L{'-'.join(map(str, plan.fc_depths))}_{plan.fc_steps}steps.json",
-            lambda: fc_mod.run_fc(plan.fc_depths, plan.fc_steps, progress=progress),
+            out / f"{fc_name}.json",
+            lambda: fc_mod.run_fc(plan.fc_depths, plan.fc_steps, width=plan.fc_width, lr=plan.fc_lr,
+                                  progress=progress),
         )
         if fc and plan.fc_depths
         else {}
@@ -95,8 +114,12 @@ def run_study(
         "budgets": {str(k): v for k, v in plan.budgets.items()},
         "batch_size": plan.batch_size,
         "seq_len": plan.seq_len,
+        "lr_sweep": {str(d): {"schemes": list(sc), "lrs": list(lrs)} for d, (sc, lrs) in plan.lr_sweep.items()},
+        "lr_follow": {str(d): {"schemes": list(sc), "from_depth": src} for d, (sc, src) in plan.lr_follow.items()},
         "fc_depths": list(plan.fc_depths) if fc else [],
         "fc_steps": plan.fc_steps if fc else 0,
+        "fc_width": plan.fc_width,
+        "fc_lr": plan.fc_lr,
         "output_change_depths": list(plan.output_change_depths) if output_change else [],
     }
     report = write_report(
@@ -107,8 +130,18 @@ def run_study(
         command=command,
         fc_steps=plan.fc_steps if fc else None,
         elapsed_s=time.perf_counter() - t0,
+        deep=deep_rows(deep or []),
     )
     return {"verdicts": verdicts, "report": report}
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--{name} takes comma-separated numbers such as 1e-3,3e-3; got {text!r}"
+        ) from None
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -120,16 +153,22 @@ def _int_list(text: str, name: str) -> list[int]:
         ) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like `anydepth train`
+        self.exit(2, f"anydepth study: error: {message} (see anydepth study --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="anydepth study",
-        description="Which residual schemes train at 12, 64 and 128 layers: sweep, experiments, report.",
+        description="Which residual schemes train at 12, 64 and 256 layers, and at which learning rates: sweep, "
+        "experiments, report.",
     )
-    p.add_argument("--quick", action="store_true", help="the small study (under 10 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the small study (under 15 minutes on 2 cores)")
     p.add_argument("--data", default=None, help="training text file (default: bytes of the Python stdlib)")
     p.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per run (default: 3, quick: 1)")
-    p.add_argument("--depths", type=lambda s: _int_list(s, "depths"), default=None, help="e.g. 12,64,128")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per claim run (default: 3, quick: 1)")
+    p.add_argument("--depths", type=lambda s: _int_list(s, "depths"), default=None, help="e.g. 12,64,256")
     p.add_argument(
         "--schemes",
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -137,9 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of: {', '.join(SCHEMES)}",
     )
     p.add_argument("--steps", type=int, default=None, help="steps per run at every depth (overrides budgets)")
+    p.add_argument("--no-lr-sweep", action="store_true", help="only the claim runs at lr 1e-3")
+    p.add_argument("--lrs", type=lambda s: _float_list(s, "lrs"), default=None,
+                   help="the sweep's learning rates (default: 1e-4 to 3e-2, half a decade apart)")
+    p.add_argument("--no-lm", action="store_true", help="skip the language-model runs")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: cores // workers)")
     p.add_argument("--fc-steps", type=int, default=None, help="steps of the fully connected experiment")
-    p.add_argument("--fc-depths", type=lambda s: _int_list(s, "fc-depths"), default=None, help="e.g. 32,64")
+    p.add_argument("--fc-depths", type=lambda s: _int_list(s, "fc-depths"), default=None, help="e.g. 32,64,10000")
+    p.add_argument("--fc-width", type=int, default=None, help="width of the fully connected layers (default 256)")
+    p.add_argument("--fc-lr", type=float, default=None, help="Adagrad rate of the FC experiment (default 0.01)")
     p.add_argument(
         "--output-change-depths",
         type=lambda s: _int_list(s, "output-change-depths"),
@@ -148,31 +195,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-fc", action="store_true", help="skip the fully connected experiment")
     p.add_argument("--no-output-change", action="store_true", help="skip the output-change measurement")
+    p.add_argument("--deep", action="store_true",
+                   help="also train the deep transformer (1,000 blocks by default) and post-LN as its control")
+    p.add_argument("--deep-depth", type=int, default=None, help="blocks of the deep run (default 1000)")
+    p.add_argument("--deep-minutes", type=float, default=None, help="training minutes per deep scheme")
+    p.add_argument("--deep-schemes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                   help="deep schemes, the recommended one first and the control last (default deepnorm,postln)")
+    p.add_argument("--deep-lr", type=float, default=None, help="learning rate of the deep runs (default 1e-3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--publish",
         default=None,
-        help="also copy report.md, the PNGs and results.json here (e.g. docs/study for the README)",
+        help="also copy report.md, the PNGs, results.json and the deep runs' JSON here (e.g. docs/study)",
     )
     return p
 
 
+def _positive(name: str, value, kind=int):
+    if value is not None and (isinstance(value, bool) or not value > 0):
+        raise ValueError(f"--{name} must be a positive {'integer' if kind is int else 'number'}, got {value}")
+    return value
+
+
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    if args.quick and (args.depths or args.schemes):
-        raise ValueError("--quick fixes its schemes and depths; drop --quick to choose --depths/--schemes")
+    if args.quick and (args.depths or args.schemes or args.lrs):
+        raise ValueError("--quick fixes its schemes, depths and rates; drop --quick to choose --depths/--schemes/--lrs")
     if args.quick:
         plan = quick_plan(seeds=args.seeds or 1)
+        if args.no_lr_sweep:
+            plan = dataclasses.replace(plan, lr_sweep={})
     else:
-        plan = full_plan(schemes=args.schemes, depths=args.depths, seeds=args.seeds or 3)
+        plan = full_plan(schemes=args.schemes, depths=args.depths, seeds=args.seeds or 3,
+                         lr_sweep=not args.no_lr_sweep, lrs=args.lrs)
     changes: dict[str, Any] = {}
-    if args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if _positive("steps", args.steps) is not None:
         changes["budgets"] = {d: args.steps for d in plan.budgets}
-    if args.fc_steps is not None:
-        if args.fc_steps < 1:
-            raise ValueError(f"--fc-steps must be a positive integer, got {args.fc_steps}")
+    if _positive("fc-steps", args.fc_steps) is not None:
         changes["fc_steps"] = args.fc_steps
+    if _positive("fc-width", args.fc_width) is not None:
+        changes["fc_width"] = args.fc_width
+    if _positive("fc-lr", args.fc_lr, float) is not None:
+        changes["fc_lr"] = args.fc_lr
     for name in ("fc_depths", "output_change_depths"):
         depths = getattr(args, name)
         if depths is not None:
@@ -183,10 +246,26 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 raise ValueError(f"{flag} needs at least two depths to fit a growth rate; got {depths!r}")
             changes[name] = tuple(depths)
     if changes:
-        import dataclasses
-
         plan = dataclasses.replace(plan, **changes)
     return plan
+
+
+def deep_plan_from_args(args: argparse.Namespace) -> DeepPlan | None:
+    if not args.deep:
+        for flag in ("deep_depth", "deep_minutes", "deep_schemes", "deep_lr"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --deep")
+        return None
+    changes: dict[str, Any] = {}
+    if _positive("deep-depth", args.deep_depth) is not None:
+        changes["depth"] = args.deep_depth
+    if _positive("deep-minutes", args.deep_minutes, float) is not None:
+        changes["minutes"] = args.deep_minutes
+    if _positive("deep-lr", args.deep_lr, float) is not None:
+        changes["lr"] = args.deep_lr
+    if args.deep_schemes is not None:
+        changes["schemes"] = tuple(validate_schemes(args.deep_schemes))
+    return DeepPlan(**changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,49 +273,87 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         plan = plan_from_args(args)
+        deep_plan = deep_plan_from_args(args)
         if args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
+        _positive("threads", args.threads)
     except (ValueError, TypeError) as e:
         print(f"anydepth study: error: {e}", file=sys.stderr)
         return 2
-    fc, oc = not args.no_fc, not args.no_output_change
-    runs = plan.runs()
-    est = estimate_total_seconds(plan, args.workers, fc=fc, oc=oc)
+    fc, oc, lm = not args.no_fc, not args.no_output_change, not args.no_lm
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    runner = TrainerRunner(data_path=args.data, threads=threads)
+    progress = not args.no_progress
+    # The estimate is calibrated: a few timed steps of every model the study will train, on this machine.
+    t_cal = time.perf_counter()
+    with torch_threads(threads):
+        rates = calibrate(plan.runs() + plan.follow_placeholders(), runner) if lm else {}
+        fc_rates = ({(v, d): fc_mod.time_fc_step(v, d, width=plan.fc_width) for d in plan.fc_depths
+                     for v in fc_mod.VARIANTS} if fc else {})
+    t_cal = time.perf_counter() - t_cal
+    est = estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates)
+    if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
+        est += len(deep_plan.schemes) * (60 * deep_plan.minutes + 30)
+    runs = plan.runs() if lm else []
     print(
-        f"anydepth study ({plan.name}): {len(runs)} runs ({', '.join(plan.schemes)} at depths "
-        f"{', '.join(map(str, plan.depths))}, {len(plan.seeds)} seed(s)), "
+        f"anydepth study ({plan.name}): {len(runs) + (plan.follow_count() if lm else 0)} runs "
+        f"({', '.join(plan.schemes)} at depths {', '.join(map(str, plan.depths))}, {len(plan.seeds)} seed(s), "
+        f"learning-rate sweep at {', '.join(map(str, plan.lr_sweep)) or 'none'}), "
         f"{'FC experiment, ' if fc else ''}{'output change, ' if oc else ''}"
-        f"estimated {est / 60:.0f} min with {args.workers} worker(s); output in {args.out}",
+        f"{f'{deep_plan.depth}-block deep runs, ' if deep_plan else ''}"
+        f"estimated {est / 60:.0f} min with {args.workers} worker(s) x {threads} thread(s) "
+        f"(calibrated on this machine in {t_cal:.0f} s); output in {args.out}",
         flush=True,
     )
-    threads = 0
-    if args.workers > 1:
-        import os
-
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-    runner = TrainerRunner(data_path=args.data, threads=threads)
     from anydepth.train.data import load_corpus, unigram_entropy_bits
 
     train_tokens, _ = load_corpus(runner.data_config())
     unigram = float(unigram_entropy_bits(train_tokens))
     command = "anydepth study " + shlex.join(argv) if argv else "anydepth study"
-    result = run_study(
-        plan,
-        Path(args.out),
-        runner=runner,
-        unigram_bits=unigram,
-        workers=args.workers,
-        progress=not args.no_progress,
-        fc=fc,
-        output_change=oc,
-        command=command.strip(),
-    )
+    t0 = time.perf_counter()
+    with torch_threads(threads):
+        if deep_plan:
+            run_deep(deep_plan, Path(args.out), runner=runner, unigram_bits=unigram, progress=progress)
+        result = run_study(
+            plan,
+            Path(args.out),
+            runner=runner,
+            unigram_bits=unigram,
+            workers=args.workers,
+            progress=progress,
+            fc=fc,
+            output_change=oc,
+            command=command.strip(),
+            lm=lm,
+            deep=load_deep(Path(args.out)),
+        )
+    elapsed = time.perf_counter() - t0
     for v in result["verdicts"]:
         print(f"{v.claim:6s} {v.status:30s} {v.title}")
     print(f"report: {result['report']}")
+    print(f"time: {elapsed / 60:.1f} min (estimated {est / 60:.1f} min)")
     if args.publish:
         print(f"published: {publish(Path(args.out), Path(args.publish))}")
     return 0
+
+
+class torch_threads:
+    """``with torch_threads(n):`` sets torch's intra-op threads for the block (the study's own processes)."""
+
+    def __init__(self, n: int):
+        import torch
+
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        import torch
+
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.old)
 
 
 def publish(out: Path, dest: Path) -> Path:
@@ -248,6 +365,10 @@ def publish(out: Path, dest: Path) -> Path:
         old.unlink()  # plots of depths no longer in the study must not linger next to the new report
     for path in [out / "report.md", out / "results.json", *sorted(out.glob("*.png"))]:
         shutil.copy2(path, dest / path.name)
+    if (out / "deep").is_dir():
+        (dest / "deep").mkdir(exist_ok=True)
+        for path in sorted((out / "deep").glob("*.json")):
+            shutil.copy2(path, dest / "deep" / path.name)
     return dest / "report.md"
 
 

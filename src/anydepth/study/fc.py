@@ -56,16 +56,20 @@ class FCNet(nn.Module):
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
+        if self.variant == "rezero":
+            # one unbind, not alpha[i] per layer: indexing's backward writes a depth-long gradient at every
+            # layer, O(depth^2) per step (at 10,000 layers most of the step)
+            for layer, a in zip(self.layers, self.alpha.unbind(0)):
+                x = x + a * F.relu(layer(x))
+            return self.head(x)
+        for layer in self.layers:
             h = F.relu(layer(x))
             if self.variant == "vanilla":
                 x = h
             elif self.variant == "residual":
                 x = x + h
-            elif self.variant == "layernorm":
-                x = F.layer_norm(h, h.shape[-1:])
             else:
-                x = x + self.alpha[i] * h
+                x = F.layer_norm(h, h.shape[-1:])
         return self.head(x)
 
 
@@ -112,11 +116,32 @@ def train_fc(
 
 
 def run_fc(
-    depths: tuple[int, ...], steps: int, *, seed: int = 0, progress: bool = False
+    depths: tuple[int, ...], steps: int, *, seed: int = 0, width: int = 256, lr: float = 0.01,
+    progress: bool = False
 ) -> dict[str, dict[str, list[float]]]:
     """``{str(depth): {variant: losses}}`` for every variant at every depth (one shared dataset)."""
-    data = teacher_data(seed=0)
+    data = teacher_data(dim=width, seed=0)
     return {
-        str(d): {v: train_fc(v, d, steps=steps, seed=seed, data=data, progress=progress) for v in VARIANTS}
+        str(d): {v: train_fc(v, d, steps=steps, seed=seed, width=width, lr=lr, data=data, progress=progress)
+                 for v in VARIANTS}
         for d in depths
     }
+
+
+def time_fc_step(variant: str, depth: int, *, width: int = 256, batch_size: int = 100, steps: int = 2) -> float:
+    """Seconds per training step of one variant on this machine (median of ``steps`` after one untimed)."""
+    import time
+
+    net = FCNet(variant, depth, width=width)
+    opt = torch.optim.Adagrad(net.parameters(), lr=1e-4)
+    x, y = torch.randn(batch_size, width), torch.randint(0, 10, (batch_size,))
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from anydepth.study.runner import json_safe
-from anydepth.study.sweep import SCHEMES
+from anydepth.study.sweep import SCHEMES, lr_label
 from anydepth.study.verdicts import (
     NOT_RUN,
     Evidence,
@@ -76,16 +76,25 @@ def plot_curves(ev: Evidence, out: Path) -> list[Path]:
                 curve = r.get("curve") or []
                 if not curve:
                     continue
+                ok = trained(r, ev.unigram)
+                xs, ys = [s for s, _ in curve], ema([b for _, b in curve])
                 ax.plot(
-                    [s for s, _ in curve],
-                    ema([b for _, b in curve]),
+                    xs,
+                    ys,
                     color=f"C{i}",
                     lw=1.2,
+                    ls="-" if ok else "--",
                     alpha=0.9 if j == 0 else 0.5,
-                    label=_title(scheme) if j == 0 else None,
+                    label=(_title(scheme) + ("" if ok else " (failed)")) if j == 0 else None,
                 )
+                if not ok:  # where a failed run ended (or blew up): an x on its last finite point
+                    last = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+                    if last:
+                        ax.plot(*last[-1], "x", color=f"C{i}", ms=8, mew=2)
         ax.axhline(ev.unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
-        ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)", title=f"{depth} layers")
+        ax.axhline(ev.unigram - 1.0, color="gray", ls=":", lw=0.8, label="unigram - 1 (decides a claim)")
+        ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)",
+               title=f"{depth} layers, {ev.budget(depth)} steps at lr 1e-3 (dashed, x: failed to train)")
         ax.set_ylim(top=min(ax.get_ylim()[1], ev.unigram + 2.5))
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / f"curves_L{depth}.png"))
@@ -149,8 +158,12 @@ def plot_final_vs_depth(ev: Evidence, out: Path) -> Path | None:
             else:
                 fx.append(depth)
         ax.plot(xs, ys, "o-", color=f"C{i}", label=_title(scheme))
-        ax.plot(fx, [top] * len(fx), "x", color=f"C{i}", ms=9, mew=2)
+        # failed runs: one row of x per scheme above the plot's data, so none hides another
+        ax.plot([d * 1.04 ** (i - 4) for d in fx], [top + 0.08 * i] * len(fx), "x", color=f"C{i}", ms=9, mew=2)
     ax.axhline(ev.unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
+    ax.axhline(top - 0.05, color="gray", ls=":", lw=0.6)
+    ax.text(0.02, 0.98, "x above the dotted line: failed to train (one row per scheme)", transform=ax.transAxes,
+            va="top", fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ev.depths())
     ax.set_xticklabels([str(d) for d in ev.depths()])
@@ -164,12 +177,23 @@ def plot_output_change(oc: dict[str, dict[str, float]], out: Path) -> Path | Non
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for scheme, values in oc.items():
+    from anydepth.study.output_change import theory_linear_chain
+    from anydepth.study.verdicts import OUTPUT_CHANGE_SIGMA
+
+    for i, scheme in enumerate(s for s in oc if not s.startswith("chain-")):
+        values = oc[scheme]
         depths = sorted(int(d) for d in values)
-        ax.plot(depths, [values[str(d)] for d in depths], "o-", label=_title(scheme))
+        ax.plot(depths, [values[str(d)] for d in depths], "o-", color=f"C{i}", label=f"Model S: {_title(scheme)}")
+        chain = oc.get(f"chain-{scheme}")
+        if chain:
+            ax.plot(depths, [chain[str(d)] for d in depths], "s--", color=f"C{i}", ms=4, lw=0.8,
+                    label=f"linear chain: {scheme}")
+            ax.plot(depths, [theory_linear_chain(scheme, d, OUTPUT_CHANGE_SIGMA) for d in depths], ":",
+                    color=f"C{i}", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set(xlabel="layers", ylabel="E ||F(x,W) - F(x,W+delta)||^2", title="Output change at init")
+    ax.set(xlabel="layers", ylabel="relative change of the final hidden state",
+           title="Output change at init (dotted: closed form of the chain)")
     ax.legend(fontsize=8)
     return _save(fig, out / "output_change.png")
 
@@ -213,6 +237,20 @@ def _run_table(ev: Evidence) -> list[str]:
     return lines
 
 
+_CLAIM_DEPTHS = {"RZ-2": (12,), "RZ-2b": (12,), "RZ-3": (64,), "AD-1": (12, 64), "DN-1": (12, 64)}
+
+
+def _budget_line(ev: Evidence, v: Verdict) -> str:
+    """The steps per run (at lr 1e-3, batch x context tokens each) behind a claim."""
+    if v.claim == "RZ-1":
+        return "the fully connected experiment's steps (below)"
+    if v.claim == "AD-2":
+        return "no training: a measurement at initialisation"
+    depths = _CLAIM_DEPTHS.get(v.claim, tuple(ev.depths()[:1]))
+    parts = [f"{ev.budget(d)} steps at {d} layers" for d in depths if ev.budget(d)]
+    return ", ".join(parts) or "no runs"
+
+
 def _num(x: float) -> str:
     return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else "n/a"
 
@@ -226,12 +264,16 @@ def write_report(
     command: str,
     fc_steps: int | None = None,
     elapsed_s: float | None = None,
+    deep: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Writes ``report.md``, the PNGs and ``results.json`` into ``out``; returns the report's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots: list[Path] = plot_curves(ev, out)
+    from anydepth.study.lr import choose_markdown, choose_table, plot_lr, sweep_table
+
     for p in (
+        plot_lr(ev, out),
         plot_steps_to_target(ev, out),
         plot_final_vs_depth(ev, out),
         plot_output_change(ev.oc, out),
@@ -259,7 +301,20 @@ def write_report(
     ]
     for v in verdicts:
         lines.append(f"| {v.claim}: {v.title} | **{v.status}** | {v.measured} |")
-    lines += ["", "## Runs", "", "Seed-mean final val bpc, and how many seeds trained.", ""]
+    choose = choose_table(ev, deep)
+    if choose:
+        lines += [
+            "",
+            "## Choosing a scheme",
+            "",
+            "Generated from `results.json` by `anydepth.study.lr.choose_table`: per depth, which schemes trained "
+            "(ended below the unigram entropy minus 0.15) at the claim rate, at which rates of the "
+            "sweep, their best validation bpc and what a step costs. The recommendation is the lowest best bpc "
+            "among the schemes that trained in every seed at lr 1e-3.",
+            "",
+            *choose_markdown(choose),
+        ]
+    lines += ["", "## Runs", "", "Seed-mean final val bpc at lr 1e-3, and how many seeds trained.", ""]
     lines += _run_table(ev) if ev.runs else ["No language-model runs."]
     for v in verdicts:
         lines += [
@@ -268,6 +323,7 @@ def write_report(
             "",
             f"- **Paper:** {v.paper}",
             f"- **Rule:** {v.rule}",
+            f"- **Budget:** {_budget_line(ev, v)}",
             f"- **Measured:** {v.measured or '-'}",
             f"- **Verdict:** {v.status}",
         ]
@@ -281,6 +337,10 @@ def write_report(
     report.write_text("\n".join(lines) + "\n")
 
     results = {
+        "choose": choose,
+        "lr_sweep": {str(d): {sc: {**row, "final": {lr_label(k): x for k, x in row["final"].items()}}
+                              for sc, row in t.items()} for d, t in sweep_table(ev).items()},
+        "deep": deep or [],
         "plan": plan,
         "command": command,
         "unigram_bits": ev.unigram,

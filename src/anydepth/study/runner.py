@@ -32,17 +32,61 @@ Runner = Callable[[RunSpec, Path, bool], dict[str, Any]]
 
 RESULT_FILE = "result.json"
 
-# Seconds per (block x step) of Model S and the fixed cost per step (embedding, head, optimiser, data)
-# on 2 idle CPU cores: 0.25 s per step at 12 blocks and 1.2 s at 64. Timing 20 steps on 2 cores shared
-# with other jobs gave 1 s and 5 s; the FLOP count puts idle cores about 4x faster (docs/study.md).
-# Used only for the estimate printed before a study starts; the progress bars show the real rate.
-SEC_PER_BLOCK_STEP = 0.018
-SEC_PER_STEP = 0.03
+# Fallback cost model for the estimate when no calibration is available (seconds per block-step and per
+# step of Model S on 2 idle CPU cores, docs/study.md "Budgets and time"). `anydepth study` calibrates on
+# the machine it runs on instead (`calibrate`): a few timed steps of every (scheme, depth) it will train.
+SEC_PER_BLOCK_STEP = 0.0045
+SEC_PER_STEP = 0.02
+SEC_PER_RUN = 3.0  # model build, corpus load, final evaluation and checkpoint of one run
 
 
-def estimate_seconds(specs: Iterable[RunSpec], workers: int = 1) -> float:
-    """Wall-clock estimate of training ``specs`` with ``workers`` processes sharing the cores."""
-    total = sum(s.steps * (s.depth * SEC_PER_BLOCK_STEP + SEC_PER_STEP) for s in specs)
+def calibrate(specs: Iterable[RunSpec], runner: Any, *, steps: int = 3) -> dict[tuple[str, int], float]:
+    """Seconds per training step of each distinct (scheme, depth) in ``specs``, timed on this machine.
+
+    Each model is built as ``runner`` builds it and trained for one untimed and ``steps`` timed Adam steps
+    on random bytes; the median step is kept. Runners without ``model_config`` get no calibration.
+    """
+    import torch
+
+    if not hasattr(runner, "model_config"):
+        return {}
+    from anydepth.model.build import build_model
+
+    rates: dict[tuple[str, int], float] = {}
+    for spec in specs:
+        key = (spec.scheme, spec.depth)
+        if key in rates:
+            continue
+        cfg = runner.model_config(spec)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        x = torch.randint(0, cfg.vocab_size, (spec.batch_size, spec.seq_len + 1))
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            logits = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+        rates[key] = sorted(times)[len(times) // 2]
+        del model, opt
+    return rates
+
+
+def estimate_seconds(
+    specs: Iterable[RunSpec], workers: int = 1, rates: dict[tuple[str, int], float] | None = None
+) -> float:
+    """Wall-clock estimate of training ``specs`` with ``workers`` processes sharing the cores, from the
+    calibrated ``rates`` (seconds per step) where given, else the fallback cost model."""
+    rates = rates or {}
+    total = 0.0
+    for s in specs:
+        per_step = rates.get((s.scheme, s.depth), s.depth * SEC_PER_BLOCK_STEP + SEC_PER_STEP)
+        total += s.steps * per_step + SEC_PER_RUN
     cores = os.cpu_count() or 1
     # Processes beyond the core count only share the same cores.
     return total / max(1, min(workers, cores))
@@ -89,12 +133,14 @@ class TrainerRunner:
     max_bytes: int | None = 4_000_000  # Model S setup: the first 4 MB of the corpus (None: all of it)
     eval_batches: int = 8  # validation batches at the end of each run
     threads: int = 0  # torch threads per run; 0 leaves torch's default
+    model: tuple[tuple[str, Any], ...] = ()  # ModelConfig fields replacing Model S's (the deep runs' width)
 
     def model_config(self, spec: RunSpec):
         from anydepth.model import presets
 
         scheme = SCHEMES[spec.scheme]
-        overrides = {**MODEL_S, "max_seq_len": spec.seq_len, **scheme.overrides, "depth": spec.depth}
+        overrides = {**MODEL_S, **dict(self.model), "max_seq_len": spec.seq_len, **scheme.overrides,
+                     "depth": spec.depth}
         return presets.get(scheme.preset, **overrides)
 
     def data_config(self):

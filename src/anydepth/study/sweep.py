@@ -1,17 +1,26 @@
-"""What the depth study runs: residual schemes x depths x seeds on one token budget per depth.
+"""What the depth study runs: residual schemes x depths x learning rates x seeds, one budget per depth.
 
 A *scheme* is a named model preset plus the warm-up it trains with (post-LN is run both without and
 with a linear warm-up over 10% of the steps, the reference of the ReZero paper's Table 2). A *run* is
-one scheme at one depth and one seed. Every run at a given depth gets the same number of steps, batch
-size and sequence length, so the comparison is at an equal token budget.
+one scheme at one depth, one learning rate and one seed. Every run at a given depth gets the same number
+of steps, batch size and sequence length, so the comparison is at an equal token budget.
+
+Two kinds of runs make a plan:
+
+- the *claim runs*: every scheme the claims need at ``BASE_LR`` with every seed of the plan;
+- the *learning-rate sweep* (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
+  training instabilities", arXiv 2309.14322): each scheme at every rate of ``LR_GRID`` (half a decade
+  apart, the same grid for every scheme at a depth), first seed only. A depth may instead *follow* a
+  shallower one: each scheme then runs the best rate it had there and that rate's two grid neighbours.
 
 The shared model is "Model S" of ``docs/study.md``: causal byte-level decoder, d_model 64, 4 heads,
-feed-forward 256, learned positions, context 64, batch 16, Adam(0.9, 0.98) at a constant lr 1e-3.
+feed-forward 256, learned positions, context 64, batch 16, Adam(0.9, 0.98) at a constant rate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +51,26 @@ SCHEMES: dict[str, Scheme] = {
     )
 }
 
-# Model S: small enough that a 64-layer model takes about a second per step on 2 CPU cores.
+# Model S. Its step on 2 idle CPU cores is dominated by per-layer overhead, not FLOPs: the measured
+# times per depth are in docs/study.md ("Budgets and time"); the estimate printed before a study is
+# calibrated on the machine that runs it (`anydepth.study.runner.calibrate`).
 MODEL_S: dict[str, Any] = {"dim": 64, "heads": 4, "max_seq_len": 64, "vocab_size": 256}
+
+BASE_LR = 1e-3  # the claim runs' rate: the ReZero paper's no-schedule comparison
+# Half a decade apart, 1e-4 .. 10^-1.5: the top rates are where pre-LN without warm-up or clipping diverges.
+LR_GRID: tuple[float, ...] = tuple(10 ** (-4 + k / 2) for k in range(6))
+
+
+def lr_label(lr: float) -> str:
+    """``1e-3``, ``3e-3``: a grid rate as people write it (10^-2.5 = 3.16e-3 is written 3e-3)."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    mant = lr / 10**exp
+    return f"{round(mant):d}e{exp:d}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
-    """One training run of the study: a scheme at a depth and a seed, with its budget."""
+    """One training run of the study: a scheme at a depth, a learning rate and a seed, with its budget."""
 
     scheme: str  # key of SCHEMES
     depth: int  # number of blocks
@@ -56,11 +78,11 @@ class RunSpec:
     steps: int  # optimiser steps (equal for every scheme at this depth)
     batch_size: int = 16
     seq_len: int = 64
-    lr: float = 1e-3  # constant after warm-up, as in the ReZero paper's no-schedule comparison
+    lr: float = BASE_LR  # constant after warm-up
 
     @property
     def run_id(self) -> str:
-        return f"{self.scheme}-L{self.depth}-s{self.seed}"
+        return f"{self.scheme}-L{self.depth}-lr{lr_label(self.lr)}-s{self.seed}"
 
     @property
     def warmup(self) -> int:
@@ -72,47 +94,102 @@ class RunSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """A study: which schemes at which depths, how many seeds and the step budget per depth."""
+    """A study: claim runs, the learning-rate sweep, the seeds and the step budget per depth."""
 
     name: str  # "quick", "full" or "custom"
-    cells: tuple[tuple[str, int], ...]  # (scheme, depth) pairs that are run
+    cells: tuple[tuple[str, int], ...]  # (scheme, depth) claim runs, at BASE_LR with every seed
     seeds: tuple[int, ...]
     budgets: dict[int, int]  # depth -> steps
     batch_size: int = 16
     seq_len: int = 64
+    # (scheme, depth) -> rates of the sweep (first seed). Every scheme at one depth gets the same rates.
+    lr_sweep: dict[int, tuple[tuple[str, ...], tuple[float, ...]]] = field(default_factory=dict)
+    # depth -> (schemes, source depth): each scheme runs its best rate at the source depth and the two
+    # neighbouring grid rates, once the source depth's sweep has finished.
+    lr_follow: dict[int, tuple[tuple[str, ...], int]] = field(default_factory=dict)
     fc_depths: tuple[int, ...] = (32, 64)  # ReZero paper's deep fully connected experiment
     fc_steps: int = 2000
+    fc_width: int = 256
+    fc_lr: float = 0.01  # Adagrad, as in the paper's notebook
     output_change_depths: tuple[int, ...] = (6, 12, 24, 48)  # Admin's amplification measurement
 
+    def _spec(self, scheme: str, depth: int, seed: int, lr: float) -> RunSpec:
+        return RunSpec(scheme=scheme, depth=depth, seed=seed, steps=self.budgets[depth], lr=lr,
+                       batch_size=self.batch_size, seq_len=self.seq_len)
+
     def runs(self) -> list[RunSpec]:
-        """Runs ordered cheapest first, so a short session finishes whole comparisons early."""
-        specs = [
-            RunSpec(
-                scheme=s,
-                depth=d,
-                seed=seed,
-                steps=self.budgets[d],
-                batch_size=self.batch_size,
-                seq_len=self.seq_len,
+        """The runs known before any result: claim runs and fixed sweeps, cheapest first."""
+        specs = {
+            s.run_id: s
+            for s in (
+                *(self._spec(sc, d, seed, BASE_LR) for sc, d in self.cells for seed in self.seeds),
+                *(self._spec(sc, d, self.seeds[0], lr) for d, (scs, lrs) in self.lr_sweep.items()
+                  for sc in scs for lr in lrs),
             )
-            for s, d in self.cells
-            for seed in self.seeds
+        }
+        return _cheapest_first(specs.values())
+
+    def follow_runs(self, records: list[dict[str, Any]]) -> list[RunSpec]:
+        """The runs of the following depths, chosen from the finished ``records`` of their source depth."""
+        specs: dict[str, RunSpec] = {}
+        for depth, (schemes, source) in self.lr_follow.items():
+            for scheme in schemes:
+                for lr in follow_rates(records, scheme, source):
+                    spec = self._spec(scheme, depth, self.seeds[0], lr)
+                    specs[spec.run_id] = spec
+        return _cheapest_first(specs.values())
+
+    def follow_count(self) -> int:
+        """Runs the following depths will add (3 per scheme; 2 where the best rate is at the grid's edge)."""
+        return len(self.follow_placeholders())
+
+    def follow_placeholders(self) -> list[RunSpec]:
+        """Stand-ins for the following depths' runs before their rates are known (3 per scheme), for the
+        time estimate."""
+        return [
+            dataclasses.replace(self._spec(s, d, self.seeds[0], BASE_LR), lr=lr)
+            for d, (schemes, _) in self.lr_follow.items()
+            for s in schemes
+            for lr in LR_GRID[:3]
         ]
-        return sorted(specs, key=lambda r: (r.depth * r.steps, r.seed, list(SCHEMES).index(r.scheme)))
 
     @property
     def depths(self) -> tuple[int, ...]:
-        return tuple(sorted({d for _, d in self.cells}))
+        return tuple(sorted({d for _, d in self.cells} | set(self.lr_sweep) | set(self.lr_follow)))
 
     @property
     def schemes(self) -> tuple[str, ...]:
         present = {s for s, _ in self.cells}
+        present |= {s for scs, _ in self.lr_sweep.values() for s in scs}
+        present |= {s for scs, _ in self.lr_follow.values() for s in scs}
         return tuple(s for s in SCHEMES if s in present)
 
 
-# Steps per depth: 600 at 12 layers as proposed in docs/study.md, fewer at depth where each step
-# costs more, so the full study stays within an overnight run on 2 cores.
-FULL_BUDGETS = {6: 600, 12: 600, 18: 400, 32: 300, 64: 200, 128: 120}
+def _cheapest_first(specs) -> list[RunSpec]:
+    """Cheapest first, so a short session finishes whole comparisons early."""
+    return sorted(specs, key=lambda r: (r.depth * r.steps, r.seed, r.lr, list(SCHEMES).index(r.scheme)))
+
+
+def follow_rates(records: list[dict[str, Any]], scheme: str, depth: int) -> list[float]:
+    """The grid rate with ``scheme``'s lowest final val bpc at ``depth`` and its two grid neighbours."""
+    from anydepth.study.verdicts import final_val
+
+    scores = {}
+    for r in records:
+        if r.get("scheme") == scheme and r.get("depth") == depth and r.get("status") == "ok":
+            v = final_val(r)
+            if math.isfinite(v):
+                scores[r["lr"]] = min(v, scores.get(r["lr"], math.inf))
+    if not scores:
+        return []
+    best = min(scores, key=scores.get)
+    i = min(range(len(LR_GRID)), key=lambda k: abs(math.log(LR_GRID[k] / best)))
+    return [LR_GRID[k] for k in (i - 1, i, i + 1) if 0 <= k < len(LR_GRID)]
+
+
+# Budgets in steps, from the measured Model S step on 2 idle cores (docs/study.md, "Budgets and time")
+# and the steps a stable scheme needs to end 1 bpc below the unigram entropy at each depth.
+FULL_BUDGETS = {12: 1000, 32: 600, 64: 600, 128: 500, 256: 400}
 
 
 def default_budget(depth: int) -> int:
@@ -129,42 +206,55 @@ def full_plan(
     depths: list[int] | None = None,
     seeds: int = 3,
     budgets: dict[int, int] | None = None,
+    lr_sweep: bool = True,
+    lrs: list[float] | None = None,
 ) -> Plan:
-    """Every scheme at every depth (default 12, 64, 128) with ``seeds`` seeds."""
+    """Every scheme at every depth (default 12, 64, 256) with ``seeds`` seeds at ``BASE_LR``; the whole
+    learning-rate grid at every depth up to 64 and, deeper, each scheme's best rate at 64 layers (or the
+    deepest swept depth) with its two neighbours."""
     schemes = validate_schemes(schemes or list(SCHEMES))
-    depths = validate_depths(depths or [12, 64, 128])
+    depths = validate_depths(depths or [12, 64, 256])
     seeds = validate_seeds(seeds)
     budgets = {d: (budgets or {}).get(d, default_budget(d)) for d in depths}
-    cells = tuple((s, d) for d in depths for s in schemes)
-    name = "full" if len(schemes) == len(SCHEMES) and depths == [12, 64, 128] else "custom"
-    return Plan(name=name, cells=cells, seeds=tuple(range(seeds)), budgets=budgets)
+    swept = [d for d in depths if d <= 64] or depths[:1]
+    # The claim runs (all seeds) stop at 64 layers: deeper, one seed per rate is what 2 cores allow.
+    cells = tuple((s, d) for d in depths for s in schemes if d in swept or not lr_sweep)
+    grid = tuple(sorted(validate_lrs(lrs))) if lrs is not None else LR_GRID
+    sweep = {d: (tuple(schemes), grid) for d in swept} if lr_sweep else {}
+    follow = {d: (tuple(schemes), max(swept)) for d in depths if d not in swept} if lr_sweep else {}
+    full = len(schemes) == len(SCHEMES) and depths == [12, 64, 256] and lr_sweep and grid == LR_GRID
+    name = "full" if full else "custom"
+    return Plan(name=name, cells=cells, seeds=tuple(range(seeds)), budgets=budgets, lr_sweep=sweep,
+                lr_follow=follow)
 
 
-# The quick study: the smallest set of runs that still decides RZ-2 (12-layer ReZero against post-LN),
-# RZ-3 and AD-1(b) (64-layer trainability), RZ-1 (fully connected, 64 layers) and AD-2 (output change).
-# Sizing (docs/study.md, "Budgets"): 20 timed steps of Model S took about 1 s per step at 12 layers and
-# 5 s at 64 on 2 cores shared with other jobs, roughly 4x slower than the FLOP count predicts for idle
-# cores (0.25 s and 1.2 s). With idle cores the plan below is about 7 minutes.
-QUICK_BUDGETS = {12: 120, 64: 50}
+# The quick study: the runs that decide RZ-2b and HC-2 (12 layers), RZ-3, AD-1(b) and DN-1 (64 layers,
+# pre-LN included), RZ-1 (fully connected, 64 layers) and AD-2 (output change), plus a reduced
+# learning-rate sweep at 64 layers. Sized from the measured step times to stay under 15 minutes on
+# 2 idle cores (docs/study.md, "Budgets and time").
+QUICK_BUDGETS = {12: 300, 64: 300}
 QUICK_CELLS: tuple[tuple[str, int], ...] = (
     ("postln", 12),
-    ("postln-warmup", 12),
     ("preln", 12),
     ("rezero", 12),
+    ("hyper4", 12),
     ("postln", 64),
+    ("preln", 64),
     ("rezero", 64),
     ("admin", 64),
     ("deepnorm", 64),
 )
+QUICK_LR_SWEEP = {64: (("preln", "deepnorm"), (LR_GRID[1], LR_GRID[2], LR_GRID[3]))}
 
 
 def quick_plan(*, seeds: int = 1) -> Plan:
-    """The ``--quick`` study (under 10 minutes on 2 idle CPU cores)."""
+    """The ``--quick`` study (under 15 minutes on 2 idle CPU cores)."""
     return Plan(
         name="quick",
         cells=QUICK_CELLS,
         seeds=tuple(range(validate_seeds(seeds))),
         budgets=dict(QUICK_BUDGETS),
+        lr_sweep=dict(QUICK_LR_SWEEP),
         fc_depths=(64,),
         fc_steps=300,
         output_change_depths=(6, 12, 24, 48),
@@ -185,8 +275,15 @@ def validate_schemes(schemes: list[str]) -> list[str]:
 def validate_depths(depths: list[int]) -> list[int]:
     bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
     if bad or not depths:
-        raise ValueError(f"depths must be positive integers such as 12,64,128; got {depths!r}")
+        raise ValueError(f"depths must be positive integers such as 12,64,256; got {depths!r}")
     return sorted(set(depths))
+
+
+def validate_lrs(lrs: list[float]) -> list[float]:
+    bad = [x for x in lrs if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1]
+    if bad or not lrs:
+        raise ValueError(f"lrs must be learning rates in (0, 1) such as 1e-3,3e-3; got {lrs!r}")
+    return list(dict.fromkeys(float(x) for x in lrs))
 
 
 def validate_seeds(seeds: int) -> int:

@@ -7,7 +7,10 @@ measurements to a :class:`Verdict` whose status is one of
 - ``not reproduced at this scale``: the runs finished and the rule does not hold (or the gap is inside
   seed noise where the rule asks for a difference);
 - ``failed to run``: a run the rule needs crashed (divergence is *not* a crash: it is a measurement);
-- ``not run``: the study did not include the runs the rule needs (e.g. ``--quick``).
+- ``not run``: the study did not include the runs the rule needs (e.g. ``--quick``);
+- ``undecided: budget too small``: the claim's reference scheme did not end at least
+  ``DECIDE_MARGIN_BPC`` below the unigram entropy at that depth, so the runs were too short to say
+  anything about training at depth (never reported as "not reproduced").
 
 Shared definitions (docs/study.md, "Definitions"):
 
@@ -32,7 +35,12 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced at this scale"
 FAILED = "failed to run"
 NOT_RUN = "not run"
-STATUSES = (REPRODUCED, NOT_REPRODUCED, FAILED, NOT_RUN)
+UNDECIDED = "undecided: budget too small"
+STATUSES = (REPRODUCED, NOT_REPRODUCED, FAILED, NOT_RUN, UNDECIDED)
+
+BASE_LR = 1e-3  # the claim runs' rate (anydepth.study.sweep.BASE_LR); the LR sweep's other rates are not claims
+OUTPUT_CHANGE_SIGMA = 0.05  # relative weight perturbation of AD-2 (anydepth.study.output_change.measure)
+DECIDE_MARGIN_BPC = 1.0  # a claim is decided only if its reference ended this far below the unigram entropy
 
 EMA_DECAY = 0.9
 FAIL_MARGIN_BPC = 0.15  # "failed to train": final EMA within this of the unigram entropy
@@ -135,10 +143,37 @@ class Evidence:
         self.fc = fc or {}
         self.oc = output_change or {}
 
-    def group(self, scheme: str, depth: int) -> list[dict[str, Any]]:
+    def group(self, scheme: str, depth: int, lr: float = BASE_LR) -> list[dict[str, Any]]:
+        """The runs of ``scheme`` at ``depth`` and learning rate ``lr`` (the claim runs by default)."""
         return sorted(
-            (r for r in self.runs if r["scheme"] == scheme and r["depth"] == depth), key=lambda r: r["seed"]
+            (
+                r
+                for r in self.runs
+                if r["scheme"] == scheme and r["depth"] == depth and math.isclose(r.get("lr", BASE_LR), lr)
+            ),
+            key=lambda r: r["seed"],
         )
+
+    def budget(self, depth: int) -> int | None:
+        """Steps per run at ``depth`` (equal for every run there), or None without runs."""
+        steps = [r["steps"] for r in self.runs if r["depth"] == depth and "steps" in r]
+        return max(steps) if steps else None
+
+    def undecided(self, v: Verdict, scheme: str, depth: int) -> Verdict | None:
+        """``v`` marked undecided if ``scheme`` (the claim's reference) did not end at least
+        ``DECIDE_MARGIN_BPC`` below the unigram entropy at ``depth`` (final val bpc, seed mean)."""
+        ref = mean(self.vals(scheme, depth))
+        v.details.setdefault("budgets", {})[str(depth)] = self.budget(depth)
+        v.details.setdefault("reference", {})[f"{scheme}-L{depth}"] = ref
+        if math.isfinite(ref) and ref <= self.unigram - DECIDE_MARGIN_BPC:
+            return None
+        v.status = UNDECIDED
+        v.measured = (
+            f"reference {scheme} at {depth} layers ended at {_fmt(ref)} val bpc after {self.budget(depth)} steps, "
+            f"not {DECIDE_MARGIN_BPC:.1f} below the unigram entropy {self.unigram:.3f}: the budget is too small "
+            "to decide"
+        )
+        return v
 
     def missing(self, cells: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
         """``(not_run, crashed)`` among ``cells``: run ids the study lacks, and ones that errored."""
@@ -197,7 +232,8 @@ def rz1(ev: Evidence) -> Verdict:
         rule="At every FC depth: (a) ReZero's EMA loss reaches 1.0 within 1/4 of the steps of the best other "
         "variant (a variant that never reaches it counts as needing more than the budget); (c) ReZero's "
         "final EMA loss <= 0.5x the best other's. At 64 layers also (b) Vanilla and Residual each exceed "
-        "10x chance (23.0) in the first 100 steps or end at EMA loss >= 1.8.",
+        "10x chance (23.0) in the first 100 steps or end at EMA loss >= 1.8; at 1,000 layers and more instead (d) "
+        "ReZero's final EMA loss is at most half of chance (1.15) and no other variant's is.",
         status=NOT_RUN,
     )
     if not ev.fc:
@@ -219,7 +255,13 @@ def rz1(ev: Evidence) -> Verdict:
             f"(budget {budget}); final EMA loss ReZero {_fmt(finals['rezero'])}, best other "
             f"{_fmt(best_final)}; (a) {'holds' if a else 'fails'}, (c) {'holds' if c else 'fails'}"
         )
-        if int(depth) >= 64:
+        if int(depth) >= 1000:
+            # the ReZero tutorial's 10,000 layers: only ReZero gets below half of chance
+            d = finals["rezero"] <= CHANCE_FC / 2 and all(finals[k] > CHANCE_FC / 2 for k in others)
+            holds.append(d)
+            half = f"{CHANCE_FC / 2:.2f}"
+            line += f", (d) only ReZero ends at or below half of chance ({half}): {'holds' if d else 'fails'}"
+        elif int(depth) >= 64:
             b = all(
                 any(not math.isfinite(x) or x > 10 * CHANCE_FC for x in curves[k][:100]) or finals[k] >= 1.8
                 for k in ("vanilla", "residual")
@@ -249,7 +291,7 @@ def rz2(ev: Evidence, depth: int = 12) -> Verdict:
         status=NOT_RUN,
     )
     cells = [("postln-warmup", depth), ("rezero", depth), ("preln", depth)]
-    if _precheck(ev, cells, v):
+    if _precheck(ev, cells, v) or ev.undecided(v, "postln-warmup", depth):
         return v
     ref = ev.group("postln-warmup", depth)
     half = ref[0]["steps"] // 2
@@ -282,7 +324,7 @@ def rz2b(ev: Evidence, depth: int = 12) -> Verdict:
         "ends >= 1 bpc above ReZero.",
         status=NOT_RUN,
     )
-    if _precheck(ev, [("postln", depth), ("rezero", depth)], v):
+    if _precheck(ev, [("postln", depth), ("rezero", depth)], v) or ev.undecided(v, "rezero", depth):
         return v
     present = [s for s in ("postln", "postln-warmup", "preln", "rezero") if ev.group(s, depth)]
     finals = {s: mean(ev.emas(s, depth)) for s in present}
@@ -309,7 +351,7 @@ def rz3(ev: Evidence, depth: int = 64) -> Verdict:
         "seed-mean final EMA bpc at least 0.5 below the unigram entropy.",
         status=NOT_RUN,
     )
-    if _precheck(ev, [("postln", depth), ("rezero", depth)], v):
+    if _precheck(ev, [("postln", depth), ("rezero", depth)], v) or ev.undecided(v, "rezero", depth):
         return v
     rz = mean(ev.emas("rezero", depth))
     post_fails = ev.none_trained("postln", depth)
@@ -334,7 +376,7 @@ def dn1(ev: Evidence) -> Verdict:
         "of both post-LN and pre-LN.",
         status=NOT_RUN,
     )
-    if _precheck(ev, [("postln", 64), ("deepnorm", 64), ("preln", 64)], v):
+    if _precheck(ev, [("postln", 64), ("deepnorm", 64), ("preln", 64)], v) or ev.undecided(v, "deepnorm", 64):
         return v
     dn, pre = mean(ev.vals("deepnorm", 64)), mean(ev.vals("preln", 64))
     ok64 = ev.none_trained("postln", 64) and ev.all_trained("deepnorm", 64) and dn <= pre + 0.15
@@ -375,7 +417,11 @@ def ad1(ev: Evidence) -> Verdict:
     cells_a = [("postln-warmup", 12), ("preln", 12), ("admin", 12)]
     not_run, crashed = ev.missing(cells_a)
     crashed_all += crashed
-    if not not_run and not crashed:
+    undecided_parts = []
+    if not not_run and not crashed and ev.undecided(Verdict("", "", "", "", NOT_RUN), "preln", 12):
+        undecided_parts.append("a")
+        lines.append(f"(a) undecided: pre-LN at 12 layers ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
+    elif not not_run and not crashed:
         trains = all(ev.all_trained(s, 12) for s, _ in cells_a)
         post, pre = mean(ev.vals("postln-warmup", 12)), mean(ev.vals("preln", 12))
         parts["a"] = trains and post <= pre
@@ -385,7 +431,10 @@ def ad1(ev: Evidence) -> Verdict:
     post64 = "postln-warmup" if ev.group("postln-warmup", 64) else "postln"
     not_run, crashed = ev.missing([(post64, 64), ("admin", 64)])
     crashed_all += crashed
-    if not not_run and not crashed:
+    if not not_run and not crashed and ev.undecided(Verdict("", "", "", "", NOT_RUN), "admin", 64):
+        undecided_parts.append("b")
+        lines.append(f"(b) undecided: Admin at 64 layers ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
+    elif not not_run and not crashed:
         adm = mean(ev.emas("admin", 64))
         post = mean(ev.emas(post64, 64))
         post_bad = ev.none_trained(post64, 64) or not math.isfinite(post) or post >= adm + 0.3
@@ -399,6 +448,10 @@ def ad1(ev: Evidence) -> Verdict:
             "preln", d
         ):
             a, p = ev.vals("admin", d), ev.vals("preln", d)
+            if not mean(p) <= ev.unigram - DECIDE_MARGIN_BPC:
+                undecided_parts.append("c")
+                lines.append(f"(c) {d}L undecided: pre-LN ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
+                continue
             n = noise(a, p)
             c_results.append(mean(p) - mean(a) > n)
             lines.append(f"(c) {d}L val Admin {_fmt(mean(a))} vs pre-LN {_fmt(mean(p))}, noise {n:.3f}")
@@ -406,6 +459,9 @@ def ad1(ev: Evidence) -> Verdict:
         parts["c"] = all(c_results)
     if crashed_all:
         v.status, v.measured = FAILED, f"run(s) crashed: {', '.join(crashed_all)}"
+        return v
+    if not parts and undecided_parts:
+        v.status, v.measured = UNDECIDED, "; ".join(lines) + f" (budget: {ev.budget(64)} steps at 64 layers)"
         return v
     if not parts:
         v.measured = "needs Admin, pre-LN and post-LN runs at 12 or 64 layers"
@@ -429,13 +485,19 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
 
 
 def ad2(ev: Evidence) -> Verdict:
+    from anydepth.study.output_change import theory_linear_chain
+
     v = Verdict(
         claim="AD-2",
         title="Output change at init grows O(N) for post-LN, O(log N) for Admin",
-        paper="Admin (Liu et al. 2020, Fig. 4 and Thm. 2): |F(x,W) - F(x,W*)|^2 grows linearly with depth "
-        "for post-LN, logarithmically with Admin; pre-LN is lowest.",
-        rule="Log-log slope of the output change against depth: post-LN >= 0.7 (about linear); Admin <= 0.6 "
-        "and at least 0.3 below post-LN (clearly sub-linear); pre-LN at the largest depth <= 1.1x Admin's.",
+        paper="Admin (Liu et al. 2020, Sec. 4, Thm. 2, Fig. 4): the output change under a perturbation of the "
+        "residual branches grows linearly with the number of sublayers for post-LN and logarithmically for "
+        "pre-LN and Admin.",
+        rule="Relative change of the final hidden state when every branch weight matrix is perturbed by "
+        "N(0, (0.05 rms(W))^2). The exact construction (linear branches with LayerNorm) must match its "
+        "closed form within 20% at every depth, else the measurement is broken (failed to run). On Model S, "
+        "log-log slope against depth: post-LN >= 0.7 (about linear); Admin <= 0.6 and at least 0.3 below "
+        "post-LN (clearly sub-linear).",
         status=NOT_RUN,
     )
     needed = ("postln", "admin", "preln")
@@ -447,18 +509,28 @@ def ad2(ev: Evidence) -> Verdict:
     if len(depths) < 2 or not all(math.isfinite(x) and x > 0 for vals in values.values() for x in vals):
         v.status, v.measured = FAILED, "needs a positive finite output change at two or more depths"
         return v
+    chain = {}
+    for s in needed:
+        got = ev.oc.get(f"chain-{s}")
+        if got:
+            chain[s] = [got[str(d)] / theory_linear_chain(s, d, OUTPUT_CHANGE_SIGMA) for d in depths]
+    off = [f"{s} {r:.2f}x" for s, rs in chain.items() for r in rs if not 0.8 <= r <= 1.2]
+    if not chain or off:
+        v.status = FAILED
+        v.measured = "the exact construction does not match its closed form: " + (", ".join(off) or "not measured")
+        return v
     slopes = {s: loglog_slope(depths, values[s]) for s in needed}
-    ok = (
-        slopes["postln"] >= 0.7
-        and slopes["admin"] <= 0.6
-        and slopes["admin"] <= slopes["postln"] - 0.3
-        and values["preln"][-1] <= 1.1 * values["admin"][-1]
-    )
+    ok = slopes["postln"] >= 0.7 and slopes["admin"] <= 0.6 and slopes["admin"] <= slopes["postln"] - 0.3
     v.status = REPRODUCED if ok else NOT_REPRODUCED
-    v.measured = "log-log slopes: " + ", ".join(f"{s} {slopes[s]:.2f}" for s in needed) + (
-        f"; at L={depths[-1]}: " + ", ".join(f"{s} {values[s][-1]:.3g}" for s in needed)
+    v.measured = (
+        f"depths {', '.join(map(str, depths))}; log-log slopes: "
+        + ", ".join(f"{s} {slopes[s]:.2f}" for s in needed)
+        + f"; at L={depths[-1]}: "
+        + ", ".join(f"{s} {values[s][-1]:.3g}" for s in needed)
+        + "; exact construction / closed form: "
+        + ", ".join(f"{s} {min(r):.2f}-{max(r):.2f}" for s, r in chain.items())
     )
-    v.details = {"slopes": slopes, "depths": depths, "values": values}
+    v.details = {"slopes": slopes, "depths": depths, "values": values, "chain_over_theory": chain}
     return v
 
 
@@ -477,7 +549,7 @@ def nr2(ev: Evidence) -> Verdict:
         "<= 0.02 or inside noise; partial RMSNorm within 0.05 bpc of LayerNorm.",
         status=NOT_RUN,
     )
-    if _precheck(ev, [("preln", d), ("rms", d), ("prms", d)], v):
+    if _precheck(ev, [("preln", d), ("rms", d), ("prms", d)], v) or ev.undecided(v, "preln", d):
         return v
     ln, rms, prms = ev.vals("preln", d), ev.vals("rms", d), ev.vals("prms", d)
     speed = {s: mean([r.get("tokens_per_s") or math.nan for r in ev.group(s, d)]) for s in ("preln", "rms")}
@@ -504,7 +576,7 @@ def hc2(ev: Evidence) -> Verdict:
         "noise. (The DHCx1 / DHCx2 orderings of the paper are not part of this study.)",
         status=NOT_RUN,
     )
-    if _precheck(ev, [("preln", d), ("hyper4", d)], v):
+    if _precheck(ev, [("preln", d), ("hyper4", d)], v) or ev.undecided(v, "preln", d):
         return v
     base, hc = ev.vals("preln", d), ev.vals("hyper4", d)
     n = noise(base, hc)

@@ -1,0 +1,115 @@
+"""Very deep runs: a transformer of 1,000 blocks and the 10,000-layer fully connected ReZero network.
+
+DeepNet (Wang et al. 2022) trained 1,000-layer post-LN-style transformers with DeepNorm on GPUs; the
+ReZero paper's tutorial trains 10,000 fully connected layers. ``anydepth study --deep`` does both on a
+CPU: each scheme trains a narrow byte-level LM of ``depth`` blocks for as many steps as fit its time
+budget on this machine (the step is timed first, so the budget is in minutes, not steps), and post-LN
+runs at the same settings as the control. Every run writes one JSON record (depth, steps, wall time,
+final validation bpc, unigram entropy) beside its training folder, so the docs' figures can be checked.
+
+A deep run *trained* if its final validation bpc is at least ``DECIDE_MARGIN_BPC`` below the unigram
+entropy, the same bar that decides a claim in the study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anydepth.study.runner import TrainerRunner, calibrate, json_safe, run_one
+from anydepth.study.sweep import RunSpec
+from anydepth.study.verdicts import DECIDE_MARGIN_BPC, final_val
+
+# The deep model: narrow, so that the step is bounded by the per-layer overhead, which is what depth costs.
+DEEP_MODEL: dict[str, Any] = {"dim": 32, "heads": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepPlan:
+    schemes: tuple[str, ...] = ("deepnorm", "postln")  # the recommended scheme for the depth, then the control
+    depth: int = 1000
+    minutes: float = 13.0  # training budget per scheme (the step is timed, then steps = budget / step)
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 64
+    max_steps: int = 5000
+
+
+def plan_steps(seconds_per_step: float, plan: DeepPlan) -> int:
+    """Steps that fit ``plan.minutes`` at the measured step time (the final evaluation takes the rest)."""
+    return max(1, min(plan.max_steps, int(0.95 * plan.minutes * 60 / seconds_per_step)))
+
+
+def run_deep(plan: DeepPlan, out: Path, *, runner: TrainerRunner, unigram_bits: float, progress: bool = True,
+             seed: int = 0) -> list[dict[str, Any]]:
+    """Trains every scheme of ``plan``; returns and writes (``<out>/deep/<run_id>.json``) one record each.
+
+    The steps are set once, from the first scheme's timed step, and shared by every scheme of the plan, so
+    the control sees the same tokens.
+    """
+    deep_dir = Path(out) / "deep"
+    deep_dir.mkdir(parents=True, exist_ok=True)
+    runner = TrainerRunner(**{**runner.__dict__, "model": tuple(DEEP_MODEL.items())})
+    probe = RunSpec(scheme=plan.schemes[0], depth=plan.depth, seed=seed, steps=1, lr=plan.lr,
+                    batch_size=plan.batch_size, seq_len=plan.seq_len)
+    sec = calibrate([probe], runner, steps=2)[(probe.scheme, probe.depth)]
+    steps = plan_steps(sec, plan)
+    records = []
+    for scheme in plan.schemes:
+        spec = RunSpec(scheme=scheme, depth=plan.depth, seed=seed, steps=steps, lr=plan.lr,
+                       batch_size=plan.batch_size, seq_len=plan.seq_len)
+        t0 = time.perf_counter()
+        rec = run_one(runner, spec, deep_dir / "runs", progress)
+        val = final_val(rec)
+        summary = {
+            "scheme": scheme,
+            "depth": plan.depth,
+            "model": {**DEEP_MODEL, "max_seq_len": plan.seq_len},
+            "steps": steps,
+            "lr": plan.lr,
+            "batch_size": plan.batch_size,
+            "seq_len": plan.seq_len,
+            "seconds_per_step_timed": sec,
+            "wall_s": rec.get("wall_s", time.perf_counter() - t0),
+            "status": rec.get("status"),
+            "final_val_bpc": val,
+            "unigram_bits": unigram_bits,
+            "trained": math.isfinite(val) and val <= unigram_bits - DECIDE_MARGIN_BPC,
+            "tokens_per_s": rec.get("tokens_per_s"),
+            "curve": rec.get("curve", []),
+            "val_curve": rec.get("val_curve", []),
+        }
+        (deep_dir / f"{spec.run_id}.json").write_text(json.dumps(json_safe(summary), indent=1))
+        records.append(summary)
+    return records
+
+
+def load_deep(out: Path) -> list[dict[str, Any]]:
+    """The deep records written into ``<out>/deep/`` (none if the deep runs were not made)."""
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "deep").glob("*.json"))]
+
+
+def deep_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the "Choosing a scheme" table (``anydepth.study.lr.choose_table``) for the deep runs."""
+    from anydepth.study.sweep import lr_label
+
+    rows = []
+    for r in records:
+        val = r.get("final_val_bpc")
+        val = math.nan if val is None else float(val)
+        rows.append({
+            "depth": r["depth"],
+            "scheme": r["scheme"],
+            "trained_seeds": f"{int(bool(r.get('trained')))}/1",
+            "all_seeds_trained": bool(r.get("trained")),
+            "trained_lrs": [lr_label(r["lr"])] if r.get("trained") else [],
+            "best_bpc": val,
+            "best_lr": lr_label(r["lr"]),
+            "sensitivity": None,
+            "step_ms": 1000.0 * r["wall_s"] / max(1, r["steps"]),
+        })
+    return rows
