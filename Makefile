@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/anydepth train
+	$(BIN)/anydepth demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

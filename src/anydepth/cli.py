@@ -26,13 +26,14 @@ from typing import Annotated, Any, Literal
 
 __all__ = ["main", "entry", "CliError", "parse_train_args", "GenerateArgs", "TokenizeArgs"]
 
-USAGE = """usage: anydepth {train,diagnose,generate,tokenize,study} [options]
+USAGE = """usage: anydepth {train,diagnose,generate,tokenize,study,demo} [options]
 
   train     train a model (no options: a 12-layer pre-LN LM on the Python stdlib, ~5 min on 2 cores)
   diagnose  per-layer signals of a model at one forward and backward, with named findings
   generate  sample a continuation from a checkpoint
   tokenize  train a byte-level BPE tokenizer on local text and encode the corpus once
   study     the depth study (see `anydepth study --help`)
+  demo      the recommended scheme and post-LN at 48 layers, side by side (what `make demo` runs)
 
 `anydepth <command> --help` lists each command's options."""
 
@@ -525,6 +526,14 @@ def _study(argv: list[str]) -> int:
     return int(study_main(argv) or 0)
 
 
+def _demo(argv: list[str]) -> int:
+    from anydepth.study.demo import main as demo_main
+    from anydepth.train.malloc import retain_freed_memory
+
+    retain_freed_memory()
+    return int(demo_main(argv) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``anydepth`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -532,10 +541,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "diagnose": _diagnose, "generate": _generate, "tokenize": _tokenize, "study": _study}
+    handlers = {
+        "train": _train,
+        "diagnose": _diagnose,
+        "generate": _generate,
+        "tokenize": _tokenize,
+        "study": _study,
+        "demo": _demo,
+    }
     if command not in handlers:
         close = difflib.get_close_matches(command, list(handlers), n=1)
-        commands = "commands: train, diagnose, generate, tokenize, study"
+        commands = "commands: train, diagnose, generate, tokenize, study, demo"
         hint = f"did you mean `anydepth {close[0]}`?" if close else commands
         print(f"anydepth: error: unknown command {command!r}; {hint}", file=sys.stderr)
         return 2
