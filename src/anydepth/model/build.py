@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from anydepth.model.block import Block, CrossBlock
@@ -102,6 +103,7 @@ def build_stack(
     """The blocks of ``cfg`` wrapped in its stack, each sublayer told its position for depth-aware init."""
     n_sub = 3 if cross else 2
     blocks = []
+    stack_shared: dict[str, Any] = {}
     for layer in range(cfg.depth):
         shared: dict[str, Any] = {}
 
@@ -115,6 +117,7 @@ def build_stack(
                 n_enc_layers=n_enc_layers,
                 n_dec_layers=n_dec_layers,
                 shared=shared,
+                stack=stack_shared,
             )
 
         def attention(sub: int, is_cross: bool):
@@ -139,8 +142,37 @@ def build_stack(
             block = Block(attention(0, False), residual(0), ff, residual(ff_sub))
         for res, branch in zip(block.residuals(), block.branches()):
             res.init_branch_(branch)
+            init_output_projection_(branch, cfg.init, len(block.residuals()) * cfg.depth)
         blocks.append(block)
     return STACKS.build(cfg.stack, blocks=nn.ModuleList(blocks), dim=cfg.dim)
+
+
+def output_projections(branch: nn.Module) -> list[nn.Linear]:
+    """The linear layers whose output is the branch's output (attention ``to_out``, feed-forward
+    ``proj_out``): what depth-scaled init scales and :func:`anydepth.model.reparam.reparameterize` divides."""
+    out = [m for name in ("to_out", "proj_out") if isinstance(m := getattr(branch, name, None), nn.Linear)]
+    if not out:
+        raise TypeError(
+            f"{type(branch).__name__} has no output projection (an nn.Linear named to_out or proj_out); a branch "
+            "used with init='depth_scaled'/'zero_out' or reparameterize() must end in one"
+        )
+    return out
+
+
+def init_output_projection_(branch: nn.Module, init: str, n_residual: int) -> None:
+    """``init="depth_scaled"``: the branch's output projection times ``1/sqrt(n_residual)`` (GPT-2,
+    Radford et al. 2019: ``1/sqrt(2N)`` for N blocks of two sublayers); ``"zero_out"``: zero (each
+    branch starts as the zero map, SkipInit-style, De & Smith 2020); ``"default"``: untouched. Biases are
+    zero after every branch's own init and stay so. Applied once at build, after the residual's own
+    branch init."""
+    if init == "default":
+        return
+    with torch.no_grad():
+        for lin in output_projections(branch):
+            if init == "zero_out":
+                lin.weight.zero_()
+            else:
+                lin.weight.mul_(n_residual**-0.5)
 
 
 def build_model(cfg: ModelConfig | EncoderDecoderConfig | dict):
