@@ -44,6 +44,14 @@ def _streams(cfg: ModelConfig) -> int:
     return int(getattr(cfg.residual, "streams", getattr(_residual_cls(cfg), "streams", 1)))
 
 
+def _value_residual(cfg: ModelConfig) -> bool:
+    return getattr(cfg.attention, "value_residual", None) is not None
+
+
+def _stats_norm(cfg: ModelConfig) -> bool:
+    return cfg.norm.kind != "dyt"
+
+
 RULES: list[Rule] = [
     Rule(
         "reversible-single-stream",
@@ -72,6 +80,54 @@ RULES: list[Rule] = [
             f"{c.residual.kind} scales the skip (w*x + F(x), w > 1) to bound the output change of "
             "LN(w*x + F(x)); with pre-norm placement the skip is never normalised and w only inflates the "
             f"residual. Use placement='post' (the default) or residual='prenorm'."
+        ),
+    ),
+    Rule(
+        "value-residual-reversible",
+        lambda c: c.stack.kind == "reversible" and _value_residual(c),
+        lambda c: (
+            "value_residual mixes the first layer's values into every later layer (v_l = lam v_1 + (1 - lam) v_l); "
+            "the reversible stack recomputes each block on its own in backward, so the gradient through v_1 "
+            "would never reach the first layer. Use stack='sequential' or 'dense' with value_residual, or "
+            "drop value_residual to keep the reversible stack."
+        ),
+    ),
+    Rule(
+        "value-residual-layer-dropout",
+        lambda c: _value_residual(c) and getattr(c.stack, "layer_dropout", 0.0) > 0,
+        lambda c: (
+            "value_residual reads the first layer's values in every later layer; LayerDrop "
+            f"(layer_dropout={c.stack.layer_dropout}) may skip the first block, leaving no v_1 to mix. "
+            "Set layer_dropout=0 or drop value_residual."
+        ),
+    ),
+    Rule(
+        "post-norm-needs-statistics",
+        lambda c: c.residual.kind in ("admin", "deepnorm") and not _stats_norm(c),
+        lambda c: (
+            f"{c.residual.kind} up-weights the skip (w*x + F(x), w > 1) and relies on the norm after the sum to divide "
+            f"the scale back out; norm {c.norm.kind!r} has no statistics (tanh(alpha x) does not undo w), so the "
+            f"skip only saturates it. Use norm='layer' or 'rms' with {c.residual.kind}, or norm='dyt' with "
+            "residual='prenorm' or 'periln' (the placements of the DyT paper)."
+        ),
+    ),
+    Rule(
+        "zero-out-gated",
+        lambda c: c.init == "zero_out" and c.residual.kind == "rezero",
+        lambda c: (
+            "init='zero_out' zeroes each branch's output projection while ReZero's gate a starts at 0 too: "
+            "the gradient of a is F(x) = 0 and that of the projection is proportional to a = 0, so neither ever "
+            "moves and every block stays the identity. Use init='default' with rezero (its gate already "
+            "starts each block as the identity), or init='zero_out' with residual='prenorm'."
+        ),
+    ),
+    Rule(
+        "init-owned-by-deepnorm",
+        lambda c: c.init != "default" and c.residual.kind == "deepnorm",
+        lambda c: (
+            f"deepnorm initialises the value, output and feed-forward weights with its own gain beta; init={c.init!r} "
+            "would scale the output projections a second time and break the bound DeepNorm's alpha is derived "
+            "for. Use init='default' with deepnorm, or init='depth_scaled' with residual='prenorm'."
         ),
     ),
     Rule(

@@ -83,8 +83,10 @@ class LiteManifoldHyperConnection(ManifoldHyperConnection):
                 f"mhc_lite streams={streams!r} must be an int in [1, {MAX_STREAMS}]: H_res weighs all n! permutation "
                 f"matrices ({math.factorial(MAX_STREAMS)} at n={MAX_STREAMS}); use residual='mhc' (Sinkhorn) for more"
             )
-        if isinstance(identity_logit, bool) or not isinstance(identity_logit, int | float) or not math.isfinite(
-            identity_logit
+        if (
+            isinstance(identity_logit, bool)
+            or not isinstance(identity_logit, int | float)
+            or not math.isfinite(identity_logit)
         ):
             raise ValueError(f"mhc_lite identity_logit must be a finite number, got {identity_logit!r}")
         super().__init__(
