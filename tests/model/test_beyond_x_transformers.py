@@ -101,7 +101,8 @@ def _perturb(model, seed=0):
 
 @pytest.mark.parametrize(
     "flags",
-    [dict(), dict(sandwich=True), dict(qk_norm=True), dict(value_residual=True), dict(sandwich=True, value_residual=True)],
+    [dict(), dict(sandwich=True), dict(qk_norm=True), dict(value_residual=True)]
+    + [dict(sandwich=True, value_residual=True)],
     ids=["pre-ln", "sandwich", "qk-norm", "value-residual", "sandwich+value-residual"],
 )
 def test_same_logits_as_x_transformers_from_the_same_weights(flags):
