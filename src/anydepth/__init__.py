@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "RMSNorm": "anydepth.nn.norms",
     "PartialRMSNorm": "anydepth.nn.norms",
     "ScaleNorm": "anydepth.nn.norms",
+    "DyT": "anydepth.nn.norms",
     # attention, feed-forward, positions
     "FullAttention": "anydepth.nn.attention",
     "LocalAttention": "anydepth.nn.attention",
@@ -47,6 +48,9 @@ _LAZY: dict[str, str] = {
     "Admin": "anydepth.nn.residual",
     "DeepNorm": "anydepth.nn.residual",
     "LayerScale": "anydepth.nn.residual",
+    "PeriLN": "anydepth.nn.residual",
+    "LiteManifoldHyperConnection": "anydepth.nn.mhc_lite",
+    "DenseStack": "anydepth.nn.stack",
     "admin_profile_": "anydepth.nn.residual",
     "HyperConnection": "anydepth.nn.hyper",
     "ManifoldHyperConnection": "anydepth.nn.hyper",
@@ -55,6 +59,7 @@ _LAZY: dict[str, str] = {
     "build_model": "anydepth.model.build",
     "TransformerLM": "anydepth.model.lm",
     "EncoderDecoder": "anydepth.model.encdec",
+    "reparameterize": "anydepth.model.reparam",
     # training
     "RunConfig": "anydepth.train.config",
     "TrainConfig": "anydepth.train.config",

@@ -71,6 +71,14 @@ def test_each_rule_rejects_its_combination_with_its_name():
         "reversible-additive": dict(residual="postnorm", stack="reversible"),
         "post-norm-schemes": dict(residual=RESIDUALS.config("admin", placement="pre")),
         "multi-stream-final-norm": dict(residual=RESIDUALS.config("hyper", streams=2), final_norm=False),
+        "value-residual-reversible": dict(attention=ATTENTIONS.config("full", value_residual=True), stack="reversible"),
+        "value-residual-layer-dropout": dict(
+            attention=ATTENTIONS.config("full", value_residual=True),
+            stack=STACKS.config("sequential", layer_dropout=0.1),
+        ),
+        "post-norm-needs-statistics": dict(residual="admin", norm="dyt"),
+        "zero-out-gated": dict(residual="rezero", init="zero_out"),
+        "init-owned-by-deepnorm": dict(residual="deepnorm", init="depth_scaled"),
     }
     assert set(examples) == {r.name for r in RULES}, "every rule needs an example here"
     for name, kw in examples.items():

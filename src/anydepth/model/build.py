@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from anydepth.model.block import Block, CrossBlock
@@ -41,6 +42,14 @@ def _residual_cls(cfg: ModelConfig):
 
 def _streams(cfg: ModelConfig) -> int:
     return int(getattr(cfg.residual, "streams", getattr(_residual_cls(cfg), "streams", 1)))
+
+
+def _value_residual(cfg: ModelConfig) -> bool:
+    return getattr(cfg.attention, "value_residual", None) is not None
+
+
+def _stats_norm(cfg: ModelConfig) -> bool:
+    return cfg.norm.kind != "dyt"
 
 
 RULES: list[Rule] = [
@@ -74,6 +83,54 @@ RULES: list[Rule] = [
         ),
     ),
     Rule(
+        "value-residual-reversible",
+        lambda c: c.stack.kind == "reversible" and _value_residual(c),
+        lambda c: (
+            "value_residual mixes the first layer's values into every later layer (v_l = lam v_1 + (1 - lam) v_l); "
+            "the reversible stack recomputes each block on its own in backward, so the gradient through v_1 "
+            "would never reach the first layer. Use stack='sequential' or 'dense' with value_residual, or "
+            "drop value_residual to keep the reversible stack."
+        ),
+    ),
+    Rule(
+        "value-residual-layer-dropout",
+        lambda c: _value_residual(c) and getattr(c.stack, "layer_dropout", 0.0) > 0,
+        lambda c: (
+            "value_residual reads the first layer's values in every later layer; LayerDrop "
+            f"(layer_dropout={c.stack.layer_dropout}) may skip the first block, leaving no v_1 to mix. "
+            "Set layer_dropout=0 or drop value_residual."
+        ),
+    ),
+    Rule(
+        "post-norm-needs-statistics",
+        lambda c: c.residual.kind in ("admin", "deepnorm") and not _stats_norm(c),
+        lambda c: (
+            f"{c.residual.kind} up-weights the skip (w*x + F(x), w > 1) and relies on the norm after the sum to divide "
+            f"the scale back out; norm {c.norm.kind!r} has no statistics (tanh(alpha x) does not undo w), so the "
+            f"skip only saturates it. Use norm='layer' or 'rms' with {c.residual.kind}, or norm='dyt' with "
+            "residual='prenorm' or 'periln' (the placements of the DyT paper)."
+        ),
+    ),
+    Rule(
+        "zero-out-gated",
+        lambda c: c.init == "zero_out" and c.residual.kind == "rezero",
+        lambda c: (
+            "init='zero_out' zeroes each branch's output projection while ReZero's gate a starts at 0 too: "
+            "the gradient of a is F(x) = 0 and that of the projection is proportional to a = 0, so neither ever "
+            "moves and every block stays the identity. Use init='default' with rezero (its gate already "
+            "starts each block as the identity), or init='zero_out' with residual='prenorm'."
+        ),
+    ),
+    Rule(
+        "init-owned-by-deepnorm",
+        lambda c: c.init != "default" and c.residual.kind == "deepnorm",
+        lambda c: (
+            f"deepnorm initialises the value, output and feed-forward weights with its own gain beta; init={c.init!r} "
+            "would scale the output projections a second time and break the bound DeepNorm's alpha is derived "
+            "for. Use init='default' with deepnorm, or init='depth_scaled' with residual='prenorm'."
+        ),
+    ),
+    Rule(
         "multi-stream-final-norm",
         lambda c: _streams(c) > 1 and not c.final_norm,
         lambda c: (
@@ -102,6 +159,7 @@ def build_stack(
     """The blocks of ``cfg`` wrapped in its stack, each sublayer told its position for depth-aware init."""
     n_sub = 3 if cross else 2
     blocks = []
+    stack_shared: dict[str, Any] = {}
     for layer in range(cfg.depth):
         shared: dict[str, Any] = {}
 
@@ -115,6 +173,7 @@ def build_stack(
                 n_enc_layers=n_enc_layers,
                 n_dec_layers=n_dec_layers,
                 shared=shared,
+                stack=stack_shared,
             )
 
         def attention(sub: int, is_cross: bool):
@@ -139,8 +198,37 @@ def build_stack(
             block = Block(attention(0, False), residual(0), ff, residual(ff_sub))
         for res, branch in zip(block.residuals(), block.branches()):
             res.init_branch_(branch)
+            init_output_projection_(branch, cfg.init, len(block.residuals()) * cfg.depth)
         blocks.append(block)
     return STACKS.build(cfg.stack, blocks=nn.ModuleList(blocks), dim=cfg.dim)
+
+
+def output_projections(branch: nn.Module) -> list[nn.Linear]:
+    """The linear layers whose output is the branch's output (attention ``to_out``, feed-forward
+    ``proj_out``): what depth-scaled init scales and :func:`anydepth.model.reparam.reparameterize` divides."""
+    out = [m for name in ("to_out", "proj_out") if isinstance(m := getattr(branch, name, None), nn.Linear)]
+    if not out:
+        raise TypeError(
+            f"{type(branch).__name__} has no output projection (an nn.Linear named to_out or proj_out); a branch "
+            "used with init='depth_scaled'/'zero_out' or reparameterize() must end in one"
+        )
+    return out
+
+
+def init_output_projection_(branch: nn.Module, init: str, n_residual: int) -> None:
+    """``init="depth_scaled"``: the branch's output projection times ``1/sqrt(n_residual)`` (GPT-2,
+    Radford et al. 2019: ``1/sqrt(2N)`` for N blocks of two sublayers); ``"zero_out"``: zero (each
+    branch starts as the zero map, SkipInit-style, De & Smith 2020); ``"default"``: untouched. Biases are
+    zero after every branch's own init and stay so. Applied once at build, after the residual's own
+    branch init."""
+    if init == "default":
+        return
+    with torch.no_grad():
+        for lin in output_projections(branch):
+            if init == "zero_out":
+                lin.weight.zero_()
+            else:
+                lin.weight.mul_(n_residual**-0.5)
 
 
 def build_model(cfg: ModelConfig | EncoderDecoderConfig | dict):

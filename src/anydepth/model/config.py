@@ -34,6 +34,9 @@ COMPONENTS = {
 }
 
 
+INIT_SCHEMES = ("default", "depth_scaled", "zero_out")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """A decoder-only (``causal=True``) or encoder-only language model built by ``build_model``."""
@@ -56,10 +59,17 @@ class ModelConfig:
     final_norm: bool = True  # norm after the stack; pre-norm residuals need it to bound the output scale
     emb_dropout: float = 0.0  # dropout on token + position embeddings
     init_std: float = 0.02  # std of the normal init of embeddings and projections (GPT-2 convention)
+    init: str = "default"  # output projections: "default", "depth_scaled" (x 1/sqrt(2N), GPT-2) or "zero_out"
 
     def __post_init__(self) -> None:
         for name, reg in COMPONENTS.items():
             setattr(self, name, reg.resolve(getattr(self, name)))
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(
+                f"ModelConfig.init={self.init!r} is not one of {', '.join(map(repr, INIT_SCHEMES))}; use 'default' "
+                "(the branches' own init), 'depth_scaled' (output projections times 1/sqrt(2N), GPT-2) or "
+                "'zero_out' (output projections zero, SkipInit-style)"
+            )
         for name in ("vocab_size", "dim", "depth", "heads", "max_seq_len"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -79,8 +79,86 @@ def reformer(**kw: Any) -> ModelConfig:
     )
 
 
+def periln(**kw: Any) -> ModelConfig:
+    """Peri-LN (sandwich norm): ``x + LN(F(LN(x)))`` with a final LN (Kim et al. 2025; Gemma 2/3)."""
+    return ModelConfig(**{"residual": "periln", "norm": "layer", **kw})
+
+
+def dyt(**kw: Any) -> ModelConfig:
+    """Pre-LN placement with DyT, ``gamma*tanh(alpha*x) + beta``, in place of every LayerNorm (Zhu et al. 2025)."""
+    return ModelConfig(**{"residual": "prenorm", "norm": "dyt", **kw})
+
+
+def layer_scaling(**kw: Any) -> ModelConfig:
+    """Pre-LN with LayerNorm Scaling: the norm output times ``1/sqrt(l)`` at block l (Sun et al. 2025)."""
+    from anydepth.registry import RESIDUALS
+
+    return ModelConfig(**{"residual": RESIDUALS.config("prenorm", layer_scaling=True), "norm": "layer", **kw})
+
+
+def mhc_lite(**kw: Any) -> ModelConfig:
+    """mHC-lite with 4 streams: residual mixing as a convex combination of the 24 permutation matrices
+    (arXiv 2601.05732), pre-LN branches."""
+    from anydepth.registry import RESIDUALS
+
+    return ModelConfig(**{"residual": RESIDUALS.config("mhc_lite", streams=4), "norm": "layer", **kw})
+
+
+def denseformer(**kw: Any) -> ModelConfig:
+    """Pre-LN blocks in the DenseFormer stack: a learned depth-weighted average after each block
+    (Pagliardini et al. 2024)."""
+    return ModelConfig(**{"residual": "prenorm", "norm": "layer", "stack": "dense", **kw})
+
+
+def qk_norm(**kw: Any) -> ModelConfig:
+    """Pre-LN with qk-layernorm: q and k normalised per head (Dehghani et al. 2023; Wortsman et al. 2023)."""
+    from anydepth.registry import ATTENTIONS
+
+    attention = ATTENTIONS.config("full", qk_norm="layer")
+    return ModelConfig(**{"residual": "prenorm", "norm": "layer", "attention": attention, **kw})
+
+
+def value_residual(**kw: Any) -> ModelConfig:
+    """Pre-LN with value residual learning, ``v_l = 0.5 v_1 + 0.5 v_l`` (ResFormer, Zhou et al. 2024)."""
+    from anydepth.registry import ATTENTIONS
+
+    attention = ATTENTIONS.config("full", value_residual=True)
+    return ModelConfig(**{"residual": "prenorm", "norm": "layer", "attention": attention, **kw})
+
+
+def depth_scaled(**kw: Any) -> ModelConfig:
+    """Pre-LN with output projections times ``1/sqrt(2N)`` at init (GPT-2, Radford et al. 2019)."""
+    return ModelConfig(**{"residual": "prenorm", "norm": "layer", "init": "depth_scaled", **kw})
+
+
+def zero_out(**kw: Any) -> ModelConfig:
+    """Pre-LN with zero output projections at init: every block starts as the identity (SkipInit-style)."""
+    return ModelConfig(**{"residual": "prenorm", "norm": "layer", "init": "zero_out", **kw})
+
+
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
-    f.__name__: f for f in (prenorm, postnorm, rezero, admin, deepnorm, layerscale, hyper, rms, prms, reformer)
+    f.__name__: f
+    for f in (
+        prenorm,
+        postnorm,
+        rezero,
+        admin,
+        deepnorm,
+        layerscale,
+        hyper,
+        rms,
+        prms,
+        reformer,
+        periln,
+        dyt,
+        layer_scaling,
+        mhc_lite,
+        denseformer,
+        qk_norm,
+        value_residual,
+        depth_scaled,
+        zero_out,
+    )
 }
 
 

@@ -6,6 +6,7 @@ from anydepth.nn import (  # noqa: F401
     feedforward,
     hyper,
     lsh,
+    mhc_lite,
     norms,
     positional,
     residual,

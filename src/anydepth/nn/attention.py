@@ -37,9 +37,119 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.positional import apply_rotary
-from anydepth.registry import ATTENTIONS
+from anydepth.registry import ATTENTIONS, NORMS
 
-__all__ = ["Attention", "FullAttention", "LocalAttention"]
+__all__ = ["Attention", "FullAttention", "LocalAttention", "QKNorm", "ValueResidual", "QK_NORM_KINDS"]
+
+QK_NORM_KINDS = ("layer", "rms")
+
+
+class QKNorm(nn.Module):
+    """QK-norm: queries and keys normalised per head before the dot product (Dehghani et al. 2023,
+    "Scaling Vision Transformers to 22 Billion Parameters"; Wortsman et al. 2023, arXiv 2309.14322)::
+
+        q_h <- N_q(q_h),  k_h <- N_k(k_h)        over the dim_head features of each head
+
+    with ``N`` a LayerNorm or RMSNorm of width ``dim_head`` whose gain is shared by the heads (as in
+    ViT-22B, OLMo 2 per head, Gemma 3). The attention logits ``q.k / sqrt(d)`` are then bounded by the
+    gains, which removes the attention-logit growth that makes large learning rates diverge. Applied
+    before rotary phases, so cached keys are stored normalised.
+    """
+
+    def __init__(self, kind: str, dim_head: int):
+        super().__init__()
+        self.kind = check_qk_norm(kind)
+        self.q_norm = NORMS.build(kind, dim=dim_head)
+        self.k_norm = NORMS.build(kind, dim=dim_head)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q_norm(q), self.k_norm(k)
+
+
+def check_qk_norm(kind: Any) -> str | None:
+    if kind is None or kind in QK_NORM_KINDS:
+        return kind
+    raise ValueError(
+        f"attention qk_norm={kind!r} is not supported; use 'layer' (LayerNorm, as in Dehghani et al. 2023), "
+        "'rms' (RMSNorm) or None to leave queries and keys unnormalised"
+    )
+
+
+class ValueResidual(nn.Module):
+    """Value residual learning (Zhou et al. 2024, "Value Residual Learning For Alleviating Attention
+    Concentration In Transformers" (ResFormer), arXiv 2410.17897)::
+
+        v_l <- lambda * v_1 + (1 - lambda) * v_l          every self-attention layer l > 1
+
+    where ``v_1`` is the first layer's values (over the same keys, cached prefix included). ``lambda``
+    is fixed (the paper's 0.5) or, with ``learned=True``, a trainable scalar per layer starting at
+    ``lam``. The first layer of a stack publishes its values to the others through a holder shared by
+    the stack (``LayerContext.stack``), so the layers must run in order in one forward: the rule table
+    rejects the reversible stack and LayerDrop with it.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        lam: float = 0.5  # weight of the first layer's values; 0.5 in the paper
+        learned: bool = False  # a trainable lambda per layer (starting at lam) instead of a fixed one
+
+        def __post_init__(self) -> None:
+            lam = self.lam
+            if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
+                raise ValueError(
+                    f"value_residual lam={lam!r} is outside [0, 1]; v_l = lam * v_1 + (1 - lam) * v_l is a convex "
+                    "mix of the first layer's values and this layer's, e.g. lam=0.5 (the paper)"
+                )
+            if not isinstance(self.learned, bool):
+                raise ValueError(f"value_residual learned must be True or False, got {self.learned!r}")
+
+    def __init__(self, cfg: ValueResidual.Config, holder: dict, first: bool):
+        super().__init__()
+        self.first, self.learned, self.init = first, cfg.learned, float(cfg.lam)
+        object.__setattr__(self, "holder", holder)  # plain shared dict, not a submodule
+        if not first and cfg.learned:
+            self.lam = nn.Parameter(torch.full((), self.init))
+        else:
+            self.register_buffer("lam", torch.full((), self.init), persistent=False)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.lam.fill_(self.init)
+
+    def forward(self, v: Tensor) -> Tensor:
+        if self.first:
+            self.holder["v"] = v
+            return v
+        v1 = self.holder.get("v")
+        if v1 is None or v1.shape != v.shape:
+            got = None if v1 is None else tuple(v1.shape)
+            raise RuntimeError(
+                f"value residual: the first layer's values {got} do not match this layer's {tuple(v.shape)}; "
+                "the layers of a stack with value_residual must run in order in one forward"
+            )
+        return torch.lerp(v, v1, self.lam.to(v.dtype))
+
+    def extra_repr(self) -> str:
+        return f"first={self.first}, lam={self.init}, learned={self.learned}"
+
+
+def resolve_value_residual(value: Any) -> ValueResidual.Config | None:
+    """``None``/``False`` (off), ``True`` (defaults), a ``ValueResidual.Config`` or its dict -> config or None."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ValueResidual.Config()
+    if isinstance(value, ValueResidual.Config):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"lam", "learned"})
+        if unknown:
+            raise ValueError(f"value_residual has no option(s) {', '.join(unknown)}; its options are lam, learned")
+        return ValueResidual.Config(**value)
+    raise ValueError(
+        f"attention value_residual={value!r} is not supported; use None (off), True (lambda 0.5, fixed) or "
+        "ValueResidual.Config(lam=..., learned=...)"
+    )
 
 
 class Attention(nn.Module):
@@ -71,6 +181,8 @@ class Attention(nn.Module):
         post_dropout: float = 0.0,
         qkv_bias: bool = False,
         out_bias: bool = True,
+        qk_norm: str | None = None,
+        value_residual: ValueResidual | None = None,
     ):
         super().__init__()
         _check_int("dim", dim, 1)
@@ -98,6 +210,10 @@ class Attention(nn.Module):
             self.to_qkv = nn.Linear(dim, 2 * inner + v_inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim, bias=out_bias)
         self.post_dropout = nn.Dropout(post_dropout)
+        self.qk_norm = QKNorm(qk_norm, dim_head) if check_qk_norm(qk_norm) else None
+        if value_residual is not None and cross:
+            raise ValueError("value_residual mixes self-attention values across layers; cross-attention has none")
+        self.value_residual = value_residual
         if num_mem_kv:
             self.mem_k = nn.Parameter(torch.empty(heads, num_mem_kv, dim_head))
             self.mem_v = nn.Parameter(torch.empty(self.value_heads, num_mem_kv, dim_head))
@@ -133,6 +249,13 @@ class Attention(nn.Module):
             if self.num_mem_kv:
                 self.mem_k.normal_(0.0, 1.0)
                 self.mem_v.normal_(0.0, abs(beta))
+        for m in (self.qk_norm, self.value_residual):
+            if m is not None:
+                for sub in m.modules():
+                    if sub is not m and hasattr(sub, "reset_parameters"):
+                        sub.reset_parameters()
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
 
     # -------------------------------------------------------------------------------------- forward
 
@@ -172,6 +295,8 @@ class Attention(nn.Module):
                     "cross=True for cross-attention"
                 )
             q, k, v, key_mask, offset = self._project_self(x, mask, rotary, cache)
+            if self.value_residual is not None:
+                v = self.value_residual(v)
         attn_mask = self._check_attn_mask(attn_mask, b, n, k.shape[-2])
         out = self._attend(q, k, v, key_mask, attn_mask, offset)  # (b, h, n, d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
@@ -189,6 +314,8 @@ class Attention(nn.Module):
         inner, v_inner = self.heads * self.dim_head, self.value_heads * self.dim_head
         q, k, v = self.to_qkv(x).split([inner, inner, v_inner], dim=-1)
         q, k, v = self._heads(q, self.heads), self._heads(k, self.heads), self._heads(v, self.value_heads)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q, k)
         if rotary is not None:
             cos, sin, interleaved = _check_rotary(rotary, n, self.dim_head)
             # keys are rotated before they are cached, so a cached prefix keeps its own positions
@@ -231,6 +358,8 @@ class Attention(nn.Module):
             raise ValueError(f"mask must be a bool (batch={b}, seq) padding mask, got {got}")
         inner, v_inner = self.heads * self.dim_head, self.value_heads * self.dim_head
         q = self._heads(self.to_q(x), self.heads)
+        if self.qk_norm is not None:
+            q = self.qk_norm.q_norm(q)
         if cache is not None and "k" in cache:
             # the context is fixed while decoding: its keys and values were projected on the first call
             return q, cache["k"], cache["v"], cache.get("mask")
@@ -241,6 +370,8 @@ class Attention(nn.Module):
             raise ValueError(f"context batch {context.shape[0]} differs from the input's batch {b}")
         k, v = self.to_kv(context).split([inner, v_inner], dim=-1)
         k, v = self._heads(k, self.heads), self._heads(v, self.value_heads)
+        if self.qk_norm is not None:
+            k = self.qk_norm.k_norm(k)
         if context_mask is not None:
             _check_bool_mask("context_mask", context_mask, (b, context.shape[1]))
         if cache is not None:
@@ -362,6 +493,7 @@ class Attention(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, causal={self.causal}, "
             f"cross={self.cross}, num_mem_kv={self.num_mem_kv}, value_heads={self.value_heads}"
+            + (f", qk_norm={self.qk_norm.kind!r}" if self.qk_norm is not None else "")
         )
 
 
@@ -383,12 +515,18 @@ class FullAttention(Attention):
         post_dropout: float = 0.0  # on the layer output (reformer-pytorch's post_attn_dropout)
         qkv_bias: bool = False  # biases on q/k/v; most LMs drop them, nn.MultiheadAttention keeps them
         out_bias: bool = True  # bias of the output projection
+        qk_norm: str | None = None  # "layer" or "rms": normalise q and k per head (QKNorm); None: off
+        value_residual: Any = None  # True or ValueResidual.Config: v_l = lam v_1 + (1 - lam) v_l (ResFormer)
+
+        def __post_init__(self) -> None:
+            check_qk_norm(self.qk_norm)
+            self.value_residual = resolve_value_residual(self.value_residual)
 
     @classmethod
     def from_config(
         cls, cfg, *, dim: int, heads: int, dim_head: int | None, causal: bool, ctx=None, cross=False
     ):
-        return cls(dim, heads, dim_head, causal=causal, cross=cross, **_common(cfg))
+        return cls(dim, heads, dim_head, causal=causal, cross=cross, **_common(cfg, ctx, cross))
 
     def _attend(self, q, k, v, key_mask, attn_mask, offset) -> Tensor:
         return self._dense(q, k, v, key_mask, attn_mask, offset, window=None)
@@ -423,7 +561,7 @@ class LocalAttention(Attention):
     def from_config(
         cls, cfg, *, dim: int, heads: int, dim_head: int | None, causal: bool, ctx=None, cross=False
     ):
-        return cls(dim, heads, dim_head, window=cfg.window, causal=causal, cross=cross, **_common(cfg))
+        return cls(dim, heads, dim_head, window=cfg.window, causal=causal, cross=cross, **_common(cfg, ctx, cross))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}"
@@ -483,8 +621,23 @@ def _look_around(t: Tensor, look: int) -> Tensor:
     return torch.cat(parts, dim=-2)
 
 
-def _common(cfg) -> dict[str, Any]:
+def _value_residual(cfg, ctx, cross: bool) -> ValueResidual | None:
+    vr = resolve_value_residual(cfg.value_residual)
+    if vr is None or cross:
+        return None  # cross-attention values come from the context, not from the residual
+    if ctx is None:
+        raise ValueError(
+            "value_residual needs the layer's position (LayerContext with the stack's shared state); "
+            "build the model with build_model, or pass ctx=LayerContext(layer=..., stack=shared_dict)"
+        )
+    holder = ctx.stack.setdefault("value_residual", {})
+    return ValueResidual(vr, holder, first=ctx.layer == 0)
+
+
+def _common(cfg, ctx=None, cross: bool = False) -> dict[str, Any]:
     return {
+        "qk_norm": cfg.qk_norm,
+        "value_residual": _value_residual(cfg, ctx, cross),
         "num_mem_kv": cfg.num_mem_kv,
         "one_value_head": cfg.one_value_head,
         "dropout": cfg.dropout,

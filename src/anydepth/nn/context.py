@@ -24,6 +24,7 @@ class LayerContext:
     n_enc_layers: int = 0  # encoder depth N of an encoder-decoder model (DeepNorm's enc-dec constants)
     n_dec_layers: int = 0  # decoder depth M of an encoder-decoder model
     shared: dict[str, Any] = field(default_factory=dict)  # per-block state shared by its sublayers
+    stack: dict[str, Any] = field(default_factory=dict)  # state shared by every block of the stack (value residual)
 
     @property
     def index(self) -> int:

@@ -661,3 +661,58 @@ class ScaleNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
+
+
+@NORMS.register("dyt")
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu, Chen, He, LeCun & Liu, 2025, "Transformers without Normalization",
+    arXiv:2503.10622), a drop-in replacement for a norm layer with no statistics.
+
+    ``y = weight * tanh(alpha * x) + bias`` elementwise, with one learned scalar ``alpha``
+    (``alpha_init``, 0.5 in the paper) and per-channel ``weight`` (ones) and ``bias`` (zeros).
+    It squashes extreme activations like LayerNorm does in trained models, but does not rescale:
+    a positive scale of the input is *not* divided out. Half-precision inputs are computed in float32.
+    Constraints: ``dim >= 1``; ``alpha_init > 0`` (a non-positive alpha flips or flattens the map).
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        alpha_init: float = 0.5  # the paper's default; it lowers alpha for wider LLMs
+
+        def __post_init__(self) -> None:
+            _check_alpha("DyT.Config", self.alpha_init)
+
+    def __init__(self, dim: int, alpha_init: float = 0.5):
+        super().__init__()
+        self.dim = _check_dim("DyT", "dim", dim)
+        self.alpha_init = _check_alpha("DyT", alpha_init)
+        self.alpha = nn.Parameter(torch.full((), self.alpha_init))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    @classmethod
+    def from_config(cls, cfg: DyT.Config, *, dim: int) -> DyT:
+        return cls(dim, alpha_init=cfg.alpha_init)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input("DyT", x, self.dim)
+        dt = _opmath(x.dtype)
+        y = torch.tanh(self.alpha.to(dt) * x.to(dt))
+        return torch.addcmul(self.bias.to(dt), y, self.weight.to(dt)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, alpha_init={self.alpha_init}"
+
+
+def _check_alpha(owner: str, alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(
+            f"{owner}: alpha_init must be a finite number > 0 (the paper uses 0.5), got alpha_init={alpha!r}"
+        )
+    return float(alpha)

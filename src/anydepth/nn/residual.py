@@ -18,6 +18,7 @@ deepnorm   ``N(alpha * x + F(x))``        Wang et al. 2022, "DeepNet: Scaling Tr
                                           1,000 Layers"
 layerscale ``x + g * F(N(x))``, small g   Touvron et al. 2021, "Going deeper with Image
                                           Transformers" (CaiT)
+periln     ``x + N(F(N(x)))``             Kim et al. 2025, "Peri-LN" (sandwich norm, Gemma 2/3)
 ========== ============================== ==========================================================
 
 ``N`` is the norm the model is configured with (``NORMS.build(norm, dim=dim)``).
@@ -40,6 +41,7 @@ from anydepth.registry import NORMS, RESIDUALS
 __all__ = [
     "Residual",
     "PreNorm",
+    "PeriLN",
     "PostNorm",
     "ReZero",
     "Admin",
@@ -50,6 +52,7 @@ __all__ = [
     "admin_profile_",
     "deepnorm_constants",
     "layerscale_init",
+    "layer_scaling_factor",
 ]
 
 
@@ -171,12 +174,31 @@ def _as_dtype(t: Tensor, x: Tensor) -> Tensor:
 # pre- and post-norm
 
 
+def layer_scaling_factor(layer: int) -> float:
+    """LayerNorm Scaling's factor ``1/sqrt(l)`` for block ``l = layer + 1`` (Sun et al. 2025,
+    "The Curse of Depth in Large Language Models", arXiv 2502.05795)."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
+        raise ValueError(f"layer_scaling_factor: layer must be a 0-based block index >= 0, got {layer!r}")
+    return 1.0 / math.sqrt(layer + 1)
+
+
+def _check_scale(scale: Any, who: str) -> float:
+    scale = _check_float(scale, "scale", who)
+    if scale <= 0:
+        raise ValueError(f"{who}: scale must be > 0 (1/sqrt(l) for LayerNorm Scaling, 1 without), got {scale!r}")
+    return scale
+
+
 @RESIDUALS.register("prenorm")
 class PreNorm(Residual):
     """Pre-norm residual: ``x + F(N(x))`` (Xiong et al. 2020; the GPT-2 placement).
 
     The skip path never passes through a norm, so the residual grows with depth and the model needs
     a final norm after the stack (``ModelConfig.final_norm``).
+
+    ``layer_scaling=True`` is LayerNorm Scaling (Sun et al. 2025, arXiv 2502.05795):
+    ``x + F(N(x) / sqrt(l))`` at block ``l = 1..L``, which keeps the variance of deep pre-LN layers
+    from growing so fast that they become near-identities.
     """
 
     additive = True
@@ -184,19 +206,26 @@ class PreNorm(Residual):
 
     @dataclass(kw_only=True)
     class Config:
-        pass
+        layer_scaling: bool = False  # LayerNorm Scaling: the norm's output times 1/sqrt(l) at block l
 
-    def __init__(self, dim: int, *, norm: Any = "layer"):
+    def __init__(self, dim: int, *, norm: Any = "layer", scale: float = 1.0):
         super().__init__()
-        self.dim = _check_dim(dim, "PreNorm")
+        self.dim = _check_dim(dim, type(self).__name__)
         self.norm = _build_norm(norm, self.dim)
+        self.scale = _check_scale(scale, type(self).__name__)
 
     @classmethod
     def from_config(cls, cfg, *, dim: int, ctx: LayerContext | None = None, norm: Any = "layer"):
-        return cls(dim, norm=norm)
+        ctx = ctx or LayerContext()
+        scale = layer_scaling_factor(ctx.layer) if _layer_scaling(cfg) else 1.0
+        return cls(dim, norm=norm, scale=scale)
+
+    def _branch_input(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        return h if self.scale == 1.0 else h * self.scale
 
     def delta(self, x: Tensor, f, *args, **kwargs) -> Tensor:
-        return _call_branch(self, f, self.norm(x), args, kwargs)
+        return _call_branch(self, f, self._branch_input(x), args, kwargs)
 
     def forward(self, x: Tensor, f, *args, **kwargs) -> Tensor:
         return x + self.delta(x, f, *args, **kwargs)
@@ -227,6 +256,41 @@ class PostNorm(Residual):
 
     def forward(self, x: Tensor, f, *args, **kwargs) -> Tensor:
         return self.norm(x + _call_branch(self, f, x, args, kwargs))
+
+
+def _layer_scaling(cfg) -> bool:
+    value = cfg.layer_scaling
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{type(cfg).kind}: layer_scaling must be True (norm output times 1/sqrt(l) at block l) or False, "
+            f"got {value!r}"
+        )
+    return value
+
+
+@RESIDUALS.register("periln")
+class PeriLN(PreNorm):
+    """Peri-LN (sandwich norm): ``x + N_out(F(N_in(x)))`` (Kim et al. 2025, "Peri-LN: Revisiting Layer
+    Normalization in the Transformer Architecture", arXiv 2502.02732; Gemma 2/3; Ding et al. 2021's
+    CogView sandwich-LN).
+
+    A norm on both sides of the branch: the input norm as in pre-LN, and an output norm that bounds
+    what each branch adds to the skip, so the residual's variance grows steadily (not
+    exponentially with massive activations) while the skip itself is never normalised. Additive, so
+    it runs in the reversible stack; like pre-LN it needs the final norm. ``layer_scaling`` scales
+    the input norm's output by ``1/sqrt(l)`` as for :class:`PreNorm`.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        layer_scaling: bool = False  # LayerNorm Scaling on the input norm: times 1/sqrt(l) at block l
+
+    def __init__(self, dim: int, *, norm: Any = "layer", scale: float = 1.0):
+        super().__init__(dim, norm=norm, scale=scale)
+        self.norm_out = _build_norm(norm, self.dim)
+
+    def delta(self, x: Tensor, f, *args, **kwargs) -> Tensor:
+        return self.norm_out(_call_branch(self, f, self._branch_input(x), args, kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------

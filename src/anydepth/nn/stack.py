@@ -83,6 +83,86 @@ class SequentialStack(nn.Module):
         return first.reduce(x)
 
 
+@STACKS.register("dense")
+class DenseStack(nn.Module):
+    """DenseFormer: a depth-weighted average (DWA) of the embedding and every earlier block output after
+    each block (Pagliardini et al. 2024, "DenseFormer: Enhancing Information Flow in Transformers via
+    Depth Weighted Averaging", arXiv 2402.02622)::
+
+        X_0 = x,   X_i = block_i(Y_{i-1}),   Y_i = sum_{j <= i} alpha_{i,j} X_j   (Y_0 = X_0)
+
+    with learned scalars ``alpha`` initialised to the identity (``alpha_{i,i} = 1``, all others 0), so
+    at init ``Y_i = X_i`` and the stack is exactly the sequential one. ``dilation = k`` keeps only the
+    outputs ``j`` with ``i - j`` a multiple of k, and ``period = p`` averages only after every p-th block
+    (the paper's DxPy variants, which cut the O(L^2) weights and adds); the last block always averages.
+    Activation memory is that of the sequential stack (the outputs are held for backward anyway); the
+    extra work is ``L (L + 1) / (2 k p)`` scaled adds of the residual. The weights stay out of weight
+    decay, which would pull them away from the identity towards zero.
+    """
+
+    @dataclass(kw_only=True)
+    class Config:
+        dilation: int = 1  # average over every k-th earlier output only (DenseFormer's k)
+        period: int = 1  # average after every p-th block only (DenseFormer's p)
+
+    def __init__(self, blocks: nn.ModuleList, dilation: int = 1, period: int = 1):
+        super().__init__()
+        for name, v in (("dilation", dilation), ("period", period)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"dense stack {name} must be an int >= 1 (1 averages over all), got {v!r}")
+        self.blocks = blocks
+        self.dilation, self.period = dilation, period
+        n = len(blocks)
+        # sources[i]: indices j of X_j averaged after block i (X_{i+1} is block i's output); None: no DWA
+        self.sources: list[list[int] | None] = []
+        weights = []
+        for i in range(n):
+            if (i + 1) % period and i != n - 1:
+                self.sources.append(None)
+                continue
+            js = [j for j in range(i + 2) if (i + 1 - j) % dilation == 0]
+            self.sources.append(js)
+            weights.append(nn.Parameter(torch.empty(len(js))))
+        self.dwa = nn.ParameterList(weights)
+        self.reset_parameters()
+        _link_residuals(blocks, 0.0)
+
+    @classmethod
+    def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
+        return cls(blocks, dilation=cfg.dilation, period=cfg.period)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for w in self.dwa:
+                w.zero_()
+                w[-1] = 1.0  # the newest output: identity init
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return list(self.dwa)
+
+    def forward(self, x: Tensor, cache: list | None = None, **kw) -> Tensor:
+        first = self.blocks[0].first_residual
+        x = first.expand(x)
+        outs = [x]
+        k = 0
+        for i, block in enumerate(self.blocks):
+            x = block(x, **_per_block(kw, cache, i))
+            outs.append(x)
+            js = self.sources[i]
+            if js is None:
+                continue
+            w = self.dwa[k].to(x.dtype)
+            k += 1
+            # a running sum keeps one reference per output for backward instead of a stacked copy
+            x = outs[js[0]] * w[0]
+            for t, j in enumerate(js[1:], 1):
+                x = x + outs[j] * w[t]
+        return first.reduce(x)
+
+    def extra_repr(self) -> str:
+        return f"dilation={self.dilation}, period={self.period}"
+
+
 @STACKS.register("reversible")
 class ReversibleStack(nn.Module):
     """Reversible residual coupling over the blocks (RevNet; Reformer, Kitaev et al. 2020)::
