@@ -152,7 +152,7 @@ def test_hc2_and_nr2():
 
 def test_decide_returns_every_claim_once():
     out = V.decide(V.Evidence([], unigram_bits=UNIGRAM))
-    assert [v.claim for v in out] == ["RZ-1", "RZ-2", "RZ-2b", "RZ-3", "AD-1", "AD-2", "DN-1", "NR-2", "HC-2"]
+    assert [v.claim for v in out] == ["RZ-1", "RZ-2", "RZ-2b", "RZ-3", "AD-1", "AD-2", "DN-1", "NR-2", "HC-2", "QK-1"]
     assert all(v.status == V.NOT_RUN for v in out)
 
 
@@ -189,3 +189,24 @@ def test_claims_read_only_the_claim_rate():
     ev = V.Evidence(runs, unigram_bits=UNIGRAM)
     assert len(ev.group("rezero", 64)) == 1 and len(ev.group("rezero", 64, lr=1e-2)) == 1
     assert V.rz3(ev).status == V.REPRODUCED
+
+
+def test_qk1_lr_sensitivity_rule():
+    def sweep(scheme, finals):
+        out = []
+        for lr, val in finals.items():
+            c = [[1, 8.0]] + [[t, val if math.isfinite(val) else 5.0] for t in range(2, 30)]
+            out.append({**rec(scheme, 64, c=c, val=val, steps=29), "lr": lr,
+                        "status": "ok" if math.isfinite(val) else "diverged"})
+        return out
+
+    lrs = (1e-3, 3e-3, 1e-2)
+    runs = sweep("preln", dict(zip(lrs, (3.0, 3.2, math.nan)))) + sweep("qknorm", dict(zip(lrs, (3.0, 3.1, 3.3))))
+    v = V.qk1(V.Evidence(runs, unigram_bits=UNIGRAM))
+    # pre-LN: (0 + 0.2 + 5.0) / 3 = 1.73; qk-norm: (0 + 0.1 + 0.3) / 3 = 0.13
+    assert v.status == V.REPRODUCED, v.measured
+    runs = sweep("preln", dict(zip(lrs, (3.0, 3.2, 3.4)))) + sweep("qknorm", dict(zip(lrs, (3.0, 3.2, 3.4))))
+    assert V.qk1(V.Evidence(runs, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+    flat = sweep("preln", dict(zip(lrs, (3.0, 3.05, 3.1)))) + sweep("qknorm", dict(zip(lrs, (3.0, 3.0, 3.0))))
+    assert V.qk1(V.Evidence(flat, unigram_bits=UNIGRAM)).status == V.UNDECIDED  # nothing unstable to remove
+    assert V.qk1(V.Evidence(runs[:3], unigram_bits=UNIGRAM)).status == V.NOT_RUN

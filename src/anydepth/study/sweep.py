@@ -48,6 +48,16 @@ SCHEMES: dict[str, Scheme] = {
         Scheme(label="hyper4", preset="hyper", title="Hyper-connections, n = 4"),
         Scheme(label="rms", preset="rms", title="Pre-LN with RMSNorm"),
         Scheme(label="prms", preset="prms", title="Pre-LN with partial RMSNorm"),
+        # the techniques the field adopted since 2023 (docs/design.md, "Beyond the five papers")
+        Scheme(label="qknorm", preset="qk_norm", title="Pre-LN + qk-LayerNorm"),
+        Scheme(label="periln", preset="periln", title="Peri-LN (sandwich)"),
+        Scheme(label="dyt", preset="dyt", title="Pre-LN with DyT (no statistics)"),
+        Scheme(label="lns", preset="layer_scaling", title="Pre-LN + LayerNorm Scaling"),
+        Scheme(label="vres", preset="value_residual", title="Pre-LN + value residual"),
+        Scheme(label="mhclite", preset="mhc_lite", title="mHC-lite, n = 4"),
+        Scheme(label="dense", preset="denseformer", title="DenseFormer (pre-LN, DWA)"),
+        Scheme(label="gpt2init", preset="depth_scaled", title="Pre-LN, 1/sqrt(2N) output init"),
+        Scheme(label="zeroout", preset="zero_out", title="Pre-LN, zero output init"),
     )
 }
 

@@ -586,7 +586,43 @@ def hc2(ev: Evidence) -> Verdict:
     return v
 
 
-CLAIMS: tuple[Callable[[Evidence], Verdict], ...] = (rz1, rz2, rz2b, rz3, ad1, ad2, dn1, nr2, hc2)
+def qk1(ev: Evidence) -> Verdict:
+    from anydepth.study.lr import sweep_table
+
+    v = Verdict(
+        claim="QK-1",
+        title="qk-LayerNorm lowers learning-rate sensitivity",
+        paper="Wortsman et al. 2023 (Small-scale proxies, Fig. 1 and Sec. 3.1): without qk-layernorm, attention "
+        "logits grow at high rates and the loss diverges; with it, LR sensitivity drops at every model size.",
+        rule="At every depth where pre-LN and pre-LN + qk-LayerNorm were swept over the same rates: qk-norm's LR "
+        f"sensitivity is at most 0.8x pre-LN's. Undecided where pre-LN's best rate did not end "
+        f"{DECIDE_MARGIN_BPC:.0f} bpc under the unigram entropy, or where pre-LN's own sensitivity is under "
+        "0.1 bpc (the grid found no unstable rate to remove).",
+        status=NOT_RUN,
+    )
+    table = sweep_table(ev)
+    depths = [d for d, t in table.items() if "preln" in t and "qknorm" in t
+              and set(t["preln"]["final"]) == set(t["qknorm"]["final"])]
+    if not depths:
+        v.measured = "needs pre-LN and pre-LN + qk-norm swept over the same learning rates"
+        return v
+    holds, lines, undecided = [], [], []
+    for d in depths:
+        pre, qk = table[d]["preln"], table[d]["qknorm"]
+        line = f"{d}L: sensitivity pre-LN {_fmt(pre['sensitivity'])}, qk-norm {_fmt(qk['sensitivity'])}"
+        if not pre["best"] <= ev.unigram - DECIDE_MARGIN_BPC or pre["sensitivity"] < 0.1:
+            undecided.append(d)
+            lines.append(line + " (undecided)")
+            continue
+        holds.append(qk["sensitivity"] <= 0.8 * pre["sensitivity"])
+        lines.append(line)
+    v.measured = "; ".join(lines)
+    v.details = {"depths": depths, "undecided": undecided}
+    v.status = UNDECIDED if not holds else (REPRODUCED if all(holds) else NOT_REPRODUCED)
+    return v
+
+
+CLAIMS: tuple[Callable[[Evidence], Verdict], ...] = (rz1, rz2, rz2b, rz3, ad1, ad2, dn1, nr2, hc2, qk1)
 
 
 def decide(ev: Evidence) -> list[Verdict]:
