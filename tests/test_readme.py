@@ -27,3 +27,16 @@ def python_blocks():
 def test_python_examples_run(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(python_blocks()[index], f"README.md block {index}", "exec"), {})
+
+
+def test_readme_study_tables_follow_the_published_results():
+    """The README's verdict and "Choosing a scheme" tables are what `anydepth study --publish docs/study
+    --readme README.md` renders from docs/study/results.json."""
+    import json
+
+    from anydepth.study.readme import BLOCKS, blocks, render
+
+    results = json.loads((README.parent / "docs" / "study" / "results.json").read_text())
+    found = blocks(README.read_text())
+    assert set(found) == set(BLOCKS)
+    assert found == {k: v.strip() for k, v in render(results).items()}

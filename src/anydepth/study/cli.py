@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deep schemes, the recommended one first and the control last (default deepnorm,postln)")
     p.add_argument("--deep-lr", type=float, default=None, help="learning rate of the deep runs (default 1e-3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--readme", default=None,
+                   help="with --publish: rewrite this README's study tables from the published results.json")
     p.add_argument(
         "--publish",
         default=None,
@@ -274,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = plan_from_args(args)
         deep_plan = deep_plan_from_args(args)
+        if args.readme and not args.publish:
+            raise ValueError("--readme needs --publish (the README follows the published results.json)")
         if args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)
@@ -295,10 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
         est += len(deep_plan.schemes) * (60 * deep_plan.minutes + 30)
     runs = plan.runs() if lm else []
+    what = (
+        f"{len(runs) + plan.follow_count()} runs ({', '.join(plan.schemes)} at depths "
+        f"{', '.join(map(str, plan.depths))}, {len(plan.seeds)} seed(s), learning-rate sweep at "
+        f"{', '.join(map(str, plan.lr_sweep)) or 'none'}), "
+        if lm
+        else "no language-model runs, "
+    )
     print(
-        f"anydepth study ({plan.name}): {len(runs) + (plan.follow_count() if lm else 0)} runs "
-        f"({', '.join(plan.schemes)} at depths {', '.join(map(str, plan.depths))}, {len(plan.seeds)} seed(s), "
-        f"learning-rate sweep at {', '.join(map(str, plan.lr_sweep)) or 'none'}), "
+        f"anydepth study ({plan.name if lm else 'custom'}): {what}"
         f"{'FC experiment, ' if fc else ''}{'output change, ' if oc else ''}"
         f"{f'{deep_plan.depth}-block deep runs, ' if deep_plan else ''}"
         f"estimated {est / 60:.0f} min with {args.workers} worker(s) x {threads} thread(s) "
@@ -334,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time: {elapsed / 60:.1f} min (estimated {est / 60:.1f} min)")
     if args.publish:
         print(f"published: {publish(Path(args.out), Path(args.publish))}")
+        if args.readme:
+            from anydepth.study.readme import update
+
+            print(f"updated: {update(Path(args.readme), Path(args.publish) / 'results.json')}")
     return 0
 
 

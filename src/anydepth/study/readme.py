@@ -1,0 +1,54 @@
+"""The README's study tables, rendered from ``results.json`` (``anydepth study --publish DIR --readme README.md``).
+
+Two marked blocks of the README follow the published study, so prose and numbers cannot drift apart:
+``<!-- study-verdicts -->`` (one row per claim) and ``<!-- choose-scheme -->`` (the "Choosing a scheme"
+table of ``anydepth.study.lr.choose_markdown``). ``tests/test_readme.py`` checks them against
+``docs/study/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from anydepth.study.lr import choose_markdown
+
+BLOCKS = ("study-verdicts", "choose-scheme")
+
+
+def render(results: dict[str, Any]) -> dict[str, str]:
+    """``{block name: markdown}`` for the README from a study's ``results.json``."""
+    plan = results.get("plan", {})
+    budgets = ", ".join(f"{s} steps at {d} layers" for d, s in sorted(plan.get("budgets", {}).items(),
+                                                                      key=lambda kv: int(kv[0])))
+    verdicts = [
+        f"From `{results.get('command', 'anydepth study')}` ({plan.get('name', 'custom')} plan: {budgets}; "
+        f"{len(plan.get('seeds', [0]))} seed(s)). Full report: [docs/study/report.md](docs/study/report.md).",
+        "",
+        "| claim | verdict |",
+        "|---|---|",
+    ]
+    verdicts += [f"| {v['claim']}: {v['title']} | {v['status']} |" for v in results.get("verdicts", [])]
+    choose = choose_markdown(results.get("choose", [])) if results.get("choose") else ["(no runs)"]
+    return {"study-verdicts": "\n".join(verdicts), "choose-scheme": "\n".join(choose)}
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The marked blocks of a README's text (stripped)."""
+    return {name: m.group(1).strip() for name in BLOCKS
+            if (m := re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, flags=re.S))}
+
+
+def update(readme: Path, results_json: Path) -> Path:
+    """Rewrites the README's marked blocks from ``results_json``; other text is left as it is."""
+    text = readme.read_text()
+    fresh = render(json.loads(results_json.read_text()))
+    for name, body in fresh.items():
+        pattern = rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)"
+        if not re.search(pattern, text, flags=re.S):
+            raise ValueError(f"{readme} has no <!-- {name} --> ... <!-- /{name} --> block to update")
+        text = re.sub(pattern, lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text, flags=re.S)
+    readme.write_text(text)
+    return readme
