@@ -340,7 +340,7 @@ class GenerateArgs:
     checkpoint: str  # run directory, checkpoint directory or save_pretrained directory
     prompt: str = "def "  # text to continue (UTF-8 bytes for a byte-level model, else the tokenizer's ids)
     max_new_tokens: int = 200  # tokens to sample after the prompt
-    temperature: float = 0.8  # softmax temperature; lower is more conservative
+    temperature: float = 0.8  # softmax temperature; lower is more conservative, 0 is greedy (argmax)
     top_k: int | None = 40  # sample only from the k most likely tokens (None: all)
     top_p: float | None = None  # nucleus sampling: smallest set with this total probability (None: off)
     seed: int = 0  # sampling seed, so a command prints the same text twice
@@ -357,8 +357,17 @@ def _generate(argv: list[str]) -> int:
     args = _tyro_cli(GenerateArgs, argv, None, "anydepth generate")
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        raise CliError(f"--temperature must be > 0, got {args.temperature}")
+    from anydepth.validate import check_generate_args
+
+    try:
+        # the same check as model.generate, so the command and the library accept the same values
+        check_generate_args(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+        )
+    except (ValueError, TypeError) as e:
+        raise CliError("--" + str(e).replace("_", "-", 1)) from None
+    if not 0 <= args.seed < 2**63:
+        raise CliError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     model = load_for_generation(args.checkpoint, device=args.device)
     vocab = model.config.vocab_size
     tok = _generation_tokenizer(args, vocab)

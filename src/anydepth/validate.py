@@ -232,7 +232,9 @@ def check_tokens(tokens: Any, *, vocab_size: int, max_seq_len: int, offset: int 
             f"pass torch.tensor({name}, dtype=torch.long)"
         )
     if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must hold int64 or int32 token ids, got dtype {tokens.dtype}; use {name}.long()")
+        raise TypeError(
+            f"{name} must hold integer token ids of dtype int64 or int32, got dtype {tokens.dtype}; use {name}.long()"
+        )
     if tokens.dim() != 2:
         raise ValueError(f"{name} must have shape (batch, seq), got shape {tuple(tokens.shape)}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
@@ -257,13 +259,15 @@ def check_tokens(tokens: Any, *, vocab_size: int, max_seq_len: int, offset: int 
         )
 
 
-def check_bool_mask(name: str, mask: Any, shapes: tuple[tuple[int, ...], ...], meaning: str) -> None:
-    """``mask`` must be None or a bool tensor of one of ``shapes``; ``meaning`` says what True means."""
+def check_bool_mask(name: str, mask: Any, shapes: tuple[tuple[int, ...], ...] | None, meaning: str) -> None:
+    """``mask`` must be None or a bool tensor (of one of ``shapes`` unless None); ``meaning`` says what
+    True means. Masks are bool everywhere: a 0/1 float or long mask read as additive would let a
+    padded key through with weight e^0 = 1."""
     import torch
 
     if mask is None:
         return
-    want = " or ".join(str(s) for s in shapes)
+    want = " or ".join(str(s) for s in shapes) if shapes else "(see the docstring)"
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a bool tensor of shape {want}, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
@@ -271,7 +275,7 @@ def check_bool_mask(name: str, mask: Any, shapes: tuple[tuple[int, ...], ...], m
             f"{name} must be a bool tensor ({meaning}), got dtype {mask.dtype}; convert with {name}.bool() "
             "(for 0/1 masks) or build it from a comparison"
         )
-    if tuple(mask.shape) not in {tuple(s) for s in shapes}:
+    if shapes and tuple(mask.shape) not in {tuple(s) for s in shapes}:
         raise ValueError(f"{name} must have shape {want}, got {tuple(mask.shape)}")
 
 

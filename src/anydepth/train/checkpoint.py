@@ -298,14 +298,16 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     """Loads the checkpoint's weights into ``model`` (strict: every key must match)."""
     from safetensors.torch import load_model
 
+    from anydepth.model.lm import key_mismatch
+
     try:
         missing, unexpected = load_model(model, str(ckpt.weights), strict=False, device="cpu")
     except Exception as e:
         raise CheckpointError(f"checkpoint file {ckpt.weights} could not be loaded: {e}") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint file {ckpt.weights} does not match the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}); resume with the model config it was trained with"
+            f"checkpoint file {ckpt.weights} does not match the model ({key_mismatch(missing, unexpected)}); "
+            "resume with the model config it was trained with"
         )
 
 
