@@ -139,9 +139,12 @@ def _base_run(argv: list[str]):
         if not isinstance(d, dict):
             raise CliError(f"--config {config!r} must hold a JSON object, got {type(d).__name__}")
         run_keys = {f.name for f in dataclasses.fields(RunConfig)}
-        if set(d) <= run_keys:
-            return RunConfig.from_dict(d)
-        return RunConfig(model=ModelConfig.from_dict(d))
+        try:
+            if set(d) <= run_keys:
+                return RunConfig.from_dict(d)
+            return RunConfig(model=ModelConfig.from_dict(d))
+        except (ValueError, TypeError) as e:
+            raise CliError(f"--config {config!r}: {str(e).splitlines()[0]}") from None
     if preset:
         if preset not in presets.PRESETS:
             raise CliError(f"unknown --preset {preset!r}; presets: {', '.join(sorted(presets.PRESETS))}")
@@ -288,6 +291,14 @@ def parse_train_args(argv: Sequence[str]):
         raise CliError(str(e).splitlines()[0]) from None
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
+
+
 def _model_arg_value(model, name: str):
     v = getattr(model, name)
     return v.kind if name in _COMPONENTS else v
@@ -309,6 +320,13 @@ def _train(argv: list[str]) -> int:
         return 1
     except ValueError as e:
         raise CliError(str(e).splitlines()[0]) from None
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        raise CliError(
+            f"out of memory: {str(e).splitlines()[0][:200]}; lower --train.batch_size, --train.seq_len or the "
+            "model's size"
+        ) from None
     if int(os.environ.get("RANK", "0")) == 0:
         bpb = summary["final_val_bpb"]
         if bpb is not None:
@@ -571,6 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # tyro's --help (0) and any parse error it reports itself (2)
         return int(e.code or 0)
+    except (OSError, MemoryError) as e:  # a full disk, a read-only directory: the user's to fix, not a bug
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
+        print(f"anydepth {command}: error: {type(e).__name__}: {e}{where}", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

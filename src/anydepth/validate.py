@@ -335,3 +335,28 @@ def check_prompt(prompt: Any):
     if prompt.dim() != 2 or prompt.shape[1] == 0 or prompt.shape[0] == 0:
         raise ValueError(f"prompt must have shape (batch, n) with n >= 1, got {tuple(prompt.shape)}")
     return prompt
+
+
+# ------------------------------------------------------------------------------------ file system
+
+
+def check_output_dir(path: Any, option: str = "--out") -> None:
+    """``path`` must be a directory or creatable as one, and writable; nothing is created here.
+
+    Raises ``ValueError`` naming ``option`` when it is a regular file, sits below one, or its
+    nearest existing ancestor is not writable.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{option} {str(p)!r} is a file, not a directory; choose a directory (new or existing)")
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{option} {str(p)!r} lies below the file {str(probe)!r}; choose a directory path")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(p)!r} is not writable ({str(probe)!r} denies writing); choose another place")

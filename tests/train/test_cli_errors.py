@@ -75,3 +75,129 @@ def test_generate_weights_config_mismatch_lists_the_keys(tmp_path, pretrained, c
     assert main(["generate", "--checkpoint", str(d)]) == 2
     line = one_line_error(capsys, "does not match")
     assert "missing" in line and "stack.blocks.1." in line
+
+
+TINY = [
+    "--model.dim=32",
+    "--model.depth=2",
+    "--model.heads=2",
+    "--model.max_seq_len=64",
+    "--train.steps=3",
+    "--train.batch_size=2",
+    "--train.seq_len=16",
+    "--train.eval_batches=1",
+    "--train.checkpoint_every=3",
+    "--train.progress=False",
+    "--train.threads=1",
+    "--train.sample_tokens=0",
+]
+
+
+@pytest.fixture
+def common(tmp_path, corpus):
+    return [*TINY, f"--data={corpus}", f"--data.cache_dir={tmp_path / 'cache'}"]
+
+
+def test_unavailable_device_is_one_line(tmp_path, common, capsys):
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert main(["train", *common, f"--train.device=cuda:{n + 7}", f"--out={tmp_path / 'r'}"]) == 2
+    one_line_error(capsys, f"train.device='cuda:{n + 7}'")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "option, needle",
+    [
+        ("--model.max_seq_len=1000000000000", "ModelConfig.max_seq_len must be an int >= 1"),
+        ("--model.dim=1000000000000", "ModelConfig.dim must be an int >= 1"),
+        ("--model.vocab_size=1000000000000", "ModelConfig.vocab_size must be an int >= 1"),
+        ("--model.depth=1000000000000", "ModelConfig.depth must be an int >= 1"),
+    ],
+)
+def test_huge_sizes_are_one_line(option, needle, tmp_path, common, capsys):
+    assert main(["train", *common, option, f"--out={tmp_path / 'r'}"]) == 2
+    one_line_error(capsys, needle)
+
+
+def test_out_a_regular_file_or_below_one(tmp_path, common, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["train", *common, f"--out={f}"]) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    assert main(["train", *common, f"--out={f / 'sub'}"]) == 2
+    one_line_error(capsys, "lies below the file")
+    assert f.read_text() == "x"
+
+
+def test_unwritable_out_is_refused_before_building(tmp_path, common, capsys, monkeypatch):
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    assert main(["train", *common, f"--out={tmp_path / 'r'}"]) == 2
+    one_line_error(capsys, "is not writable")
+
+
+@pytest.mark.parametrize("error", ["enospc", "eacces", "safetensors"])
+def test_failed_checkpoint_write_is_one_line_and_leaves_no_tmp(error, tmp_path, common, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def failing(*a, **k):
+        if error == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if error == "eacces":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    out = tmp_path / "r"
+    assert main(["train", *common, f"--out={out}"]) == 2
+    one_line_error(capsys, "could not write checkpoint")
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_trainer_json_with_a_bad_step_names_the_file(tmp_path, common, capsys):
+    out = tmp_path / "r"
+    assert main(["train", *common, f"--out={out}"]) == 0
+    capsys.readouterr()
+    ck = next((out / "checkpoints").glob("step_*"))
+    t = json.loads((ck / "trainer.json").read_text())
+    t["step"] = "six"
+    (ck / "trainer.json").write_text(json.dumps(t))
+    # the manifest is a checksum anyone can recompute: the content must still be checked
+    from anydepth.train.checkpoint import _digest
+
+    m = json.loads((ck / "manifest.json").read_text())
+    m["trainer.json"] = _digest(ck / "trainer.json")
+    (ck / "manifest.json").write_text(json.dumps(m))
+    assert main(["train", *common, f"--resume={ck}", "--train.steps=4"]) == 2
+    line = one_line_error(capsys, "trainer.json")
+    assert "'six'" in line
+
+
+def test_binary_data_file_is_rejected(tmp_path, capsys):
+    b = tmp_path / "prog"
+    b.write_bytes(b"\x7fELF\x00\x01" * 1000)
+    assert main(["train", *TINY, f"--data={b}", f"--data.cache_dir={tmp_path}", f"--out={tmp_path / 'r'}"]) == 2
+    one_line_error(capsys, "is a binary file")
+
+
+def test_bad_json_config_names_its_file(tmp_path, capsys):
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps({"model": {"causal": None}}))
+    assert main(["train", f"--config={p}"]) == 2
+    line = one_line_error(capsys, str(p))
+    assert "causal" in line
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, common, monkeypatch):
+    import anydepth.train.loop as loop
+
+    def boom(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(loop, "run", boom)
+    with pytest.raises(KeyError):
+        main(["train", *common, f"--out={tmp_path / 'r'}"])

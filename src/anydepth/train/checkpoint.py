@@ -153,15 +153,44 @@ def save_checkpoint(
     reading the weights from ``model``; ``extra_files`` (name -> text, e.g. ``tokenizer.json``) are
     written beside the others and listed in the manifest.
     """
-    from safetensors.torch import save_file, save_model
-
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_step(tmp, model, optimizer_state, run, trainer, rng, model_state, step)
+    except Exception as e:  # a full disk or a read-only directory: earlier checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {_one_line(e)}; free disk space or make {root} writable "
+                "(earlier checkpoints are intact)"
+            ) from e
+        raise
+    if final.exists():
+        # A resumed run rewrites a step it had already saved: move the old one aside first, since
+        # rename() cannot replace a non-empty directory. clean_leftovers() restores it after a kill.
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    return final
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _write_step(tmp: Path, model, optimizer_state, run, trainer, rng, model_state, step: int) -> None:
+    from safetensors.torch import save_file, save_model
+
     opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
     state = dict(opt_tensors)
     py_rng = []
@@ -188,17 +217,6 @@ def save_checkpoint(
     for name in [*files, "manifest.json"]:
         _fsync(tmp / name)
     _fsync(tmp)
-    if final.exists():
-        # A resumed run rewrites a step it had already saved: move the old one aside first, since
-        # rename() cannot replace a non-empty directory.
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    return final
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -256,17 +274,35 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except Exception as e:  # safetensors reports damage with its own exception types
         raise CheckpointError(f"checkpoint file {d / 'state.safetensors'} could not be read: {e}") from None
     trainer = _read_json(d / "trainer.json")
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"checkpoint file {d / 'trainer.json'} is corrupted (not a JSON object)")
     if trainer.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint file {d / 'trainer.json'} has format {trainer.get('format')!r}; "
             f"this version reads format {FORMAT_VERSION}"
         )
+    step = trainer.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"checkpoint file {d / 'trainer.json'} has step {step!r}, not an int >= 0; the checkpoint is damaged, "
+            "resume from an earlier one"
+        )
+    for key, kind in (("optimizer", dict), ("rng", list), ("metrics", dict)):
+        if key in trainer and not isinstance(trainer[key], kind):
+            raise CheckpointError(
+                f"checkpoint file {d / 'trainer.json'} has {key} of type {type(trainer[key]).__name__}, "
+                f"expected a JSON {'object' if kind is dict else 'array'}; the checkpoint is damaged"
+            )
+    run, model_config = _read_json(d / "run.json"), _read_json(d / "config.json")
+    for name, obj in (("run.json", run), ("config.json", model_config)):
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"checkpoint file {d / name} is corrupted (not a JSON object)")
     return Checkpoint(
         path=d,
-        step=int(trainer["step"]),
+        step=step,
         trainer=trainer,
-        run=_read_json(d / "run.json"),
-        model_config=_read_json(d / "config.json"),
+        run=run,
+        model_config=model_config,
         state=state,
     )
 

@@ -56,7 +56,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device=cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count:
+            have = f"this machine has {count} CUDA device(s)" if count else "no CUDA device is available"
+            raise ValueError(f"train.device={name!r} but {have}; use --train.device=cpu or a cuda:N with N < {count}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"train.device={name!r} but MPS is not available; use --train.device=cpu")
+    return dev
 
 
 def setup(device: str = "auto") -> DistInfo:

@@ -38,6 +38,7 @@ from anydepth.train.data import eval_batch, load_corpus, sample_batch, unigram_e
 from anydepth.train.diagnostics import TrainingDiagnostics
 from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from anydepth.train.tokenizer import Tokenizer, text_bytes
+from anydepth.validate import check_output_dir
 
 __all__ = ["run", "TrainingDiverged", "evaluate", "config_mismatch"]
 
@@ -225,6 +226,7 @@ class _Trainer:
             p = self.resume.path
             out = str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
         self.out = Path(out or _default_out())
+        check_output_dir(self.out)
         if self.resume is None and (self.out / "metrics.jsonl").exists():
             raise ValueError(
                 f"--out {self.out} already holds a run (metrics.jsonl); pass --resume {self.out} to "
