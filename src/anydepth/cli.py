@@ -150,17 +150,61 @@ def _base_run(argv: list[str]):
             raise CliError(f"unknown --preset {preset!r}; presets: {', '.join(sorted(presets.PRESETS))}")
         return RunConfig(model=presets.get(preset, **PRESET_SIZE))
     if resume:
-        from anydepth.train.checkpoint import load_checkpoint
-
-        ck = load_checkpoint(resume)
-        d = dict(ck.run)
-        d["out"], d["resume"] = None, resume
-        saved_tok = (d.get("data") or {}).get("tokenizer")
-        if saved_tok and not Path(saved_tok).is_file() and (ck.path / "tokenizer.json").is_file():
-            # The run's tokenizer file has moved: the checkpoint carries its own copy.
-            d["data"] = {**d["data"], "tokenizer": str(ck.path / "tokenizer.json")}
-        return RunConfig.from_dict(d)
+        return _resume_base(resume, argv)
     return RunConfig()
+
+
+def _resume_base(resume: str, argv: list[str]):
+    """The run being resumed, from its checkpoint's ``run.json`` (or the run directory's, for a run
+    stopped before its first checkpoint), with no file paths taken from it: the data and cache
+    directories are the user's to pass, since a checkpoint's files can be edited by anyone who can
+    write them."""
+    from anydepth.train import checkpoint as C
+    from anydepth.train.config import RunConfig
+
+    ck = None
+    if C.stopped_before_first_checkpoint(resume):
+        f = Path(resume) / "run.json"
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CliError(f"{f} is not valid JSON ({e})") from None
+        else:
+            d = RunConfig().to_dict()
+        where = str(f)
+    else:
+        ck = C.load_checkpoint(resume)
+        d, where = dict(ck.run), str(ck.path / "run.json")
+    if not isinstance(d, dict):
+        raise CliError(f"{where} must hold a JSON object, got {type(d).__name__}")
+    data = d.get("data")
+    if isinstance(data, dict):
+        data = dict(data)
+        saved = data.get("path")
+        if saved is not None and _scan(argv, "data.path") is None:
+            raise CliError(
+                f"the run was trained on data.path={saved!r} ({where}); a resume takes no paths from a "
+                f"checkpoint: pass --data.path {saved!r} (or another corpus) to continue"
+            )
+        data["path"], data["cache_dir"] = None, None
+        saved_tok = data.get("tokenizer")
+        if ck is not None and (ck.path / "tokenizer.json").is_file():
+            # the checkpoint's own copy: a file of the checkpoint, not a path it points to
+            data["tokenizer"] = str(ck.path / "tokenizer.json")
+        elif saved_tok is not None:
+            if _scan(argv, "data.tokenizer") is None:
+                raise CliError(
+                    f"the run was trained with data.tokenizer={saved_tok!r} ({where}); a resume takes no paths "
+                    f"from a checkpoint: pass --tokenizer {saved_tok!r} to continue"
+                )
+            data["tokenizer"] = None
+        d["data"] = data
+    d["out"], d["resume"] = None, resume
+    try:
+        return RunConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise CliError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
 def _option_names(cls: type, prefix: str = "") -> set[str]:

@@ -42,6 +42,9 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
+    "clean_leftovers",
+    "run_dir_of",
+    "stopped_before_first_checkpoint",
     "verify_files",
     "load_weights",
     "rng_states",
@@ -220,16 +223,46 @@ def _write_step(tmp: Path, model, optimizer_state, run, trainer, rng, model_stat
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``[(step, dir), ...]`` of complete checkpoints (with a manifest) under ``root``, oldest first."""
+    """``[(step, dir), ...]`` of complete checkpoints (with a manifest) under ``root``, in the order
+    they were written (the manifest, written last, dates each; the step breaks ties). A run resumed
+    from an earlier step writes lower steps after higher ones: the newest is the last written."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "manifest.json").exists():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+        if m and p.is_dir():
+            try:
+                written = (p / "manifest.json").stat().st_mtime_ns
+            except OSError:
+                continue
+            out.append((written, int(m.group(1)), p))
+    return [(step, p) for _, step, p in sorted(out)]
+
+
+def clean_leftovers(root: str | os.PathLike) -> list[str]:
+    """Removes what interrupted writes left under ``root`` (a checkpoints directory): temporary
+    ``.tmp-step_*`` directories, and ``.old-step_*`` ones whose step was rewritten. A kill between
+    the two renames of a rewrite leaves ``step_N`` missing and its previous version in
+    ``.old-step_N-<pid>``: that one is put back. Returns what was done, one line each."""
+    root = Path(root)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.glob(".old-step_*")):
+        name = p.name[len(".old-") :].rsplit("-", 1)[0]
+        final = root / name
+        if _STEP_DIR.match(name) and not final.exists() and (p / "manifest.json").exists():
+            os.rename(p, final)
+            done.append(f"restored {final} from an interrupted rewrite")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p}")
+    for p in sorted(root.glob(".tmp-step_*")):
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p}")
+    return done
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
@@ -241,6 +274,25 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
         pid = p.name.rsplit("-", 1)[-1]
         if pid != str(os.getpid()):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def stopped_before_first_checkpoint(path: str | os.PathLike) -> bool:
+    """``path`` is a run directory that logged or wrote its config but holds no checkpoint: a run
+    killed before its first save, which starts again from step 0 instead of failing to resume."""
+    path = Path(path)
+    return (
+        path.is_dir()
+        and ((path / "metrics.jsonl").exists() or (path / "run.json").exists())
+        and not (path / "manifest.json").exists()
+        and not list_checkpoints(path / "checkpoints")
+        and not list_checkpoints(path)
+    )
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a ``step_*`` checkpoint directory belongs to."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def latest_checkpoint(path: str | os.PathLike) -> Path:
