@@ -350,6 +350,7 @@ def _model_arg_value(model, name: str):
 
 def _train(argv: list[str]) -> int:
     from anydepth.train.checkpoint import CheckpointError
+    from anydepth.train.distributed import CollectiveTimeout
     from anydepth.train.loop import TrainingDiverged, run
     from anydepth.train.malloc import retain_freed_memory
 
@@ -357,7 +358,7 @@ def _train(argv: list[str]) -> int:
     retain_freed_memory()
     try:
         summary = run(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, CollectiveTimeout) as e:
         raise CliError(str(e)) from None
     except TrainingDiverged as e:
         print(f"anydepth train: {e}", file=sys.stderr)

@@ -9,7 +9,9 @@ rank 0 writes logs and checkpoints. Without those variables everything here is a
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ __all__ = [
     "sync_replicated_grads",
     "gather_objects",
     "resolve_device",
+    "CollectiveTimeout",
+    "collective_failure",
 ]
 
 
@@ -70,8 +74,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Joins the torchrun process group if ``WORLD_SIZE > 1``; returns this process's :class:`DistInfo`."""
+class CollectiveTimeout(RuntimeError):
+    """A collective failed because another process stopped responding (``train.timeout`` passed)."""
+
+
+def setup(device: str = "auto", timeout: float = 300.0) -> DistInfo:
+    """Joins the torchrun process group if ``WORLD_SIZE > 1``; returns this process's :class:`DistInfo`.
+
+    ``timeout`` (seconds) bounds every collective: a stalled or stopped process makes the others
+    fail after that long instead of torch's default of 30 minutes (10 for NCCL).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,8 +92,25 @@ def setup(device: str = "auto") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def collective_failure(e: BaseException, info: DistInfo, timeout: float) -> CollectiveTimeout | None:
+    """A :class:`CollectiveTimeout` naming this rank, and the peer where torch's message tells, when
+    ``e`` is a failed collective of a multi-process run; else None."""
+    if not info.enabled:
+        return None
+    text = str(e)
+    if not (isinstance(e, getattr(dist, "DistError", ())) or re.search(r"timed? ?out|closed by peer", text, re.I)):
+        return None
+    peer = re.search(r"\brank[ =:]*(\d+)", text, re.I)
+    who = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != info.rank else "another process"
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+    return CollectiveTimeout(
+        f"rank {info.rank} of {info.world}: a collective failed after at most train.timeout={timeout:g}s because "
+        f"{who} stopped responding ({first}); check that process, or raise --train.timeout"
+    )
 
 
 def teardown(info: DistInfo, *, completed: bool = True) -> None:

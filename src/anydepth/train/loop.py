@@ -714,11 +714,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"run() expects a RunConfig, got {type(cfg).__name__}")
-    info = D.setup(cfg.train.device)
+    info = D.setup(cfg.train.device, timeout=cfg.train.timeout)
     completed = False
     try:
         summary = _Trainer(cfg, info).fit()
         completed = True
         return summary
+    except RuntimeError as e:
+        failure = D.collective_failure(e, info, cfg.train.timeout)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         D.teardown(info, completed=completed)
