@@ -95,6 +95,10 @@ def _type_name(tp: Any) -> str:
         return "a finite number"
     if tp is bool:
         return "True or False"
+    if tp is str:
+        return "a string"
+    if tp is int:
+        return "an int"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -166,7 +170,7 @@ def check_value(owner: str, name: str, value: Any, tp: Any = Any) -> None:
         else:
             want = f"in {_range_text(rng)}"
         hint = ""
-        if value > hi:
+        if value > hi >= 1000:
             hint = "; the upper bound keeps a mistyped or edited config from exhausting memory or time"
         raise ValueError(f"{owner}.{name} must be {want}, got {value!r}{hint}")
 

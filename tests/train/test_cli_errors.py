@@ -201,3 +201,23 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, common, monkeypatch):
     monkeypatch.setattr(loop, "run", boom)
     with pytest.raises(KeyError):
         main(["train", *common, f"--out={tmp_path / 'r'}"])
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"depth": 100_000}, "ModelConfig.depth must be an int >= 1 (at most 10000), got 100000"),
+        ({"residual": {"kind": "mhc", "sinkhorn_iters": 1e9}}, "residual[mhc].sinkhorn_iters must be an int"),
+        ({"residual": {"kind": "mhc", "sinkhorn_iters": 10**9}}, "sinkhorn_iters must be an int >= 1 (at most 1000)"),
+        ({"max_seq_len": 10**12}, "ModelConfig.max_seq_len must be an int >= 1"),
+    ],
+)
+def test_generate_refuses_a_config_asking_for_too_much(change, needle, tmp_path, pretrained, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((pretrained / "model.safetensors").read_bytes())
+    cfg = json.loads((pretrained / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--checkpoint", str(d)]) == 2
+    one_line_error(capsys, needle)
