@@ -132,6 +132,14 @@ def _matches(v: Any, tp: Any) -> bool:
     return True  # an annotation this checker does not know (a generic alias): left to the consumer
 
 
+def _matches_kind(kind: type, tp: Any) -> bool:
+    """Whether ``tp`` (or a member of its union) is a ``Literal`` of ``kind`` values."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches_kind(kind, a) for a in typing.get_args(tp))
+    return origin is Literal and all(isinstance(a, kind) for a in typing.get_args(tp))
+
+
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
@@ -156,6 +164,11 @@ def _range_text(rng: tuple[float, float, bool, bool]) -> str:
 def check_value(owner: str, name: str, value: Any, tp: Any = Any) -> None:
     """Checks one field ``owner.name = value`` against its annotation ``tp`` and :data:`FIELD_RANGES`."""
     if not _matches(value, tp):
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if real and not math.isfinite(value) and _matches(0.0, tp):
+            raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
+        if isinstance(value, str) and _matches_kind(str, tp):  # a string, but not one of the choices
+            raise ValueError(f"{owner}.{name} must be {_type_name(tp)}, got {value!r}")
         raise TypeError(
             f"{owner}.{name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}; "
             f"pass {_type_name(tp)}"

@@ -56,7 +56,10 @@ class TrainConfig:
     diagnostics_every: int = 0  # steps between per-layer depth diagnostics in diagnostics.jsonl; 0: off
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        from anydepth.validate import check_config
+
+        self.betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
+        check_config(self, "train")  # types first: progress='no' or steps=2.5 name the field
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "keep_last"):
             _positive_int(self, name)
         for name in ("warmup", "eval_every", "checkpoint_every", "sample_tokens"):
@@ -114,6 +117,9 @@ class DataConfig:
     cache_dir: str | None = None  # token cache; None: $ANYDEPTH_CACHE or ~/.cache/anydepth
 
     def __post_init__(self) -> None:
+        from anydepth.validate import check_config
+
+        check_config(self, "data")
         if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
             raise ValueError(
                 f"data.path must be a non-empty path or None (the stdlib corpus), got {self.path!r}"
