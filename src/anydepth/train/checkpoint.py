@@ -164,7 +164,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _write_step(tmp, model, optimizer_state, run, trainer, rng, model_state, step)
+        _write_step(tmp, model, optimizer_state, run, trainer, rng, model_state, step, extra_files)
     except Exception as e:  # a full disk or a read-only directory: earlier checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
@@ -191,7 +191,7 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _write_step(tmp: Path, model, optimizer_state, run, trainer, rng, model_state, step: int) -> None:
+def _write_step(tmp: Path, model, optimizer_state, run, trainer, rng, model_state, step: int, extra_files) -> None:
     from safetensors.torch import save_file, save_model
 
     opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
