@@ -431,7 +431,13 @@ def _generate(argv: list[str]) -> int:
         raise CliError("--" + str(e).replace("_", "-", 1)) from None
     if not 0 <= args.seed < 2**63:
         raise CliError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
-    model = load_for_generation(args.checkpoint, device=args.device)
+    from anydepth.train.distributed import resolve_device
+
+    try:
+        device = str(resolve_device(args.device, option="device"))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    model = load_for_generation(args.checkpoint, device=device)
     vocab = model.config.vocab_size
     tok = _generation_tokenizer(args, vocab)
     if tok is None and vocab < 256:
@@ -451,7 +457,7 @@ def _generate(argv: list[str]) -> int:
             f"--prompt has {len(ids)} {unit}, the model's limit is {model.config.max_seq_len}; shorten it"
         )
     torch.manual_seed(args.seed)
-    prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(
         prompt,
         min(args.max_new_tokens, room),

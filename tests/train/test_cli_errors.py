@@ -221,3 +221,11 @@ def test_generate_refuses_a_config_asking_for_too_much(change, needle, tmp_path,
     (d / "config.json").write_text(json.dumps(cfg))
     assert main(["generate", "--checkpoint", str(d)]) == 2
     one_line_error(capsys, needle)
+
+
+@pytest.mark.parametrize("device, needle", [("cuda:7", "device='cuda:7' but"), ("bogus", "is not a device name")])
+def test_generate_unavailable_device_is_one_line(device, needle, pretrained, capsys):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["generate", "--checkpoint", str(pretrained), "--device", device]) == 2
+    one_line_error(capsys, needle)

@@ -52,25 +52,28 @@ class DistInfo:
         return self.world > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` is CUDA (this process's local GPU) when available, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """``"auto"`` is CUDA (this process's local GPU) when available, else the CPU; a device this
+    machine lacks (``cuda:7``, ``mps``) raises ``ValueError`` naming ``option``."""
+    flag = "--" + option
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device=cpu")
+            raise ValueError(f"{option}='cuda' but no CUDA device is available; use {flag}=cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise ValueError(f"{option}={name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if dev.index is not None and dev.index >= count:
             have = f"this machine has {count} CUDA device(s)" if count else "no CUDA device is available"
-            raise ValueError(f"train.device={name!r} but {have}; use --train.device=cpu or a cuda:N with N < {count}")
+            other = f" or a cuda:N with N < {count}" if count else ""
+            raise ValueError(f"{option}={name!r} but {have}; use {flag}=cpu{other}")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"train.device={name!r} but MPS is not available; use --train.device=cpu")
+        raise ValueError(f"{option}={name!r} but MPS is not available; use {flag}=cpu")
     return dev
 
 
