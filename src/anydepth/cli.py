@@ -139,25 +139,72 @@ def _base_run(argv: list[str]):
         if not isinstance(d, dict):
             raise CliError(f"--config {config!r} must hold a JSON object, got {type(d).__name__}")
         run_keys = {f.name for f in dataclasses.fields(RunConfig)}
-        if set(d) <= run_keys:
-            return RunConfig.from_dict(d)
-        return RunConfig(model=ModelConfig.from_dict(d))
+        try:
+            if set(d) <= run_keys:
+                return RunConfig.from_dict(d)
+            return RunConfig(model=ModelConfig.from_dict(d))
+        except (ValueError, TypeError) as e:
+            raise CliError(f"--config {config!r}: {str(e).splitlines()[0]}") from None
     if preset:
         if preset not in presets.PRESETS:
             raise CliError(f"unknown --preset {preset!r}; presets: {', '.join(sorted(presets.PRESETS))}")
         return RunConfig(model=presets.get(preset, **PRESET_SIZE))
     if resume:
-        from anydepth.train.checkpoint import load_checkpoint
-
-        ck = load_checkpoint(resume)
-        d = dict(ck.run)
-        d["out"], d["resume"] = None, resume
-        saved_tok = (d.get("data") or {}).get("tokenizer")
-        if saved_tok and not Path(saved_tok).is_file() and (ck.path / "tokenizer.json").is_file():
-            # The run's tokenizer file has moved: the checkpoint carries its own copy.
-            d["data"] = {**d["data"], "tokenizer": str(ck.path / "tokenizer.json")}
-        return RunConfig.from_dict(d)
+        return _resume_base(resume, argv)
     return RunConfig()
+
+
+def _resume_base(resume: str, argv: list[str]):
+    """The run being resumed, from its checkpoint's ``run.json`` (or the run directory's, for a run
+    stopped before its first checkpoint), with no file paths taken from it: the data and cache
+    directories are the user's to pass, since a checkpoint's files can be edited by anyone who can
+    write them."""
+    from anydepth.train import checkpoint as C
+    from anydepth.train.config import RunConfig
+
+    ck = None
+    if C.stopped_before_first_checkpoint(resume):
+        f = Path(resume) / "run.json"
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CliError(f"{f} is not valid JSON ({e})") from None
+        else:
+            d = RunConfig().to_dict()
+        where = str(f)
+    else:
+        ck = C.load_checkpoint(resume)
+        d, where = dict(ck.run), str(ck.path / "run.json")
+    if not isinstance(d, dict):
+        raise CliError(f"{where} must hold a JSON object, got {type(d).__name__}")
+    data = d.get("data")
+    if isinstance(data, dict):
+        data = dict(data)
+        saved = data.get("path")
+        if saved is not None and _scan(argv, "data.path") is None:
+            raise CliError(
+                f"the run was trained on data.path={saved!r} ({where}); a resume takes no paths from a "
+                f"checkpoint: pass --data.path {saved!r} (or another corpus) to continue"
+            )
+        data["path"], data["cache_dir"] = None, None
+        saved_tok = data.get("tokenizer")
+        if ck is not None and (ck.path / "tokenizer.json").is_file():
+            # the checkpoint's own copy: a file of the checkpoint, not a path it points to
+            data["tokenizer"] = str(ck.path / "tokenizer.json")
+        elif saved_tok is not None:
+            if _scan(argv, "data.tokenizer") is None:
+                raise CliError(
+                    f"the run was trained with data.tokenizer={saved_tok!r} ({where}); a resume takes no paths "
+                    f"from a checkpoint: pass --tokenizer {saved_tok!r} to continue"
+                )
+            data["tokenizer"] = None
+        d["data"] = data
+    d["out"], d["resume"] = None, resume
+    try:
+        return RunConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise CliError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
 def _option_names(cls: type, prefix: str = "") -> set[str]:
@@ -288,6 +335,14 @@ def parse_train_args(argv: Sequence[str]):
         raise CliError(str(e).splitlines()[0]) from None
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "not enough memory" in text
+
+
 def _model_arg_value(model, name: str):
     v = getattr(model, name)
     return v.kind if name in _COMPONENTS else v
@@ -295,6 +350,7 @@ def _model_arg_value(model, name: str):
 
 def _train(argv: list[str]) -> int:
     from anydepth.train.checkpoint import CheckpointError
+    from anydepth.train.distributed import CollectiveTimeout
     from anydepth.train.loop import TrainingDiverged, run
     from anydepth.train.malloc import retain_freed_memory
 
@@ -302,13 +358,20 @@ def _train(argv: list[str]) -> int:
     retain_freed_memory()
     try:
         summary = run(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, CollectiveTimeout) as e:
         raise CliError(str(e)) from None
     except TrainingDiverged as e:
         print(f"anydepth train: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
         raise CliError(str(e).splitlines()[0]) from None
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        raise CliError(
+            f"out of memory: {str(e).splitlines()[0][:200]}; lower --train.batch_size, --train.seq_len or the "
+            "model's size"
+        ) from None
     if int(os.environ.get("RANK", "0")) == 0:
         bpb = summary["final_val_bpb"]
         if bpb is not None:
@@ -340,7 +403,7 @@ class GenerateArgs:
     checkpoint: str  # run directory, checkpoint directory or save_pretrained directory
     prompt: str = "def "  # text to continue (UTF-8 bytes for a byte-level model, else the tokenizer's ids)
     max_new_tokens: int = 200  # tokens to sample after the prompt
-    temperature: float = 0.8  # softmax temperature; lower is more conservative
+    temperature: float = 0.8  # softmax temperature; lower is more conservative, 0 is greedy (argmax)
     top_k: int | None = 40  # sample only from the k most likely tokens (None: all)
     top_p: float | None = None  # nucleus sampling: smallest set with this total probability (None: off)
     seed: int = 0  # sampling seed, so a command prints the same text twice
@@ -357,9 +420,24 @@ def _generate(argv: list[str]) -> int:
     args = _tyro_cli(GenerateArgs, argv, None, "anydepth generate")
     if args.max_new_tokens <= 0:
         raise CliError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        raise CliError(f"--temperature must be > 0, got {args.temperature}")
-    model = load_for_generation(args.checkpoint, device=args.device)
+    from anydepth.validate import check_generate_args
+
+    try:
+        # the same check as model.generate, so the command and the library accept the same values
+        check_generate_args(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+        )
+    except (ValueError, TypeError) as e:
+        raise CliError("--" + str(e).replace("_", "-", 1)) from None
+    if not 0 <= args.seed < 2**63:
+        raise CliError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    from anydepth.train.distributed import resolve_device
+
+    try:
+        device = str(resolve_device(args.device, option="device"))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    model = load_for_generation(args.checkpoint, device=device)
     vocab = model.config.vocab_size
     tok = _generation_tokenizer(args, vocab)
     if tok is None and vocab < 256:
@@ -379,7 +457,7 @@ def _generate(argv: list[str]) -> int:
             f"--prompt has {len(ids)} {unit}, the model's limit is {model.config.max_seq_len}; shorten it"
         )
     torch.manual_seed(args.seed)
-    prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(
         prompt,
         min(args.max_new_tokens, room),
@@ -562,6 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # tyro's --help (0) and any parse error it reports itself (2)
         return int(e.code or 0)
+    except (OSError, MemoryError) as e:  # a full disk, a read-only directory: the user's to fix, not a bug
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
+        print(f"anydepth {command}: error: {type(e).__name__}: {e}{where}", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

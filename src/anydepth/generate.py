@@ -38,8 +38,9 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Next token ids ``(b,)`` from last-position logits ``(b, vocab)``; temperature 0 is greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    from anydepth.validate import check_generate_args
+
+    check_generate_args(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
@@ -70,12 +71,17 @@ def generate(
     re-encoded. ``logits_processor(logits, tokens)`` may rewrite the last-position logits ``(b, vocab)``
     given the tokens so far ``(b, n)`` before sampling (e.g. set disallowed tokens to -inf).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if prompt.dim() == 1:
-        prompt = prompt[None]
-    if prompt.shape[1] == 0:
-        raise ValueError("prompt must hold at least one token")
+    from anydepth.validate import check_generate_args, check_prompt
+
+    check_generate_args(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token=eos_token,
+        vocab_size=model.config.vocab_size,
+    )
+    prompt = check_prompt(prompt)
     was_training = model.training
     model.eval()
     max_len = model.config.max_seq_len

@@ -18,6 +18,7 @@ A variant is one class with a nested ``Config`` dataclass, registered under a sh
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 __all__ = [
@@ -51,6 +52,7 @@ class Registry:
                 raise ValueError(f"{self.family} kind {kind!r} is registered twice")
             cfg.kind = kind  # class attribute, not a field: read by config_to_dict
             cfg.family = self.family
+            _validate_on_init(cfg)
             cls.kind = kind
             self._by_kind[kind] = cls
             return cls
@@ -112,6 +114,26 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, kinds={self.kinds()})"
+
+
+def _validate_on_init(cfg_cls: type) -> None:
+    """Every ``Config`` checks its fields when constructed (``anydepth.validate.check_config``): by
+    type (a bool field takes only True/False) and by the bounds of ``FIELD_RANGES``. Wrapping
+    ``__init__`` reaches configs built directly, from dicts, from checkpoints and by ``replace``."""
+    init = cfg_cls.__dict__["__init__"]
+    if getattr(init, "_validates", False):
+        return
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from anydepth.validate import check_config
+
+        init(self, *args, **kwargs)
+        check_config(self)
+
+    __init__._validates = True  # type: ignore[attr-defined]
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+    cfg_cls.__init__ = __init__
 
 
 NORMS = Registry("norm")

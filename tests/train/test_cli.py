@@ -106,8 +106,10 @@ def test_resume_with_other_model_is_one_line_error(tmp_path, corpus, capsys):
     assert main(["train", *common, "--model.depth=3", f"--resume={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.depth: checkpoint 2 != 3" in err[0]
-    # With no model options a resume takes the model and settings from the run itself.
-    assert main(["train", f"--resume={out}", "--train.steps=4"]) == 0
+    # With no model options a resume takes the model and settings from the run itself; never its paths.
+    assert main(["train", f"--resume={out}", "--train.steps=4"]) == 2
+    assert "pass --data.path" in capsys.readouterr().err
+    assert main(["train", f"--resume={out}", "--train.steps=4", f"--data={corpus}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4
     capsys.readouterr()

@@ -26,7 +26,7 @@ def test_unigram_entropy_matches_formula():
 
 
 def test_text_file_split_is_contiguous_and_memory_mapped(tmp_path):
-    raw = bytes(range(256)) * 40
+    raw = bytes(range(1, 256)) * 40  # every byte value but NUL, which marks a binary file
     p = tmp_path / "t.txt"
     p.write_bytes(raw)
     train, val = load_corpus(DataConfig(path=str(p), val_fraction=0.25, cache_dir=str(tmp_path / "c")))

@@ -49,7 +49,7 @@ def _final_weights(out) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "argv, code, stream, needle",
     [
-        (["--help"], 0, "stdout", "usage: anydepth {train,generate,tokenize,study}"),
+        (["--help"], 0, "stdout", "usage: anydepth {train,diagnose,generate,tokenize,study,demo}"),
         (["train", "--train.steps=-1"], 2, "stderr", "train.steps must be a positive integer, got -1"),
     ],
 )

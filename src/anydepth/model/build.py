@@ -142,7 +142,11 @@ RULES: list[Rule] = [
 
 
 def check(cfg: ModelConfig) -> None:
-    """Raises :class:`InvalidCombination` for the first rule ``cfg`` breaks."""
+    """Raises :class:`InvalidCombination` for the first rule ``cfg`` breaks, and ``ValueError`` when
+    its parameters would not fit this machine's memory."""
+    from anydepth.validate import check_model_memory
+
+    check_model_memory(cfg)
     for rule in RULES:
         if rule.invalid(cfg):
             raise InvalidCombination(rule.name, rule.message(cfg))

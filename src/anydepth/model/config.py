@@ -62,29 +62,23 @@ class ModelConfig:
     init: str = "default"  # output projections: "default", "depth_scaled" (x 1/sqrt(2N), GPT-2) or "zero_out"
 
     def __post_init__(self) -> None:
+        from anydepth.validate import check_config
+
         for name, reg in COMPONENTS.items():
             setattr(self, name, reg.resolve(getattr(self, name)))
+            check_config(getattr(self, name))  # again: a component config may have been edited in place
+        check_config(self, "ModelConfig")
         if self.init not in INIT_SCHEMES:
             raise ValueError(
                 f"ModelConfig.init={self.init!r} is not one of {', '.join(map(repr, INIT_SCHEMES))}; use 'default' "
                 "(the branches' own init), 'depth_scaled' (output projections times 1/sqrt(2N), GPT-2) or "
                 "'zero_out' (output projections zero, SkipInit-style)"
             )
-        for name in ("vocab_size", "dim", "depth", "heads", "max_seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
-        for name in ("dim_head", "emb_dim"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ValueError(f"ModelConfig.{name} must be a positive int or None, got {v!r}")
         if self.dim_head is None and self.dim % self.heads:
             raise ValueError(
                 f"ModelConfig.dim={self.dim} is not divisible by heads={self.heads}; "
                 f"choose heads dividing dim (e.g. {_divisors_hint(self.dim)}) or set dim_head explicitly"
             )
-        if not 0.0 <= self.emb_dropout < 1.0:
-            raise ValueError(f"ModelConfig.emb_dropout must be in [0, 1), got {self.emb_dropout!r}")
 
     @property
     def head_dim(self) -> int:
@@ -133,6 +127,12 @@ class EncoderDecoderConfig:
     decoder: ModelConfig = field(default_factory=ModelConfig)  # writes the target, attending to the encoder
 
     def __post_init__(self) -> None:
+        for name in ("encoder", "decoder"):
+            if not isinstance(getattr(self, name), (ModelConfig, dict)):
+                raise TypeError(
+                    f"EncoderDecoderConfig.{name} must be a ModelConfig or its dict, "
+                    f"got {type(getattr(self, name)).__name__}"
+                )
         if isinstance(self.encoder, dict):
             self.encoder = ModelConfig.from_dict(self.encoder)
         if isinstance(self.decoder, dict):
@@ -148,12 +148,19 @@ class EncoderDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderDecoderConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"EncoderDecoderConfig.from_dict expects a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"arch", "encoder", "decoder"})
+        if unknown:
+            raise ValueError(f"unknown EncoderDecoderConfig key(s) {', '.join(unknown)}; known keys: encoder, decoder")
         d = {k: v for k, v in d.items() if k != "arch"}
         return cls(**d)
 
 
 def config_from_any_dict(d: dict[str, Any]) -> ModelConfig | EncoderDecoderConfig:
     """Reads either config kind back from its ``to_dict`` form."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a model config must be a JSON object (a dict), got {type(d).__name__}")
     if d.get("arch") == "encdec":
         return EncoderDecoderConfig.from_dict(d)
     return ModelConfig.from_dict(d)

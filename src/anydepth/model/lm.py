@@ -93,28 +93,19 @@ class TransformerLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(layers=[{} for _ in self.blocks])
 
-    def _check_tokens(self, tokens: Tensor, offset: int) -> None:
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a LongTensor of shape (batch, seq), got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
-            raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}; use tokens.long()")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape (batch, seq), got shape {tuple(tokens.shape)}")
-        n = tokens.shape[1]
-        if offset + n > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {offset + n} positions exceeds max_seq_len={self.config.max_seq_len}; "
-                "raise ModelConfig.max_seq_len or feed shorter sequences"
-            )
-        if torch.compiler.is_compiling() or tokens.numel() == 0:
-            return
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
-                "check the tokenizer or raise ModelConfig.vocab_size"
-            )
+    def _check_inputs(self, tokens: Tensor, mask: Tensor | None, attn_mask: Tensor | None, cache) -> int:
+        """Checks the forward's inputs (``anydepth.validate``); returns the position offset of ``tokens``."""
+        from anydepth.validate import check_bool_mask, check_tokens
+
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from model.new_cache() or None, got {type(cache).__name__}")
+        offset = cache.length if cache is not None else 0
+        check_tokens(tokens, vocab_size=self.config.vocab_size, max_seq_len=self.config.max_seq_len, offset=offset)
+        b, n = tokens.shape
+        keys = offset + n
+        check_bool_mask("mask", mask, ((b, n), (b, keys)), "True = real token")
+        check_bool_mask("attn_mask", attn_mask, None, "True = may attend")  # the layers check its shape
+        return offset
 
     def embed(self, tokens: Tensor, offset: int = 0) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Token (+ absolute position) embeddings, and the rotary tables if positions are rotary."""
@@ -141,7 +132,7 @@ class TransformerLM(nn.Module):
         """Logits ``(b, n, vocab)`` for ``tokens`` ``(b, n)``.
 
         Args:
-            tokens: integer token ids in ``[0, vocab_size)``.
+            tokens: int64 or int32 token ids in ``[0, vocab_size)``, ``b, n >= 1``.
             mask: bool ``(b, n)``, True for real tokens (key padding mask).
             attn_mask: bool ``(n, n)`` or ``(b, n, n)``, True where a query may attend to a key, on top
                 of causality.
@@ -151,8 +142,7 @@ class TransformerLM(nn.Module):
                 holds only the new positions and the cache is extended.
             return_embeddings: return the final hidden states ``(b, n, dim)`` instead of logits.
         """
-        offset = cache.length if cache is not None else 0
-        self._check_tokens(tokens, offset)
+        offset = self._check_inputs(tokens, mask, attn_mask, cache)
         x, rotary = self.embed(tokens, offset)
         kw = {"mask": mask, "attn_mask": attn_mask, "rotary": rotary}
         if self.cross:
@@ -216,12 +206,28 @@ def from_pretrained(directory: str | os.PathLike, *, map_location: str = "cpu"):
         cfg = config_from_any_dict(json.loads((d / CONFIG_NAME).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{d / CONFIG_NAME} is not a valid model config: {e}") from e
-    model = build_model(cfg)
     try:
-        load_model(model, str(d / WEIGHTS_NAME), strict=True, device=map_location)
+        model = build_model(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{d / CONFIG_NAME} is not a valid model config: {e}") from e
+    try:
+        missing, unexpected = load_model(model, str(d / WEIGHTS_NAME), strict=False, device=map_location)
     except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"{d / WEIGHTS_NAME} could not be loaded: {e}") from e
+        raise ValueError(f"{d / WEIGHTS_NAME} could not be loaded: {str(e).splitlines()[0]}") from e
+    if missing or unexpected:
+        raise ValueError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: {key_mismatch(missing, unexpected)}")
     return model
+
+
+def key_mismatch(missing, unexpected, shown: int = 6) -> str:
+    """``missing [a, b, ... (+3 more)]; unexpected [...]``: a state-dict mismatch on one line."""
+
+    def listed(keys) -> str:
+        keys = sorted(keys)
+        more = f", ... (+{len(keys) - shown} more)" if len(keys) > shown else ""
+        return "[" + ", ".join(keys[:shown]) + more + "]"
+
+    return f"missing {listed(missing)}; unexpected {listed(unexpected)}"
 
 
 __all__ = ["TransformerLM", "KVCache", "save_pretrained", "from_pretrained", "EncoderDecoderConfig"]

@@ -582,7 +582,10 @@ def _as_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> Tensor:
             f"{name} has shape {tuple(mask.shape)} but this input needs {tuple(shape)} "
             "(True = real token); build it for the same batch and sequence length as the input"
         )
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype != torch.bool:
+        # as full and local attention: a 0/1 float mask is ambiguous (keep-flags or additive biases)
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got dtype {mask.dtype}; use {name}.bool()")
+    return mask
 
 
 def _attn_mask_tensor(name: str, mask: Tensor, batch: int, n: int) -> Tensor:

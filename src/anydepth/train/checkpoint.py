@@ -42,6 +42,9 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
+    "clean_leftovers",
+    "run_dir_of",
+    "stopped_before_first_checkpoint",
     "verify_files",
     "load_weights",
     "rng_states",
@@ -153,15 +156,44 @@ def save_checkpoint(
     reading the weights from ``model``; ``extra_files`` (name -> text, e.g. ``tokenizer.json``) are
     written beside the others and listed in the manifest.
     """
-    from safetensors.torch import save_file, save_model
-
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write_step(tmp, model, optimizer_state, run, trainer, rng, model_state, step, extra_files)
+    except Exception as e:  # a full disk or a read-only directory: earlier checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {_one_line(e)}; free disk space or make {root} writable "
+                "(earlier checkpoints are intact)"
+            ) from e
+        raise
+    if final.exists():
+        # A resumed run rewrites a step it had already saved: move the old one aside first, since
+        # rename() cannot replace a non-empty directory. clean_leftovers() restores it after a kill.
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    return final
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _write_step(tmp: Path, model, optimizer_state, run, trainer, rng, model_state, step: int, extra_files) -> None:
+    from safetensors.torch import save_file, save_model
+
     opt_tensors, opt_meta = optimizer_to_flat(optimizer_state)
     state = dict(opt_tensors)
     py_rng = []
@@ -188,30 +220,49 @@ def save_checkpoint(
     for name in [*files, "manifest.json"]:
         _fsync(tmp / name)
     _fsync(tmp)
-    if final.exists():
-        # A resumed run rewrites a step it had already saved: move the old one aside first, since
-        # rename() cannot replace a non-empty directory.
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    return final
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``[(step, dir), ...]`` of complete checkpoints (with a manifest) under ``root``, oldest first."""
+    """``[(step, dir), ...]`` of complete checkpoints (with a manifest) under ``root``, in the order
+    they were written (the manifest, written last, dates each; the step breaks ties). A run resumed
+    from an earlier step writes lower steps after higher ones: the newest is the last written."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "manifest.json").exists():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+        if m and p.is_dir():
+            try:
+                written = (p / "manifest.json").stat().st_mtime_ns
+            except OSError:
+                continue
+            out.append((written, int(m.group(1)), p))
+    return [(step, p) for _, step, p in sorted(out)]
+
+
+def clean_leftovers(root: str | os.PathLike) -> list[str]:
+    """Removes what interrupted writes left under ``root`` (a checkpoints directory): temporary
+    ``.tmp-step_*`` directories, and ``.old-step_*`` ones whose step was rewritten. A kill between
+    the two renames of a rewrite leaves ``step_N`` missing and its previous version in
+    ``.old-step_N-<pid>``: that one is put back. Returns what was done, one line each."""
+    root = Path(root)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.glob(".old-step_*")):
+        name = p.name[len(".old-") :].rsplit("-", 1)[0]
+        final = root / name
+        if _STEP_DIR.match(name) and not final.exists() and (p / "manifest.json").exists():
+            os.rename(p, final)
+            done.append(f"restored {final} from an interrupted rewrite")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p}")
+    for p in sorted(root.glob(".tmp-step_*")):
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p}")
+    return done
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
@@ -223,6 +274,25 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
         pid = p.name.rsplit("-", 1)[-1]
         if pid != str(os.getpid()):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def stopped_before_first_checkpoint(path: str | os.PathLike) -> bool:
+    """``path`` is a run directory that logged or wrote its config but holds no checkpoint: a run
+    killed before its first save, which starts again from step 0 instead of failing to resume."""
+    path = Path(path)
+    return (
+        path.is_dir()
+        and ((path / "metrics.jsonl").exists() or (path / "run.json").exists())
+        and not (path / "manifest.json").exists()
+        and not list_checkpoints(path / "checkpoints")
+        and not list_checkpoints(path)
+    )
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a ``step_*`` checkpoint directory belongs to."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
 def latest_checkpoint(path: str | os.PathLike) -> Path:
@@ -256,17 +326,35 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except Exception as e:  # safetensors reports damage with its own exception types
         raise CheckpointError(f"checkpoint file {d / 'state.safetensors'} could not be read: {e}") from None
     trainer = _read_json(d / "trainer.json")
+    if not isinstance(trainer, dict):
+        raise CheckpointError(f"checkpoint file {d / 'trainer.json'} is corrupted (not a JSON object)")
     if trainer.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint file {d / 'trainer.json'} has format {trainer.get('format')!r}; "
             f"this version reads format {FORMAT_VERSION}"
         )
+    step = trainer.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"checkpoint file {d / 'trainer.json'} has step {step!r}, not an int >= 0; the checkpoint is damaged, "
+            "resume from an earlier one"
+        )
+    for key, kind in (("optimizer", dict), ("rng", list), ("metrics", dict)):
+        if key in trainer and not isinstance(trainer[key], kind):
+            raise CheckpointError(
+                f"checkpoint file {d / 'trainer.json'} has {key} of type {type(trainer[key]).__name__}, "
+                f"expected a JSON {'object' if kind is dict else 'array'}; the checkpoint is damaged"
+            )
+    run, model_config = _read_json(d / "run.json"), _read_json(d / "config.json")
+    for name, obj in (("run.json", run), ("config.json", model_config)):
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"checkpoint file {d / name} is corrupted (not a JSON object)")
     return Checkpoint(
         path=d,
-        step=int(trainer["step"]),
+        step=step,
         trainer=trainer,
-        run=_read_json(d / "run.json"),
-        model_config=_read_json(d / "config.json"),
+        run=run,
+        model_config=model_config,
         state=state,
     )
 
@@ -298,14 +386,16 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     """Loads the checkpoint's weights into ``model`` (strict: every key must match)."""
     from safetensors.torch import load_model
 
+    from anydepth.model.lm import key_mismatch
+
     try:
         missing, unexpected = load_model(model, str(ckpt.weights), strict=False, device="cpu")
     except Exception as e:
         raise CheckpointError(f"checkpoint file {ckpt.weights} could not be loaded: {e}") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint file {ckpt.weights} does not match the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}); resume with the model config it was trained with"
+            f"checkpoint file {ckpt.weights} does not match the model ({key_mismatch(missing, unexpected)}); "
+            "resume with the model config it was trained with"
         )
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:1", or "auto" (cuda if available)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
+    timeout: float = 300.0  # seconds a collective waits for the other processes (torchrun) before failing
     eval_every: int = 100  # steps between validation passes; 0 validates only at the end
     eval_batches: int = 8  # validation batches per pass, at fixed evenly spaced positions
     log_every: int = 10  # steps between train lines in metrics.jsonl and progress-bar updates
@@ -55,7 +56,10 @@ class TrainConfig:
     diagnostics_every: int = 0  # steps between per-layer depth diagnostics in diagnostics.jsonl; 0: off
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        from anydepth.validate import check_config
+
+        self.betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
+        check_config(self, "train")  # types first: progress='no' or steps=2.5 name the field
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "keep_last"):
             _positive_int(self, name)
         for name in ("warmup", "eval_every", "checkpoint_every", "sample_tokens"):
@@ -68,6 +72,13 @@ class TrainConfig:
                 raise ValueError(
                     f"train.{name} must be a positive number, got {v!r}; e.g. --train.{name}=1e-3"
                 )
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not (
+            math.isfinite(self.timeout) and 0 < self.timeout <= 86400
+        ):
+            raise ValueError(
+                f"train.timeout must be a number of seconds in (0, 86400], got {self.timeout!r}; "
+                "e.g. --train.timeout=300"
+            )
         for name in ("weight_decay", "clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -106,6 +117,9 @@ class DataConfig:
     cache_dir: str | None = None  # token cache; None: $ANYDEPTH_CACHE or ~/.cache/anydepth
 
     def __post_init__(self) -> None:
+        from anydepth.validate import check_config
+
+        check_config(self, "data")
         if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
             raise ValueError(
                 f"data.path must be a non-empty path or None (the stdlib corpus), got {self.path!r}"

@@ -220,6 +220,11 @@ def _source_tokens(cfg: DataConfig) -> tuple[np.ndarray, tuple[int, int, int] | 
         return _cached_concat([path], cache, "records", cfg.text_field), None
     if path.suffix == ".zip":
         return _cached_zip(path, cache), (ENWIK8_SPLIT if path.stem == "enwik8" else None)
+    if not _is_text(path):
+        raise ValueError(
+            f"data.path {str(path)!r} is a binary file (it holds NUL bytes); pass a text file, a directory of "
+            "text files or a .npy token array"
+        )
     tokens = np.memmap(path, dtype=np.uint8, mode="r")
     return tokens, (ENWIK8_SPLIT if path.name == "enwik8" else None)
 

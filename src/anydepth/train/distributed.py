@@ -9,7 +9,9 @@ rank 0 writes logs and checkpoints. Without those variables everything here is a
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ __all__ = [
     "sync_replicated_grads",
     "gather_objects",
     "resolve_device",
+    "CollectiveTimeout",
+    "collective_failure",
 ]
 
 
@@ -48,19 +52,41 @@ class DistInfo:
         return self.world > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` is CUDA (this process's local GPU) when available, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """``"auto"`` is CUDA (this process's local GPU) when available, else the CPU; a device this
+    machine lacks (``cuda:7``, ``mps``) raises ``ValueError`` naming ``option``."""
+    flag = "--" + option
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device='cuda' but no CUDA device is available; use --train.device=cpu")
+            raise ValueError(f"{option}='cuda' but no CUDA device is available; use {flag}=cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{option}={name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count:
+            have = f"this machine has {count} CUDA device(s)" if count else "no CUDA device is available"
+            other = f" or a cuda:N with N < {count}" if count else ""
+            raise ValueError(f"{option}={name!r} but {have}; use {flag}=cpu{other}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{option}={name!r} but MPS is not available; use {flag}=cpu")
+    return dev
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Joins the torchrun process group if ``WORLD_SIZE > 1``; returns this process's :class:`DistInfo`."""
+class CollectiveTimeout(RuntimeError):
+    """A collective failed because another process stopped responding (``train.timeout`` passed)."""
+
+
+def setup(device: str = "auto", timeout: float = 300.0) -> DistInfo:
+    """Joins the torchrun process group if ``WORLD_SIZE > 1``; returns this process's :class:`DistInfo`.
+
+    ``timeout`` (seconds) bounds every collective: a stalled or stopped process makes the others
+    fail after that long instead of torch's default of 30 minutes (10 for NCCL).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,8 +95,25 @@ def setup(device: str = "auto") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def collective_failure(e: BaseException, info: DistInfo, timeout: float) -> CollectiveTimeout | None:
+    """A :class:`CollectiveTimeout` naming this rank, and the peer where torch's message tells, when
+    ``e`` is a failed collective of a multi-process run; else None."""
+    if not info.enabled:
+        return None
+    text = str(e)
+    if not (isinstance(e, getattr(dist, "DistError", ())) or re.search(r"timed? ?out|closed by peer", text, re.I)):
+        return None
+    peer = re.search(r"\brank[ =:]*(\d+)", text, re.I)
+    who = f"rank {peer.group(1)}" if peer and int(peer.group(1)) != info.rank else "another process"
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+    return CollectiveTimeout(
+        f"rank {info.rank} of {info.world}: a collective failed after at most train.timeout={timeout:g}s because "
+        f"{who} stopped responding ({first}); check that process, or raise --train.timeout"
+    )
 
 
 def teardown(info: DistInfo, *, completed: bool = True) -> None:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,7 @@ from anydepth.train.data import eval_batch, load_corpus, sample_batch, unigram_e
 from anydepth.train.diagnostics import TrainingDiagnostics
 from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from anydepth.train.tokenizer import Tokenizer, text_bytes
+from anydepth.validate import check_output_dir
 
 __all__ = ["run", "TrainingDiverged", "evaluate", "config_mismatch"]
 
@@ -170,7 +172,13 @@ class _Trainer:
                 f"train.batch_size={tc.batch_size} does not divide over {info.world} processes; use a "
                 f"multiple of {info.world}"
             )
-        self.resume = ckpt_io.load_checkpoint(cfg.resume) if cfg.resume else None
+        self.resume = None
+        self.branch_of: Path | None = None  # the run this one branches off (resumed from an older step)
+        if cfg.resume and ckpt_io.stopped_before_first_checkpoint(cfg.resume):
+            # killed before its first checkpoint: nothing to resume, so the run starts again in place
+            self._note(f"{cfg.resume} has no checkpoint yet (stopped before the first); starting it from step 0")
+        elif cfg.resume:
+            self.resume = ckpt_io.load_checkpoint(cfg.resume)
         if self.resume is not None:
             diff = config_mismatch(self.resume.model_config, mc.to_dict())
             if diff:
@@ -220,16 +228,8 @@ class _Trainer:
                     f"the {name} split has {arr.size} tokens, fewer than train.seq_len + 1 = {tc.seq_len + 1}; "
                     "lower --train.seq_len or use more data"
                 )
-        out = cfg.out
-        if out is None and self.resume is not None:
-            p = self.resume.path
-            out = str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
-        self.out = Path(out or _default_out())
-        if self.resume is None and (self.out / "metrics.jsonl").exists():
-            raise ValueError(
-                f"--out {self.out} already holds a run (metrics.jsonl); pass --resume {self.out} to "
-                "continue it or choose another --out"
-            )
+        self.out = self._output_dir()
+        check_output_dir(self.out)
 
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -259,10 +259,54 @@ class _Trainer:
         if self.resume is not None:
             self._restore(self.resume)
         self.last_ckpt: str | None = str(self.resume.path) if self.resume is not None else None
+        if self.resume is not None:
+            data = cfg.data.path or "the Python stdlib"
+            cache = cfg.data.cache_dir or os.environ.get("ANYDEPTH_CACHE") or "~/.cache/anydepth"
+            self._note(f"resuming {self.resume.path} (step {self.start}) with data from {data}, token cache {cache}")
         self.diverged_step: int | None = None
         self.diagnostics = TrainingDiagnostics.for_run(
             self.model, tc.diagnostics_every, self.out, start=self.start, main=info.is_main, sharded=self.sharded
         )
+
+    def _note(self, text: str) -> None:
+        if self.info.is_main:
+            print(f"note: {text}", file=sys.stderr)
+
+    def _output_dir(self) -> Path:
+        """Where this run writes: ``--out``; on resume the run resumed; a new directory when the
+        resumed checkpoint is not that run's newest, so the run it branches off is never pruned
+        or mixed into; a fresh ``runs/<time>`` otherwise."""
+        cfg = self.cfg
+        if self.resume is None:
+            out = Path(cfg.out or cfg.resume or _default_out())
+            if (out / "metrics.jsonl").exists():
+                if ckpt_io.list_checkpoints(out / "checkpoints"):
+                    raise ValueError(
+                        f"--out {out} already holds a run (metrics.jsonl); pass --resume {out} to "
+                        "continue it or choose another --out"
+                    )
+                self._note(f"{out} holds a run stopped before its first checkpoint; starting it again from step 0")
+            return out
+        ck = self.resume.path
+        run = ckpt_io.run_dir_of(ck)
+        found = ckpt_io.list_checkpoints(run / "checkpoints")
+        newest = found[-1][1] if found else ck
+        if newest.resolve() == ck.resolve():
+            return Path(cfg.out) if cfg.out else run
+        if cfg.out is not None and Path(cfg.out).resolve() == run.resolve():
+            raise ValueError(
+                f"--resume {ck} is not the newest checkpoint of {run} ({newest.name} is); continuing it in "
+                f"{run} would mix two branches and prune the newer one. Leave --out unset (a new run "
+                "directory is made) or choose another --out"
+            )
+        self.branch_of = run
+        if cfg.out is not None:
+            return Path(cfg.out)
+        out, i = run.with_name(f"{run.name}-from-{ck.name}"), 2
+        while out.exists():
+            out, i = run.with_name(f"{run.name}-from-{ck.name}-{i}"), i + 1
+        self._note(f"{ck.name} is not the newest checkpoint of {run}; this run continues it in {out}")
+        return out
 
     def _restore(self, ck: ckpt_io.Checkpoint) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -297,17 +341,36 @@ class _Trainer:
         if not self.info.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        for line in ckpt_io.clean_leftovers(self.out / "checkpoints"):
+            self._note(line)
         metrics = self.out / "metrics.jsonl"
-        if self.resume is not None and metrics.exists():
+        source = self.branch_of / "metrics.jsonl" if self.branch_of is not None else metrics
+        if self.resume is not None and source.exists():
             # A killed run may have logged steps after its last checkpoint; they are redone now.
-            kept = [
-                line
-                for line in metrics.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.start
-            ]
+            kept = [line for line in self._read_log(source) if json.loads(line).get("step", 0) <= self.start]
             metrics.write_text("".join(line + "\n" for line in kept))
+        elif self.resume is None and metrics.exists():
+            metrics.unlink()  # a run stopped before its first checkpoint starts again
         self.metrics_file = open(metrics, "a")  # noqa: SIM115 - closed in fit()
         (self.out / "run.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True))
+
+    def _read_log(self, path: Path) -> list[str]:
+        """The lines of ``metrics.jsonl``; a torn last line (a kill mid-write) is dropped with a warning."""
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        good = []
+        for i, line in enumerate(lines):
+            try:
+                if not isinstance(json.loads(line), dict):
+                    raise ValueError("not an object")
+            except ValueError as e:
+                if i == len(lines) - 1:
+                    self._note(f"dropped the torn last line of {path} (an interrupted write): {line[:60]!r}")
+                    break
+                raise ckpt_io.CheckpointError(
+                    f"{path} line {i + 1} is not a JSON object ({e}); repair or delete that line to resume"
+                ) from None
+            good.append(line)
+        return good
 
     def _checkpoint(self, step: int) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -651,11 +714,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"run() expects a RunConfig, got {type(cfg).__name__}")
-    info = D.setup(cfg.train.device)
+    info = D.setup(cfg.train.device, timeout=cfg.train.timeout)
     completed = False
     try:
         summary = _Trainer(cfg, info).fit()
         completed = True
         return summary
+    except RuntimeError as e:
+        failure = D.collective_failure(e, info, cfg.train.timeout)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         D.teardown(info, completed=completed)
