@@ -48,7 +48,7 @@ def _other(name: str, tp, default):
         else:
             good = st.sampled_from([0.02, 0.25, 0.5, 1.0, 2.0, 4.0, default if default is not None else 1.0])
     elif tp is str:
-        good = st.sampled_from(sorted({default, "sum", "mean", "post", "gelu", "relu", "swish"}))
+        good = st.sampled_from(sorted({default, "sum", "mean", "post", "gelu", "relu", "swish"} - {None}))
     elif origin is tuple:
         good = st.none() if default is None else st.just(default)
     else:
