@@ -29,6 +29,7 @@ def test_quick_plan_covers_the_claims_it_must_decide():
             swept.setdefault(r.scheme, set()).add(r.lr)
     grids = [lrs for lrs in swept.values() if len(lrs) > 1]
     assert len(grids) >= 2 and all(g == grids[0] for g in grids) and len(grids[0]) >= 3
+    assert {s for s, g in swept.items() if len(g) > 1} == {"preln", "qknorm"}  # decides QK-1
 
 
 def test_full_plan_sweeps_the_grid_and_follows_at_256():

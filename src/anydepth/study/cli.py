@@ -25,7 +25,7 @@ from anydepth.study import output_change as oc_mod
 from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
 from anydepth.study.report import write_report
 from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute
-from anydepth.study.sweep import SCHEMES, Plan, full_plan, quick_plan, validate_schemes
+from anydepth.study.sweep import QUICK_WORKERS, SCHEMES, Plan, full_plan, quick_plan, validate_schemes
 from anydepth.study.verdicts import Evidence, decide
 
 # Seconds per output-change forward per layer on 2 cores; only for the estimate printed up front.
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", type=lambda s: _float_list(s, "lrs"), default=None,
                    help="the sweep's learning rates (default: 1e-4 to 3e-2, half a decade apart)")
     p.add_argument("--no-lm", action="store_true", help="skip the language-model runs")
-    p.add_argument("--workers", type=int, default=1, help="runs trained at once in separate processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs trained at once in separate processes (default 1, quick: 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: cores // workers)")
     p.add_argument("--fc-steps", type=int, default=None, help="steps of the fully connected experiment")
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         deep_plan = deep_plan_from_args(args)
         if args.readme and not args.publish:
             raise ValueError("--readme needs --publish (the README follows the published results.json)")
+        if args.workers is None:
+            args.workers = QUICK_WORKERS if args.quick else 1
         if args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)

@@ -242,7 +242,7 @@ def full_plan(
 # pre-LN included), RZ-1 (fully connected, 64 layers) and AD-2 (output change), plus a reduced
 # learning-rate sweep at 64 layers. Sized from the measured step times to stay under 15 minutes on
 # 2 idle cores (docs/study.md, "Budgets and time").
-QUICK_BUDGETS = {12: 300, 64: 300}
+QUICK_BUDGETS = {12: 600, 64: 600}
 QUICK_CELLS: tuple[tuple[str, int], ...] = (
     ("postln", 12),
     ("preln", 12),
@@ -254,7 +254,9 @@ QUICK_CELLS: tuple[tuple[str, int], ...] = (
     ("admin", 64),
     ("deepnorm", 64),
 )
-QUICK_LR_SWEEP = {64: (("preln", "deepnorm"), (LR_GRID[1], LR_GRID[2], LR_GRID[3]))}
+# pre-LN with and without qk-LayerNorm from the claim rate up to where pre-LN diverges: decides QK-1
+QUICK_LR_SWEEP = {64: (("preln", "qknorm"), (LR_GRID[2], LR_GRID[3], LR_GRID[4]))}
+QUICK_WORKERS = 2  # two runs at a time, one thread each: Model S's small products gain more that way
 
 
 def quick_plan(*, seeds: int = 1) -> Plan:
