@@ -123,3 +123,40 @@ def test_calibrate_times_each_model_once():
     assert set(rates) == {(s, d) for s in ("rezero", "postln") for d in (1, 2)}
     assert all(0 < r < 10 for r in rates.values())
     assert calibrate(specs, lambda *a: {}) == {}  # a runner that builds no model is not calibrated
+
+
+def test_pool_workers_end_with_their_parent(tmp_path):
+    """A killed `anydepth study` leaves no worker training on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import multiprocessing, os, functools\n"
+        "from anydepth.study.runner import _init_worker\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=functools.partial(_init_worker, os.getpid()))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 60)  # the worker is busy, as in the middle of a training run\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the pool worker outlived its killed parent")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,22 @@ def run_one(runner: Runner, spec: RunSpec, runs_dir: Path, progress: bool) -> di
     return record
 
 
+def _init_worker(parent: int) -> None:
+    """A pool worker keeps freed memory like the parent, and ends when the parent is gone: a killed
+    `anydepth study` must not leave its runs training on (spawned workers are not its process group's
+    foreground children, so a kill of the parent alone does not reach them)."""
+    import threading
+
+    retain_freed_memory()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="anydepth-parent-watch").start()
+
+
 def json_safe(obj: Any) -> Any:
     """JSON without NaN/Inf tokens (strict parsers reject them): non-finite floats become null."""
     if isinstance(obj, float):
@@ -271,7 +288,8 @@ def execute(
         # spawn, not fork: a forked child of a process that already ran OpenMP-threaded torch ops can hang.
         ctx = multiprocessing.get_context("spawn")
         # the workers keep freed memory like the parent (`anydepth study` calls this at start-up)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=retain_freed_memory) as pool:
+        init = partial(_init_worker, os.getpid())
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init) as pool:
             futures = {pool.submit(run_one, runner, spec, runs_dir, False): spec for spec in specs}
             for fut in as_completed(futures):
                 spec = futures[fut]
