@@ -106,6 +106,7 @@ class _Plan:
     forward: bool  # window includes the next chunk
     wrap: bool  # the first chunk's previous chunk is the last one (LSH); otherwise it is empty
     valid: Tensor  # (G * Lp,) bool: real, unmasked token
+    all_valid: bool  # no padding and no mask: ``valid`` is all True (known to the caller without a sync)
     causal: bool
     query_len: (
         int  # causal masking applies to keys before this position; later ones (memory, context) stay visible
@@ -121,7 +122,6 @@ class _Plan:
     acc_dtype: torch.dtype = torch.float32  # softmax statistics' dtype (float64 inputs keep float64)
 
     def __post_init__(self) -> None:
-        self.all_valid = bool(self.valid.all())
         self._slot_of: Tensor | None = None
 
     @property
@@ -225,10 +225,11 @@ def _block(plan: _Plan, n0: int, n1: int, device) -> _Block:
         forbid(later)
     if not plan.all_valid:
         forbid(~(_take(plan.valid, flat)[:, :, None] & _take(plan.valid, kflat)[:, None, :]))
-    if not plan.wrap and len(ids) > 1:
+    # some chunk of the block has no previous (next) chunk: n with n % nc == 0 (nc - 1) lies in [n0, n1)
+    edge = (plan.back and -n0 % nc < n1 - n0) or (plan.forward and (nc - 1 - n0) % nc < n1 - n0)
+    if not plan.wrap and len(ids) > 1 and edge:
         ok = torch.cat([w[:, None].expand(-1, c) for w in win_ok], dim=1)
-        if not bool(ok.all()):
-            forbid(~ok[:, None, :])
+        forbid(~ok[:, None, :])
     if plan.buckets is not None:
         cb = plan.buckets.view(-1, c)
         qb = cb[n0:n1]
@@ -628,7 +629,8 @@ class LSHAttention(nn.Module):
         allow_duplicate_attention: False counts a key seen in several rounds once.
         attend_across_buckets: False also masks keys of the window that sit in another bucket (the paper).
         rehash_each_round: False draws one rotation and uses each token's ``n_hashes`` best buckets as the
-            rounds' buckets (needs ``allow_duplicate_attention=True`` and ``n_hashes <= n_buckets``).
+            rounds' buckets (needs ``allow_duplicate_attention=True``; inputs too short for ``n_hashes``
+            buckets get ``n_hashes`` (rounded up to even) buckets anyway).
         drop_for_hash_rate: dropout on the vectors fed to the hash only.
         random_rotations_per_head: one rotation per leading batch element instead of one shared.
         return_attn: also return the dense attention.
@@ -766,11 +768,14 @@ class LSHAttention(nn.Module):
         if input_attn_mask is not None:
             m = input_attn_mask.shape[-1]
             attn_mask = _attn_mask_tensor("input_attn_mask", input_attn_mask, b, m)
-        out, attn, buckets = self._attend(qk, v, valid, attn_mask, query_len, rotary)
+        out, attn, buckets = self._attend(qk, v, valid, attn_mask, query_len, rotary, masked=input_mask is not None)
         return out, attn, buckets
 
-    def _attend(self, qk, v, valid, attn_mask, query_len, rotary, full=False, mask_div=1, chunks=1):
-        """Pads, hashes, sorts and runs the chunked attention; ``full`` uses one window over everything."""
+    def _attend(
+        self, qk, v, valid, attn_mask, query_len, rotary, full=False, mask_div=1, chunks=1, masked=True
+    ):
+        """Pads, hashes, sorts and runs the chunked attention; ``full`` uses one window over everything.
+        ``masked=False`` promises that ``valid`` is all True (no padding mask to apply)."""
         b, n, d = qk.shape
         bs = self.bucket_size
         if full:
@@ -780,6 +785,10 @@ class LSHAttention(nn.Module):
             rounds = self.n_hashes
         n_chunks = lp // bs
         n_buckets = n_chunks + n_chunks % 2
+        if not full and not self.rehash_each_round and n_buckets < rounds:
+            # the rounds are each token's n_hashes best buckets of one rotation, so there must be that many;
+            # buckets smaller than a chunk only make the sort finer (short inputs, many rounds)
+            n_buckets = rounds + rounds % 2
         pad = lp - n
         valid_p = F.pad(valid, (0, pad), value=False) if pad else valid
         qk_p = F.pad(qk, (0, 0, 0, pad)) if pad else qk
@@ -825,6 +834,7 @@ class LSHAttention(nn.Module):
                 forward=False,
                 wrap=True,
                 valid=valid_p[g0:g1].reshape(-1),
+                all_valid=not masked and pad == 0,
                 causal=self.causal,
                 query_len=query_len,
                 scale=d**-0.5,
@@ -848,7 +858,7 @@ class LSHAttention(nn.Module):
         return out, attn, buckets
 
 
-def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training):
+def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training, masked=True):
     """Shared-QK local attention: position chunks of ``window``, each seeing itself and the previous chunk
     (and the next one unless causal), no wrap-around; same logits and self rule as the LSH heads."""
     b, n, d = qk.shape
@@ -865,6 +875,7 @@ def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training):
         forward=not causal,
         wrap=False,
         valid=F.pad(valid, (0, pad), value=False).reshape(-1),
+        all_valid=not masked and pad == 0,
         causal=causal,
         query_len=lp,
         scale=d**-0.5,
@@ -1147,6 +1158,7 @@ class LSHSelfAttention(nn.Module):
                 rotary=rotary,
                 dropout=self.dropout,
                 training=self.training,
+                masked=input_mask is not None,
             )
             outs.append(local.view(b, l_h, t, dh))
         lsh_h = h - l_h
@@ -1155,7 +1167,16 @@ class LSHSelfAttention(nn.Module):
         valid_l = valid[:, None].expand(b, lsh_h, kv).reshape(b * lsh_h, kv)
         full = self.use_full_attn or kv <= self.full_attn_thres
         out, attn, buckets = self.lsh_attn._attend(
-            qk_l, v_l, valid_l, input_attn_mask, t, rotary, full=full, mask_div=lsh_h, chunks=self.attn_chunks
+            qk_l,
+            v_l,
+            valid_l,
+            input_attn_mask,
+            t,
+            rotary,
+            full=full,
+            mask_div=lsh_h,
+            chunks=self.attn_chunks,
+            masked=input_mask is not None or context_mask is not None,
         )
         if self.callback is not None:
             self.callback(attn.reshape(b, lsh_h, t, -1), buckets.reshape(b, lsh_h, -1))
