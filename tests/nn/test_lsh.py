@@ -641,3 +641,23 @@ def test_one_rotation_with_more_rounds_than_buckets_runs_at_short_lengths():
             if n <= 32:  # at most two chunks: exactly full shared-QK attention
                 torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
         assert layer.lsh_attn.hash_vectors(4, torch.randn(1, 32, 4)).unique().numel() <= 4
+
+
+def test_many_buckets_hash_as_a_product_of_two_angular_hashes():
+    attn = LSHAttention(bucket_size=4, n_hashes=2, seed=7)
+    attn.FACTOR_ABOVE = 8
+    assert attn.bucket_factors(8) is None and attn.bucket_factors(30) == (6, 6) and attn.bucket_count(40) == 48
+    x = torch.randn(2, 40, 6)
+    gen = torch.Generator().manual_seed(7)
+    rot = torch.randn((1, 6, 2, 3 + 3), generator=gen)  # (shared, d, rounds, b1 / 2 + b2 / 2)
+    proj = torch.einsum("btd,drk->brtk", x, rot[0])
+    h1 = torch.cat((proj[..., :3], -proj[..., :3]), -1).argmax(-1)
+    h2 = torch.cat((proj[..., 3:], -proj[..., 3:]), -1).argmax(-1)
+    assert torch.equal(attn.hash_vectors(30, x), h1 * 6 + h2)
+    # in the layer: brute force over the same buckets, with the product's bucket count
+    qk, v = torch.randn(2, 120, 6, dtype=torch.float64), torch.randn(2, 120, 5, dtype=torch.float64)
+    attn.eval()
+    out, _, buckets = attn(qk, v)
+    assert buckets.max() < 2 * 36 and buckets.view(2, 2, 120)[:, 1].min() >= 36  # round offsets of 6 x 6
+    ref = brute_force_lsh(qk, v, buckets.view(2, 2, 120) % 36, 4, 2, causal=False)
+    torch.testing.assert_close(out, ref)

@@ -679,6 +679,9 @@ class LSHAttention(nn.Module):
         self.seed = seed
         self.eval_seed = 0  # seed of eval-time rotations when ``seed`` is None; set per layer by the builder
 
+    # above this many buckets the hash is a product of two smaller angular hashes (see bucket_factors)
+    FACTOR_ABOVE = 512
+
     # hashing ------------------------------------------------------------------------------------------
     def _rotations(self, groups: int, dim: int, n_buckets: int, device) -> Tensor:
         shape = (
@@ -693,36 +696,67 @@ class LSHAttention(nn.Module):
         gen.manual_seed(self.seed if self.seed is not None else self.eval_seed)
         return torch.randn(shape, generator=gen, device=device)
 
+    def bucket_factors(self, n_buckets: int) -> tuple[int, int] | None:
+        """``(b1, b2)``, both even, ``b1 * b2 >= n_buckets``, when the hash is a product of two angular hashes.
+
+        One argmax over ``n_buckets / 2`` directions costs ``O(n * n_buckets * d)`` per round, and
+        ``n_buckets`` grows with ``n``: at 131,072 tokens that quadratic term was half of the layer's time.
+        Above ``FACTOR_ABOVE`` buckets the bucket is ``h1 * b2 + h2`` with ``h1``, ``h2`` two independent
+        angular hashes (their concatenation, Andoni et al. 2015) over ``b1`` and ``b2 ~ sqrt(n_buckets)``
+        buckets: ``O(n * sqrt(n_buckets) * d)``. Tokens share a bucket only when both hashes agree, so the
+        collision probability is the product of the two; the sort and the windows are unchanged.
+        """
+        if n_buckets <= self.FACTOR_ABOVE or not self.rehash_each_round:
+            return None
+        b2 = 2 * math.ceil(math.sqrt(n_buckets) / 2)
+        return 2 * math.ceil(n_buckets / (2 * b2)), b2
+
+    def bucket_count(self, n_buckets: int) -> int:
+        """Buckets that :meth:`hash_vectors` draws from when asked for ``n_buckets`` (``b1 * b2`` if
+        factorised)."""
+        f = self.bucket_factors(n_buckets)
+        return n_buckets if f is None else f[0] * f[1]
+
     def hash_vectors(self, n_buckets: int, vecs: Tensor) -> Tensor:
-        """``(B, n, d)`` -> buckets ``(B, n_hashes, n)`` in ``[0, n_buckets)`` (no round offsets).
+        """``(B, n, d)`` -> buckets ``(B, n_hashes, n)`` in ``[0, bucket_count(n_buckets))`` (no round
+        offsets).
 
         ``argmax([x R ; -x R])`` over a random ``R (d, n_buckets/2)`` per round, computed in float32 so that
-        half-precision ties do not change buckets.
+        half-precision ties do not change buckets; above ``FACTOR_ABOVE`` buckets a product of two such
+        hashes (:meth:`bucket_factors`).
         """
         b = vecs.shape[0]
-        rot = self._rotations(b, vecs.shape[-1], n_buckets, vecs.device)
+        factors = self.bucket_factors(n_buckets)
+        rot = self._rotations(b, vecs.shape[-1], n_buckets if factors is None else sum(factors), vecs.device)
         if not self.rehash_each_round and self.n_hashes > n_buckets:
             raise ValueError(
                 f"rehash_each_round=False uses each token's n_hashes best of n_buckets={n_buckets} buckets, "
                 f"but n_hashes={self.n_hashes}; lower n_hashes or use longer sequences / smaller bucket_size"
             )
-        half = n_buckets // 2
+        half = rot.shape[-1]
         out = torch.empty(b, self.n_hashes, vecs.shape[1], dtype=torch.long, device=vecs.device)
-        # projections are (rows, rounds, n, n_buckets / 2): computed a few rows at a time to bound memory
-        step = max(1, _BLOCK_ELEMS // max(1, rot.shape[2] * vecs.shape[1] * half))
+        # projections are (rows, rounds, n, n_buckets / 2), i.e. quadratic in n (n_buckets grows with n):
+        # computed a few rows and positions at a time so that memory stays O(n)
+        n, per_pos = vecs.shape[1], rot.shape[2] * half
+        step = max(1, _BLOCK_ELEMS // max(1, per_pos * n))
         with torch.no_grad():
             for i in range(0, b, step):
                 x = F.dropout(vecs[i : i + step].float(), self.drop_for_hash_rate, self.training)
                 r = rot[i : i + step] if rot.shape[0] > 1 else rot
-                proj = torch.einsum("btd,bdri->brti", x, r.expand(x.shape[0], -1, -1, -1))
-                if self.rehash_each_round:
-                    # argmax over [p ; -p] without building it: the larger of max(p) and -min(p), ties to p
-                    hi, lo = proj.max(dim=-1), proj.min(dim=-1)
-                    out[i : i + step] = torch.where(hi.values >= -lo.values, hi.indices, lo.indices + half)
-                else:
-                    # the k best buckets, weakest first (round 0 gets the k-th best), as in the original
-                    top = torch.cat((proj, -proj), dim=-1)[:, 0].topk(self.n_hashes, dim=-1).indices.flip(-1)
-                    out[i : i + step] = top.permute(0, 2, 1)
+                r = r.expand(x.shape[0], -1, -1, -1)
+                t_step = max(1, _BLOCK_ELEMS // (per_pos * x.shape[0]))
+                for t0 in range(0, n, t_step):
+                    t1 = min(n, t0 + t_step)
+                    proj = torch.einsum("btd,bdri->brti", x[:, t0:t1], r)
+                    if factors is not None:
+                        h1 = _signed_argmax(proj[..., : factors[0] // 2])
+                        out[i : i + step, :, t0:t1] = h1 * factors[1] + _signed_argmax(proj[..., factors[0] // 2 :])
+                    elif self.rehash_each_round:
+                        out[i : i + step, :, t0:t1] = _signed_argmax(proj)
+                    else:
+                        # the k best buckets, weakest first (round 0 gets the k-th best), as in the original
+                        top = torch.cat((proj, -proj), dim=-1)[:, 0].topk(self.n_hashes, dim=-1).indices.flip(-1)
+                        out[i : i + step, :, t0:t1] = top.permute(0, 2, 1)
         return out
 
     # forward ------------------------------------------------------------------------------------------
@@ -789,6 +823,9 @@ class LSHAttention(nn.Module):
             # the rounds are each token's n_hashes best buckets of one rotation, so there must be that many;
             # buckets smaller than a chunk only make the sort finer (short inputs, many rounds)
             n_buckets = rounds + rounds % 2
+        hashed_buckets = n_buckets
+        if not full:
+            n_buckets = self.bucket_count(n_buckets)
         pad = lp - n
         valid_p = F.pad(valid, (0, pad), value=False) if pad else valid
         qk_p = F.pad(qk, (0, 0, 0, pad)) if pad else qk
@@ -798,7 +835,7 @@ class LSHAttention(nn.Module):
             order = torch.arange(lp, device=qk.device).expand(b, lp)
             sort_buckets = None
         else:
-            raw = self.hash_vectors(n_buckets, qk_p)  # (b, R, lp)
+            raw = self.hash_vectors(hashed_buckets, qk_p)  # (b, R, lp)
             # padding and masked tokens go to an extra bucket after every real one
             sort_buckets = torch.where(valid_p[:, None], raw, n_buckets)
             pos = torch.arange(lp, device=qk.device)
@@ -856,6 +893,12 @@ class LSHAttention(nn.Module):
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         attn = torch.cat(attns) if len(attns) > 1 else attns[0]
         return out, attn, buckets
+
+
+def _signed_argmax(p: Tensor) -> Tensor:
+    """``argmax([p ; -p], -1)`` without building it: the larger of ``max(p)`` and ``-min(p)``, ties to ``p``."""
+    hi, lo = p.max(dim=-1), p.min(dim=-1)
+    return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + p.shape[-1])
 
 
 def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training, masked=True):
