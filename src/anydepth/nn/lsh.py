@@ -3,7 +3,9 @@
 Shared-QK attention restricted to tokens that hash alike. For each of ``n_hashes`` rounds ``r``:
 
 1. hash (angular LSH, Andoni et al. 2015, arXiv 1509.02897): ``h_r(x) = argmax([x R_r ; -x R_r])`` with a
-   random ``R_r`` of shape ``(d, n_buckets / 2)``; ``n_buckets = ceil(n / bucket_size)`` rounded up to even;
+   random ``R_r`` of shape ``(d, n_buckets / 2)``; ``n_buckets = ceil(n / bucket_size)`` rounded up to even
+   (above 512 buckets, a product of two such hashes over ``~sqrt(n_buckets)`` buckets each, which keeps
+   hashing linear in ``n``; see ``LSHAttention.bucket_factors``);
 2. sort the tokens by ``(bucket, position)`` and cut the sorted order into chunks of ``bucket_size``;
 3. every query attends to the keys of its own chunk and of the chunk before it (the first chunk of a round
    looks back at the last chunk of the *same* round), with ``q = x`` and ``k = x / ||x||`` (shared QK), logits
