@@ -10,6 +10,9 @@ meanwhile (``other load``, in cores), since timings on a shared machine are only
     python benchmarks/lsh.py                                   # 4096, 16384, 32768 tokens
     python benchmarks/lsh.py --lengths 4096 --runs 3
     python benchmarks/lsh.py --workload lm --depths 2 12       # ReformerLM training-step memory vs depth
+    python benchmarks/lsh.py --workload stack --depths 4 16 --n-hashes 2 --repeats 3
+        # the Reformer stack with the original's defaults (ff_chunks=100, ...) against reformer-pytorch's,
+        # forward + backward at --lm-len tokens; the implementations alternate, --repeats times
 """
 
 from __future__ import annotations
@@ -89,6 +92,32 @@ def child_attention(impl: str, length: int, runs: int, warmup: int, args) -> dic
     return _measure(step, runs, warmup, gc)
 
 
+def child_stack(impl: str, depth: int, runs: int, warmup: int, args) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    kw = dict(dim=args.dim, depth=depth, heads=args.heads, bucket_size=args.bucket_size, n_hashes=args.n_hashes)
+    if impl == "anydepth":
+        from anydepth.compat.reformer import Reformer
+    elif impl == "reformer_pytorch":
+        from reformer_pytorch import Reformer
+    else:
+        raise ValueError(f"stack workload: impl must be anydepth or reformer_pytorch, got {impl!r}")
+    model = Reformer(**kw, causal=True)
+    x = torch.randn(1, args.lm_len, args.dim, requires_grad=True)
+    gy = torch.randn(1, args.lm_len, args.dim)
+
+    def step():
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        model(x).backward(gy)
+
+    return _measure(step, runs, warmup, gc)
+
+
 def child_lm(depth: int, runs: int, warmup: int, args) -> dict:
     import gc
 
@@ -150,12 +179,13 @@ def _measure(step, runs: int, warmup: int, gc) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=("attention", "lm"), default="attention")
+    p.add_argument("--workload", choices=("attention", "lm", "stack"), default="attention")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 12], help="lm workload: depths to compare")
     p.add_argument("--lm-len", type=int, default=4096, help="lm workload: sequence length")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="rounds over all cases, interleaved; medians over them")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -168,16 +198,20 @@ def main() -> None:
         kind, a, b = args.child.split(":")
         if kind == "attention":
             res = child_attention(a, int(b), args.runs, args.warmup, args)
+        elif kind == "stack":
+            res = child_stack(a, int(b), args.runs, args.warmup, args)
         else:
             res = child_lm(int(b), args.runs, args.warmup, args)
         print("RESULT " + json.dumps(res))
         return
 
-    cases = (
-        [("attention", impl, n) for n in args.lengths for impl in args.impls]
-        if args.workload == "attention"
-        else [("lm", "anydepth", d) for d in args.depths]
-    )
+    if args.workload == "attention":
+        cases = [("attention", impl, n) for n in args.lengths for impl in args.impls]
+    elif args.workload == "stack":
+        impls = [i for i in args.impls if i != "sdpa_full"]
+        cases = [("stack", impl, d) for d in args.depths for impl in impls]
+    else:
+        cases = [("lm", "anydepth", d) for d in args.depths]
     common = [
         f"--runs={args.runs}",
         f"--warmup={args.warmup}",
@@ -187,22 +221,41 @@ def main() -> None:
         f"--n-hashes={args.n_hashes}",
         f"--lm-len={args.lm_len}",
     ]
-    results: dict[tuple, dict] = {}
-    for kind, impl, size in cases:
+    rounds: dict[tuple, list[dict]] = {}
+    for rep, (kind, impl, size) in ((r, c) for r in range(args.repeats) for c in cases):
         cmd = [sys.executable, __file__, f"--child={kind}:{impl}:{size}", *common]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # freed large buffers go back to the OS, so that the peak counts live memory, not heap slack
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if kind == "stack" else None
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             print(f"{impl} {size}: failed\n{proc.stderr[-2000:]}", flush=True)
             continue
         res = json.loads(line[0][len("RESULT ") :])
-        results[(impl, size)] = res
+        rounds.setdefault((impl, size), []).append(res)
         print(
-            f"{kind:9s} {impl:17s} {size:6d}  median {res['median_s']:8.3f} s  min {res['min_s']:8.3f} s  "
+            f"{kind:9s} {impl:17s} {size:6d}  round {rep}  median {res['median_s']:8.3f} s  min {res['min_s']:8.3f} s  "
             f"peak extra {res['peak_extra_mib']:8.1f} MiB  other load {res['other_load_cores']:.2f}",
             flush=True,
         )
-    if args.workload == "attention":
+    results = {
+        key: {f: statistics.median(r[f] for r in rs) for f in ("median_s", "min_s", "peak_extra_mib")}
+        for key, rs in rounds.items()
+    }
+    if args.repeats > 1:
+        print("\nmedians over rounds")
+        for (impl, size), res in results.items():
+            print(f"  {impl:17s} {size:6d}  {res['median_s']:8.3f} s  peak extra {res['peak_extra_mib']:8.1f} MiB")
+    if args.workload == "stack":
+        print("\nratios (reformer_pytorch / anydepth): speed-up = time ratio, memory = peak extra MiB ratio")
+        for d in args.depths:
+            ours, theirs = results.get(("anydepth", d)), results.get(("reformer_pytorch", d))
+            if ours and theirs:
+                print(
+                    f"  depth {d:3d}  speed-up x{theirs['median_s'] / ours['median_s']:.2f}  "
+                    f"memory ours/theirs x{ours['peak_extra_mib'] / max(theirs['peak_extra_mib'], 1e-9):.2f}"
+                )
+    elif args.workload == "attention":
         print("\nratios (anydepth / other): time = median s, memory = peak extra MiB")
         for n in args.lengths:
             ours = results.get(("anydepth", n))

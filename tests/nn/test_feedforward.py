@@ -173,3 +173,45 @@ def test_matches_reformer_pytorch_feedforward_with_the_same_weights(glu):
     )
     x = torch.randn(2, 5, 8, dtype=F64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "glu"])
+@pytest.mark.parametrize("sizing", [dict(chunk_size=3), dict(chunk_size=7), dict(chunk_mib=1e-4)])
+def test_pieces_by_size_equal_unchunked(kind, sizing):
+    torch.manual_seed(0)
+    whole, sized = build(kind), build(kind, **sizing)
+    sized.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 9, 6, dtype=F64, requires_grad=True)
+    y1, y2 = whole(x), sized(x)
+    torch.testing.assert_close(y2, y1, rtol=0, atol=1e-14)
+    g = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x, *whole.parameters()], g)
+    g2 = torch.autograd.grad(y2, [x, *sized.parameters()], g)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "glu"])
+def test_piece_size_is_fixed_by_rows_or_budget_not_by_length(kind):
+    ff = build(kind, chunk_size=16)
+    for n in (8, 40, 400):
+        largest, _ = _hidden_sizes(ff, torch.randn(1, n, 6, dtype=F64), grad=False)
+        assert largest == min(n, 16) * ff.proj_in.out_features
+    # a budget of B MiB holds floor(B * 2^20 / (width * 8 bytes)) float64 rows of hidden activations
+    budget = build(kind, chunk_mib=0.01)
+    rows = int(0.01 * 2**20) // (budget.proj_in.out_features * 8)
+    largest, _ = _hidden_sizes(budget, torch.randn(1, 400, 6, dtype=F64), grad=False)
+    assert largest == rows * budget.proj_in.out_features
+    # a count bounds the memory to 1/chunks unless the budget is larger: pieces are the larger of the two
+    both = build(kind, chunks=100, chunk_mib=0.01)
+    assert both.piece_rows(400, F64) == rows
+    assert both.piece_rows(100 * rows * 3, F64) == 3 * rows
+
+
+def test_bad_piece_sizes_name_the_argument():
+    with pytest.raises(ValueError, match="chunk_size must be a positive int.*0"):
+        MLP(8, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_mib must be a positive number.*-1"):
+        GLU(8, chunk_mib=-1)
+    with pytest.raises(ValueError, match="chunk_size=4 and chunk_mib=1 both size the pieces"):
+        MLP(8, chunk_size=4, chunk_mib=1)

@@ -570,3 +570,94 @@ def test_reversible_gradients_equal_plain_autograd_with_chunks_dropout_masks_mem
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# every accepted configuration at every length
+
+
+def _sweep_configs():
+    """Each hashing option with few and many rounds (more rounds than a short input has buckets), the other
+    options alternating so that every value meets both hashing modes."""
+    out = []
+    for i, (n_hashes, rehash) in enumerate((h, r) for h in (1, 3, 8) for r in (True, False)):
+        for j in range(2):
+            k = 2 * i + j
+            out.append(
+                dict(
+                    n_hashes=n_hashes,
+                    rehash_each_round=rehash,
+                    allow_duplicate_attention=not rehash or bool(j),
+                    attend_across_buckets=bool((k // 2) % 2),
+                    n_local_attn_heads=k % 2,
+                    num_mem_kv=2 * ((k // 3) % 2),
+                    dropout=0.1 if k % 5 == 0 else 0.0,
+                )
+            )
+    return out
+
+
+@pytest.mark.parametrize("fields", _sweep_configs(), ids=lambda f: "-".join(f"{v}" for v in f.values()))
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_accepted_configuration_runs_at_every_length_up_to_four_buckets(fields, causal):
+    bs = 4
+    cfg = ATTENTIONS.config("lsh", bucket_size=bs, **fields)
+    layer = ATTENTIONS.build(cfg, dim=8, heads=2, causal=causal)
+    full = ATTENTIONS.build(
+        ATTENTIONS.config("lsh", bucket_size=bs, **{**fields, "use_full_attn": True}), dim=8, heads=2, causal=causal
+    )
+    full.load_state_dict(layer.state_dict())
+    torch.manual_seed(0)
+    for n in range(1, 4 * bs + 1):
+        layer.train(n % 2 == 0)
+        x = torch.randn(1, n, 8, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(x.grad).all(), n
+        if bs < n <= 2 * bs - fields["num_mem_kv"] and fields["attend_across_buckets"] and not layer.training:
+            # two chunks: every round's window holds every key, so LSH heads are exactly full attention
+            with torch.no_grad():
+                torch.testing.assert_close(y, full.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_configuration_without_a_meaning_is_rejected_when_built():
+    cfg = ATTENTIONS.config("lsh", bucket_size=4, rehash_each_round=False, allow_duplicate_attention=False)
+    with pytest.raises(ValueError, match="rehash_each_round=False with allow_duplicate_attention=False"):
+        ATTENTIONS.build(cfg, dim=8, heads=2, causal=True)
+
+
+def test_one_rotation_with_more_rounds_than_buckets_runs_at_short_lengths():
+    # 17 to 32 tokens with bucket_size=16 give two chunks, i.e. two buckets, for four rounds
+    torch.manual_seed(1)
+    layer = LSHSelfAttention(dim=8, heads=2, bucket_size=16, n_hashes=4, causal=True, rehash_each_round=False)
+    ref = LSHSelfAttention(dim=8, heads=2, bucket_size=16, causal=True, use_full_attn=True)
+    ref.load_state_dict(layer.state_dict())
+    layer.eval()
+    with torch.no_grad():
+        for n in range(1, 65):
+            x = torch.randn(2, n, 8)
+            y = layer(x)
+            assert torch.isfinite(y).all(), n
+            if n <= 32:  # at most two chunks: exactly full shared-QK attention
+                torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+        assert layer.lsh_attn.hash_vectors(4, torch.randn(1, 32, 4)).unique().numel() <= 4
+
+
+def test_many_buckets_hash_as_a_product_of_two_angular_hashes():
+    attn = LSHAttention(bucket_size=4, n_hashes=2, seed=7)
+    attn.FACTOR_ABOVE = 8
+    assert attn.bucket_factors(8) is None and attn.bucket_factors(30) == (6, 6) and attn.bucket_count(40) == 48
+    x = torch.randn(2, 40, 6)
+    gen = torch.Generator().manual_seed(7)
+    rot = torch.randn((1, 6, 2, 3 + 3), generator=gen)  # (shared, d, rounds, b1 / 2 + b2 / 2)
+    proj = torch.einsum("btd,drk->brtk", x, rot[0])
+    h1 = torch.cat((proj[..., :3], -proj[..., :3]), -1).argmax(-1)
+    h2 = torch.cat((proj[..., 3:], -proj[..., 3:]), -1).argmax(-1)
+    assert torch.equal(attn.hash_vectors(30, x), h1 * 6 + h2)
+    # in the layer: brute force over the same buckets, with the product's bucket count
+    qk, v = torch.randn(2, 120, 6, dtype=torch.float64), torch.randn(2, 120, 5, dtype=torch.float64)
+    attn.eval()
+    out, _, buckets = attn(qk, v)
+    assert buckets.max() < 2 * 36 and buckets.view(2, 2, 120)[:, 1].min() >= 36  # round offsets of 6 x 6
+    ref = brute_force_lsh(qk, v, buckets.view(2, 2, 120) % 36, 4, 2, causal=False)
+    torch.testing.assert_close(out, ref)

@@ -1,9 +1,15 @@
-"""Position-wise feed-forward layers: an MLP and gated linear units, optionally over sequence chunks.
+"""Position-wise feed-forward layers: an MLP and gated linear units, optionally over pieces of rows.
 
 Both kinds are built with ``FFS.build(cfg, dim=...)`` and map ``(b, n, dim) -> (b, n, dim)`` token by token.
-Because no token sees another, running them on ``chunks`` slices of the sequence axis gives exactly the
-unchunked result while only one slice's hidden activations (``mult`` times wider than the input) exist at
-a time (the Reformer's chunked feed-forward, Kitaev et al. 2020, arXiv:2001.04451, section 3).
+Because no token sees another, running them on pieces of the ``b * n`` rows gives exactly the unchunked
+result while only one piece's hidden activations (``mult`` times wider than the input) exist at a time (the
+Reformer's chunked feed-forward, Kitaev et al. 2020, arXiv:2001.04451, section 3).
+
+Pieces are sized, not counted: ``chunk_size`` rows, or as many rows as ``chunk_mib`` MiB of hidden
+activations hold. A count (``chunks``, the Reformer's ``ff_chunks``) bounds the memory to ``1 / chunks`` of
+the unchunked layer's, but at short lengths it makes pieces of a few dozen rows whose matrix products run
+far below the machine's speed; with ``chunk_mib`` as well, pieces are the larger of the two, so the bound is
+``max(total / chunks, chunk_mib)``.
 """
 
 from __future__ import annotations
@@ -52,7 +58,16 @@ class _FeedForward(nn.Module):
     Subclasses define ``proj_in`` (``dim -> width``), ``proj_out`` (``hidden -> dim``) and ``_hidden``.
     """
 
-    def __init__(self, dim: int, mult: float, dropout: float, chunks: int, checkpoint_chunks: bool):
+    def __init__(
+        self,
+        dim: int,
+        mult: float,
+        dropout: float,
+        chunks: int,
+        checkpoint_chunks: bool,
+        chunk_size: int | None = None,
+        chunk_mib: float | None = None,
+    ):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"feed-forward dim must be a positive int, got {dim!r}")
@@ -62,8 +77,26 @@ class _FeedForward(nn.Module):
             raise ValueError(f"feed-forward dropout must be in [0, 1), got {dropout!r}")
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"feed-forward chunks must be an int >= 1 (1: no chunking), got {chunks!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"feed-forward chunk_size must be a positive int (rows per piece) or None, got {chunk_size!r}"
+            )
+        if chunk_mib is not None and (
+            isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int | float) or not chunk_mib > 0
+        ):
+            raise ValueError(
+                f"feed-forward chunk_mib must be a positive number (MiB of hidden activations per piece) or "
+                f"None, got {chunk_mib!r}"
+            )
+        if chunk_size is not None and chunk_mib is not None:
+            raise ValueError(
+                f"feed-forward chunk_size={chunk_size} and chunk_mib={chunk_mib} both size the pieces; pass one"
+            )
         self.dim, self.hidden = dim, max(1, int(dim * mult))
         self.chunks, self.checkpoint_chunks = chunks, checkpoint_chunks
+        self.chunk_size, self.chunk_mib = chunk_size, chunk_mib
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
@@ -85,20 +118,34 @@ class _FeedForward(nn.Module):
     def _ff(self, x: Tensor) -> Tensor:
         return self.proj_out(self.dropout(self._hidden(self.proj_in(x))))
 
+    def piece_rows(self, rows: int, dtype: torch.dtype = torch.float32) -> int:
+        """Rows per piece for an input of ``rows`` rows: ``chunk_size``; else the rows whose hidden
+        activations fill ``chunk_mib``, or ``ceil(rows / chunks)``, or with both the larger of the two."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        piece = -(-rows // self.chunks)
+        if self.chunk_mib is not None:
+            width = self.proj_in.out_features * torch.empty((), dtype=dtype).element_size()
+            budget = int(self.chunk_mib * 2**20) // width
+            piece = max(piece, budget) if self.chunks > 1 else budget
+        return max(1, piece)
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"feed-forward input must end in dim={self.dim}, got {got}")
-        if self.chunks == 1 or x.dim() < 2 or x.shape[-2] <= 1:
+        rows = x.numel() // self.dim
+        step = self.piece_rows(rows, x.dtype)
+        if step >= rows:
             return self._ff(x)
-        pieces = x.chunk(self.chunks, dim=-2)
-        # Under autograd every chunk's hidden activations would stay saved for backward, so chunking alone
-        # would not lower the training peak; recomputing each chunk in backward keeps only one alive.
+        pieces = x.reshape(rows, self.dim).split(step)
+        # Under autograd every piece's hidden activations would stay saved for backward, so chunking alone
+        # would not lower the training peak; recomputing each piece in backward keeps only one alive.
         if self.checkpoint_chunks and torch.is_grad_enabled() and (x.requires_grad or self._has_grad()):
             outs = [checkpoint(self._ff, p, use_reentrant=False) for p in pieces]
         else:
             outs = [self._ff(p) for p in pieces]
-        return torch.cat(outs, dim=-2)
+        return torch.cat(outs).view(x.shape)
 
     def _has_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
@@ -108,8 +155,9 @@ class _FeedForward(nn.Module):
 class MLP(_FeedForward):
     """``ff(x) = W_2 dropout(act(W_1 x + b_1)) + b_2`` with hidden width ``int(mult * dim)``.
 
-    ``act`` by name (``gelu``, ``relu``, ``swish``, ... see :data:`ACTIVATIONS`). With ``chunks > 1`` the
-    sequence axis (dim -2) is processed in ``chunks`` slices; the result equals the unchunked one.
+    ``act`` by name (``gelu``, ``relu``, ``swish``, ... see :data:`ACTIVATIONS`). With ``chunk_size``,
+    ``chunk_mib`` or ``chunks > 1`` the rows are processed in pieces (see the module docstring); the result
+    equals the unchunked one.
     """
 
     @dataclass(kw_only=True)
@@ -118,8 +166,10 @@ class MLP(_FeedForward):
         activation: str = "gelu"  # name in ACTIVATIONS; GELU is the GPT/BERT/Reformer default
         dropout: float = 0.0  # on the hidden activations, as in reformer-pytorch's FeedForward
         bias: bool = True  # biases on both projections (the original Transformer had them)
-        chunks: int = 1  # sequence slices computed one at a time, as the Reformer's ff_chunks
-        checkpoint: bool = True  # chunks > 1 under autograd: recompute slices in backward to keep the saving
+        chunks: int = 1  # at most this many pieces, as the Reformer's ff_chunks: memory / chunks
+        checkpoint: bool = True  # pieces under autograd: recompute each in backward to keep the saving
+        chunk_size: int | None = None  # rows (batch x positions) per piece, whatever the length
+        chunk_mib: float | None = None  # pieces at least this many MiB of hidden activations (none smaller)
 
     def __init__(
         self,
@@ -130,8 +180,10 @@ class MLP(_FeedForward):
         bias: bool = True,
         chunks: int = 1,
         checkpoint: bool = True,
+        chunk_size: int | None = None,
+        chunk_mib: float | None = None,
     ):
-        super().__init__(dim, mult, dropout, chunks, checkpoint)
+        super().__init__(dim, mult, dropout, chunks, checkpoint, chunk_size, chunk_mib)
         self.act_name, self.act = activation, get_activation(activation)
         self.proj_in = nn.Linear(dim, self.hidden, bias=bias)
         self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
@@ -147,7 +199,7 @@ class GLU(_FeedForward):
 
     ``ff(x) = W_2 dropout(act(x W) * (x V))``, ``W`` and ``V`` of width ``int(mult * dim)`` held as one
     fused ``proj_in`` (``[W | V]``). ``act`` by name: ``swish`` gives SwiGLU, ``gelu`` GEGLU, ``sigmoid``
-    the original GLU, ``identity`` the bilinear layer. ``chunks`` as in :class:`MLP`. With equal ``mult``
+    the original GLU, ``identity`` the bilinear layer. Pieces as in :class:`MLP`. With equal ``mult``
     a GLU has 1.5x the MLP's parameters; ``mult = 8/3`` matches them.
     """
 
@@ -157,8 +209,10 @@ class GLU(_FeedForward):
         activation: str = "swish"  # the gate's activation: swish = SwiGLU (PaLM, Llama), gelu = GEGLU
         dropout: float = 0.0  # on the gated hidden activations
         bias: bool = True  # biases on both projections (Shazeer's variants drop them; set False for that)
-        chunks: int = 1  # sequence slices computed one at a time, as the Reformer's ff_chunks
-        checkpoint: bool = True  # chunks > 1 under autograd: recompute slices in backward to keep the saving
+        chunks: int = 1  # at most this many pieces, as the Reformer's ff_chunks: memory / chunks
+        checkpoint: bool = True  # pieces under autograd: recompute each in backward to keep the saving
+        chunk_size: int | None = None  # rows (batch x positions) per piece, whatever the length
+        chunk_mib: float | None = None  # pieces at least this many MiB of hidden activations (none smaller)
 
     def __init__(
         self,
@@ -169,8 +223,10 @@ class GLU(_FeedForward):
         bias: bool = True,
         chunks: int = 1,
         checkpoint: bool = True,
+        chunk_size: int | None = None,
+        chunk_mib: float | None = None,
     ):
-        super().__init__(dim, mult, dropout, chunks, checkpoint)
+        super().__init__(dim, mult, dropout, chunks, checkpoint, chunk_size, chunk_mib)
         self.act_name, self.act = activation, get_activation(activation)
         self.proj_in = nn.Linear(dim, 2 * self.hidden, bias=bias)
         self.proj_out = nn.Linear(self.hidden, dim, bias=bias)

@@ -3,7 +3,9 @@
 Shared-QK attention restricted to tokens that hash alike. For each of ``n_hashes`` rounds ``r``:
 
 1. hash (angular LSH, Andoni et al. 2015, arXiv 1509.02897): ``h_r(x) = argmax([x R_r ; -x R_r])`` with a
-   random ``R_r`` of shape ``(d, n_buckets / 2)``; ``n_buckets = ceil(n / bucket_size)`` rounded up to even;
+   random ``R_r`` of shape ``(d, n_buckets / 2)``; ``n_buckets = ceil(n / bucket_size)`` rounded up to even
+   (above 512 buckets, a product of two such hashes over ``~sqrt(n_buckets)`` buckets each, which keeps
+   hashing linear in ``n``; see ``LSHAttention.bucket_factors``);
 2. sort the tokens by ``(bucket, position)`` and cut the sorted order into chunks of ``bucket_size``;
 3. every query attends to the keys of its own chunk and of the chunk before it (the first chunk of a round
    looks back at the last chunk of the *same* round), with ``q = x`` and ``k = x / ||x||`` (shared QK), logits
@@ -106,6 +108,7 @@ class _Plan:
     forward: bool  # window includes the next chunk
     wrap: bool  # the first chunk's previous chunk is the last one (LSH); otherwise it is empty
     valid: Tensor  # (G * Lp,) bool: real, unmasked token
+    all_valid: bool  # no padding and no mask: ``valid`` is all True (known to the caller without a sync)
     causal: bool
     query_len: (
         int  # causal masking applies to keys before this position; later ones (memory, context) stay visible
@@ -121,7 +124,6 @@ class _Plan:
     acc_dtype: torch.dtype = torch.float32  # softmax statistics' dtype (float64 inputs keep float64)
 
     def __post_init__(self) -> None:
-        self.all_valid = bool(self.valid.all())
         self._slot_of: Tensor | None = None
 
     @property
@@ -225,10 +227,11 @@ def _block(plan: _Plan, n0: int, n1: int, device) -> _Block:
         forbid(later)
     if not plan.all_valid:
         forbid(~(_take(plan.valid, flat)[:, :, None] & _take(plan.valid, kflat)[:, None, :]))
-    if not plan.wrap and len(ids) > 1:
+    # some chunk of the block has no previous (next) chunk: n with n % nc == 0 (nc - 1) lies in [n0, n1)
+    edge = (plan.back and -n0 % nc < n1 - n0) or (plan.forward and (nc - 1 - n0) % nc < n1 - n0)
+    if not plan.wrap and len(ids) > 1 and edge:
         ok = torch.cat([w[:, None].expand(-1, c) for w in win_ok], dim=1)
-        if not bool(ok.all()):
-            forbid(~ok[:, None, :])
+        forbid(~ok[:, None, :])
     if plan.buckets is not None:
         cb = plan.buckets.view(-1, c)
         qb = cb[n0:n1]
@@ -628,7 +631,8 @@ class LSHAttention(nn.Module):
         allow_duplicate_attention: False counts a key seen in several rounds once.
         attend_across_buckets: False also masks keys of the window that sit in another bucket (the paper).
         rehash_each_round: False draws one rotation and uses each token's ``n_hashes`` best buckets as the
-            rounds' buckets (needs ``allow_duplicate_attention=True`` and ``n_hashes <= n_buckets``).
+            rounds' buckets (needs ``allow_duplicate_attention=True``; inputs too short for ``n_hashes``
+            buckets get ``n_hashes`` (rounded up to even) buckets anyway).
         drop_for_hash_rate: dropout on the vectors fed to the hash only.
         random_rotations_per_head: one rotation per leading batch element instead of one shared.
         return_attn: also return the dense attention.
@@ -677,6 +681,9 @@ class LSHAttention(nn.Module):
         self.seed = seed
         self.eval_seed = 0  # seed of eval-time rotations when ``seed`` is None; set per layer by the builder
 
+    # above this many buckets the hash is a product of two smaller angular hashes (see bucket_factors)
+    FACTOR_ABOVE = 512
+
     # hashing ------------------------------------------------------------------------------------------
     def _rotations(self, groups: int, dim: int, n_buckets: int, device) -> Tensor:
         shape = (
@@ -691,36 +698,67 @@ class LSHAttention(nn.Module):
         gen.manual_seed(self.seed if self.seed is not None else self.eval_seed)
         return torch.randn(shape, generator=gen, device=device)
 
+    def bucket_factors(self, n_buckets: int) -> tuple[int, int] | None:
+        """``(b1, b2)``, both even, ``b1 * b2 >= n_buckets``, when the hash is a product of two angular hashes.
+
+        One argmax over ``n_buckets / 2`` directions costs ``O(n * n_buckets * d)`` per round, and
+        ``n_buckets`` grows with ``n``: at 131,072 tokens that quadratic term was half of the layer's time.
+        Above ``FACTOR_ABOVE`` buckets the bucket is ``h1 * b2 + h2`` with ``h1``, ``h2`` two independent
+        angular hashes (their concatenation, Andoni et al. 2015) over ``b1`` and ``b2 ~ sqrt(n_buckets)``
+        buckets: ``O(n * sqrt(n_buckets) * d)``. Tokens share a bucket only when both hashes agree, so the
+        collision probability is the product of the two; the sort and the windows are unchanged.
+        """
+        if n_buckets <= self.FACTOR_ABOVE or not self.rehash_each_round:
+            return None
+        b2 = 2 * math.ceil(math.sqrt(n_buckets) / 2)
+        return 2 * math.ceil(n_buckets / (2 * b2)), b2
+
+    def bucket_count(self, n_buckets: int) -> int:
+        """Buckets that :meth:`hash_vectors` draws from when asked for ``n_buckets`` (``b1 * b2`` if
+        factorised)."""
+        f = self.bucket_factors(n_buckets)
+        return n_buckets if f is None else f[0] * f[1]
+
     def hash_vectors(self, n_buckets: int, vecs: Tensor) -> Tensor:
-        """``(B, n, d)`` -> buckets ``(B, n_hashes, n)`` in ``[0, n_buckets)`` (no round offsets).
+        """``(B, n, d)`` -> buckets ``(B, n_hashes, n)`` in ``[0, bucket_count(n_buckets))`` (no round
+        offsets).
 
         ``argmax([x R ; -x R])`` over a random ``R (d, n_buckets/2)`` per round, computed in float32 so that
-        half-precision ties do not change buckets.
+        half-precision ties do not change buckets; above ``FACTOR_ABOVE`` buckets a product of two such
+        hashes (:meth:`bucket_factors`).
         """
         b = vecs.shape[0]
-        rot = self._rotations(b, vecs.shape[-1], n_buckets, vecs.device)
+        factors = self.bucket_factors(n_buckets)
+        rot = self._rotations(b, vecs.shape[-1], n_buckets if factors is None else sum(factors), vecs.device)
         if not self.rehash_each_round and self.n_hashes > n_buckets:
             raise ValueError(
                 f"rehash_each_round=False uses each token's n_hashes best of n_buckets={n_buckets} buckets, "
                 f"but n_hashes={self.n_hashes}; lower n_hashes or use longer sequences / smaller bucket_size"
             )
-        half = n_buckets // 2
+        half = rot.shape[-1]
         out = torch.empty(b, self.n_hashes, vecs.shape[1], dtype=torch.long, device=vecs.device)
-        # projections are (rows, rounds, n, n_buckets / 2): computed a few rows at a time to bound memory
-        step = max(1, _BLOCK_ELEMS // max(1, rot.shape[2] * vecs.shape[1] * half))
+        # projections are (rows, rounds, n, n_buckets / 2), i.e. quadratic in n (n_buckets grows with n):
+        # computed a few rows and positions at a time so that memory stays O(n)
+        n, per_pos = vecs.shape[1], rot.shape[2] * half
+        step = max(1, _BLOCK_ELEMS // max(1, per_pos * n))
         with torch.no_grad():
             for i in range(0, b, step):
                 x = F.dropout(vecs[i : i + step].float(), self.drop_for_hash_rate, self.training)
                 r = rot[i : i + step] if rot.shape[0] > 1 else rot
-                proj = torch.einsum("btd,bdri->brti", x, r.expand(x.shape[0], -1, -1, -1))
-                if self.rehash_each_round:
-                    # argmax over [p ; -p] without building it: the larger of max(p) and -min(p), ties to p
-                    hi, lo = proj.max(dim=-1), proj.min(dim=-1)
-                    out[i : i + step] = torch.where(hi.values >= -lo.values, hi.indices, lo.indices + half)
-                else:
-                    # the k best buckets, weakest first (round 0 gets the k-th best), as in the original
-                    top = torch.cat((proj, -proj), dim=-1)[:, 0].topk(self.n_hashes, dim=-1).indices.flip(-1)
-                    out[i : i + step] = top.permute(0, 2, 1)
+                r = r.expand(x.shape[0], -1, -1, -1)
+                t_step = max(1, _BLOCK_ELEMS // (per_pos * x.shape[0]))
+                for t0 in range(0, n, t_step):
+                    t1 = min(n, t0 + t_step)
+                    proj = torch.einsum("btd,bdri->brti", x[:, t0:t1], r)
+                    if factors is not None:
+                        h1 = _signed_argmax(proj[..., : factors[0] // 2])
+                        out[i : i + step, :, t0:t1] = h1 * factors[1] + _signed_argmax(proj[..., factors[0] // 2 :])
+                    elif self.rehash_each_round:
+                        out[i : i + step, :, t0:t1] = _signed_argmax(proj)
+                    else:
+                        # the k best buckets, weakest first (round 0 gets the k-th best), as in the original
+                        top = torch.cat((proj, -proj), dim=-1)[:, 0].topk(self.n_hashes, dim=-1).indices.flip(-1)
+                        out[i : i + step, :, t0:t1] = top.permute(0, 2, 1)
         return out
 
     # forward ------------------------------------------------------------------------------------------
@@ -766,11 +804,14 @@ class LSHAttention(nn.Module):
         if input_attn_mask is not None:
             m = input_attn_mask.shape[-1]
             attn_mask = _attn_mask_tensor("input_attn_mask", input_attn_mask, b, m)
-        out, attn, buckets = self._attend(qk, v, valid, attn_mask, query_len, rotary)
+        out, attn, buckets = self._attend(qk, v, valid, attn_mask, query_len, rotary, masked=input_mask is not None)
         return out, attn, buckets
 
-    def _attend(self, qk, v, valid, attn_mask, query_len, rotary, full=False, mask_div=1, chunks=1):
-        """Pads, hashes, sorts and runs the chunked attention; ``full`` uses one window over everything."""
+    def _attend(
+        self, qk, v, valid, attn_mask, query_len, rotary, full=False, mask_div=1, chunks=1, masked=True
+    ):
+        """Pads, hashes, sorts and runs the chunked attention; ``full`` uses one window over everything.
+        ``masked=False`` promises that ``valid`` is all True (no padding mask to apply)."""
         b, n, d = qk.shape
         bs = self.bucket_size
         if full:
@@ -780,6 +821,13 @@ class LSHAttention(nn.Module):
             rounds = self.n_hashes
         n_chunks = lp // bs
         n_buckets = n_chunks + n_chunks % 2
+        if not full and not self.rehash_each_round and n_buckets < rounds:
+            # the rounds are each token's n_hashes best buckets of one rotation, so there must be that many;
+            # buckets smaller than a chunk only make the sort finer (short inputs, many rounds)
+            n_buckets = rounds + rounds % 2
+        hashed_buckets = n_buckets
+        if not full:
+            n_buckets = self.bucket_count(n_buckets)
         pad = lp - n
         valid_p = F.pad(valid, (0, pad), value=False) if pad else valid
         qk_p = F.pad(qk, (0, 0, 0, pad)) if pad else qk
@@ -789,7 +837,7 @@ class LSHAttention(nn.Module):
             order = torch.arange(lp, device=qk.device).expand(b, lp)
             sort_buckets = None
         else:
-            raw = self.hash_vectors(n_buckets, qk_p)  # (b, R, lp)
+            raw = self.hash_vectors(hashed_buckets, qk_p)  # (b, R, lp)
             # padding and masked tokens go to an extra bucket after every real one
             sort_buckets = torch.where(valid_p[:, None], raw, n_buckets)
             pos = torch.arange(lp, device=qk.device)
@@ -825,6 +873,7 @@ class LSHAttention(nn.Module):
                 forward=False,
                 wrap=True,
                 valid=valid_p[g0:g1].reshape(-1),
+                all_valid=not masked and pad == 0,
                 causal=self.causal,
                 query_len=query_len,
                 scale=d**-0.5,
@@ -848,7 +897,13 @@ class LSHAttention(nn.Module):
         return out, attn, buckets
 
 
-def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training):
+def _signed_argmax(p: Tensor) -> Tensor:
+    """``argmax([p ; -p], -1)`` without building it: the larger of ``max(p)`` and ``-min(p)``, ties to ``p``."""
+    hi, lo = p.max(dim=-1), p.min(dim=-1)
+    return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + p.shape[-1])
+
+
+def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training, masked=True):
     """Shared-QK local attention: position chunks of ``window``, each seeing itself and the previous chunk
     (and the next one unless causal), no wrap-around; same logits and self rule as the LSH heads."""
     b, n, d = qk.shape
@@ -865,6 +920,7 @@ def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training):
         forward=not causal,
         wrap=False,
         valid=F.pad(valid, (0, pad), value=False).reshape(-1),
+        all_valid=not masked and pad == 0,
         causal=causal,
         query_len=lp,
         scale=d**-0.5,
@@ -1147,6 +1203,7 @@ class LSHSelfAttention(nn.Module):
                 rotary=rotary,
                 dropout=self.dropout,
                 training=self.training,
+                masked=input_mask is not None,
             )
             outs.append(local.view(b, l_h, t, dh))
         lsh_h = h - l_h
@@ -1155,7 +1212,16 @@ class LSHSelfAttention(nn.Module):
         valid_l = valid[:, None].expand(b, lsh_h, kv).reshape(b * lsh_h, kv)
         full = self.use_full_attn or kv <= self.full_attn_thres
         out, attn, buckets = self.lsh_attn._attend(
-            qk_l, v_l, valid_l, input_attn_mask, t, rotary, full=full, mask_div=lsh_h, chunks=self.attn_chunks
+            qk_l,
+            v_l,
+            valid_l,
+            input_attn_mask,
+            t,
+            rotary,
+            full=full,
+            mask_div=lsh_h,
+            chunks=self.attn_chunks,
+            masked=input_mask is not None or context_mask is not None,
         )
         if self.callback is not None:
             self.callback(attn.reshape(b, lsh_h, t, -1), buckets.reshape(b, lsh_h, -1))
