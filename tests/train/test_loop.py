@@ -88,6 +88,34 @@ def test_resume_from_a_checkpoint_matches_uninterrupted_run_bit_for_bit(make_run
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
+def test_a_checkpoint_of_the_per_tensor_optimizer_resumes_with_the_fused_one(make_run, monkeypatch):
+    # Checkpoints written before the trainer used torch's fused AdamW hold the per-tensor AdamW's state
+    # dict (groups with fused=None); such a run resumes with the fused update and the saved moments.
+    from anydepth.train.optim import lr_at, param_groups
+
+    def per_tensor(model, tc):
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=lr_at(0, tc), betas=tc.betas, eps=tc.eps)
+
+    old = make_run("old", steps=3)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "build_optimizer", per_tensor)
+        run(old)
+    ck = load_checkpoint(latest_checkpoint(old.out))
+    assert {g["fused"] for g in ck.trainer["optimizer"]["param_groups"]} == {None}
+    resumed = dataclasses.replace(make_run("new"), resume=str(ck.path))
+    trainer = loop._Trainer(resumed, loop.D.setup(resumed.train.device))
+    opt = trainer.optimizer
+    assert {g["fused"] for g in opt.param_groups} == {True}
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            assert float(st["step"]) == 3
+            assert torch.equal(st["exp_avg"], ck.state[f"opt/{names[p]}/exp_avg"])
+            assert torch.equal(st["exp_avg_sq"], ck.state[f"opt/{names[p]}/exp_avg_sq"])
+    assert trainer.fit()["steps"] == 6
+
+
 def _nan_at(monkeypatch, bad_step: int):
     calls = {"n": 0}
     original = loop._loss
