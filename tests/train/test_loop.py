@@ -224,8 +224,12 @@ def test_unfinished_temporary_checkpoint_is_ignored_and_cleaned(make_run):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006"]
 
 
-def test_bfloat16_autocast_trains_with_float32_loss(make_run):
-    s = run(make_run("bf16", dtype="bfloat16", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0))
+@pytest.mark.parametrize("preset", ["prenorm", "hyper"])
+def test_bfloat16_autocast_trains_with_float32_loss(make_run, preset):
+    from anydepth.model import presets
+
+    model = getattr(presets, preset)(vocab_size=256, dim=32, depth=2, heads=2, max_seq_len=64)
+    s = run(make_run("bf16", model=model, dtype="bfloat16", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0))
     assert math.isfinite(s["final_val_bpc"]) and s["steps"] == 2
     # Weights stay float32 under autocast; only the matmuls run in bfloat16.
     assert all(t.dtype == torch.float32 for t in _weights(s["checkpoint"]).values())

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn import hyper_fused
+from anydepth.nn.amp import autocast_apply
 from anydepth.nn.context import LayerContext
 from anydepth.nn.norms import LayerNorm
 from anydepth.nn.residual import Residual
@@ -97,7 +98,7 @@ class StreamNorm(nn.Module):
         with ``g = sqrt(d) (1 + gamma)``. The norm is a per-row scalar, so it can be applied to the
         small projected output instead of the full-width input; this saves passes over the streams."""
         g = (self.gamma.to(w.dtype) + 1) * self.scale
-        return _NormProject.apply(x, g.unsqueeze(-1) * w)
+        return autocast_apply(_NormProject, x, g.unsqueeze(-1) * w)
 
 
 class _NormProject(torch.autograd.Function):
@@ -107,7 +108,8 @@ class _NormProject(torch.autograd.Function):
         dw = x^T (dP / r)
 
     which touches the full-width ``x`` three times (one matmul each for ``dx`` and ``dw``, one fused
-    update) where autograd's chain through the norm takes about seven passes.
+    update) where autograd's chain through the norm takes about seven passes. Applied through
+    :func:`~anydepth.nn.amp.autocast_apply`: under autocast, a matrix product in the autocast dtype.
     """
 
     @staticmethod
@@ -136,7 +138,9 @@ class _DepthConnection(torch.autograd.Function):
 
     The forward is one ``addcmul``; the backward computes ``dbeta = dout @ y`` and
     ``dy = beta^T dout`` as batched matrix products, which read ``dout`` once each instead of
-    materialising the full-size products that autograd's broadcast-and-reduce would.
+    materialising the full-size products that autograd's broadcast-and-reduce would. Applied through
+    :func:`~anydepth.nn.amp.autocast_apply` with ``promote``: under autocast, as ``addcmul``, in the
+    widest dtype of its inputs.
     """
 
     @staticmethod
@@ -495,10 +499,12 @@ class HyperConnection(Residual):
         scale = beta.unsqueeze(-1).to(mixed.dtype)  # (..., f, n, 1)
         if self.depth_residual_fn is None:
             sub, dp = mixed.shape[:-1], self.frac_dim  # sub = (..., f, n)
-            out = _DepthConnection.apply(
+            out = autocast_apply(
+                _DepthConnection,
                 mixed.reshape(-1, self.streams, dp),
                 scale.squeeze(-1).expand(sub).reshape(-1, self.streams),
                 ys.expand(*sub[:-1], 1, dp).reshape(-1, dp),
+                promote=True,
             ).view(mixed.shape)
         else:
             out = self.depth_residual_fn(scale * ys, mixed)
