@@ -141,9 +141,6 @@ def build_step(args, variant: str):
                 for i in range(len(branches))
             )
             self.branches = nn.ModuleList(branches)
-            # as the builder's stack does: each connection's depth kernel also runs the next one's width forward
-            for res, nxt in zip(self.res, list(self.res)[1:]):
-                res.followed_by(nxt)
 
         def forward(self, x):
             x = self.res[0].expand(x)

@@ -373,15 +373,15 @@ def _weights(shape, seed):
     ids=["chain", "extra-use", "edited-in-place", "reduced"],
 )
 @pytest.mark.parametrize("dim", [37, 32])  # 32: whole 16-lane rows, written with streaming stores
-def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
+def test_chained_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
     streams = 4
     model = _Chain(dim, streams, dynamic)
     x = _weights((2, 13, streams, dim), 5)
     w_out, w_tap = _weights(x.shape, 6), _weights(x.shape, 7)
     # extra_use: the first sublayer's output also enters the loss, so its gradient is more than what
     # the next width backward computes; edited_in_place: the stream is changed in place between
-    # sublayers, which unties the link; reduced: the loss sees the sum of the streams, whose gradient
-    # reaches the last sublayer as one row per token broadcast to every stream (stride 0)
+    # sublayers; reduced: the loss sees the sum of the streams, whose gradient reaches the last
+    # sublayer as one row per token broadcast to every stream (stride 0)
     extra = case == "extra_use"
     edit = (lambda t: t.mul_(1.5)) if case == "edited_in_place" else None
 
@@ -393,133 +393,14 @@ def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
 
     strides = _count_depth_kernel(monkeypatch)
     dx, grads = _chain_grads(model, x, loss_fn, True, edit)
-    # the last depth backward has no next width connection; the others run only when not linked
-    assert len(strides) == (1 if case in ("chain", "reduced") else 2)
+    # one depth backward per sublayer
+    assert len(strides) == 3
     # the broadcast gradient is read in place, not copied to n rows first
     assert strides[0] == (0 if case == "reduced" else dim)
     dx_ref, grads_ref = _chain_grads(model.double(), x.double(), loss_fn, False, edit)
     torch.testing.assert_close(dx.double(), dx_ref, atol=5e-5, rtol=5e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g.double(), grads_ref[name], atol=2e-4, rtol=2e-4, msg=name)
-
-
-def test_link_survives_a_partial_backward_of_a_retained_graph():
-    # autograd.grad for the last sublayer's parameters alone runs its width backward (which claims the
-    # previous depth backward's work) but not that depth backward; the full backward that follows on the
-    # retained graph must not count that earlier claim
-    model = _Chain(24, 4, True)
-    x = _weights((2, 7, 4, 24), 8).requires_grad_()
-    w = _weights(x.shape, 9)
-    out, _ = model(x)
-    loss = (out * w).sum()
-    torch.autograd.grad(loss, list(model.res[2].parameters()), retain_graph=True)
-    loss.backward()
-    got = {k: p.grad.clone() for k, p in model.named_parameters()}
-    dx = x.grad.clone()
-    dx_ref, ref = _chain_grads(model, x.detach(), lambda o, t: (o * w).sum(), True)
-    torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-6)
-    for name, g in got.items():
-        torch.testing.assert_close(g, ref[name], atol=1e-6, rtol=1e-6, msg=name)
-
-
-def _spy_in_place(monkeypatch) -> list[bool]:
-    """Per width backward kernel call, whether it writes dH over G (the same address)."""
-    lib, calls = hyper_fused._KERNEL.lib, []
-    real = lib.anydepth_hc_width_backward
-    monkeypatch.setattr(lib, "anydepth_hc_width_backward", lambda *a: calls.append(a[1] == a[17]) or real(*a))
-    return calls
-
-
-def test_width_backward_writes_over_a_gradient_nothing_else_holds(monkeypatch):
-    assert isinstance(hyper_fused._Baseline.get(), tuple)  # this torch shows who holds a tensor
-    model = _Chain(32, 4, True)
-    x = _weights((2, 13, 4, 32), 5)
-    w = _weights(x.shape, 6)
-    in_place = _spy_in_place(monkeypatch)
-    dx, grads = _chain_grads(model, x, lambda out, taps: (out * w).sum(), True)
-    # every G here is private: two come from the next width backward, the last from the loss's mul
-    assert in_place == [True, True, True]
-    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: False)
-    dx_ref, ref = _chain_grads(model, x, lambda out, taps: (out * w).sum(), True)
-    assert in_place[3:] == [False, False, False]
-    assert torch.equal(dx, dx_ref)
-    for name, g in grads.items():
-        assert torch.equal(g, ref[name]), name
-
-
-def _observe(case: str, taps: list, kept: list) -> None:
-    """Ways to keep the gradient of the first sublayer's output (the G of its width backward)."""
-    if case == "tensor-hook":
-        taps[0].register_hook(kept.append)
-    elif case == "hook-keeps-a-view":
-        taps[0].register_hook(lambda g: kept.append(g[0]))
-    elif case == "node-prehook":
-        taps[0].grad_fn.register_prehook(lambda go: kept.append(go[0]))
-    elif case == "node-hook":  # the depth node hands G on as its input's gradient
-        taps[0].grad_fn.register_hook(lambda gi, go: kept.append(gi[0]))
-    elif case == "retain-grad":
-        taps[0].retain_grad()
-
-
-@pytest.mark.parametrize(
-    "case",
-    ["tensor-hook", "hook-keeps-a-view", "node-prehook", "node-hook", "module-hook", "retain-grad", "captured"],
-)
-def test_a_gradient_that_something_keeps_is_not_written_over(monkeypatch, case):
-    # each way of keeping G must leave it as it was; forcing the write shows that the case reaches it
-    model = _Chain(32, 4, True)
-    x = _weights((2, 13, 4, 32), 5).requires_grad_()
-    w = _weights(x.shape, 6)
-
-    def run():
-        kept = []
-        # a module's full backward hook wraps its output in a Function of its own, before the forward
-        handle = (
-            model.res[0].register_full_backward_hook(lambda m, gi, go: kept.append(go[0]))
-            if case == "module-hook"
-            else None
-        )
-        out, taps = model(x)
-        if handle is not None:
-            handle.remove()
-        _observe(case, taps, kept)
-        loss = (out * w).sum()
-        if case == "captured":  # torch.autograd.grad holds G for its result while the backward goes on
-            kept.extend(torch.autograd.grad(loss, [taps[0], x]))
-        else:
-            loss.backward()
-        return (taps[0].grad if case == "retain-grad" else kept[0]).clone()
-
-    got = run()
-    real = hyper_fused._unshared
-    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: False)
-    fresh = run()
-    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: record is None)
-    forced = run()
-    assert torch.equal(got, fresh)
-    if case == "retain-grad":  # retain_grad keeps a copy, so writing over G is safe there
-        assert torch.equal(forced, fresh)
-        monkeypatch.setattr(hyper_fused, "_unshared", real)
-        in_place = _spy_in_place(monkeypatch)
-        run()
-        assert in_place == [True, True, True]
-    else:
-        assert not torch.equal(forced, fresh)
-
-
-def test_no_gradient_is_written_over_while_a_graph_is_recorded(monkeypatch):
-    # create_graph=True: the incoming gradients are themselves in a graph that may need them
-    model = _Chain(32, 4, True)
-    x = _weights((2, 13, 4, 32), 5).requires_grad_()
-    w = _weights(x.shape, 6).requires_grad_()
-    in_place = _spy_in_place(monkeypatch)
-    out, _ = model(x)
-    (dx,) = torch.autograd.grad((out * w).sum(), [x], create_graph=True)
-    assert in_place == [False, False, False]
-    out, _ = model(x)
-    (dx_ref,) = torch.autograd.grad((out * w).sum(), [x])
-    assert in_place[3:] == [True, True, True]
-    assert torch.equal(dx, dx_ref)
 
 
 def _spy_broadcast_rows(monkeypatch) -> list[bool]:

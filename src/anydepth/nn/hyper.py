@@ -441,18 +441,6 @@ class HyperConnection(Residual):
             return None
         return weight, bias, float(norm.eps)
 
-    def followed_by(self, nxt: Residual | None) -> None:
-        """With ``nxt`` a hyper-connection of the same width and stream count that takes this one's
-        output as its input, this connection's depth kernel also runs ``nxt``'s width forward on that
-        output, token by token while the token's new streams are in L1 (one pass over the n-wide
-        streams fewer per sublayer). ``nxt`` takes the result only if it is called with that very
-        output and its parameters are unchanged since; else it computes its own, so the model computes
-        the same either way, bit for bit. Streams below ``hyper_fused.LOOK_AHEAD_MIN_ELEMENTS`` get no
-        look-ahead (at that size it costs more Python than it saves)."""
-        ok = isinstance(nxt, HyperConnection) and nxt is not self and (nxt.dim, nxt.streams) == (self.dim, self.streams)
-        # not a submodule: its parameters belong to its own place in the model
-        self.__dict__["_next_connection"] = nxt if ok else None
-
     def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
         # dropout(p=0) is the identity: skipping the module call saves microseconds per sublayer
         dropout = self._modules["dropout"]
@@ -464,15 +452,8 @@ class HyperConnection(Residual):
                 f"the branch output must have the branch input's shape {tuple(h.shape[:-2] + h.shape[-1:])}, "
                 f"got {tuple(y.shape)}; a residual branch must map dim to dim"
             )
-        stream_dropout = drop and self.dropout_placement == "stream"
-        nxt = self.__dict__.get("_next_connection")
-        # the next connection's width forward, done by this depth kernel (see followed_by); a dropped
-        # stream would not be its input, and small streams gain less than the look-ahead costs
-        ahead = None
-        if nxt is not None and not stream_dropout and h.numel() >= hyper_fused.LOOK_AHEAD_MIN_ELEMENTS:
-            ahead = nxt._fused_args(h)
-        out = hyper_fused.depth_connection(h, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype), ahead)
-        return dropout(out) if stream_dropout else out
+        out = hyper_fused.depth_connection(h, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype))
+        return dropout(out) if drop and self.dropout_placement == "stream" else out
 
     def width_connection(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``H (..., n, d)`` -> branch input ``(..., d)`` (``(..., views, d)`` for several views),

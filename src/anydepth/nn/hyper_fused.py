@@ -31,14 +31,8 @@ the norm's output, with ``h_in`` recomputed from ``H``: ``xh = (h_in - mu) rstd`
 ``g = rstd (g_o w - mean(g_o w) - xh mean(g_o w xh))``, and ``dw += g_o xh``, ``db += g_o``
 (Ba et al., 2016, arXiv:1607.06450).
 
-When ``H`` is itself the output of the previous sublayer's depth connection, fed in unchanged (a
-chain of sublayers), the width backward also does that depth backward,
-``dy_prev = sum_s beta_prev_s dH_s`` and ``dbeta_prev_s = y_prev . dH_s``, from ``dH`` while it is
-in registers, and the depth backward then does nothing (see :class:`_Depth`). Forward, the depth
-connection can run the next sublayer's width forward in the same kernel, token by token on its fresh
-output (``depth_connection(..., ahead=...)``; the next width connection takes the result only where
-its arguments are unchanged). Float32 only; tokens run in parallel (OpenMP), parameter gradients are
-reduced from per-thread partial sums.
+Float32 only; tokens run in parallel (OpenMP), parameter gradients are reduced from per-thread
+partial sums.
 :class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
 ``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
@@ -50,8 +44,6 @@ itself differentiable, and autograd says so rather than returning a wrong second
 from __future__ import annotations
 
 import ctypes
-import sys
-import threading
 
 import torch
 from torch import Tensor
@@ -60,7 +52,6 @@ from torch.autograd.function import once_differentiable
 from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op, plain_cpu_tensor
 
 __all__ = [
-    "LOOK_AHEAD_MIN_ELEMENTS",
     "MAX_STREAMS",
     "broadcast_streams",
     "fused_ok",
@@ -71,12 +62,6 @@ __all__ = [
 ]
 
 MAX_STREAMS = 16
-
-# Streams smaller than this (elements) get no look-ahead (see depth_connection): the next width
-# forward then reads them from L2, which costs less than the look-ahead's Python (about 40 us per
-# sublayer; generating one token at a time with 12 layers of dim 256 and 4 streams, 13.6 against
-# 12.6 ms per token). 1 MiB of float32, the size of one core's L2 here; 2048 tokens of 4 x 256 are 8x that.
-LOOK_AHEAD_MIN_ELEMENTS = 1 << 18
 
 _SOURCE = HUGE_PAGE_ADVICE + r"""
 #include <cmath>
@@ -105,7 +90,7 @@ inline int threads_for(int64_t elements, int nthreads) { return elements < kSeri
 // proportion to their length. A burst of requests instead (a whole row at once, or every row in
 // the shortest loop) fills the core's line-fill buffers, about a dozen outstanding misses, and stalls
 // the current token's own loads behind them: spread, the same requests took the width forward from
-// 0.74 to 0.65 ms, the width backward from 2.42 to 2.22 ms (linked, LayerNorm fused) and, with the
+// 0.74 to 0.65 ms, the width backward from 2.42 to 2.22 ms (LayerNorm fused) and, with the
 // output rows requested for writing too, the depth forward from 0.90 to 0.82 ms (2048 tokens, n 4,
 // d 256, 2 threads, cold buffers). The order of the requests matters too, and not the same way in
 // every kernel: the width backward asks for the next token's lines in address order (one ascending
@@ -505,10 +490,6 @@ struct WidthGradToken {
   float* dh;          // (n, d) out: the whole gradient of H; (d) its sum over the streams where sum_dh
   bool sum_dh;        // H is one row broadcast (h_ss 0): write the gradient of that row
   float* dw;          // (K, d) this thread's dW^T partial sum (dynamic variant)
-  const float* bprev; // (n) beta of the depth connection that produced H (linked only)
-  const float* yprev; // (d) its branch output (linked only)
-  float* dyprev;      // (d) out: its gradient (linked only)
-  float* dbprev;      // (n) out: gradient of bprev (linked only)
   bool stream_dh;     // write dh with non-temporal stores (64-byte aligned rows)
 };
 
@@ -517,30 +498,25 @@ struct WidthGradToken {
 // (the W and c terms for the dynamic variant only). The depth connection's gradient G is mixed back
 // here rather than in the depth backward, so that G and H are read once for both the mixing and the
 // width connection's own terms, and dH is written once. Each dW row is loaded and stored once per
-// token rather than once per stream (store bandwidth, not arithmetic, limits this loop). Linked
-// (H is the output of the previous sublayer's depth connection, H = A^T H_prev + bprev yprev), the
-// previous depth backward is done here too, from dH while it is in registers:
-//   dyprev = sum_s bprev_s dH_s      dbprev_s = yprev . dH_s   (vector partial sums, added up at the end)
+// token rather than once per stream (store bandwidth, not arithmetic, limits this loop).
 // N is a template argument so that the per-stream vectors stay in registers.
-template <int N, bool Dynamic, bool Linked>
+template <int N, bool Dynamic>
 inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
   if constexpr (N > 1) {
-    if (n < N) return width_grad_token<N - 1, Dynamic, Linked>(n, t, d);
+    if (n < N) return width_grad_token<N - 1, Dynamic>(n, t, d);
   }
   // local copies: the compiler may then keep them in registers across the stores to dh and dw,
   // which it would otherwise have to assume alias them
-  const float *H = t.H, *G = t.G, *g = t.g, *wt = t.wt, *yprev = t.yprev;
+  const float *H = t.H, *G = t.G, *g = t.g, *wt = t.wt;
   const int64_t gts = t.g_ts, gss = t.g_ss, hts = t.h_ts, hss = t.h_ss;
-  float *dh = t.dh, *dw = t.dw, *dyprev = t.dyprev;
-  float q[N][N + 2], ar[N][N], a0[N], cs[N], bp[N];
+  float *dh = t.dh, *dw = t.dw;
+  float q[N][N + 2], ar[N][N], a0[N], cs[N];
   for (int s = 0; s < N; ++s) {
     for (int k = 0; k < N + 2; ++k) q[s][k] = Dynamic ? t.q[s][k] : 0.f;
     for (int c = 0; c < N; ++c) ar[s][c] = t.ar[s][c];
     a0[s] = t.a0[s];
     cs[s] = Dynamic ? t.cs[s] : 0.f;
-    bp[s] = Linked ? t.bprev[s] : 0.f;
   }
-  v16 dbacc[N] = {};
   int64_t j0 = 0;
   for (; j0 + kLanes <= d; j0 += kLanes) {
     v16 gc[N], acc[N];
@@ -597,18 +573,9 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
 #endif
         for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
     }
-    if constexpr (Linked) {
-      const v16 yv = load16(yprev + j0);
-      v16 dy = bp[0] * acc[0];
-      for (int s = 1; s < N; ++s) dy += bp[s] * acc[s];
-      store16(dyprev + j0, dy);
-      for (int s = 0; s < N; ++s) dbacc[s] += yv * acc[s];
-    }
   }
-  float db[N];
-  for (int s = 0; s < N; ++s) db[s] = hsum(dbacc[s]);
   for (int64_t j = j0; j < d; ++j) {
-    float dy = 0.f, sum = 0.f;
+    float sum = 0.f;
     for (int s = 0; s < N; ++s) {
       float acc = a0[s] * g[j];
       for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * gss + j];
@@ -623,24 +590,14 @@ inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
         sum += acc;
       else
         dh[s * d + j] = acc;
-      if constexpr (Linked) {
-        dy += bp[s] * acc;
-        db[s] += yprev[j] * acc;
-      }
     }
-    if constexpr (Linked) dyprev[j] = dy;
     if (t.sum_dh) dh[j] = sum;
   }
-  if constexpr (Linked)
-    for (int s = 0; s < N; ++s) t.dbprev[s] = db[s];
 }
 
 template <bool Dynamic>
 inline void width_grad(int n, const WidthGradToken& t, int64_t d) {
-  if (t.dyprev)
-    width_grad_token<kMaxStreams, Dynamic, true>(n, t, d);
-  else
-    width_grad_token<kMaxStreams, Dynamic, false>(n, t, d);
+  width_grad_token<kMaxStreams, Dynamic>(n, t, d);
 }
 
 // The width connection's parameters and per-token outputs, as anydepth_hc_width_forward takes them
@@ -808,29 +765,6 @@ void anydepth_hc_depth_forward(const float* h, int64_t h_ts, int64_t h_ss, const
   for (int64_t m = 0; m < m_tokens; ++m) depth_forward_token(h, h_ts, h_ss, alpha, beta, y, out, m, m_tokens, n, d);
 }
 
-// The depth forward followed, token by token, by the next sublayer's width forward on its output while
-// the token's new streams are in L1: anydepth_hc_depth_forward's arguments, then
-// anydepth_hc_width_forward's from wt on (its streams are out). The two outputs are those of the two
-// kernels called in turn, bit for bit; the width part reads out without another pass over memory.
-void anydepth_hc_depth_width_forward(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha,
-                                     const float* beta, const float* y, float* out, float* wt, const float* wa,
-                                     const float* wb, const float* gamma, float scale, const float* a_static,
-                                     const float* b_static, float sa, float sb, int use_tanh, float* p, float* pact,
-                                     float* r, float* alpha2, float* beta2, float* h_in, const float* ln_w,
-                                     const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd, int64_t m_tokens,
-                                     int64_t n, int64_t d, int nthreads) {
-  if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
-  const WidthForward a{wt, a_static, b_static, sa, sb, use_tanh, p, pact, r, alpha2, beta2, h_in, ln_w, ln_b, ln_eps,
-                       ln_mu, ln_rstd};
-  anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
-#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m) {
-    depth_forward_token(h, h_ts, h_ss, alpha, beta, y, out, m, m_tokens, n, d);
-    // no prefetch of the next token's output: the depth part above requests it for writing
-    width_forward_token(a, out, n * d, d, m, n, d, nullptr);
-  }
-}
-
 // Depth backward, the branch's part only: dy = sum_c beta_c G_c and dbeta_c = y . G_c. The streams'
 // part (dH_s = sum_c alpha[s, 1 + c] G_c and dalpha[s, 1 + c] = H_s . G_c) is left to the width
 // backward, which reads H and G anyway; either output pointer may be null when not needed. Row c of
@@ -856,12 +790,8 @@ void anydepth_hc_depth_backward(const float* g, const float* beta, const float* 
 // Writes dh (M, n, d), the whole gradient of H, and the sums over tokens (from per-thread partial
 // sums) into da_static (n, n+1), db_static (n) and dscale[2] = (d s_a, d s_b), and (dynamic variant
 // only) the sum of dW^T through anydepth_hc_unpack_dw into dwa, dwb, dgamma (each may be null; wa, wb,
-// gamma and scale are the forward's); no output needs initialising. Linked (dyprev not null):
-// H = A^T H_prev + bprev yprev came from the previous sublayer's depth connection with bprev (M, n),
-// yprev (M, d), and its backward is done here from dH: dyprev (M, d) and dbprev (M, n). Returns
-// nonzero if its scratch could not be allocated. dh may be gdepth itself (contiguous, d a multiple of 16):
-// each 16-float block of a token's G rows is read before the block's dH rows are written, and no
-// later pass reads G; dH then goes out by ordinary stores into the lines G has just brought in.
+// gamma and scale are the forward's); no output needs initialising. Returns nonzero if its scratch
+// could not be allocated.
 void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
                            float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d);
 
@@ -869,9 +799,9 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
                                const float* wt,
                                const float* p, const float* pact, const float* r, const float* alpha,
                                const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
-                               const float* bprev, const float* yprev, float* dh, const float* wa, const float* wb,
+                               float* dh, const float* wa, const float* wb,
                                const float* gamma, float scale, float* dwa, float* dwb, float* dgamma,
-                               float* da_static, float* db_static, float* dscale, float* dyprev, float* dbprev,
+                               float* da_static, float* db_static, float* dscale,
                                const float* ln_w, const float* ln_mu, const float* ln_rstd, float* dln_w, float* dln_b,
                                int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
   const int64_t K = n + 2, T = n + 1;
@@ -880,11 +810,10 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
   const bool sum_dh = h_ss == 0 && n > 1;
   const int64_t dh_ts = sum_dh ? d : n * d;
   anydepth_native::advise_huge(dh, m_tokens * dh_ts * static_cast<int64_t>(sizeof(float)));
-  // dh goes out with non-temporal stores, which save the read-for-ownership of its lines: linked, it
-  // is next read after the previous sublayer's branch backward, long out of cache by then; unlinked,
-  // the next reader (a depth backward, the stack's expand) loses less by reading it from memory than
+  // dh goes out with non-temporal stores, which save the read-for-ownership of its lines: the next
+  // reader (the previous depth backward, the stack's expand) loses less by reading it from memory than
   // the ownership reads cost here (2.8 -> 2.0 ms for 8 MiB of streams)
-  const bool stream_dh = d % kLanes == 0 && reinterpret_cast<uintptr_t>(dh) % 64 == 0 && dh != gdepth;
+  const bool stream_dh = d % kLanes == 0 && reinterpret_cast<uintptr_t>(dh) % 64 == 0;
   // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
   // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
   // matrices and the scales in double (one scalar each, summed over every token, stream and column)
@@ -937,12 +866,8 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       float dA[kMaxStreams][kMaxStreams + 1];
       // the next token's rows besides its streams (see "Prefetching"); its branch gradient here
       // unless the LayerNorm's backward above has requested it
-      const float* pf[3];
+      const float* pf[1];
       int npf = 0;
-      if (dyprev && m + 1 < m_tokens) {
-        pf[npf++] = yprev + (m + 1) * d;
-        pf[npf++] = dyprev + (m + 1) * d;
-      }
       if (!ln_w && m + 1 < m_tokens) pf[npf++] = gin + (m + 1) * d;
       cross_dots<kMaxStreams>(static_cast<int>(n), Hm, h_ss, ys, d, dA, pf, npf);
       for (int64_t s = 0; s < n; ++s) {
@@ -953,14 +878,7 @@ int anydepth_hc_width_backward(const float* gin, const float* gdepth, const floa
       }
       float q[kMaxStreams][kMaxK];
       float cs[kMaxStreams];
-      WidthGradToken t{Hm, h_ts, h_ss, Gm, g_ts, g_ss, gm, wt, q, ar, a0, cs, dh + m * dh_ts, sum_dh, pw,
-                       nullptr, nullptr, nullptr, nullptr, stream_dh};
-      if (dyprev) {
-        t.bprev = bprev + m * n;
-        t.yprev = yprev + m * d;
-        t.dyprev = dyprev + m * d;
-        t.dbprev = dbprev + m * n;
-      }
+      WidthGradToken t{Hm, h_ts, h_ss, Gm, g_ts, g_ss, gm, wt, q, ar, a0, cs, dh + m * dh_ts, sum_dh, pw, stream_dh};
       if (!wt) {
         width_grad<false>(static_cast<int>(n), t, d);
         continue;
@@ -1042,16 +960,11 @@ def _bind(lib) -> None:
     lib.anydepth_hc_tanh.restype = None
     lib.anydepth_hc_depth_forward.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, i32]
     lib.anydepth_hc_depth_forward.restype = None
-    lib.anydepth_hc_depth_width_forward.argtypes = [
-        p, i64, i64, p, p, p, p, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64,
-        i32,
-    ]
-    lib.anydepth_hc_depth_width_forward.restype = None
     lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
     lib.anydepth_hc_depth_backward.restype = None
     lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, i64, i64, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, f32, p, p, p, p, p, p, p, p, p,
-        p, p, p, p, i64, i64, i64, i64, i64, i32,
+        p, p, p, i64, i64, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, f32, p, p, p, p, p, p, p, p, p, p, p,
+        i64, i64, i64, i64, i64, i32,
     ]
     lib.anydepth_hc_width_backward.restype = i32
 
@@ -1132,155 +1045,14 @@ def _width_buffers(like: Tensor, lead, n: int, d: int, dynamic: bool, ln: bool):
     return aux, ptrs, like.new_empty(*lead, n, n + 1), like.new_empty(*lead, n), like.new_empty(*lead, d)
 
 
-def _width_kernel_args(bufs, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps) -> tuple:
-    """The arguments that anydepth_hc_width_forward and anydepth_hc_depth_width_forward take from ``wt`` on
-    (the kernel packs W^T from ``wa``, ``wb``, ``gamma`` and ``scale`` into ``wt`` first)."""
-    _, (wt, p, pact, r, mu, rstd), alpha, beta, h_in = bufs
-    return (
-        wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh),
-        p, pact, r, alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu,
-        rstd,
-    )
-
-
-def _direct_apply(cls):
-    """``cls.apply`` without ``Function.apply``'s Python prologue (a signature check, the functorch
-    test and a generator over every argument: about 10 us of a sublayer's forward, more in a step's
-    cold caches). Only called where :func:`fused_ok` has found no functorch transform active, the one
-    case in which that prologue does no more than unwrap dead functorch wrappers: the callers unwrap
-    the streams and the branch output, the other arguments are module parameters."""
-    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
-
-
-def _first_order(backward):
-    """``backward`` as it is while autograd records no graph (every ordinary backward pass), through
-    :func:`once_differentiable` under ``create_graph=True``, so that a second derivative through the
-    kernels raises instead of coming out wrong. once_differentiable's wrapper costs a ``no_grad``
-    context and a check per call (about 10 us per backward call in a step), which the first case
-    does not need: the engine already runs the backward with gradients off."""
-    once = once_differentiable(backward)
-
-    def dispatch(ctx, *grads):
-        return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
-
-    return dispatch
-
-
-def _references(t: Tensor) -> tuple[int, int, int]:
-    """Who holds ``t``: C++ references to its tensor, Python references to its object, and tensors on
-    its storage (views). Called through :func:`_unshared` from the top of a ``backward``, where the
-    engine's own references are the same for every gradient it hands over."""
-    return t._use_count(), sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-class _Baseline:
-    """``_references`` of a gradient that nothing but autograd's call holds, measured once per process
-    on a three-node graph of its own that hands a fresh gradient through a pass-through ``Function``
-    to a ``backward`` with the width backward's signature, as a depth backward hands ``G`` on; the
-    same graph with a hook that keeps the gradient must then count more, else (a ``torch`` whose
-    counts do not show such a holder) nothing is written in place. None until measured, False where
-    it cannot be."""
-
-    value: tuple[int, int, int] | bool | None = None
-    lock = threading.Lock()
-
-    @classmethod
-    def get(cls):
-        if cls.value is None:
-            with cls.lock:
-                if cls.value is None:
-                    cls.value = cls._measure()
-        return cls.value
-
-    @staticmethod
-    def _measure():
-        if not hasattr(Tensor, "_use_count") or not hasattr(torch._C, "_storage_Use_Count"):
-            return False
-        seen = []
-
-        class Pass(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return x.clone()
-
-            @staticmethod
-            def backward(ctx, g):
-                return g
-
-        class Source(Pass):  # hands on a fresh gradient, as the branch's backward does
-            @staticmethod
-            def backward(ctx, g):
-                return torch.ones(4)
-
-        class Sink(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                ctx.set_materialize_grads(False)
-                return x.clone(), x.clone(), x.clone(), x.clone()
-
-            @staticmethod
-            def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-                _unshared(g_depth, record=seen)
-                return g_depth
-
-        for fn in (Source, Pass, Sink):
-            fn.backward = staticmethod(_first_order(fn.backward))
-
-        def run(keep):
-            with torch.enable_grad(), torch.inference_mode(False):
-                x = torch.zeros(4, requires_grad=True)
-                y = Pass.apply(Sink.apply(x)[3])
-                if keep is not None:
-                    y.register_hook(keep.append)
-                Source.apply(y).backward(torch.ones(4))
-
-        try:
-            run(None)
-            run(None)
-            run([])
-        except Exception:  # noqa: BLE001 - any failure only means no writing in place
-            return False
-        free, again, held = seen
-        return free if free == again and held[1] > free[1] else False
-
-
-def _unshared(g: Tensor, record: list | None = None) -> bool:
-    """Whether the gradient ``g`` that a ``backward`` has just received is held by nothing but
-    autograd's call: no tensor, node or module hook keeps it, no ``torch.autograd.grad`` captures it,
-    no view shares its storage (``retain_grad`` keeps a copy, which does not count). A backward may
-    then write its own gradient into ``g``'s memory. Call it first thing in the backward (the counts
-    include the caller's references). Never for a gradient that is itself part of a graph
-    (``create_graph=True``), nor with anomaly detection on or a dispatch mode active, whose own
-    references are not the measured ones."""
-    if (
-        g.requires_grad
-        or torch.is_grad_enabled()
-        or torch.is_anomaly_enabled()
-        or torch._C._len_torch_dispatch_stack()
-    ):
-        return False
-    if record is not None:  # _Baseline's measurement, through this very frame
-        record.append(_references(g))
-        return False
-    base = _Baseline.get()
-    return base is not False and _references(g) == base
-
-
 class _Width(torch.autograd.Function):
-    """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
-    produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
-    (see :class:`_Depth`). With ``ln_w`` the branch input comes out through its LayerNorm
+    """The width connection. With ``ln_w`` the branch input comes out through its LayerNorm
     (``ln_w``, ``ln_b`` or None, ``ln_eps``). With ``streams`` (an int) ``h`` is one row per token,
     ``(..., d)``, that every stream holds (the stack's first sublayer): the kernels read it by a
-    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly.
-    ``pre``, when not None, is ``(buffers, s_a, s_b)`` that the previous depth kernel has already
-    filled from this ``h`` and these parameters (see :func:`width_connection`): the forward then runs
-    no kernel of its own. The backward writes ``dH`` over the incoming ``G`` where :func:`_unshared`
-    finds that nothing else holds it (``G`` contiguous, ``d`` a multiple of 16)."""
+    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly."""
 
     @staticmethod
-    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
-                ln_eps, streams, pre):
+    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps, streams):
         if streams is None:
             lead, (n, d) = h.shape[:-2], h.shape[-2:]
             h_ts, h_ss = n * d, d
@@ -1288,47 +1060,39 @@ class _Width(torch.autograd.Function):
             lead, n, d = h.shape[:-1], streams, h.shape[-1]
             h_ts, h_ss = d, 0
         m = lead.numel()
-        if pre is None:
-            sa, sb = _scalar(sa), _scalar(sb)
-            bufs = _width_buffers(h, lead, n, d, wa is not None, ln_w is not None)
-            args = _width_kernel_args(bufs, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b,
-                                      ln_eps)
-            _KERNEL.lib.anydepth_hc_width_forward(h.data_ptr(), h_ts, h_ss, *args, m, n, d, torch.get_num_threads())
-        else:  # computed by the previous sublayer's depth kernel from these very streams and parameters
-            bufs, sa, sb = pre
-        aux, ptrs, alpha, beta, h_in = bufs
-        ctx.save_for_backward(h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w)
+        sa, sb = _scalar(sa), _scalar(sb)
+        bufs = _width_buffers(h, lead, n, d, wa is not None, ln_w is not None)
+        aux, (wt, p, pact, r, mu, rstd), alpha, beta, h_in = bufs
+        _KERNEL.lib.anydepth_hc_width_forward(
+            h.data_ptr(), h_ts, h_ss, wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(),
+            b_static.data_ptr(), sa, sb, int(use_tanh), p, pact, r, alpha.data_ptr(), beta.data_ptr(),
+            h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu, rstd, m, n, d, torch.get_num_threads(),
+        )
+        ctx.save_for_backward(h, aux, alpha, wa, wb, gamma, ln_w)
         # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux. One
         # attribute for all: each costs a lookup in both directions
         base = aux.data_ptr()
-        ctx.plan = ([a - base if a is not None else None for a in ptrs], sa, sb, bool(use_tanh), scale,
-                    ln_b is not None, link, (lead, m, n, d, h_ts, h_ss))
+        ctx.plan = ([a - base if a is not None else None for a in (wt, p, pact, r, mu, rstd)], sa, sb,
+                    bool(use_tanh), scale, ln_b is not None, (lead, m, n, d, h_ts, h_ss))
         ctx.set_materialize_grads(False)
         # h goes out again for the depth connection, whose backward hands the gradient of H_new back
         # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
         return h_in, alpha, beta, h if streams is None else h.unsqueeze(-2).expand(*lead, n, d)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        unshared = g_depth is not None and _unshared(g_depth)  # first: it counts the references to g_depth
-        h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
-        offsets, sa, sb, use_tanh, scale, ln_bias, link, (lead, m, n, d, h_ts, h_ss) = ctx.plan
+        h, aux, alpha, wa, wb, gamma, ln_w = ctx.saved_tensors
+        offsets, sa, sb, use_tanh, scale, ln_bias, (lead, m, n, d, h_ts, h_ss) = ctx.plan
         base = aux.data_ptr()
         wt, p, pact, r, mu, rstd = [None if a is None else base + a for a in offsets]
         need = ctx.needs_input_grad
-        linked = link is not None and (need[10] or need[11])
-        dyprev = torch.empty_like(yprev) if linked else None
-        dbprev = torch.empty_like(bprev) if linked else None
         g_in = h.new_zeros(*lead, d) if g_in is None else _contiguous(g_in)
         g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
         g_alpha = None if g_alpha is None else _contiguous(g_alpha)
         g_beta = None if g_beta is None else _contiguous(g_beta)
-        if unshared and h_ss != 0 and g_ss == d and d % 16 == 0 and g_depth.shape == h.shape:
-            # dH over G, which nothing else holds: its lines are in cache when the kernel writes them,
-            # where a fresh buffer costs an 8 MiB stream of stores that compete with the reads
-            dh = g_depth
-        else:  # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
-            dh = torch.empty_like(h)
+        # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
+        dh = torch.empty_like(h)
         # the kernel writes these whole: no zero fill
         dynamic = wt is not None
         dwa = torch.empty_like(wa) if dynamic and need[1] else None
@@ -1339,99 +1103,51 @@ class _Width(torch.autograd.Function):
         dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else None
         status = _KERNEL.lib.anydepth_hc_width_backward(
             g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), h_ts, h_ss, wt, p, pact, r, alpha.data_ptr(),
-            _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None),
-            _ptr(yprev if linked else None), dh.data_ptr(), _ptr(wa), _ptr(wb), _ptr(gamma), scale, _ptr(dwa),
-            _ptr(dwb), _ptr(dgamma), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev),
-            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
+            _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), dh.data_ptr(), _ptr(wa), _ptr(wb), _ptr(gamma),
+            scale, _ptr(dwa), _ptr(dwb), _ptr(dgamma), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(ln_w), mu,
+            rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("hyper-connection width backward could not allocate its partial sums")
-        if linked:
-            _claim(link, dh)
-        links = (dbprev, dyprev, None, dln_w, dln_b, None)
+        norm = (dln_w, dln_b, None, None)
         if not dynamic:
-            return dh, None, None, None, None, da, db, None, None, None, *links, None, None
-        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links, None, None
-
-
-def _claim(depth_node, dh: Tensor) -> None:
-    """Tell the depth connection's backward that its branch part was computed from ``dh`` in this
-    backward pass. The reference also keeps autograd from accumulating into ``dh``'s storage in place,
-    so that the depth backward can tell whether its incoming gradient is ``dh`` itself."""
-    claims = getattr(depth_node, "hc_claims", None)
-    if claims is None:
-        claims = depth_node.hc_claims = []
-    claims.append((torch._C._current_graph_task_id(), dh))
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            return dh, None, None, None, None, da, db, None, None, None, *norm
+        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *norm
 
 
 class _Depth(torch.autograd.Function):
-    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``, or less.
+    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``.
 
     For ``h`` it returns the incoming ``G = dL/dH_new`` unmixed, and nothing for ``alpha``: ``h`` and
     ``alpha`` are outputs of :class:`_Width`, whose backward receives ``G`` and computes
     ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` there, while it reads ``H`` and ``G`` for its
     own terms anyway. This is exact as long as ``h`` and ``alpha`` come from one width connection and
     feed nothing else (the gradient is linear in ``G``, so several depth connections over the same
-    pair are exact too).
-
-    When ``H_new`` feeds the next sublayer's width connection directly (:func:`depth_connection`
-    tags its output; any in-place change unties it), that width backward computes
-    ``dy = beta^T dH_new`` and ``dbeta`` from the ``dH_new`` it writes (``_claim``), so the streams'
-    gradient is not read again here. ``G`` may still hold more than that width's ``dH_new`` (other
-    uses of ``H_new``): this backward then adds the branch part of ``G - dH_new``, which keeps the
-    sum exact; when ``G`` is that ``dH_new`` itself it does nothing.
-
-    ``ahead``, when not None, is ``(kernel arguments of the next width forward, a list)``: the
-    forward then runs that width forward on ``H_new`` in the same kernel and appends its output
-    buffers to the list (see :func:`depth_connection`); it is not an input of the graph."""
+    pair are exact too)."""
 
     @staticmethod
-    def forward(ctx, h, alpha, beta, y, ahead):
+    def forward(ctx, h, alpha, beta, y):
         n, d = h.shape[-2:]
         m = y.numel() // d
         # h is contiguous, or one row per token broadcast to the streams (the stack's first sublayer)
         rows, h_ts, h_ss = _stream_rows(h)
         out = h.new_empty(h.shape)
-        if ahead is None:
-            _KERNEL.lib.anydepth_hc_depth_forward(
-                rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n,
-                d, torch.get_num_threads(),
-            )
-        else:
-            # the next sublayer's width forward on out as well (see depth_connection): its outputs go
-            # to buffers that nothing in autograd sees until that width connection takes them, allocated
-            # after out as they would be without the look-ahead (the heap then sees the same sequence)
-            args, holder = ahead
-            wa, _, _, _, _, _, _, _, _, ln_w, _, _ = args  # the layout of _width_args
-            bufs = _width_buffers(out, h.shape[:-2], n, d, wa is not None, ln_w is not None)
-            holder.append(bufs)
-            _KERNEL.lib.anydepth_hc_depth_width_forward(
-                rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(),
-                *_width_kernel_args(bufs, *args), m, n, d, torch.get_num_threads(),
-            )
+        _KERNEL.lib.anydepth_hc_depth_forward(
+            rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n, d,
+            torch.get_num_threads(),
+        )
         ctx.save_for_backward(beta, y)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         beta, y = ctx.saved_tensors
         n = beta.shape[-1]
         m = beta.numel() // n
         need = ctx.needs_input_grad
-        task = torch._C._current_graph_task_id()
-        claims = [dh for t, dh in (getattr(ctx, "hc_claims", None) or ()) if t == task]
-        ctx.hc_claims = None
         passthrough = g if need[0] or need[1] else None
-        if len(claims) == 1 and _same_tensor(g, claims[0]):
-            return passthrough, None, None, None, None
-        rest = g
-        for dh in claims:
-            rest = rest - dh.view_as(g)
-        rest, g_ts, g_ss = _stream_rows(rest)
+        rest, g_ts, g_ss = _stream_rows(g)
         dbeta = torch.empty_like(beta) if need[2] else None
         dy = torch.empty_like(y) if need[3] else None
         if dbeta is not None or dy is not None:
@@ -1439,12 +1155,7 @@ class _Depth(torch.autograd.Function):
                 rest.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1], g_ts, g_ss,
                 torch.get_num_threads(),
             )
-        return passthrough, None, dbeta, dy, None
-
-
-_Width.backward = staticmethod(_first_order(_Width.backward))
-_Depth.backward = staticmethod(_first_order(_Depth.backward))
-_width_apply, _depth_apply = _direct_apply(_Width), _direct_apply(_Depth)
+        return passthrough, None, dbeta, dy
 
 
 def width_connection(
@@ -1462,73 +1173,26 @@ def width_connection(
     ``scale (1 + gamma)``, which the kernel folds into them; None for static hyper-connections. Pass
     the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
     then comes back here unmixed (see :class:`_Depth`). ``layer_norm = (weight (d,), bias (d,) or None,
-    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel.
-
-    Where ``h`` came from :func:`depth_connection` with these same arguments as its ``ahead`` (and
-    neither ``h`` nor a parameter has changed since), the depth kernel has already computed this width
-    forward; it is taken from there instead of computed again."""
-    args = _width_args(h.shape[-1], dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm)
-    bprev = yprev = node = streams = pre = None
-    h = torch._C._functorch.unwrap_if_dead(h)
-    ahead = getattr(h, "_hc_ahead", None)
-    if ahead is not None:
-        h._hc_ahead = None  # taken once: the buffers are not kept alive with h until its backward
-        version, used, bufs, sa_f, sb_f = ahead
-        if version == _state(h) and _same_args(used, args):
-            pre = (bufs, sa_f, sb_f)
-    row = _broadcast_row(h)
-    if row is not None:
-        h, streams = row, h.shape[-2]
-    else:
-        link = getattr(h, "_hc_link", None)
-        if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
-            node, bprev, yprev = link[:3]
-        # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
-        # each cost an autograd node in both directions
-        h = _contiguous(h)
-    wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
-    return _width_apply(
-        h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, node, ln_w, ln_b, ln_eps, streams,
-        pre,
-    )
-
-
-def _width_args(d: int, dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm) -> tuple:
-    """``(wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps)`` as the width
-    kernels read them, from :func:`width_connection`'s arguments."""
+    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
+    d = h.shape[-1]
     wa = wb = gamma = None
     scale = 0.0
     if dynamic is not None:
         wa, wb, gamma, scale = dynamic
         wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
     ln_w, ln_b, ln_eps = layer_norm or (None, None, 0.0)
-    return (wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static), sa, sb, bool(use_tanh), ln_w,
-            ln_b, float(ln_eps))
-
-
-def _state(t: Tensor) -> tuple[int, int]:
-    """What tells whether ``t``'s values may have changed since: its version counter, which in-place
-    ops bump, and its address, which assigning to ``.data`` changes without a bump. An inference
-    tensor has no version counter, and outside inference mode nothing may change it in place (within
-    it, :func:`depth_connection` leaves no look-ahead to check)."""
-    return (0 if t.is_inference() else t._version), t.data_ptr()
-
-
-def _versions(args: tuple) -> tuple:
-    return tuple(_state(a) if isinstance(a, Tensor) else None for a in args)
-
-
-def _same_args(used: tuple, args: tuple) -> bool:
-    """Whether ``args`` (see :func:`_width_args`) are the very tensors, unchanged since, and the values of
-    ``used = (args, their versions)``."""
-    then, versions = used
-    for a, b in zip(then, args):
-        if isinstance(a, Tensor) or isinstance(b, Tensor):
-            if a is not b:
-                return False
-        elif a != b:
-            return False
-    return versions == _versions(args)
+    streams = None
+    row = _broadcast_row(h)
+    if row is not None:
+        h, streams = row, h.shape[-2]
+    else:
+        # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
+        # each cost an autograd node in both directions
+        h = _contiguous(h)
+    return _Width.apply(
+        h, wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static), sa, sb, bool(use_tanh), ln_w,
+        ln_b, float(ln_eps), streams,
+    )
 
 
 def broadcast_streams(x: Tensor, streams: int) -> Tensor:
@@ -1557,31 +1221,7 @@ def _broadcast_row(h: Tensor) -> Tensor | None:
     return base
 
 
-def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, ahead: tuple | None = None) -> Tensor:
-    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``.
-
-    ``ahead``: :func:`width_connection`'s arguments after ``h`` for the connection that reads ``H_new``
-    next (the next sublayer's). The kernel then does that width forward as well, token by token while
-    the token's new streams are in L1, instead of leaving it to a pass of its own over ``H_new``. The
-    result waits on ``H_new`` for that call, which checks that its arguments are the same."""
-    # the width backward reads these too, linked
-    beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
-    holder = None
-    if torch.is_inference_mode_enabled():
-        # H_new is then an inference tensor: no version counter would tell the next width connection
-        # about an in-place change, so it computes its own
-        ahead = None
-    if ahead is not None:
-        args = _width_args(h.shape[-1], *ahead)
-        wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
-        sa_f, sb_f = _scalar(sa), _scalar(sb)
-        holder = []  # _Depth.forward puts the width outputs' buffers here
-        ahead = ((wa, wb, gamma, scale, a_static, b_static, sa_f, sb_f, use_tanh, ln_w, ln_b, ln_eps), holder)
+def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
     # h as it is: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
-    out = _depth_apply(h, _contiguous(alpha), beta, y, ahead)
-    if out.grad_fn is not None:
-        # lets a width connection that takes this tensor as it is do this depth backward's work
-        out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
-    if holder:
-        out._hc_ahead = (_state(out), (args, _versions(args)), holder[0], sa_f, sb_f)
-    return out
+    return _Depth.apply(h, _contiguous(alpha), _contiguous(beta), _contiguous(y))

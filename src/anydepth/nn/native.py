@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HUGE_PAGE_ADVICE", "NativeKernel", "functorch_active", "plain_cpu_op", "plain_cpu_tensor"]
+__all__ = ["HUGE_PAGE_ADVICE", "NativeKernel", "plain_cpu_op", "plain_cpu_tensor"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # subclasses beyond these override ops the kernel would skip
 
@@ -146,23 +146,26 @@ class NativeKernel:
         return lib
 
 
-def functorch_active() -> bool:
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe and probe())
+def _has_storage(t: torch.Tensor) -> bool:
+    # torch.func's wrappers (vmap's batched tensors, grad's tracking tensors) are Tensors without storage
+    # of their own: a kernel reading memory would bypass the transform
+    try:
+        t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def plain_cpu_tensor(t: torch.Tensor) -> bool:
-    """A CPU tensor that is a plain ``Tensor`` or ``Parameter``, whose memory a kernel may read."""
-    return type(t) in _PLAIN and t.is_cpu
+    """A CPU tensor that is a plain ``Tensor`` or ``Parameter`` with storage, whose memory a kernel may read."""
+    return type(t) in _PLAIN and t.is_cpu and _has_storage(t)
 
 
 def plain_cpu_op(*tensors: torch.Tensor | None) -> bool:
-    """True where a kernel over raw CPU pointers may replace torch ops: plain CPU tensors, and no
-    tracer or transform that needs to see torch ops (``torch.compile`` fuses the eager formula itself;
-    autocast and ``torch.func`` must act on each op)."""
+    """True where a kernel over raw CPU pointers may replace torch ops: plain CPU tensors with storage
+    (not wrapped by a ``torch.func`` transform), and no tracer or autocast that needs to see torch ops
+    (``torch.compile`` fuses the eager formula itself; autocast must act on each op)."""
     for t in tensors:
         if t is not None and not plain_cpu_tensor(t):
             return False
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
-        return False
-    return not functorch_active()
+    return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"))

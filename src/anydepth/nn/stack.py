@@ -44,18 +44,6 @@ def _per_block(kw: dict, cache: list | None, i: int) -> dict:
     return kw if cache is None else {**kw, "cache": cache[i]}
 
 
-def _link_residuals(blocks: nn.ModuleList, layer_dropout: float) -> None:
-    """Tell each residual which one reads its output next (``Residual.followed_by``): the next in its
-    block, then the first of the next block. Nothing is linked where LayerDrop may skip blocks, or where
-    a block does not list its residuals in order."""
-    if layer_dropout or not all(hasattr(b, "residuals") for b in blocks):
-        return
-    chain = [r for b in blocks for r in b.residuals()]
-    for r, nxt in zip(chain, chain[1:] + [None]):
-        if hasattr(r, "followed_by"):
-            r.followed_by(nxt)
-
-
 @STACKS.register("sequential")
 class SequentialStack(nn.Module):
     """``x = block_L(... block_1(x))``: ordinary autograd, activation memory grows with depth."""
@@ -69,7 +57,6 @@ class SequentialStack(nn.Module):
         _check_layer_dropout(layer_dropout)
         self.blocks = blocks
         self.layer_dropout = layer_dropout
-        _link_residuals(blocks, layer_dropout)
 
     @classmethod
     def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
