@@ -190,7 +190,7 @@ def test_fused_branch_output_shape_is_checked():
 
 def test_fused_kernel_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("ANYDEPTH_FUSED_HYPER", "0")
-    kernel = hyper_fused.NativeKernel("hyper", hyper_fused._SOURCE, "ANYDEPTH_FUSED_HYPER", hyper_fused._bind)
+    kernel = hyper_fused.NativeKernel("hyper", "hyper_connections.cpp", "ANYDEPTH_FUSED_HYPER", hyper_fused._bind)
     assert kernel.enabled is False
 
 
@@ -355,10 +355,10 @@ def _chain_grads(model, x, loss_fn, fused, edit=None):
 
 
 def _count_depth_kernel(monkeypatch) -> list:
-    """The stream stride (last argument but one) of each depth backward kernel call."""
+    """The stream stride of each depth backward kernel call."""
     lib, calls = hyper_fused._KERNEL.lib, []
     real = lib.anydepth_hc_depth_backward
-    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda *a: calls.append(a[-2]) or real(*a))
+    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda a: calls.append(a.g_ss) or real(a))
     return calls
 
 
