@@ -233,3 +233,17 @@ def test_bfloat16_autocast_trains_with_float32_loss(make_run, preset):
     assert math.isfinite(s["final_val_bpc"]) and s["steps"] == 2
     # Weights stay float32 under autocast; only the matmuls run in bfloat16.
     assert all(t.dtype == torch.float32 for t in _weights(s["checkpoint"]).values())
+
+
+def test_compiled_training_matches_the_eager_run(make_run, monkeypatch):
+    # torch.compile of the training forward, with a backend that generates no code to keep the test short
+    eager = run(make_run("eager", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0))
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real(m, backend="aot_eager"))
+    compiled = run(make_run("compiled", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0, compile=True))
+    a, b = _weights(eager["checkpoint"]), _weights(compiled["checkpoint"])
+    assert a.keys() == b.keys()  # the module's own names, not the compiled wrapper's
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    with pytest.raises(TypeError, match="train.compile"):
+        make_run("bad", compile="yes")

@@ -210,7 +210,7 @@ def plain_cpu_op(*tensors: torch.Tensor | None) -> bool:
     """True where a kernel over raw CPU pointers may replace torch ops: plain CPU tensors with storage
     (not wrapped by a ``torch.func`` transform), and no tracer or autocast that needs to see torch ops
     (``torch.compile`` fuses the eager formula itself; autocast must act on each op)."""
-    for t in tensors:
-        if t is not None and not plain_cpu_tensor(t):
-            return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"))
+    # tracing first: under torch.compile the tensors are fake, and probing their storage would break the graph
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
+        return False
+    return all(t is None or plain_cpu_tensor(t) for t in tensors)

@@ -209,10 +209,29 @@ class ReversibleStack(nn.Module):
                 x2 = x2 + g(x1)
         else:
             params = [list(self.blocks[i].parameters()) for i in kept]
-            x1, x2 = reversible_apply(x, x, fs, gs, params, extra=_tensors_needing_grad(kw), training=self.training)
+            # RNG states are recorded (and replayed by the recomputation) only where a block draws random
+            # numbers: torch.get_rng_state is a graph break under torch.compile, and a copy per call
+            random = self.training and any(_draws_random(m) for i in kept for m in self.blocks[i].modules())
+            x1, x2 = reversible_apply(x, x, fs, gs, params, extra=_tensors_needing_grad(kw), training=random)
         if self.merge is None:
             return (x1 + x2) / 2
         return self.merge(torch.cat([x1, x2], dim=-1))
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _draws_random(module: nn.Module) -> bool:
+    """Whether ``module``'s forward in training may draw from torch's RNG: a dropout module with
+    ``p > 0``, a float ``*dropout*`` rate above 0 (attention's, LSH's), or LSH attention without a
+    fixed ``seed`` (its random rotations)."""
+    from anydepth.nn.lsh import LSHAttention
+
+    if isinstance(module, _DROPOUTS):
+        return module.p > 0
+    if isinstance(module, LSHAttention) and module.seed is None:
+        return True
+    return any("dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(module).items())
 
 
 def _tensors_needing_grad(obj) -> list[Tensor]:

@@ -254,6 +254,10 @@ class _Trainer:
             self.model.to(info.device)
         # The optimizer is built after wrapping: FSDP2 replaces the parameters by sharded ones.
         self.ddp_model = D.wrap(self.model, info, tc.parallel)
+        if tc.compile:
+            # the training forward only: evaluation and sampling run the module as it is, and
+            # checkpoints and the optimizer see its own parameter names
+            self.ddp_model = torch.compile(self.ddp_model)
         self.sharded = D.is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, tc)
         if self.resume is not None:
