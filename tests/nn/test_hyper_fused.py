@@ -68,12 +68,13 @@ def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
 
     calls = []
-    real = hyper_fused._Depth.forward
-    hyper_fused._Depth.forward = staticmethod(lambda *a: calls.append(1) or real(*a))
+    lib = hyper_fused._KERNEL.lib
+    real = lib.anydepth_hc_depth_forward
+    lib.anydepth_hc_depth_forward = lambda a: calls.append(1) or real(a)
     try:
         out, dx, grads = _grads(hc, branch, x, gy, fused=True)
     finally:
-        hyper_fused._Depth.forward = staticmethod(real)
+        lib.anydepth_hc_depth_forward = real
     assert calls, "the fused path was not taken"
 
     _assert_matches_float64_eager((out, dx, grads), hc, branch, x, gy)
@@ -253,20 +254,21 @@ def test_stream_sized_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
     hc = HyperConnection(1024, 4, layer_index=0)
     x = torch.randn(2, 1025, 4, 1024, requires_grad=True)  # 33.6 MB of streams
     seen = []
-    real = hyper_fused._Width.backward
+    lib = hyper_fused._KERNEL.lib
+    real = lib.anydepth_hc_width_backward
 
-    def spy(ctx, *g):
-        grads = real(ctx, *g)
-        seen.append(vma_flags(grads[0].data_ptr() + (4 << 20)))
-        return grads
+    def spy(args):
+        status = real(args)
+        seen.append(vma_flags(args.dh + (4 << 20)))
+        return status
 
-    hyper_fused._Width.backward = staticmethod(spy)
+    lib.anydepth_hc_width_backward = spy
     try:
         out = hc(x, nn.Identity())
         assert "hg" in vma_flags(out.data_ptr() + (4 << 20))
         out.sum().backward()
     finally:
-        hyper_fused._Width.backward = staticmethod(real)
+        lib.anydepth_hc_width_backward = real
     assert seen and "hg" in seen[0]
 
 
@@ -274,7 +276,7 @@ def test_double_backward_needs_the_eager_path():
     hc = _perturbed(HyperConnection(16, 4, layer_index=0), 9)
     x = torch.randn(2, 3, 4, 16, requires_grad=True)
     (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         g.sum().backward()
     with hyper_fused.use_fused_hyper(False):
         (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
@@ -494,3 +496,30 @@ def test_a_broadcast_view_of_another_tensor_is_read_as_it_is(monkeypatch):
     assert rows == [False, False]  # no base of x's shape: taken as the n streams it shows
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_the_kernels_are_torch_library_ops_with_fake_and_autograd(dynamic, layer_norm):
+    n, d = 4, 32
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    h = rnd(2, 5, n, d)
+    wa, wb, gamma = (rnd(d, n + 1, scale=0.1), rnd(d, scale=0.1), rnd(d, scale=0.1)) if dynamic else (None,) * 3
+    sa, sb = (rnd((), scale=0.1), rnd((), scale=0.1)) if dynamic else (None, None)
+    ln = (rnd(d), rnd(d), 1e-5) if layer_norm else (None, None, 0.0)
+    args = (h, wa, wb, gamma, 2.0, rnd(n, n + 1), rnd(n), sa, sb, True, *ln, 0)
+    torch.library.opcheck(hyper_fused.width_op, args)
+    h_in, alpha, beta, aux, token = hyper_fused.width_op(*args)
+    # the depth op on inputs of its own graph (the token as the width op makes it: stride 0 over one element)
+    token_leaf = torch.zeros(1, requires_grad=True)
+    h_leaf = h.detach().requires_grad_()
+    depth_args = (h_leaf, token_leaf.expand(token.shape), alpha.detach(), rnd(2, 5, n), rnd(2, 5, d))
+    torch.library.opcheck(hyper_fused.depth_op, depth_args)
+    # the meta device runs on the fake implementations
+    meta = [None if a is None else a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    shapes = [t.shape for t in hyper_fused.width_op(*meta)]
+    assert shapes == [t.shape for t in (h_in, alpha, beta, aux, token)]

@@ -441,18 +441,20 @@ class HyperConnection(Residual):
             return None
         return weight, bias, float(norm.eps)
 
-    def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    def _fused_depth(self, streams: tuple[Tensor, Tensor], alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+        """``streams``: what :func:`hyper_fused.width_connection` returned for them."""
         # dropout(p=0) is the identity: skipping the module call saves microseconds per sublayer
         dropout = self._modules["dropout"]
         drop = dropout.p > 0
         if drop and self.dropout_placement == "branch":
             y = dropout(y)
+        h = streams[0]
         if y.shape != h.shape[:-2] + h.shape[-1:]:
             raise ValueError(
                 f"the branch output must have the branch input's shape {tuple(h.shape[:-2] + h.shape[-1:])}, "
                 f"got {tuple(y.shape)}; a residual branch must map dim to dim"
             )
-        out = hyper_fused.depth_connection(h, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype))
+        out = hyper_fused.depth_connection(streams, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype))
         return dropout(out) if drop and self.dropout_placement == "stream" else out
 
     def width_connection(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

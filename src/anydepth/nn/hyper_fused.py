@@ -32,13 +32,15 @@ the norm's output, with ``h_in`` recomputed from ``H``: ``xh = (h_in - mu) rstd`
 (Ba et al., 2016, arXiv:1607.06450).
 
 Float32 only; tokens run in parallel (OpenMP), parameter gradients are reduced from per-thread
-partial sums.
+partial sums. The C++ is ``anydepth/csrc/hyper_connections.cpp``; the kernels are the torch.library
+ops ``anydepth::hc_width``, ``anydepth::hc_depth`` and their backward ops (fake implementations and
+autograd formulas registered).
 :class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
 ``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
 ``ANYDEPTH_FUSED_HYPER=0`` (or ``use_fused_hyper(False)``) disables the kernels; do that for
-double backward (``create_graph=True``, e.g. gradient penalties): the kernels' backward is not
-itself differentiable, and autograd says so rather than returning a wrong second derivative.
+double backward (``create_graph=True``, e.g. gradient penalties): the backward ops are not
+themselves differentiable, and autograd says so rather than returning a wrong second derivative.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import ctypes
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from anydepth.nn.native import NativeKernel, plain_cpu_op, plain_cpu_tensor, struct_args
 
@@ -175,10 +176,6 @@ def _ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _scalar(t: Tensor | None) -> float:
-    return 0.0 if t is None else t.item()
-
-
 def _contiguous(t: Tensor) -> Tensor:
     # .contiguous() of a contiguous tensor returns it, but through the dispatcher: a few microseconds
     # per call, a dozen calls per sublayer and step
@@ -199,144 +196,225 @@ def _stream_rows(g: Tensor) -> tuple[Tensor, int, int]:
     return g.contiguous(), n * d, d
 
 
-def _scratch(like: Tensor, *sizes: int) -> tuple[Tensor, list[int | None]]:
-    """One float32 buffer for several arrays that only the kernels read (sizes in elements, 0 for an
-    absent one) and their addresses (None where absent). An allocation, or a view, costs a few
-    microseconds, as long as these kernels take on a few tokens; addresses cost nothing."""
-    buf = like.new_empty(sum(sizes))
-    base, out, at = buf.data_ptr(), [], 0
+def _check_kernel() -> None:
+    if _KERNEL.get() is None:
+        raise RuntimeError(
+            f"the hyper-connection kernel is not built ({_KERNEL.error}); HyperConnection uses its eager "
+            "formula where fused_ok() is False"
+        )
+
+
+def _lead(h: Tensor, streams: int) -> tuple:
+    """``(lead, m, n, d, h_ts, h_ss)``: ``h`` is ``(*lead, n, d)``, or with ``streams`` > 0 one row per
+    token ``(*lead, d)`` that every stream holds (read by a stream stride of 0)."""
+    if streams == 0:
+        lead, (n, d) = h.shape[:-2], h.shape[-2:]
+        return lead, lead.numel(), n, d, n * d, d
+    lead, d = h.shape[:-1], h.shape[-1]
+    return lead, lead.numel(), streams, d, d, 0
+
+
+def _aux_sizes(m: int, n: int, d: int, dynamic: bool, ln: bool) -> list[int]:
+    """Element counts of the arrays in the width forward's ``aux``: the packed projection W^T (n + 2, d),
+    the projections and their activations (m, n, n + 2), the stream norms (m, n), the LayerNorm's mean
+    and 1/std (m); 0 for an absent one."""
+    return [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] * dynamic + [0] * 4 * (not dynamic) + (
+        [m, m] if ln else [0, 0]
+    )
+
+
+def _addresses(aux: Tensor, sizes: list[int]) -> list[int | None]:
+    base, out, at = aux.data_ptr(), [], 0
     for size in sizes:
         out.append(base + 4 * at if size else None)
         at += size
-    return buf, out
+    return out
 
 
-def _width_buffers(like: Tensor, lead, n: int, d: int, dynamic: bool, ln: bool):
-    """The width forward's outputs ``(aux, addresses in aux, alpha, beta, h_in)`` for ``lead`` tokens:
-    besides ``h`` and ``alpha``, the backward reads the packed projection W^T (n + 2, d), the
-    projections and their activations (m, n, n + 2), the stream norms (m, n) and the LayerNorm's mean
-    and 1/std (m), all in ``aux``."""
-    m = lead.numel()
-    sizes = [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] if dynamic else [0] * 4
-    aux, ptrs = _scratch(like, *sizes, *([m, m] if ln else [0, 0]))
-    return aux, ptrs, like.new_empty(*lead, n, n + 1), like.new_empty(*lead, n), like.new_empty(*lead, d)
+def _scalar(t: Tensor | None) -> float:
+    return 0.0 if t is None else t.item()
 
 
-class _Width(torch.autograd.Function):
-    """The width connection. With ``ln_w`` the branch input comes out through its LayerNorm
-    (``ln_w``, ``ln_b`` or None, ``ln_eps``). With ``streams`` (an int) ``h`` is one row per token,
-    ``(..., d)``, that every stream holds (the stack's first sublayer): the kernels read it by a
-    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly."""
-
-    @staticmethod
-    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps, streams):
-        if streams is None:
-            lead, (n, d) = h.shape[:-2], h.shape[-2:]
-            h_ts, h_ss = n * d, d
-        else:
-            lead, n, d = h.shape[:-1], streams, h.shape[-1]
-            h_ts, h_ss = d, 0
-        m = lead.numel()
-        sa, sb = _scalar(sa), _scalar(sb)
-        bufs = _width_buffers(h, lead, n, d, wa is not None, ln_w is not None)
-        aux, (wt, p, pact, r, mu, rstd), alpha, beta, h_in = bufs
-        _KERNEL.lib.anydepth_hc_width_forward(struct_args(
-            _WidthArgs, h=h.data_ptr(), h_ts=h_ts, h_ss=h_ss, wt=wt, wa=_ptr(wa), wb=_ptr(wb), gamma=_ptr(gamma),
-            scale=scale, a_static=a_static.data_ptr(), b_static=b_static.data_ptr(), sa=sa, sb=sb,
-            use_tanh=int(use_tanh), p=p, pact=pact, r=r, alpha=alpha.data_ptr(), beta=beta.data_ptr(),
-            h_in=h_in.data_ptr(), ln_w=_ptr(ln_w), ln_b=_ptr(ln_b), ln_eps=float(ln_eps), ln_mu=mu, ln_rstd=rstd,
-            m_tokens=m, n=n, d=d, nthreads=torch.get_num_threads(),
-        ))
-        ctx.save_for_backward(h, aux, alpha, wa, wb, gamma, ln_w)
-        # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux. One
-        # attribute for all: each costs a lookup in both directions
-        base = aux.data_ptr()
-        ctx.plan = ([a - base if a is not None else None for a in (wt, p, pact, r, mu, rstd)], sa, sb,
-                    bool(use_tanh), scale, ln_b is not None, (lead, m, n, d, h_ts, h_ss))
-        ctx.set_materialize_grads(False)
-        # h goes out again for the depth connection, whose backward hands the gradient of H_new back
-        # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
-        return h_in, alpha, beta, h if streams is None else h.unsqueeze(-2).expand(*lead, n, d)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        h, aux, alpha, wa, wb, gamma, ln_w = ctx.saved_tensors
-        offsets, sa, sb, use_tanh, scale, ln_bias, (lead, m, n, d, h_ts, h_ss) = ctx.plan
-        base = aux.data_ptr()
-        wt, p, pact, r, mu, rstd = [None if a is None else base + a for a in offsets]
-        need = ctx.needs_input_grad
-        g_in = h.new_zeros(*lead, d) if g_in is None else _contiguous(g_in)
-        g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
-        g_alpha = None if g_alpha is None else _contiguous(g_alpha)
-        g_beta = None if g_beta is None else _contiguous(g_beta)
-        # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
-        dh = torch.empty_like(h)
-        # the kernel writes these whole: no zero fill
-        dynamic = wt is not None
-        dwa = torch.empty_like(wa) if dynamic and need[1] else None
-        dwb = torch.empty_like(wb) if dynamic and need[2] else None
-        dgamma = torch.empty_like(gamma) if dynamic and need[3] else None
-        da, db, ds = h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2)
-        dln_w = torch.empty_like(ln_w) if ln_w is not None else None
-        dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else None
-        status = _KERNEL.lib.anydepth_hc_width_backward(struct_args(
-            _WidthArgs, gin=g_in.data_ptr(), gdepth=g_depth.data_ptr(), h=h.data_ptr(), h_ts=h_ts, h_ss=h_ss, wt=wt,
-            p=p, pact=pact, r=r, alpha=alpha.data_ptr(), galpha=_ptr(g_alpha), gbeta=_ptr(g_beta), sa=sa, sb=sb,
-            use_tanh=int(use_tanh), dh=dh.data_ptr(), wa=_ptr(wa), wb=_ptr(wb), gamma=_ptr(gamma), scale=scale,
-            dwa=_ptr(dwa), dwb=_ptr(dwb), dgamma=_ptr(dgamma), da_static=da.data_ptr(), db_static=db.data_ptr(),
-            dscale=ds.data_ptr(), ln_w=_ptr(ln_w), ln_mu=mu, ln_rstd=rstd, dln_w=_ptr(dln_w), dln_b=_ptr(dln_b),
-            m_tokens=m, n=n, d=d, g_ts=g_ts, g_ss=g_ss, nthreads=torch.get_num_threads(),
-        ))
-        if status != 0:
-            raise MemoryError("hyper-connection width backward could not allocate its partial sums")
-        norm = (dln_w, dln_b, None, None)
-        if not dynamic:
-            return dh, None, None, None, None, da, db, None, None, None, *norm
-        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *norm
+# The kernels as torch.library ops, so that the dispatcher, torch.compile, torch.export and the meta
+# device see one op each (with a fake implementation) and autograd a registered formula.
+#
+# hc_width returns, besides the branch input and the coefficients, ``aux`` (what its backward reads)
+# and ``token``: a tensor of the streams' shape and no memory of its own (stride 0 over one element)
+# that hc_depth takes as an input and hands the incoming ``G = dL/dH_new`` back to, unmixed. The width
+# backward then computes ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` in the pass over ``H``
+# and ``G`` that its own terms need, and the depth backward only ``dy`` and ``dbeta``: each
+# stream-sized tensor read once. hc_depth gives ``h`` and ``alpha`` no gradient of its own, which
+# is exact as long as ``h``, ``alpha`` and ``token`` come from one hc_width (the gradient is linear
+# in ``G``, so several depth connections over one width connection are exact too).
 
 
-class _Depth(torch.autograd.Function):
-    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``.
+@torch.library.custom_op("anydepth::hc_width", mutates_args=(), device_types="cpu")
+def width_op(
+    h: Tensor, wa: Tensor | None, wb: Tensor | None, gamma: Tensor | None, scale: float, a_static: Tensor,
+    b_static: Tensor, sa: Tensor | None, sb: Tensor | None, use_tanh: bool, ln_w: Tensor | None, ln_b: Tensor | None,
+    ln_eps: float, streams: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The width connection (module docstring): ``(h_in, alpha, beta, aux, token)``. ``h`` is ``(..., n, d)``
+    (contiguous), or with ``streams`` > 0 one row per token ``(..., d)`` that every stream holds."""
+    _check_kernel()
+    lead, m, n, d, h_ts, h_ss = _lead(h, streams)
+    sizes = _aux_sizes(m, n, d, wa is not None, ln_w is not None)
+    aux = h.new_empty(sum(sizes))
+    wt, p, pact, r, mu, rstd = _addresses(aux, sizes)
+    alpha, beta, h_in = h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n), h.new_empty(*lead, d)
+    _KERNEL.lib.anydepth_hc_width_forward(struct_args(
+        _WidthArgs, h=h.data_ptr(), h_ts=h_ts, h_ss=h_ss, wt=wt, wa=_ptr(wa), wb=_ptr(wb), gamma=_ptr(gamma),
+        scale=scale, a_static=a_static.data_ptr(), b_static=b_static.data_ptr(), sa=_scalar(sa), sb=_scalar(sb),
+        use_tanh=int(use_tanh), p=p, pact=pact, r=r, alpha=alpha.data_ptr(), beta=beta.data_ptr(),
+        h_in=h_in.data_ptr(), ln_w=_ptr(ln_w), ln_b=_ptr(ln_b), ln_eps=ln_eps, ln_mu=mu, ln_rstd=rstd,
+        m_tokens=m, n=n, d=d, nthreads=torch.get_num_threads(),
+    ))
+    return h_in, alpha, beta, aux, h.new_zeros(1).expand(*lead, n, d)
 
-    For ``h`` it returns the incoming ``G = dL/dH_new`` unmixed, and nothing for ``alpha``: ``h`` and
-    ``alpha`` are outputs of :class:`_Width`, whose backward receives ``G`` and computes
-    ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` there, while it reads ``H`` and ``G`` for its
-    own terms anyway. This is exact as long as ``h`` and ``alpha`` come from one width connection and
-    feed nothing else (the gradient is linear in ``G``, so several depth connections over the same
-    pair are exact too)."""
 
-    @staticmethod
-    def forward(ctx, h, alpha, beta, y):
-        n, d = h.shape[-2:]
-        m = y.numel() // d
-        # h is contiguous, or one row per token broadcast to the streams (the stack's first sublayer)
-        rows, h_ts, h_ss = _stream_rows(h)
-        out = h.new_empty(h.shape)
-        _KERNEL.lib.anydepth_hc_depth_forward(struct_args(
-            _DepthArgs, h=rows.data_ptr(), h_ts=h_ts, h_ss=h_ss, alpha=alpha.data_ptr(), beta=beta.data_ptr(),
-            y=y.data_ptr(), out=out.data_ptr(), m_tokens=m, n=n, d=d, nthreads=torch.get_num_threads(),
-        ))
-        ctx.save_for_backward(beta, y)
-        return out
+@width_op.register_fake
+def _(h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps, streams):
+    lead, m, n, d, _, _ = _lead(h, streams)
+    aux = h.new_empty(sum(_aux_sizes(m, n, d, wa is not None, ln_w is not None)))
+    token = h.new_zeros(1).expand(*lead, n, d)
+    return h.new_empty(*lead, d), h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n), aux, token
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        beta, y = ctx.saved_tensors
-        n = beta.shape[-1]
-        m = beta.numel() // n
-        need = ctx.needs_input_grad
-        passthrough = g if need[0] or need[1] else None
-        rest, g_ts, g_ss = _stream_rows(g)
-        dbeta = torch.empty_like(beta) if need[2] else None
-        dy = torch.empty_like(y) if need[3] else None
-        if dbeta is not None or dy is not None:
-            _KERNEL.lib.anydepth_hc_depth_backward(struct_args(
-                _DepthArgs, g=rest.data_ptr(), g_ts=g_ts, g_ss=g_ss, beta=beta.data_ptr(), y=y.data_ptr(),
-                dbeta=_ptr(dbeta), dy=_ptr(dy), m_tokens=m, n=n, d=y.shape[-1], nthreads=torch.get_num_threads(),
-            ))
-        return passthrough, None, dbeta, dy
+
+@torch.library.custom_op("anydepth::hc_width_backward", mutates_args=(), device_types="cpu")
+def width_backward_op(
+    g_in: Tensor | None, g_alpha: Tensor | None, g_beta: Tensor | None, g_depth: Tensor | None, h: Tensor,
+    aux: Tensor, alpha: Tensor, wa: Tensor | None, wb: Tensor | None, gamma: Tensor | None, scale: float,
+    sa: Tensor | None, sb: Tensor | None, use_tanh: bool, ln_w: Tensor | None, ln_bias: bool, streams: int,
+) -> list[Tensor]:
+    """``[dh, dwa, dwb, dgamma, da_static, db_static, dscale (2,), dln_w, dln_b]`` of :func:`width_op`
+    (module docstring), an empty tensor for each one that does not apply. Not itself differentiable."""
+    _check_kernel()
+    lead, m, n, d, h_ts, h_ss = _lead(h, streams)
+    dynamic = wa is not None
+    wt, p, pact, r, mu, rstd = _addresses(aux, _aux_sizes(m, n, d, dynamic, ln_w is not None))
+    g_in = h.new_zeros(*lead, d) if g_in is None else _contiguous(g_in)
+    g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
+    g_alpha = None if g_alpha is None else _contiguous(g_alpha)
+    g_beta = None if g_beta is None else _contiguous(g_beta)
+    # with streams, the gradient of the broadcast row (the kernel sums the streams); the kernel writes
+    # every output whole: no zero fill. An output that does not apply is an empty tensor of its own
+    # (an op's outputs may not alias one another)
+    dh = torch.empty_like(h)
+    dwa, dwb, dgamma = (torch.empty_like(t) if dynamic else h.new_empty(0) for t in (wa, wb, gamma))
+    da, db, ds = h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2)
+    dln_w = torch.empty_like(ln_w) if ln_w is not None else h.new_empty(0)
+    dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else h.new_empty(0)
+    status = _KERNEL.lib.anydepth_hc_width_backward(struct_args(
+        _WidthArgs, gin=g_in.data_ptr(), gdepth=g_depth.data_ptr(), h=h.data_ptr(), h_ts=h_ts, h_ss=h_ss, wt=wt,
+        p=p, pact=pact, r=r, alpha=alpha.data_ptr(), galpha=_ptr(g_alpha), gbeta=_ptr(g_beta), sa=_scalar(sa),
+        sb=_scalar(sb),
+        use_tanh=int(use_tanh), dh=dh.data_ptr(), wa=_ptr(wa), wb=_ptr(wb), gamma=_ptr(gamma), scale=scale,
+        dwa=_ptr(dwa) if dynamic else None, dwb=_ptr(dwb) if dynamic else None,
+        dgamma=_ptr(dgamma) if dynamic else None, da_static=da.data_ptr(), db_static=db.data_ptr(),
+        dscale=ds.data_ptr(), ln_w=_ptr(ln_w), ln_mu=mu, ln_rstd=rstd, dln_w=_ptr(dln_w) if dln_w.numel() else None,
+        dln_b=_ptr(dln_b) if dln_b.numel() else None, m_tokens=m, n=n, d=d, g_ts=g_ts, g_ss=g_ss,
+        nthreads=torch.get_num_threads(),
+    ))
+    if status != 0:
+        raise MemoryError("hyper-connection width backward could not allocate its partial sums")
+    return [dh, dwa, dwb, dgamma, da, db, ds, dln_w, dln_b]
+
+
+@width_backward_op.register_fake
+def _(g_in, g_alpha, g_beta, g_depth, h, aux, alpha, wa, wb, gamma, scale, sa, sb, use_tanh, ln_w, ln_bias, streams):
+    lead, m, n, d, _, _ = _lead(h, streams)
+    dyn = [torch.empty_like(t) if wa is not None else h.new_empty(0) for t in (wa, wb, gamma)]
+    norm = [torch.empty_like(ln_w) if ln_w is not None else h.new_empty(0),
+            torch.empty_like(ln_w) if ln_w is not None and ln_bias else h.new_empty(0)]
+    return [torch.empty_like(h), *dyn, h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2), *norm]
+
+
+def _width_setup(ctx, inputs, output):
+    h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps, streams = inputs
+    _, alpha, _, aux, _ = output
+    ctx.save_for_backward(h, aux, alpha, wa, wb, gamma, ln_w, sa, sb)
+    ctx.plan = (scale, use_tanh, ln_b is not None, streams)
+    ctx.set_materialize_grads(False)
+
+
+def _width_backward(ctx, g_in, g_alpha, g_beta, g_aux, g_depth):
+    h, aux, alpha, wa, wb, gamma, ln_w, sa, sb = ctx.saved_tensors
+    scale, use_tanh, ln_bias, streams = ctx.plan
+    scaled = sa is not None
+    dh, dwa, dwb, dgamma, da, db, ds, dln_w, dln_b = width_backward_op(
+        g_in, g_alpha, g_beta, g_depth, h, aux, alpha, wa, wb, gamma, scale, sa, sb, use_tanh, ln_w, ln_bias, streams
+    )
+    need = ctx.needs_input_grad
+    dynamic = wa is not None
+    dsa, dsb = ds.unbind() if scaled else (None, None)
+    return (
+        dh, dwa if dynamic and need[1] else None, dwb if dynamic and need[2] else None,
+        dgamma if dynamic and need[3] else None, None, da, db, dsa, dsb, None,
+        dln_w if ln_w is not None else None, dln_b if ln_bias else None, None, None,
+    )
+
+
+width_op.register_autograd(_width_backward, setup_context=_width_setup)
+
+
+@torch.library.custom_op("anydepth::hc_depth", mutates_args=(), device_types="cpu")
+def depth_op(h: Tensor, token: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y``; ``h`` contiguous or one row per token broadcast
+    to the streams (stride 0); ``token`` is :func:`width_op`'s (see above)."""
+    _check_kernel()
+    n, d = h.shape[-2:]
+    m = y.numel() // d
+    rows, h_ts, h_ss = _stream_rows(h)
+    out = h.new_empty(h.shape)
+    _KERNEL.lib.anydepth_hc_depth_forward(struct_args(
+        _DepthArgs, h=rows.data_ptr(), h_ts=h_ts, h_ss=h_ss, alpha=alpha.data_ptr(), beta=beta.data_ptr(),
+        y=y.data_ptr(), out=out.data_ptr(), m_tokens=m, n=n, d=d, nthreads=torch.get_num_threads(),
+    ))
+    return out
+
+
+@depth_op.register_fake
+def _(h, token, alpha, beta, y):
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("anydepth::hc_depth_backward", mutates_args=(), device_types="cpu")
+def depth_backward_op(g: Tensor, beta: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dbeta, dy)`` of :func:`depth_op`: ``dy = sum_c beta_c G_c``, ``dbeta_c = y . G_c``. Not itself
+    differentiable."""
+    _check_kernel()
+    n = beta.shape[-1]
+    m = beta.numel() // n
+    rest, g_ts, g_ss = _stream_rows(g)
+    dbeta, dy = torch.empty_like(beta), torch.empty_like(y)
+    _KERNEL.lib.anydepth_hc_depth_backward(struct_args(
+        _DepthArgs, g=rest.data_ptr(), g_ts=g_ts, g_ss=g_ss, beta=beta.data_ptr(), y=y.data_ptr(),
+        dbeta=dbeta.data_ptr(), dy=dy.data_ptr(), m_tokens=m, n=n, d=y.shape[-1], nthreads=torch.get_num_threads(),
+    ))
+    return dbeta, dy
+
+
+@depth_backward_op.register_fake
+def _(g, beta, y):
+    return torch.empty_like(beta), torch.empty_like(y)
+
+
+def _depth_setup(ctx, inputs, output):
+    _, _, _, beta, y = inputs
+    ctx.save_for_backward(beta, y)
+
+
+def _depth_backward(ctx, g):
+    beta, y = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dbeta = dy = None
+    if need[3] or need[4]:
+        dbeta, dy = depth_backward_op(g, beta, y)
+    # G goes back unmixed through the token to the width backward, which mixes it (see above)
+    return None, g if need[1] else None, None, dbeta if need[3] else None, dy if need[4] else None
+
+
+depth_op.register_autograd(_depth_backward, setup_context=_depth_setup)
 
 
 def width_connection(
@@ -352,9 +430,9 @@ def width_connection(
     """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``. ``dynamic`` is
     ``(W_a (d, n+1), w_b (d,), gamma (d,), scale)``: the dynamic projections and the stream norm's gain
     ``scale (1 + gamma)``, which the kernel folds into them; None for static hyper-connections. Pass
-    the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
-    then comes back here unmixed (see :class:`_Depth`). ``layer_norm = (weight (d,), bias (d,) or None,
-    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
+    the returned ``h`` (the streams and the op's token) to :func:`depth_connection` and nowhere else:
+    the gradient of ``H_new`` then comes back here unmixed (see :func:`width_op`). ``layer_norm =
+    (weight (d,), bias (d,) or None, eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
     d = h.shape[-1]
     wa = wb = gamma = None
     scale = 0.0
@@ -362,7 +440,7 @@ def width_connection(
         wa, wb, gamma, scale = dynamic
         wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
     ln_w, ln_b, ln_eps = layer_norm or (None, None, 0.0)
-    streams = None
+    streams = 0
     row = _broadcast_row(h)
     if row is not None:
         h, streams = row, h.shape[-2]
@@ -370,10 +448,12 @@ def width_connection(
         # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
         # each cost an autograd node in both directions
         h = _contiguous(h)
-    return _Width.apply(
+    h_in, alpha, beta, _, token = width_op(
         h, wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static), sa, sb, bool(use_tanh), ln_w,
         ln_b, float(ln_eps), streams,
     )
+    h = h if streams == 0 else h.unsqueeze(-2).expand(*h.shape[:-1], streams, d)
+    return h_in, alpha, beta, (h, token)
 
 
 def broadcast_streams(x: Tensor, streams: int) -> Tensor:
@@ -402,7 +482,9 @@ def _broadcast_row(h: Tensor) -> Tensor | None:
     return base
 
 
-def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
-    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``."""
-    # h as it is: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
-    return _Depth.apply(h, _contiguous(alpha), _contiguous(beta), _contiguous(y))
+def depth_connection(h: tuple[Tensor, Tensor], alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h`` the streams ``(..., n, d)`` as
+    :func:`width_connection` returned them and ``y (..., d)``."""
+    streams, token = h
+    # the streams as they are: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
+    return depth_op(streams, token, _contiguous(alpha), _contiguous(beta), _contiguous(y))
