@@ -113,7 +113,6 @@ class DenseStack(nn.Module):
             weights.append(nn.Parameter(torch.empty(len(js))))
         self.dwa = nn.ParameterList(weights)
         self.reset_parameters()
-        _link_residuals(blocks, 0.0)
 
     @classmethod
     def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
