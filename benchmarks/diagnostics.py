@@ -27,7 +27,7 @@ from anydepth.model.build import build_model
 from anydepth.train.config import DataConfig, TrainConfig
 from anydepth.train.data import load_corpus, sample_batch
 from anydepth.train.diagnostics import TrainingDiagnostics
-from anydepth.train.optim import build_optimizer, clip_grad_norm
+from anydepth.train.optim import build_optimizer
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         x, y = sample_batch(tokens, step=step, seed=0, batch_size=a.batch_size, seq_len=a.seq_len)
         logits = model(x)
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-        clip_grad_norm(model.parameters(), tc.clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

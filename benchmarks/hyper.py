@@ -141,9 +141,6 @@ def build_step(args, variant: str):
                 for i in range(len(branches))
             )
             self.branches = nn.ModuleList(branches)
-            # as the builder's stack does: each connection's depth kernel also runs the next one's width forward
-            for res, nxt in zip(self.res, list(self.res)[1:]):
-                res.followed_by(nxt)
 
         def forward(self, x):
             x = self.res[0].expand(x)
@@ -193,10 +190,8 @@ def build_step(args, variant: str):
         except Exception as e:  # the builder may not accept every option yet; report rather than fail
             return {"variant": variant, "skipped": f"{type(e).__name__}: {e}"}
 
-    # the trainer's AdamW (torch's update, bitwise; small tensors batched) for every row alike
-    from anydepth.train.optim import AdamW
-
-    opt = AdamW(model.parameters(), lr=3e-4)
+    # the trainer's AdamW (torch's fused update) for every row alike
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     tokens = torch.randint(vocab, (args.batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
     def step():

@@ -17,6 +17,7 @@ import time
 import torch
 
 from anydepth.nn import hyper_fused
+from anydepth.nn.native import struct_args
 
 
 def main() -> None:
@@ -41,8 +42,8 @@ def main() -> None:
 
     sets = [
         dict(h=rnd(m, n, d), G=rnd(m, n, d), out=torch.empty(m, n, d), dh=torch.empty(m, n, d), y=rnd(m, d),
-             gin=rnd(m, d), hin=torch.empty(m, d), dy=torch.empty(m, d), yprev=rnd(m, d), dyprev=torch.empty(m, d),
-             alpha=rnd(m, n, t_), beta=rnd(m, n), dbeta=rnd(m, n), bprev=rnd(m, n), dbprev=torch.empty(m, n),
+             gin=rnd(m, d), hin=torch.empty(m, d), dy=torch.empty(m, d),
+             alpha=rnd(m, n, t_), beta=rnd(m, n), dbeta=rnd(m, n),
              alpha2=torch.empty(m, n, t_), beta2=torch.empty(m, n),
              p=rnd(m, n, k_), pact=rnd(m, n, k_).tanh(), r=torch.rand(m, n, generator=g) + 1,
              mu=rnd(m), rstd=torch.rand(m, generator=g) + 0.5)
@@ -58,60 +59,52 @@ def main() -> None:
     def ptr(b, k):
         return b[k].data_ptr()
 
-    def width_fwd(b, ln):
-        norm = (ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd")) if ln else (None,) * 2 + (
-            0.0, None, None)
-        lib.anydepth_hc_width_forward(
-            ptr(b, "h"), n * d, d, wt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0, a_s.data_ptr(),
-            b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha"), ptr(b, "beta"),
-            ptr(b, "hin"), *norm, m, n, d, th,
-        )
+    W, D = hyper_fused._WidthArgs, hyper_fused._DepthArgs
+    dyn = dict(wt=wt.data_ptr(), wa=wa.data_ptr(), wb=wb.data_ptr(), gamma=gamma.data_ptr(), scale=1.0,
+               a_static=a_s.data_ptr(), b_static=b_s.data_ptr(), sa=0.01, sb=0.01, use_tanh=1, m_tokens=m, n=n, d=d,
+               nthreads=th)
+
+    def width_fwd(b, ln, h="h"):
+        norm = dict(ln_w=ln_w.data_ptr(), ln_b=ln_b.data_ptr(), ln_eps=1e-5, ln_mu=ptr(b, "mu"),
+                    ln_rstd=ptr(b, "rstd")) if ln else {}
+        lib.anydepth_hc_width_forward(struct_args(
+            W, h=ptr(b, h), h_ts=n * d, h_ss=d, p=ptr(b, "p"), pact=ptr(b, "pact"), r=ptr(b, "r"),
+            alpha=ptr(b, "alpha2" if h == "out" else "alpha"), beta=ptr(b, "beta2" if h == "out" else "beta"),
+            h_in=ptr(b, "hin"), **norm, **dyn))
+
+    def depth_fwd(b):
+        lib.anydepth_hc_depth_forward(struct_args(
+            D, h=ptr(b, "h"), h_ts=n * d, h_ss=d, alpha=ptr(b, "alpha"), beta=ptr(b, "beta"), y=ptr(b, "y"),
+            out=ptr(b, "out"), m_tokens=m, n=n, d=d, nthreads=th))
 
     def depth_then_width(b):
-        lib.anydepth_hc_depth_forward(
-            ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)
-        lib.anydepth_hc_width_forward(
-            ptr(b, "out"), n * d, d, wt.data_ptr(), wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0,
-            a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1, ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha2"),
-            ptr(b, "beta2"), ptr(b, "hin"), ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd"), m, n,
-            d, th,
-        )
+        depth_fwd(b)
+        width_fwd(b, True, h="out")
 
-    def depth_width(b):
-        # the builder's case between two sublayers: one kernel for the depth forward and the next width forward
-        lib.anydepth_hc_depth_width_forward(
-            ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), wt.data_ptr(),
-            wa.data_ptr(), wb.data_ptr(), gamma.data_ptr(), 1.0, a_s.data_ptr(), b_s.data_ptr(), 0.01, 0.01, 1,
-            ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"), ptr(b, "alpha2"), ptr(b, "beta2"), ptr(b, "hin"),
-            ln_w.data_ptr(), ln_b.data_ptr(), 1e-5, ptr(b, "mu"), ptr(b, "rstd"), m, n, d, th,
-        )
+    def width_bwd(b, ln=False):
+        norm = dict(ln_w=ln_w.data_ptr(), ln_mu=ptr(b, "mu"), ln_rstd=ptr(b, "rstd"), dln_w=dln_w.data_ptr(),
+                    dln_b=dln_b.data_ptr()) if ln else {}
+        lib.anydepth_hc_width_backward(struct_args(
+            W, gin=ptr(b, "gin"), gdepth=ptr(b, "G"), g_ts=n * d, g_ss=d, h=ptr(b, "h"), h_ts=n * d, h_ss=d,
+            p=ptr(b, "p"), pact=ptr(b, "pact"), r=ptr(b, "r"), alpha=ptr(b, "alpha"), gbeta=ptr(b, "dbeta"),
+            dh=ptr(b, "dh"), dwa=dwa.data_ptr(), dwb=dwb.data_ptr(), dgamma=dgamma.data_ptr(),
+            da_static=da.data_ptr(), db_static=db.data_ptr(), dscale=ds.data_ptr(), **norm, **dyn))
 
-    def width_bwd(b, linked, ln=False):
-        link = (ptr(b, "bprev"), ptr(b, "yprev")) if linked else (None, None)
-        outs = (ptr(b, "dyprev"), ptr(b, "dbprev")) if linked else (None, None)
-        norm = (ln_w.data_ptr(), ptr(b, "mu"), ptr(b, "rstd"), dln_w.data_ptr(), dln_b.data_ptr()) if ln else (
-            None,) * 5
-        lib.anydepth_hc_width_backward(
-            ptr(b, "gin"), ptr(b, "G"), ptr(b, "h"), n * d, d, wt.data_ptr(), ptr(b, "p"), ptr(b, "pact"), ptr(b, "r"),
-            ptr(b, "alpha"), None, ptr(b, "dbeta"), 0.01, 0.01, 1, *link, ptr(b, "dh"), wa.data_ptr(),
-            wb.data_ptr(), gamma.data_ptr(), 1.0, dwa.data_ptr(), dwb.data_ptr(), dgamma.data_ptr(), da.data_ptr(),
-            db.data_ptr(), ds.data_ptr(), *outs, *norm, m, n, d, n * d, d, th,
-        )
+    def depth_bwd(b):
+        lib.anydepth_hc_depth_backward(struct_args(
+            D, g=ptr(b, "G"), g_ts=n * d, g_ss=d, beta=ptr(b, "beta"), y=ptr(b, "y"), dbeta=ptr(b, "dbeta"),
+            dy=ptr(b, "dy"), m_tokens=m, n=n, d=d, nthreads=th))
 
     stream, row = m * n * d * 4, m * d * 4
     kernels = [
         ("copy of the streams (reference)", 2 * stream, lambda b: b["out"].copy_(b["h"])),
         ("width forward", stream + row, lambda b: width_fwd(b, False)),
         ("width forward + LayerNorm", stream + row, lambda b: width_fwd(b, True)),
-        ("depth forward", 2 * stream + row, lambda b: lib.anydepth_hc_depth_forward(
-            ptr(b, "h"), n * d, d, ptr(b, "alpha"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "out"), m, n, d, th)),
+        ("depth forward", 2 * stream + row, depth_fwd),
         ("depth forward, then width forward", 3 * stream + 2 * row, depth_then_width),
-        ("the two as one kernel (builder)", 2 * stream + 2 * row, depth_width),
-        ("width backward, linked", 3 * stream + 3 * row, lambda b: width_bwd(b, True)),
-        ("width backward, linked + LayerNorm", 3 * stream + 3 * row, lambda b: width_bwd(b, True, True)),
-        ("width backward, not linked", 3 * stream + row, lambda b: width_bwd(b, False)),
-        ("depth backward, not linked", stream + 2 * row, lambda b: lib.anydepth_hc_depth_backward(
-            ptr(b, "G"), ptr(b, "beta"), ptr(b, "y"), ptr(b, "dbeta"), ptr(b, "dy"), m, n, d, n * d, d, th)),
+        ("width backward", 3 * stream + row, lambda b: width_bwd(b)),
+        ("width backward + LayerNorm", 3 * stream + row, lambda b: width_bwd(b, True)),
+        ("depth backward", stream + 2 * row, depth_bwd),
     ]
     print(f"tokens={m} streams={n} dim={d} threads={th}; {args.sets} buffer sets, median of {args.calls} calls")
     print(f"{'kernel':<34} {'MiB':>6} {'ms':>7} {'GiB/s':>7}")

@@ -74,7 +74,7 @@ def extras_cpu_fraction(model_cfg, train: TrainConfig, steps: int) -> tuple[floa
     from tqdm.auto import tqdm
 
     from anydepth.train.data import load_corpus, sample_batch
-    from anydepth.train.optim import clip_grad_norm, lr_at, set_lr
+    from anydepth.train.optim import lr_at, set_lr
 
     tokens, _ = load_corpus(DataConfig(max_bytes=2_000_000))
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def extras_cpu_fraction(model_cfg, train: TrainConfig, steps: int) -> tuple[floa
         t2 = time.process_time()
         finite = math.isfinite(float(loss.detach()))
         if finite and train.clip > 0:
-            clip_grad_norm(model.parameters(), train.clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip, foreach=True)
         bar.update(1)
         t3 = time.process_time()
         opt.step()

@@ -242,8 +242,8 @@ def test_cli_model_overrides_do_not_apply_to_a_checkpoint(tmp_path):
 
 
 def test_hyper_connection_gradients_equal_autograd_of_the_same_loss():
-    # the fused hyper-connection kernels may write a gradient in place where nothing else holds it;
-    # the diagnostics hold every stream's gradient, which must come back intact
+    # the diagnostics hold every stream's gradient (through the fused hyper-connection kernels), which
+    # must come back as autograd computes it
     model = _model("hyper", depth=2)
     (x, y), = _batches(1, b=4, seq=32)
     r = diagnose(model, [(x, y)], output_change=False)

@@ -68,12 +68,13 @@ def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(2))
 
     calls = []
-    real = hyper_fused._Depth.forward
-    hyper_fused._Depth.forward = staticmethod(lambda *a: calls.append(1) or real(*a))
+    lib = hyper_fused._KERNEL.lib
+    real = lib.anydepth_hc_depth_forward
+    lib.anydepth_hc_depth_forward = lambda a: calls.append(1) or real(a)
     try:
         out, dx, grads = _grads(hc, branch, x, gy, fused=True)
     finally:
-        hyper_fused._Depth.forward = staticmethod(real)
+        lib.anydepth_hc_depth_forward = real
     assert calls, "the fused path was not taken"
 
     _assert_matches_float64_eager((out, dx, grads), hc, branch, x, gy)
@@ -190,7 +191,7 @@ def test_fused_branch_output_shape_is_checked():
 
 def test_fused_kernel_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("ANYDEPTH_FUSED_HYPER", "0")
-    kernel = hyper_fused.NativeKernel("hyper", hyper_fused._SOURCE, "ANYDEPTH_FUSED_HYPER", hyper_fused._bind)
+    kernel = hyper_fused.NativeKernel("hyper", "hyper_connections.cpp", "ANYDEPTH_FUSED_HYPER", hyper_fused._bind)
     assert kernel.enabled is False
 
 
@@ -253,20 +254,21 @@ def test_stream_sized_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
     hc = HyperConnection(1024, 4, layer_index=0)
     x = torch.randn(2, 1025, 4, 1024, requires_grad=True)  # 33.6 MB of streams
     seen = []
-    real = hyper_fused._Width.backward
+    lib = hyper_fused._KERNEL.lib
+    real = lib.anydepth_hc_width_backward
 
-    def spy(ctx, *g):
-        grads = real(ctx, *g)
-        seen.append(vma_flags(grads[0].data_ptr() + (4 << 20)))
-        return grads
+    def spy(args):
+        status = real(args)
+        seen.append(vma_flags(args.dh + (4 << 20)))
+        return status
 
-    hyper_fused._Width.backward = staticmethod(spy)
+    lib.anydepth_hc_width_backward = spy
     try:
         out = hc(x, nn.Identity())
         assert "hg" in vma_flags(out.data_ptr() + (4 << 20))
         out.sum().backward()
     finally:
-        hyper_fused._Width.backward = staticmethod(real)
+        lib.anydepth_hc_width_backward = real
     assert seen and "hg" in seen[0]
 
 
@@ -274,7 +276,7 @@ def test_double_backward_needs_the_eager_path():
     hc = _perturbed(HyperConnection(16, 4, layer_index=0), 9)
     x = torch.randn(2, 3, 4, 16, requires_grad=True)
     (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         g.sum().backward()
     with hyper_fused.use_fused_hyper(False):
         (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
@@ -355,10 +357,10 @@ def _chain_grads(model, x, loss_fn, fused, edit=None):
 
 
 def _count_depth_kernel(monkeypatch) -> list:
-    """The stream stride (last argument but one) of each depth backward kernel call."""
+    """The stream stride of each depth backward kernel call."""
     lib, calls = hyper_fused._KERNEL.lib, []
     real = lib.anydepth_hc_depth_backward
-    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda *a: calls.append(a[-2]) or real(*a))
+    monkeypatch.setattr(lib, "anydepth_hc_depth_backward", lambda a: calls.append(a.g_ss) or real(a))
     return calls
 
 
@@ -373,15 +375,15 @@ def _weights(shape, seed):
     ids=["chain", "extra-use", "edited-in-place", "reduced"],
 )
 @pytest.mark.parametrize("dim", [37, 32])  # 32: whole 16-lane rows, written with streaming stores
-def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
+def test_chained_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
     streams = 4
     model = _Chain(dim, streams, dynamic)
     x = _weights((2, 13, streams, dim), 5)
     w_out, w_tap = _weights(x.shape, 6), _weights(x.shape, 7)
     # extra_use: the first sublayer's output also enters the loss, so its gradient is more than what
     # the next width backward computes; edited_in_place: the stream is changed in place between
-    # sublayers, which unties the link; reduced: the loss sees the sum of the streams, whose gradient
-    # reaches the last sublayer as one row per token broadcast to every stream (stride 0)
+    # sublayers; reduced: the loss sees the sum of the streams, whose gradient reaches the last
+    # sublayer as one row per token broadcast to every stream (stride 0)
     extra = case == "extra_use"
     edit = (lambda t: t.mul_(1.5)) if case == "edited_in_place" else None
 
@@ -393,133 +395,14 @@ def test_linked_sublayers_equal_eager_float64(monkeypatch, dynamic, case, dim):
 
     strides = _count_depth_kernel(monkeypatch)
     dx, grads = _chain_grads(model, x, loss_fn, True, edit)
-    # the last depth backward has no next width connection; the others run only when not linked
-    assert len(strides) == (1 if case in ("chain", "reduced") else 2)
+    # one depth backward per sublayer
+    assert len(strides) == 3
     # the broadcast gradient is read in place, not copied to n rows first
     assert strides[0] == (0 if case == "reduced" else dim)
     dx_ref, grads_ref = _chain_grads(model.double(), x.double(), loss_fn, False, edit)
     torch.testing.assert_close(dx.double(), dx_ref, atol=5e-5, rtol=5e-5)
     for name, g in grads.items():
         torch.testing.assert_close(g.double(), grads_ref[name], atol=2e-4, rtol=2e-4, msg=name)
-
-
-def test_link_survives_a_partial_backward_of_a_retained_graph():
-    # autograd.grad for the last sublayer's parameters alone runs its width backward (which claims the
-    # previous depth backward's work) but not that depth backward; the full backward that follows on the
-    # retained graph must not count that earlier claim
-    model = _Chain(24, 4, True)
-    x = _weights((2, 7, 4, 24), 8).requires_grad_()
-    w = _weights(x.shape, 9)
-    out, _ = model(x)
-    loss = (out * w).sum()
-    torch.autograd.grad(loss, list(model.res[2].parameters()), retain_graph=True)
-    loss.backward()
-    got = {k: p.grad.clone() for k, p in model.named_parameters()}
-    dx = x.grad.clone()
-    dx_ref, ref = _chain_grads(model, x.detach(), lambda o, t: (o * w).sum(), True)
-    torch.testing.assert_close(dx, dx_ref, atol=1e-6, rtol=1e-6)
-    for name, g in got.items():
-        torch.testing.assert_close(g, ref[name], atol=1e-6, rtol=1e-6, msg=name)
-
-
-def _spy_in_place(monkeypatch) -> list[bool]:
-    """Per width backward kernel call, whether it writes dH over G (the same address)."""
-    lib, calls = hyper_fused._KERNEL.lib, []
-    real = lib.anydepth_hc_width_backward
-    monkeypatch.setattr(lib, "anydepth_hc_width_backward", lambda *a: calls.append(a[1] == a[17]) or real(*a))
-    return calls
-
-
-def test_width_backward_writes_over_a_gradient_nothing_else_holds(monkeypatch):
-    assert isinstance(hyper_fused._Baseline.get(), tuple)  # this torch shows who holds a tensor
-    model = _Chain(32, 4, True)
-    x = _weights((2, 13, 4, 32), 5)
-    w = _weights(x.shape, 6)
-    in_place = _spy_in_place(monkeypatch)
-    dx, grads = _chain_grads(model, x, lambda out, taps: (out * w).sum(), True)
-    # every G here is private: two come from the next width backward, the last from the loss's mul
-    assert in_place == [True, True, True]
-    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: False)
-    dx_ref, ref = _chain_grads(model, x, lambda out, taps: (out * w).sum(), True)
-    assert in_place[3:] == [False, False, False]
-    assert torch.equal(dx, dx_ref)
-    for name, g in grads.items():
-        assert torch.equal(g, ref[name]), name
-
-
-def _observe(case: str, taps: list, kept: list) -> None:
-    """Ways to keep the gradient of the first sublayer's output (the G of its width backward)."""
-    if case == "tensor-hook":
-        taps[0].register_hook(kept.append)
-    elif case == "hook-keeps-a-view":
-        taps[0].register_hook(lambda g: kept.append(g[0]))
-    elif case == "node-prehook":
-        taps[0].grad_fn.register_prehook(lambda go: kept.append(go[0]))
-    elif case == "node-hook":  # the depth node hands G on as its input's gradient
-        taps[0].grad_fn.register_hook(lambda gi, go: kept.append(gi[0]))
-    elif case == "retain-grad":
-        taps[0].retain_grad()
-
-
-@pytest.mark.parametrize(
-    "case",
-    ["tensor-hook", "hook-keeps-a-view", "node-prehook", "node-hook", "module-hook", "retain-grad", "captured"],
-)
-def test_a_gradient_that_something_keeps_is_not_written_over(monkeypatch, case):
-    # each way of keeping G must leave it as it was; forcing the write shows that the case reaches it
-    model = _Chain(32, 4, True)
-    x = _weights((2, 13, 4, 32), 5).requires_grad_()
-    w = _weights(x.shape, 6)
-
-    def run():
-        kept = []
-        # a module's full backward hook wraps its output in a Function of its own, before the forward
-        handle = (
-            model.res[0].register_full_backward_hook(lambda m, gi, go: kept.append(go[0]))
-            if case == "module-hook"
-            else None
-        )
-        out, taps = model(x)
-        if handle is not None:
-            handle.remove()
-        _observe(case, taps, kept)
-        loss = (out * w).sum()
-        if case == "captured":  # torch.autograd.grad holds G for its result while the backward goes on
-            kept.extend(torch.autograd.grad(loss, [taps[0], x]))
-        else:
-            loss.backward()
-        return (taps[0].grad if case == "retain-grad" else kept[0]).clone()
-
-    got = run()
-    real = hyper_fused._unshared
-    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: False)
-    fresh = run()
-    monkeypatch.setattr(hyper_fused, "_unshared", lambda g, record=None: record is None)
-    forced = run()
-    assert torch.equal(got, fresh)
-    if case == "retain-grad":  # retain_grad keeps a copy, so writing over G is safe there
-        assert torch.equal(forced, fresh)
-        monkeypatch.setattr(hyper_fused, "_unshared", real)
-        in_place = _spy_in_place(monkeypatch)
-        run()
-        assert in_place == [True, True, True]
-    else:
-        assert not torch.equal(forced, fresh)
-
-
-def test_no_gradient_is_written_over_while_a_graph_is_recorded(monkeypatch):
-    # create_graph=True: the incoming gradients are themselves in a graph that may need them
-    model = _Chain(32, 4, True)
-    x = _weights((2, 13, 4, 32), 5).requires_grad_()
-    w = _weights(x.shape, 6).requires_grad_()
-    in_place = _spy_in_place(monkeypatch)
-    out, _ = model(x)
-    (dx,) = torch.autograd.grad((out * w).sum(), [x], create_graph=True)
-    assert in_place == [False, False, False]
-    out, _ = model(x)
-    (dx_ref,) = torch.autograd.grad((out * w).sum(), [x])
-    assert in_place[3:] == [True, True, True]
-    assert torch.equal(dx, dx_ref)
 
 
 def _spy_broadcast_rows(monkeypatch) -> list[bool]:
@@ -613,3 +496,30 @@ def test_a_broadcast_view_of_another_tensor_is_read_as_it_is(monkeypatch):
     assert rows == [False, False]  # no base of x's shape: taken as the n streams it shows
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_the_kernels_are_torch_library_ops_with_fake_and_autograd(dynamic, layer_norm):
+    n, d = 4, 32
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    h = rnd(2, 5, n, d)
+    wa, wb, gamma = (rnd(d, n + 1, scale=0.1), rnd(d, scale=0.1), rnd(d, scale=0.1)) if dynamic else (None,) * 3
+    sa, sb = (rnd((), scale=0.1), rnd((), scale=0.1)) if dynamic else (None, None)
+    ln = (rnd(d), rnd(d), 1e-5) if layer_norm else (None, None, 0.0)
+    args = (h, wa, wb, gamma, 2.0, rnd(n, n + 1), rnd(n), sa, sb, True, *ln, 0)
+    torch.library.opcheck(hyper_fused.width_op, args)
+    h_in, alpha, beta, aux, token = hyper_fused.width_op(*args)
+    # the depth op on inputs of its own graph (the token as the width op makes it: stride 0 over one element)
+    token_leaf = torch.zeros(1, requires_grad=True)
+    h_leaf = h.detach().requires_grad_()
+    depth_args = (h_leaf, token_leaf.expand(token.shape), alpha.detach(), rnd(2, 5, n), rnd(2, 5, d))
+    torch.library.opcheck(hyper_fused.depth_op, depth_args)
+    # the meta device runs on the fake implementations
+    meta = [None if a is None else a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    shapes = [t.shape for t in hyper_fused.width_op(*meta)]
+    assert shapes == [t.shape for t in (h_in, alpha, beta, aux, token)]

@@ -477,3 +477,23 @@ def test_functional_rms_norm_checks_sizes_before_the_kernel():
         norms.rms_norm(x, w, torch.zeros(8, 1))
     with pytest.raises(ValueError, match="eps_placement='both'"):
         norms.rms_norm(x, w, eps_placement="both")
+
+
+@pytest.mark.skipif(not FUSED, reason="fused kernel unavailable on this machine")
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_kernel_is_a_torch_library_op_with_fake_and_autograd(bias):
+    x = torch.randn(6, 16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(16)).requires_grad_()
+    b = torch.randn(16, requires_grad=True) if bias else None
+    # schema, fake implementation, autograd registration, and the op against itself under each mode
+    torch.library.opcheck(norms.rms_norm_op, (x, w, b, 12, 1e-6, True))
+    meta = norms.rms_norm_op(torch.empty(6, 16, device="meta"), torch.empty(16, device="meta"), None, 12, 1e-6, True)
+    assert meta.shape == (6, 16) and meta.device.type == "meta"
+    # its gradient is the eager formula's
+    y = norms.rms_norm_op(x, w, b, 12, 1e-6, True)
+    ye = norms._rms_norm_eager(x, w, b, 12, 1e-6, True)
+    gy = torch.randn(6, 16)
+    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), gy)
+    ref = torch.autograd.grad(ye, [x, w] + ([b] if bias else []), gy)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

@@ -119,3 +119,19 @@ def test_no_grad_runs_plain_coupling():
         a = rev(x, blocks)
         b = plain(x, blocks)
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropout,records", [(0.0, False), (0.1, True)])
+def test_the_stack_records_rng_states_only_where_a_block_draws_random_numbers(monkeypatch, dropout, records):
+    from anydepth import ModelConfig, build_model
+    from anydepth.nn import reversible
+    from anydepth.registry import FFS
+
+    seen = []
+    real = reversible._RNGState
+    monkeypatch.setattr(reversible, "_RNGState", lambda devices: seen.append(1) or real(devices))
+    ff = FFS.config("mlp", dropout=dropout)
+    cfg = ModelConfig(vocab_size=32, dim=16, depth=2, heads=2, max_seq_len=32, stack="reversible", ff=ff)
+    model = build_model(cfg).train()
+    model(torch.randint(0, 32, (2, 8))).sum().backward()
+    assert bool(seen) is records

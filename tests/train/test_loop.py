@@ -88,6 +88,34 @@ def test_resume_from_a_checkpoint_matches_uninterrupted_run_bit_for_bit(make_run
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
+def test_a_checkpoint_of_the_per_tensor_optimizer_resumes_with_the_fused_one(make_run, monkeypatch):
+    # Checkpoints written before the trainer used torch's fused AdamW hold the per-tensor AdamW's state
+    # dict (groups with fused=None); such a run resumes with the fused update and the saved moments.
+    from anydepth.train.optim import lr_at, param_groups
+
+    def per_tensor(model, tc):
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=lr_at(0, tc), betas=tc.betas, eps=tc.eps)
+
+    old = make_run("old", steps=3)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "build_optimizer", per_tensor)
+        run(old)
+    ck = load_checkpoint(latest_checkpoint(old.out))
+    assert {g["fused"] for g in ck.trainer["optimizer"]["param_groups"]} == {None}
+    resumed = dataclasses.replace(make_run("new"), resume=str(ck.path))
+    trainer = loop._Trainer(resumed, loop.D.setup(resumed.train.device))
+    opt = trainer.optimizer
+    assert {g["fused"] for g in opt.param_groups} == {True}
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            assert float(st["step"]) == 3
+            assert torch.equal(st["exp_avg"], ck.state[f"opt/{names[p]}/exp_avg"])
+            assert torch.equal(st["exp_avg_sq"], ck.state[f"opt/{names[p]}/exp_avg_sq"])
+    assert trainer.fit()["steps"] == 6
+
+
 def _nan_at(monkeypatch, bad_step: int):
     calls = {"n": 0}
     original = loop._loss
@@ -196,8 +224,26 @@ def test_unfinished_temporary_checkpoint_is_ignored_and_cleaned(make_run):
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006"]
 
 
-def test_bfloat16_autocast_trains_with_float32_loss(make_run):
-    s = run(make_run("bf16", dtype="bfloat16", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0))
+@pytest.mark.parametrize("preset", ["prenorm", "hyper"])
+def test_bfloat16_autocast_trains_with_float32_loss(make_run, preset):
+    from anydepth.model import presets
+
+    model = getattr(presets, preset)(vocab_size=256, dim=32, depth=2, heads=2, max_seq_len=64)
+    s = run(make_run("bf16", model=model, dtype="bfloat16", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0))
     assert math.isfinite(s["final_val_bpc"]) and s["steps"] == 2
     # Weights stay float32 under autocast; only the matmuls run in bfloat16.
     assert all(t.dtype == torch.float32 for t in _weights(s["checkpoint"]).values())
+
+
+def test_compiled_training_matches_the_eager_run(make_run, monkeypatch):
+    # torch.compile of the training forward, with a backend that generates no code to keep the test short
+    eager = run(make_run("eager", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0))
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real(m, backend="aot_eager"))
+    compiled = run(make_run("compiled", steps=2, eval_every=0, checkpoint_every=0, sample_tokens=0, compile=True))
+    a, b = _weights(eager["checkpoint"]), _weights(compiled["checkpoint"])
+    assert a.keys() == b.keys()  # the module's own names, not the compiled wrapper's
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    with pytest.raises(TypeError, match="train.compile"):
+        make_run("bad", compile="yes")

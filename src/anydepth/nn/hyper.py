@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn import hyper_fused
+from anydepth.nn.amp import autocast_apply
 from anydepth.nn.context import LayerContext
 from anydepth.nn.norms import LayerNorm
 from anydepth.nn.residual import Residual
@@ -97,7 +98,7 @@ class StreamNorm(nn.Module):
         with ``g = sqrt(d) (1 + gamma)``. The norm is a per-row scalar, so it can be applied to the
         small projected output instead of the full-width input; this saves passes over the streams."""
         g = (self.gamma.to(w.dtype) + 1) * self.scale
-        return _NormProject.apply(x, g.unsqueeze(-1) * w)
+        return autocast_apply(_NormProject, x, g.unsqueeze(-1) * w)
 
 
 class _NormProject(torch.autograd.Function):
@@ -107,7 +108,8 @@ class _NormProject(torch.autograd.Function):
         dw = x^T (dP / r)
 
     which touches the full-width ``x`` three times (one matmul each for ``dx`` and ``dw``, one fused
-    update) where autograd's chain through the norm takes about seven passes.
+    update) where autograd's chain through the norm takes about seven passes. Applied through
+    :func:`~anydepth.nn.amp.autocast_apply`: under autocast, a matrix product in the autocast dtype.
     """
 
     @staticmethod
@@ -136,7 +138,9 @@ class _DepthConnection(torch.autograd.Function):
 
     The forward is one ``addcmul``; the backward computes ``dbeta = dout @ y`` and
     ``dy = beta^T dout`` as batched matrix products, which read ``dout`` once each instead of
-    materialising the full-size products that autograd's broadcast-and-reduce would.
+    materialising the full-size products that autograd's broadcast-and-reduce would. Applied through
+    :func:`~anydepth.nn.amp.autocast_apply` with ``promote``: under autocast, as ``addcmul``, in the
+    widest dtype of its inputs.
     """
 
     @staticmethod
@@ -437,38 +441,21 @@ class HyperConnection(Residual):
             return None
         return weight, bias, float(norm.eps)
 
-    def followed_by(self, nxt: Residual | None) -> None:
-        """With ``nxt`` a hyper-connection of the same width and stream count that takes this one's
-        output as its input, this connection's depth kernel also runs ``nxt``'s width forward on that
-        output, token by token while the token's new streams are in L1 (one pass over the n-wide
-        streams fewer per sublayer). ``nxt`` takes the result only if it is called with that very
-        output and its parameters are unchanged since; else it computes its own, so the model computes
-        the same either way, bit for bit. Streams below ``hyper_fused.LOOK_AHEAD_MIN_ELEMENTS`` get no
-        look-ahead (at that size it costs more Python than it saves)."""
-        ok = isinstance(nxt, HyperConnection) and nxt is not self and (nxt.dim, nxt.streams) == (self.dim, self.streams)
-        # not a submodule: its parameters belong to its own place in the model
-        self.__dict__["_next_connection"] = nxt if ok else None
-
-    def _fused_depth(self, h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    def _fused_depth(self, streams: tuple[Tensor, Tensor], alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+        """``streams``: what :func:`hyper_fused.width_connection` returned for them."""
         # dropout(p=0) is the identity: skipping the module call saves microseconds per sublayer
         dropout = self._modules["dropout"]
         drop = dropout.p > 0
         if drop and self.dropout_placement == "branch":
             y = dropout(y)
+        h = streams[0]
         if y.shape != h.shape[:-2] + h.shape[-1:]:
             raise ValueError(
                 f"the branch output must have the branch input's shape {tuple(h.shape[:-2] + h.shape[-1:])}, "
                 f"got {tuple(y.shape)}; a residual branch must map dim to dim"
             )
-        stream_dropout = drop and self.dropout_placement == "stream"
-        nxt = self.__dict__.get("_next_connection")
-        # the next connection's width forward, done by this depth kernel (see followed_by); a dropped
-        # stream would not be its input, and small streams gain less than the look-ahead costs
-        ahead = None
-        if nxt is not None and not stream_dropout and h.numel() >= hyper_fused.LOOK_AHEAD_MIN_ELEMENTS:
-            ahead = nxt._fused_args(h)
-        out = hyper_fused.depth_connection(h, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype), ahead)
-        return dropout(out) if stream_dropout else out
+        out = hyper_fused.depth_connection(streams, alpha, beta, y if y.dtype == h.dtype else y.to(h.dtype))
+        return dropout(out) if drop and self.dropout_placement == "stream" else out
 
     def width_connection(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``H (..., n, d)`` -> branch input ``(..., d)`` (``(..., views, d)`` for several views),
@@ -495,10 +482,12 @@ class HyperConnection(Residual):
         scale = beta.unsqueeze(-1).to(mixed.dtype)  # (..., f, n, 1)
         if self.depth_residual_fn is None:
             sub, dp = mixed.shape[:-1], self.frac_dim  # sub = (..., f, n)
-            out = _DepthConnection.apply(
+            out = autocast_apply(
+                _DepthConnection,
                 mixed.reshape(-1, self.streams, dp),
                 scale.squeeze(-1).expand(sub).reshape(-1, self.streams),
                 ys.expand(*sub[:-1], 1, dp).reshape(-1, dp),
+                promote=True,
             ).view(mixed.shape)
         else:
             out = self.depth_residual_fn(scale * ys, mixed)

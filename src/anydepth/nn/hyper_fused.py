@@ -31,36 +31,28 @@ the norm's output, with ``h_in`` recomputed from ``H``: ``xh = (h_in - mu) rstd`
 ``g = rstd (g_o w - mean(g_o w) - xh mean(g_o w xh))``, and ``dw += g_o xh``, ``db += g_o``
 (Ba et al., 2016, arXiv:1607.06450).
 
-When ``H`` is itself the output of the previous sublayer's depth connection, fed in unchanged (a
-chain of sublayers), the width backward also does that depth backward,
-``dy_prev = sum_s beta_prev_s dH_s`` and ``dbeta_prev_s = y_prev . dH_s``, from ``dH`` while it is
-in registers, and the depth backward then does nothing (see :class:`_Depth`). Forward, the depth
-connection can run the next sublayer's width forward in the same kernel, token by token on its fresh
-output (``depth_connection(..., ahead=...)``; the next width connection takes the result only where
-its arguments are unchanged). Float32 only; tokens run in parallel (OpenMP), parameter gradients are
-reduced from per-thread partial sums.
+Float32 only; tokens run in parallel (OpenMP), parameter gradients are reduced from per-thread
+partial sums. The C++ is ``anydepth/csrc/hyper_connections.cpp``; the kernels are the torch.library
+ops ``anydepth::hc_width``, ``anydepth::hc_depth`` and their backward ops (fake implementations and
+autograd formulas registered).
 :class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
 ``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
 ``ANYDEPTH_FUSED_HYPER=0`` (or ``use_fused_hyper(False)``) disables the kernels; do that for
-double backward (``create_graph=True``, e.g. gradient penalties): the kernels' backward is not
-itself differentiable, and autograd says so rather than returning a wrong second derivative.
+double backward (``create_graph=True``, e.g. gradient penalties): the backward ops are not
+themselves differentiable, and autograd says so rather than returning a wrong second derivative.
 """
 
 from __future__ import annotations
 
 import ctypes
-import sys
-import threading
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op, plain_cpu_tensor
+from anydepth.nn.native import NativeKernel, plain_cpu_op, plain_cpu_tensor, struct_args
 
 __all__ = [
-    "LOOK_AHEAD_MIN_ELEMENTS",
     "MAX_STREAMS",
     "broadcast_streams",
     "fused_ok",
@@ -72,991 +64,90 @@ __all__ = [
 
 MAX_STREAMS = 16
 
-# Streams smaller than this (elements) get no look-ahead (see depth_connection): the next width
-# forward then reads them from L2, which costs less than the look-ahead's Python (about 40 us per
-# sublayer; generating one token at a time with 12 layers of dim 256 and 4 streams, 13.6 against
-# 12.6 ms per token). 1 MiB of float32, the size of one core's L2 here; 2048 tokens of 4 x 256 are 8x that.
-LOOK_AHEAD_MIN_ELEMENTS = 1 << 18
+class _WidthArgs(ctypes.Structure):
+    """``AnydepthHcWidthArgs`` of ``csrc/hyper_connections.cpp``, field for field."""
 
-_SOURCE = HUGE_PAGE_ADVICE + r"""
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+    _fields_ = [
+        ("h", ctypes.c_void_p),
+        ("h_ts", ctypes.c_int64),
+        ("h_ss", ctypes.c_int64),
+        ("wt", ctypes.c_void_p),
+        ("wa", ctypes.c_void_p),
+        ("wb", ctypes.c_void_p),
+        ("gamma", ctypes.c_void_p),
+        ("scale", ctypes.c_float),
+        ("a_static", ctypes.c_void_p),
+        ("b_static", ctypes.c_void_p),
+        ("sa", ctypes.c_float),
+        ("sb", ctypes.c_float),
+        ("use_tanh", ctypes.c_int32),
+        ("p", ctypes.c_void_p),
+        ("pact", ctypes.c_void_p),
+        ("r", ctypes.c_void_p),
+        ("alpha", ctypes.c_void_p),
+        ("beta", ctypes.c_void_p),
+        ("h_in", ctypes.c_void_p),
+        ("ln_w", ctypes.c_void_p),
+        ("ln_b", ctypes.c_void_p),
+        ("ln_eps", ctypes.c_float),
+        ("ln_mu", ctypes.c_void_p),
+        ("ln_rstd", ctypes.c_void_p),
+        ("gin", ctypes.c_void_p),
+        ("gdepth", ctypes.c_void_p),
+        ("galpha", ctypes.c_void_p),
+        ("gbeta", ctypes.c_void_p),
+        ("g_ts", ctypes.c_int64),
+        ("g_ss", ctypes.c_int64),
+        ("dh", ctypes.c_void_p),
+        ("dwa", ctypes.c_void_p),
+        ("dwb", ctypes.c_void_p),
+        ("dgamma", ctypes.c_void_p),
+        ("da_static", ctypes.c_void_p),
+        ("db_static", ctypes.c_void_p),
+        ("dscale", ctypes.c_void_p),
+        ("dln_w", ctypes.c_void_p),
+        ("dln_b", ctypes.c_void_p),
+        ("m_tokens", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("d", ctypes.c_int64),
+        ("nthreads", ctypes.c_int32),
+    ]
 
-namespace {
-constexpr int kMaxStreams = 16;
-constexpr int kMaxK = kMaxStreams + 2;
-constexpr int kMaxDots = kMaxK + 1;
-constexpr int kMaxTerms = kMaxK + 2;
-constexpr int kLanes = 16;
-// below this many elements a second thread costs more than it saves
-constexpr int64_t kSerialBelow = 1 << 15;
 
-inline int threads_for(int64_t elements, int nthreads) { return elements < kSerialBelow ? 1 : nthreads; }
+class _DepthArgs(ctypes.Structure):
+    """``AnydepthHcDepthArgs`` of ``csrc/hyper_connections.cpp``, field for field."""
 
-// Prefetching. A token's streams usually fill whole 4 KiB pages, and the hardware prefetcher does not
-// cross a page boundary, so each kernel asks for the next token's rows itself, one cache line per
-// 16-float block of the loops over the current token, spread over all of the token's loops in
-// proportion to their length. A burst of requests instead (a whole row at once, or every row in
-// the shortest loop) fills the core's line-fill buffers, about a dozen outstanding misses, and stalls
-// the current token's own loads behind them: spread, the same requests took the width forward from
-// 0.74 to 0.65 ms, the width backward from 2.42 to 2.22 ms (linked, LayerNorm fused) and, with the
-// output rows requested for writing too, the depth forward from 0.90 to 0.82 ms (2048 tokens, n 4,
-// d 256, 2 threads, cold buffers). The order of the requests matters too, and not the same way in
-// every kernel: the width backward asks for the next token's lines in address order (one ascending
-// stream per page, which the L2 streamer follows ahead of the requests), the width forward row by row
-// (address order made it 15% slower there); each was measured both ways.
-
-// out[i] = x . ys[i] for i < K in one pass over x. The K reductions run as independent vector
-// accumulators held in registers (K is a template argument so the compiler unrolls over it): one dot
-// at a time would wait on its own add chain, latency- rather than bandwidth-bound.
-// 16 floats as one value: GCC/Clang vector extensions, lowered to whatever SIMD the target has
-typedef float v16 __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// sum of the lanes as a tree, four dependent adds deep instead of a chain of sixteen
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-
-inline float hsum(v16 v) {
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// out[i] = the sum of v[i]'s lanes for i < cnt <= 16, as one transposing tree: each level adds the
-// two halves of two vectors into one, so 16 sums take 15 shuffle pairs and 15 adds instead of 16
-// separate trees (about 3x the instructions, each tree a chain of dependent steps). The sums
-// come out in bit-reversed lane order.
-inline void hsum_many(const v16* v, int cnt, float* out) {
-  v16 u[8], w[4], x[2];
-  for (int i = 0; i < 8; ++i) {
-    const v16 a = 2 * i < cnt ? v[2 * i] : v16{}, b = 2 * i + 1 < cnt ? v[2 * i + 1] : v16{};
-    u[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 4; ++i)
-    w[i] = __builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-           __builtin_shufflevector(u[2 * i], u[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int i = 0; i < 2; ++i)
-    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-  const v16 y = __builtin_shufflevector(x[0], x[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-                __builtin_shufflevector(x[0], x[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  // lane l of y holds the sum of v[bit-reversed l]
-  constexpr int kLane[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-  for (int i = 0; i < cnt; ++i) out[i] = y[kLane[i]];
-}
-#else
-inline float hsum(v16 v) {
-  float t[kLanes];
-  std::memcpy(t, &v, sizeof(v));
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int u = 0; u < w; ++u) t[u] += t[u + w];
-  return t[0];
-}
-
-inline void hsum_many(const v16* v, int cnt, float* out) {
-  for (int i = 0; i < cnt; ++i) out[i] = hsum(v[i]);
-}
-#endif
-
-template <int K>
-inline void multi_dot_k(const float* x, const float* const* ys, int64_t d, float* out, const float* pf) {
-  v16 acc[K] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-    if (pf) __builtin_prefetch(pf + j);
-    const v16 xv = load16(x + j);
-    for (int i = 0; i < K; ++i) acc[i] += xv * load16(ys[i] + j);
-  }
-  for (int i = 0; i < K; ++i) {
-    float s = hsum(acc[i]);
-    for (int64_t t = j; t < d; ++t) s += x[t] * ys[i][t];
-    out[i] = s;
-  }
-}
-
-template <int K>
-inline void multi_dot_upto(const float* x, const float* const* ys, int k, int64_t d, float* out, const float* pf) {
-  if constexpr (K > 1) {
-    if (k < K) return multi_dot_upto<K - 1>(x, ys, k, d, out, pf);
-  }
-  multi_dot_k<K>(x, ys, d, out, pf);
-}
-
-// out[i] = x . ys[i] for i < k, 1 <= k <= kMaxDots; pf (d, or null): a row to prefetch meanwhile
-inline void multi_dot(const float* x, const float* const* ys, int k, int64_t d, float* out,
-                      const float* pf = nullptr) {
-  multi_dot_upto<kMaxDots>(x, ys, k, d, out, pf);
-}
-
-// Two streams' projections and squared norms in one pass: out0[i] = x0 . ys[i] and out1[i] = x1 . ys[i]
-// for i < K, out0[K] = x0 . x0 and out1[K] = x1 . x1. Each row ys[i] is loaded once for both streams,
-// and the 2 (K + 1) accumulators are independent, so the loop runs at the multiply-add rate rather
-// than waiting on one stream's K + 1 chains; their lanes are summed together (hsum_many). Meanwhile
-// the rows pf0 and pf1 (d, or null) are prefetched.
-template <int K>
-inline void pair_dots_k(const float* x0, const float* x1, const float* const* ys, int64_t d, float* out0,
-                        float* out1, const float* pf0, const float* pf1) {
-  v16 acc[2 * (K + 1)] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-    if (pf0) __builtin_prefetch(pf0 + j);
-    if (pf1) __builtin_prefetch(pf1 + j);
-    const v16 a = load16(x0 + j), b = load16(x1 + j);
-#pragma GCC unroll 8
-    for (int i = 0; i < K; ++i) {
-      const v16 y = load16(ys[i] + j);
-      acc[i] += a * y;
-      acc[K + 1 + i] += b * y;
-    }
-    acc[K] += a * a;
-    acc[2 * K + 1] += b * b;
-  }
-  float sums[2 * (K + 1)];
-  hsum_many(acc, 2 * (K + 1), sums);
-  for (int i = 0; i <= K; ++i) {
-    out0[i] = sums[i];
-    out1[i] = sums[K + 1 + i];
-  }
-  for (int64_t t = j; t < d; ++t) {
-    for (int i = 0; i < K; ++i) {
-      out0[i] += x0[t] * ys[i][t];
-      out1[i] += x1[t] * ys[i][t];
-    }
-    out0[K] += x0[t] * x0[t];
-    out1[K] += x1[t] * x1[t];
-  }
-}
-
-// pair_dots_k for K <= kMaxPairK, where the 2 (K + 1) accumulators and the two streams' blocks fit the
-// 32 vector registers next to the K rows' blocks
-constexpr int kMaxPairK = 6;
-
-template <int K>
-inline void pair_dots(int k, const float* x0, const float* x1, const float* const* ys, int64_t d, float* out0,
-                      float* out1, const float* pf0, const float* pf1) {
-  if constexpr (K > 1) {
-    if (k < K) return pair_dots<K - 1>(k, x0, x1, ys, d, out0, out1, pf0, pf1);
-  }
-  pair_dots_k<K>(x0, x1, ys, d, out0, out1, pf0, pf1);
-}
-
-// out[s][c] = H_s . ys[c] for s < n, c <= n: all n (n + 1) products of a token in one pass over its
-// rows, each an independent accumulator (n calls of multi_dot would each wait on their own add
-// chains and reduce separately). Beyond what the registers hold, one stream at a time. Meanwhile
-// the npf <= 3 rows pf[i] (d each) are prefetched (for writing where the registers allow). Row s of H
-// is at H + s hss (hss = d, or 0 for one row broadcast to every stream).
-template <int N>
-inline void cross_dots(int n, const float* H, int64_t hss, const float* const* ys, int64_t d,
-                       float (*out)[kMaxStreams + 1], const float* const* pf, int npf) {
-  if constexpr (N > 1) {
-    if (n < N) return cross_dots<N - 1>(n, H, hss, ys, d, out, pf, npf);
-  }
-  if constexpr (N * (N + 1) > 20) {
-    for (int s = 0; s < N; ++s) multi_dot_k<N + 1>(H + s * hss, ys, d, out[s], s < npf ? pf[s] : nullptr);
-  } else {
-    v16 acc[N][N + 1] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= d; j += kLanes) {
-      for (int i = 0; i < npf; ++i) __builtin_prefetch(pf[i] + j, 1);
-      v16 yv[N + 1];
-#pragma GCC unroll 17
-      for (int c = 0; c <= N; ++c) yv[c] = load16(ys[c] + j);
-#pragma GCC unroll 16
-      for (int s = 0; s < N; ++s) {
-        const v16 hv = load16(H + s * hss + j);
-#pragma GCC unroll 17
-        for (int c = 0; c <= N; ++c) acc[s][c] += hv * yv[c];
-      }
-    }
-    float sums[N * (N + 1)];
-    for (int i = 0; i < N * (N + 1); i += 16)
-      hsum_many(&acc[0][0] + i, N * (N + 1) - i < 16 ? N * (N + 1) - i : 16, sums + i);
-    for (int s = 0; s < N; ++s)
-      for (int c = 0; c <= N; ++c) {
-        float v = sums[s * (N + 1) + c];
-        for (int64_t t = j; t < d; ++t) v += H[s * hss + t] * ys[c][t];
-        out[s][c] = v;
-      }
-  }
-}
-
-// exp(y) for -19 <= y <= 0: y = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so that k ln2
-// is exact), e^r by its Taylor polynomial to degree 7 (truncation below 6e-9 relative), 2^k from the
-// exponent bits. Branch-free, so the loops that call it vectorise.
-inline float exp_small(float y) {
-  // adding and subtracting 1.5 * 2^23 rounds to the nearest integer in float arithmetic
-  const float k = (y * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (y - k * 0.693359375f) + k * 2.12194440e-4f;
-  float e = 1.f / 5040.f;
-  e = e * r + 1.f / 720.f;
-  e = e * r + 1.f / 120.f;
-  e = e * r + 1.f / 24.f;
-  e = e * r + 1.f / 6.f;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
-
-// tanh(x) within 2e-7 of the exact value, branch-free: the odd Taylor series to x^15 for |x| < 0.55
-// (next term below 3e-8), else (1 - e) / (1 + e) with e = exp(-2|x|); |x| is capped at 9, where
-// tanh rounds to 1 in float. NaN stays NaN.
-inline float tanh_f(float x) {
-  const float ax = std::fabs(x) < 9.f ? std::fabs(x) : 9.f;
-  const float x2 = ax * ax;
-  float t = -929569.f / 638512875.f;
-  t = t * x2 + 21844.f / 6081075.f;
-  t = t * x2 - 1382.f / 155925.f;
-  t = t * x2 + 62.f / 2835.f;
-  t = t * x2 - 17.f / 315.f;
-  t = t * x2 + 2.f / 15.f;
-  t = t * x2 - 1.f / 3.f;
-  t = (t * x2 + 1.f) * ax;
-  const float e = exp_small(-2.f * ax);
-  const float big = (1.f - e) / (1.f + e);
-  const float v = ax < 0.55f ? t : big;
-  return x != x ? x : std::copysign(v, x);
-}
-
-// out[j] = sum_i coef[i] rows[i][j]. Each block of out stays in a register across the terms, so out
-// is written once; the terms go to two independent chains (even and odd i), halving the wait on the
-// multiply-adds' latency. With CNT a template argument (cnt <= kMaxUnrolledTerms) the coefficients
-// and row pointers stay in registers across the blocks. Meanwhile the rows pf and pf2 (d each, or
-// null) are prefetched for reading, pfw for writing.
-template <int CNT>
-inline void combine_k(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
-                      const float* pf, const float* pf2, const float* pfw) {
-  const int c = CNT ? CNT : cnt;
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= d; j0 += kLanes) {
-    if (pf) __builtin_prefetch(pf + j0);
-    if (pf2) __builtin_prefetch(pf2 + j0);
-    if (pfw) __builtin_prefetch(pfw + j0, 1);
-    v16 acc{}, acc2{};
-    int i = 0;
-    for (; i + 1 < c; i += 2) {
-      acc += coef[i] * load16(rows[i] + j0);
-      acc2 += coef[i + 1] * load16(rows[i + 1] + j0);
-    }
-    if (i < c) acc += coef[i] * load16(rows[i] + j0);
-    store16(out + j0, acc + acc2);
-  }
-  for (int64_t j = j0; j < d; ++j) {
-    float a = 0.f;
-    for (int i = 0; i < c; ++i) a += coef[i] * rows[i][j];
-    out[j] = a;
-  }
-}
-
-constexpr int kMaxUnrolledTerms = 6;
-
-template <int CNT>
-inline void combine_upto(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
-                         const float* pf, const float* pf2, const float* pfw) {
-  if constexpr (CNT > 1) {
-    if (cnt < CNT) return combine_upto<CNT - 1>(out, rows, coef, cnt, d, pf, pf2, pfw);
-  }
-  combine_k<CNT>(out, rows, coef, cnt, d, pf, pf2, pfw);
-}
-
-inline void combine(float* out, const float* const* rows, const float* coef, int cnt, int64_t d,
-                    const float* pf = nullptr, const float* pf2 = nullptr, const float* pfw = nullptr) {
-  if (cnt > kMaxUnrolledTerms) return combine_k<0>(out, rows, coef, cnt, d, pf, pf2, pfw);
-  combine_upto<kMaxUnrolledTerms>(out, rows, coef, cnt, d, pf, pf2, pfw);
-}
-
-// The branch's LayerNorm on one token row x (d) in place, in L1 right after the width connection
-// wrote it: x <- (x - mu) rstd w (+ b), rstd = 1 / sqrt(var + eps), biased variance about the mean
-// (two passes over the row, as the row is in L1 anyway). Returns (mu, rstd) for the backward.
-inline void layer_norm_row(float* x, const float* w, const float* b, float eps, int64_t d, float* mu_out,
-                           float* rstd_out) {
-  // two accumulators each (even and odd blocks): one would wait on its own add chain
-  v16 acc{}, acc2{};
-  int64_t j = 0;
-  for (; j + 2 * kLanes <= d; j += 2 * kLanes) {
-    acc += load16(x + j);
-    acc2 += load16(x + j + kLanes);
-  }
-  for (; j + kLanes <= d; j += kLanes) acc += load16(x + j);
-  float sum = hsum(acc + acc2);
-  for (int64_t t = j; t < d; ++t) sum += x[t];
-  const float mu = sum / static_cast<float>(d);
-  v16 sq{}, sq2{};
-  for (j = 0; j + 2 * kLanes <= d; j += 2 * kLanes) {
-    const v16 c = load16(x + j) - mu, c2 = load16(x + j + kLanes) - mu;
-    sq += c * c;
-    sq2 += c2 * c2;
-  }
-  for (; j + kLanes <= d; j += kLanes) {
-    const v16 c = load16(x + j) - mu;
-    sq += c * c;
-  }
-  float var = hsum(sq + sq2);
-  for (int64_t t = j; t < d; ++t) var += (x[t] - mu) * (x[t] - mu);
-  const float rstd = 1.f / std::sqrt(var / static_cast<float>(d) + eps);
-  for (j = 0; j + kLanes <= d; j += kLanes) {
-    const v16 v = (load16(x + j) - mu) * rstd * load16(w + j);
-    store16(x + j, b ? v + load16(b + j) : v);
-  }
-  for (int64_t t = j; t < d; ++t) x[t] = (x[t] - mu) * rstd * w[t] + (b ? b[t] : 0.f);
-  *mu_out = mu;
-  *rstd_out = rstd;
-}
-
-// The LayerNorm's backward for one token, its input x = sum_s a0_s H_s recomputed from the streams
-// (which the width backward reads anyway) rather than stored: with xh = (x - mu) rstd and
-// gw = go w, the input gradient is g = rstd (gw - mean(gw) - xh mean(gw xh)) into g, and
-// dw += go xh, db += go into this thread's partial sums. Meanwhile the row pf (d, or null) is prefetched.
-// Row s of H is at H + s hss.
-// N (a template argument, 0 for n above kMaxUnrolledTerms) lets the recomputation of x unroll over the
-// streams, in two chains.
-template <int N>
-inline void layer_norm_row_backward_k(const float* H, int64_t hss, const float* a0, int n, const float* go,
-                                      const float* w, float mu, float rstd, int64_t d, float* g, float* dw,
-                                      float* db, const float* pf) {
-  const int ns = N ? N : n;
-  v16 s1{}, s2{};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes) {
-    if (pf) __builtin_prefetch(pf + j);
-    v16 x = a0[0] * load16(H + j), x2{};
-    int s = 1;
-    for (; s + 1 < ns; s += 2) {
-      x2 += a0[s] * load16(H + s * hss + j);
-      x += a0[s + 1] * load16(H + (s + 1) * hss + j);
-    }
-    if (s < ns) x2 += a0[s] * load16(H + s * hss + j);
-    x += x2;
-    const v16 xh = (x - mu) * rstd, gv = load16(go + j), gw = gv * load16(w + j);
-    s1 += gw;
-    s2 += gw * xh;
-    store16(dw + j, load16(dw + j) + gv * xh);
-    store16(db + j, load16(db + j) + gv);
-    store16(g + j, xh);  // xh kept for the second pass
-  }
-  float t1 = hsum(s1), t2 = hsum(s2);
-  for (int64_t t = j; t < d; ++t) {
-    float x = 0.f;
-    for (int s = 0; s < n; ++s) x += a0[s] * H[s * hss + t];
-    const float xh = (x - mu) * rstd, gw = go[t] * w[t];
-    t1 += gw;
-    t2 += gw * xh;
-    dw[t] += go[t] * xh;
-    db[t] += go[t];
-    g[t] = xh;
-  }
-  const float c1 = t1 / static_cast<float>(d), c2 = t2 / static_cast<float>(d);
-  for (j = 0; j + kLanes <= d; j += kLanes) {
-    const v16 xh = load16(g + j);
-    store16(g + j, rstd * (load16(go + j) * load16(w + j) - c1 - xh * c2));
-  }
-  for (int64_t t = j; t < d; ++t) g[t] = rstd * (go[t] * w[t] - c1 - g[t] * c2);
-}
-
-template <int N>
-inline void layer_norm_row_backward_upto(const float* H, int64_t hss, const float* a0, int n, const float* go,
-                                         const float* w, float mu, float rstd, int64_t d, float* g, float* dw,
-                                         float* db, const float* pf) {
-  if constexpr (N > 1) {
-    if (n < N) return layer_norm_row_backward_upto<N - 1>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
-  }
-  layer_norm_row_backward_k<N>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
-}
-
-inline void layer_norm_row_backward(const float* H, int64_t hss, const float* a0, int n, const float* go,
-                                    const float* w, float mu, float rstd, int64_t d, float* g, float* dw, float* db,
-                                    const float* pf) {
-  if (n > kMaxUnrolledTerms) return layer_norm_row_backward_k<0>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
-  layer_norm_row_backward_upto<kMaxUnrolledTerms>(H, hss, a0, n, go, w, mu, rstd, d, g, dw, db, pf);
-}
-
-// One token of the width backward: what the per-token loop hands to width_grad_token.
-struct WidthGradToken {
-  const float* H;     // (n, d) the token's streams, row s at H + s h_ss
-  int64_t h_ts, h_ss; // H's token and stream strides (d, 0: one row broadcast to every stream)
-  const float* G;     // (n, d) gradient of the depth connection's output, unmixed
-  int64_t g_ts, g_ss; // G's token and stream strides
-  const float* g;     // (d) gradient of the branch input
-  const float* wt;    // (K, d) dynamic projection, transposed (dynamic variant)
-  const float (*q)[kMaxK];        // (n, K) gradient of P / r (dynamic variant)
-  const float (*ar)[kMaxStreams]; // (n, n) alpha[:, 1:], the stream mixing
-  const float* a0;    // (n) alpha[:, 0]
-  const float* cs;    // (n) norm-backward coefficients (dynamic variant)
-  float* dh;          // (n, d) out: the whole gradient of H; (d) its sum over the streams where sum_dh
-  bool sum_dh;        // H is one row broadcast (h_ss 0): write the gradient of that row
-  float* dw;          // (K, d) this thread's dW^T partial sum (dynamic variant)
-  const float* bprev; // (n) beta of the depth connection that produced H (linked only)
-  const float* yprev; // (d) its branch output (linked only)
-  float* dyprev;      // (d) out: its gradient (linked only)
-  float* dbprev;      // (n) out: gradient of bprev (linked only)
-  bool stream_dh;     // write dh with non-temporal stores (64-byte aligned rows)
-};
-
-// One token of the width backward, all N streams at once, per block of 16 features:
-//   dH_s = sum_c alpha[s, 1 + c] G_c + a0_s g - c_s H_s + sum_k q_sk W_k      dW_k += sum_s q_sk H_s
-// (the W and c terms for the dynamic variant only). The depth connection's gradient G is mixed back
-// here rather than in the depth backward, so that G and H are read once for both the mixing and the
-// width connection's own terms, and dH is written once. Each dW row is loaded and stored once per
-// token rather than once per stream (store bandwidth, not arithmetic, limits this loop). Linked
-// (H is the output of the previous sublayer's depth connection, H = A^T H_prev + bprev yprev), the
-// previous depth backward is done here too, from dH while it is in registers:
-//   dyprev = sum_s bprev_s dH_s      dbprev_s = yprev . dH_s   (vector partial sums, added up at the end)
-// N is a template argument so that the per-stream vectors stay in registers.
-template <int N, bool Dynamic, bool Linked>
-inline void width_grad_token(int n, const WidthGradToken& t, int64_t d) {
-  if constexpr (N > 1) {
-    if (n < N) return width_grad_token<N - 1, Dynamic, Linked>(n, t, d);
-  }
-  // local copies: the compiler may then keep them in registers across the stores to dh and dw,
-  // which it would otherwise have to assume alias them
-  const float *H = t.H, *G = t.G, *g = t.g, *wt = t.wt, *yprev = t.yprev;
-  const int64_t gts = t.g_ts, gss = t.g_ss, hts = t.h_ts, hss = t.h_ss;
-  float *dh = t.dh, *dw = t.dw, *dyprev = t.dyprev;
-  float q[N][N + 2], ar[N][N], a0[N], cs[N], bp[N];
-  for (int s = 0; s < N; ++s) {
-    for (int k = 0; k < N + 2; ++k) q[s][k] = Dynamic ? t.q[s][k] : 0.f;
-    for (int c = 0; c < N; ++c) ar[s][c] = t.ar[s][c];
-    a0[s] = t.a0[s];
-    cs[s] = Dynamic ? t.cs[s] : 0.f;
-    bp[s] = Linked ? t.bprev[s] : 0.f;
-  }
-  v16 dbacc[N] = {};
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= d; j0 += kLanes) {
-    v16 gc[N], acc[N];
-    // the next token's streams (its other rows are prefetched in the token's earlier loops), their
-    // lines in address order where the rows are contiguous: the L2 streamer then sees one ascending
-    // stream per page and runs ahead of the requests (6% faster in the step than row by row)
-    for (int c = 0; c < N; ++c) {
-      __builtin_prefetch(gss == d ? G + gts + N * j0 + c * kLanes : G + gts + c * gss + j0);
-      __builtin_prefetch(hss == d ? H + hts + N * j0 + c * kLanes : H + hts + c * hss + j0);
-    }
-    const v16 gv = load16(g + j0);
-    for (int c = 0; c < N; ++c) gc[c] = load16(G + c * gss + j0);
-    // each dH_s as two independent chains of multiply-adds, the streams' terms in one and the
-    // projection's in the other (static: the streams' terms split by parity): with one chain per
-    // stream the loop waits on the adds' latency, not on their throughput
-    v16 part[N];
-    for (int s = 0; s < N; ++s) {
-      v16 a = a0[s] * gv, b{};
-      for (int c = 0; c < N; ++c) {
-        if (Dynamic || c % 2 == 0)
-          a += ar[s][c] * gc[c];
-        else
-          b += ar[s][c] * gc[c];
-      }
-      acc[s] = a;
-      part[s] = b;
-    }
-    if constexpr (Dynamic) {
-      v16 hv[N];
-      for (int s = 0; s < N; ++s) {
-        hv[s] = load16(H + s * hss + j0);
-        acc[s] -= cs[s] * hv[s];
-      }
-      for (int k = 0; k < N + 2; ++k) {  // K = N + 2: a constant, so both loops unroll into registers
-        const v16 wk = load16(wt + k * d + j0);
-        v16 dk = load16(dw + k * d + j0);
-        for (int s = 0; s < N; ++s) {
-          part[s] += q[s][k] * wk;
-          dk += q[s][k] * hv[s];
-        }
-        store16(dw + k * d + j0, dk);
-      }
-    }
-    for (int s = 0; s < N; ++s) acc[s] += part[s];
-    if (t.sum_dh) {
-      v16 sum = acc[0];
-      for (int s = 1; s < N; ++s) sum += acc[s];
-      store16(dh + j0, sum);
-    } else {
-#if defined(__AVX512F__)
-      if (t.stream_dh) {
-        for (int s = 0; s < N; ++s) _mm512_stream_ps(dh + s * d + j0, reinterpret_cast<__m512>(acc[s]));
-      } else
-#endif
-        for (int s = 0; s < N; ++s) store16(dh + s * d + j0, acc[s]);
-    }
-    if constexpr (Linked) {
-      const v16 yv = load16(yprev + j0);
-      v16 dy = bp[0] * acc[0];
-      for (int s = 1; s < N; ++s) dy += bp[s] * acc[s];
-      store16(dyprev + j0, dy);
-      for (int s = 0; s < N; ++s) dbacc[s] += yv * acc[s];
-    }
-  }
-  float db[N];
-  for (int s = 0; s < N; ++s) db[s] = hsum(dbacc[s]);
-  for (int64_t j = j0; j < d; ++j) {
-    float dy = 0.f, sum = 0.f;
-    for (int s = 0; s < N; ++s) {
-      float acc = a0[s] * g[j];
-      for (int c = 0; c < N; ++c) acc += ar[s][c] * G[c * gss + j];
-      if constexpr (Dynamic) {
-        acc -= cs[s] * H[s * hss + j];
-        for (int k = 0; k < N + 2; ++k) {
-          acc += q[s][k] * wt[k * d + j];
-          dw[k * d + j] += q[s][k] * H[s * hss + j];
-        }
-      }
-      if (t.sum_dh)
-        sum += acc;
-      else
-        dh[s * d + j] = acc;
-      if constexpr (Linked) {
-        dy += bp[s] * acc;
-        db[s] += yprev[j] * acc;
-      }
-    }
-    if constexpr (Linked) dyprev[j] = dy;
-    if (t.sum_dh) dh[j] = sum;
-  }
-  if constexpr (Linked)
-    for (int s = 0; s < N; ++s) t.dbprev[s] = db[s];
-}
-
-template <bool Dynamic>
-inline void width_grad(int n, const WidthGradToken& t, int64_t d) {
-  if (t.dyprev)
-    width_grad_token<kMaxStreams, Dynamic, true>(n, t, d);
-  else
-    width_grad_token<kMaxStreams, Dynamic, false>(n, t, d);
-}
-
-// The width connection's parameters and per-token outputs, as anydepth_hc_width_forward takes them
-struct WidthForward {
-  const float* wt;
-  const float* a_static;
-  const float* b_static;
-  float sa, sb;
-  int use_tanh;
-  float *p, *pact, *r, *alpha, *beta, *h_in;
-  const float* ln_w;
-  const float* ln_b;
-  float ln_eps;
-  float *ln_mu, *ln_rstd;
-};
-
-// The width forward of one token m (see anydepth_hc_width_forward), its streams at h + m h_ts, row s at
-// + s h_ss; next (or null): the next token's streams, prefetched meanwhile.
-inline void width_forward_token(const WidthForward& a, const float* h, int64_t h_ts, int64_t h_ss, int64_t m,
-                                int64_t n, int64_t d, const float* next) {
-  const int64_t K = n + 2, T = n + 1;
-  float* A = a.alpha + m * n * T;
-  float* B = a.beta + m * n;
-  const float* hm = h + m * h_ts;
-  if (a.wt) {
-    float* P = a.p + m * n * K;
-    float* Pa = a.pact + m * n * K;
-    const float* w[kMaxDots];
-    for (int64_t k = 0; k < K; ++k) w[k] = a.wt + k * d;
-    // dots[s] = [H_s . W_0, ..., H_s . W_{K-1}, ||H_s||^2], two streams per pass where they fit (the
-    // next token's rows prefetched meanwhile; a broadcast row only once)
-    float dots[kMaxStreams][kMaxDots];
-    int64_t s = 0;
-    if (K <= kMaxPairK)
-      for (; s + 1 < n; s += 2)
-        pair_dots<kMaxPairK>(static_cast<int>(K), hm + s * h_ss, hm + (s + 1) * h_ss, w, d, dots[s], dots[s + 1],
-                             next ? next + s * h_ss : nullptr, next && h_ss ? next + (s + 1) * h_ss : nullptr);
-    for (; s < n; ++s) {
-      w[K] = hm + s * h_ss;
-      multi_dot(hm + s * h_ss, w, static_cast<int>(K + 1), d, dots[s],
-                next && (h_ss || s == 0) ? next + s * h_ss : nullptr);
-    }
-    for (s = 0; s < n; ++s) {
-      // as std::fmax (a NaN norm gives the clamp), without its library call
-      const float norm = std::sqrt(dots[s][K]);
-      const float rs = norm > 1e-12f ? norm : 1e-12f, inv = 1.f / rs;
-      a.r[m * n + s] = rs;
-      for (int64_t k = 0; k < K; ++k) P[s * K + k] = dots[s][k] * inv;
-    }
-    if (a.use_tanh) {
-#pragma omp simd
-      for (int64_t i = 0; i < n * K; ++i) Pa[i] = tanh_f(P[i]);
-    } else {
-      std::memcpy(Pa, P, sizeof(float) * n * K);
-    }
-    for (s = 0; s < n; ++s) {
-      for (int64_t c = 0; c < T; ++c) A[s * T + c] = Pa[s * K + c] * a.sa + a.a_static[s * T + c];
-      B[s] = Pa[s * K + T] * a.sb + a.b_static[s];
-    }
-  } else {
-    std::memcpy(A, a.a_static, sizeof(float) * n * T);
-    std::memcpy(B, a.b_static, sizeof(float) * n);
-  }
-  const float* rows[kMaxTerms];
-  float coef[kMaxTerms];
-  for (int64_t s = 0; s < n; ++s) {
-    rows[s] = hm + s * h_ss;
-    coef[s] = A[s * T];
-  }
-  combine(a.h_in + m * d, rows, coef, static_cast<int>(n), d);
-  if (a.ln_w) layer_norm_row(a.h_in + m * d, a.ln_w, a.ln_b, a.ln_eps, d, a.ln_mu + m, a.ln_rstd + m);
-}
-
-// The depth forward of one token m (see anydepth_hc_depth_forward)
-inline void depth_forward_token(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha, const float* beta,
-                                const float* y, float* out, int64_t m, int64_t m_tokens, int64_t n, int64_t d) {
-  const int64_t T = n + 1;
-  const float* A = alpha + m * n * T;
-  const float* rows[kMaxTerms];
-  float coef[kMaxTerms];
-  for (int64_t s = 0; s < n; ++s) rows[s] = h + m * h_ts + s * h_ss;
-  rows[n] = y + m * d;
-  // the next token: stream c and output row c while row c is computed, the branch output with row 0
-  const bool more = m + 1 < m_tokens;
-  for (int64_t c = 0; c < n; ++c) {
-    for (int64_t s = 0; s < n; ++s) coef[s] = A[s * T + 1 + c];
-    coef[n] = beta[m * n + c];
-    const int64_t next = ((m + 1) * n + c) * d;
-    combine(out + (m * n + c) * d, rows, coef, static_cast<int>(n + 1), d,
-            more && (h_ss || c == 0) ? h + (m + 1) * h_ts + c * h_ss : nullptr,
-            more && c == 0 ? y + (m + 1) * d : nullptr, more ? out + next : nullptr);
-  }
-}
-
-}  // namespace
-
-extern "C" {
-
-// Width forward. Dynamic (wt, W transposed (K, d), not null): P[s, k] = H_s . W[:, k] / r_s with
-// r_s = max(||H_s||, 1e-12) into p (M, n, K), its activation into pact, r into r (M, n), and
-// alpha = act(P[:, :n+1]) s_a + a_static, beta = act(P[:, n+1]) s_b + b_static; static (wt null):
-// alpha = a_static, beta = b_static for every token. Then h_in[m] = sum_s alpha[m, s, 0] H[m, s],
-// while the token's streams are still in L1, and with ln_w (d) not null the branch's LayerNorm of it
-// (weight ln_w, bias ln_b or none, epsilon ln_eps) in its place, its mean and 1/std into ln_mu,
-// ln_rstd (M): the norm's own pass over h_in, and the backward's, are saved. With wa not null, wt is
-// first packed from wa, wb, gamma and scale (anydepth_hc_pack_w): one call fewer per sublayer.
-void anydepth_hc_pack_w(const float* wa, const float* wb, const float* gamma, float scale, float* wt, int64_t n,
-                        int64_t d);
-
-void anydepth_hc_width_forward(const float* h, int64_t h_ts, int64_t h_ss, float* wt, const float* wa,
-                               const float* wb, const float* gamma, float scale, const float* a_static,
-                               const float* b_static, float sa, float sb, int use_tanh, float* p, float* pact,
-                               float* r, float* alpha, float* beta, float* h_in, const float* ln_w,
-                               const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd, int64_t m_tokens,
-                               int64_t n, int64_t d, int nthreads) {
-  if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
-  const WidthForward a{wt, a_static, b_static, sa, sb, use_tanh, p, pact, r, alpha, beta, h_in, ln_w, ln_b, ln_eps,
-                       ln_mu, ln_rstd};
-#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m)
-    width_forward_token(a, h, h_ts, h_ss, m, n, d, m + 1 < m_tokens ? h + (m + 1) * h_ts : nullptr);
-}
-
-// wt (n + 2, d): the dynamic projection [W_a | w_b] transposed, with the stream norm's gain
-// g_j = scale (1 + gamma_j) folded in: wt[k, j] = g_j wa[j, k] for k <= n, wt[n + 1, j] = g_j wb[j]
-void anydepth_hc_pack_w(const float* wa, const float* wb, const float* gamma, float scale, float* wt, int64_t n,
-                        int64_t d) {
-  const int64_t T = n + 1;
-  for (int64_t j = 0; j < d; ++j) {
-    const float g = scale * (1.f + gamma[j]);
-    for (int64_t k = 0; k < T; ++k) wt[k * d + j] = g * wa[j * T + k];
-    wt[T * d + j] = g * wb[j];
-  }
-}
-
-// The gradients of wa, wb and gamma from that of wt (the chain rule through anydepth_hc_pack_w);
-// each output pointer may be null when not needed
-void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
-                           float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d) {
-  const int64_t T = n + 1;
-  for (int64_t j = 0; j < d; ++j) {
-    const float g = scale * (1.f + gamma[j]);
-    double dg = 0.0;
-    for (int64_t k = 0; k < T; ++k) {
-      if (dwa) dwa[j * T + k] = g * dwt[k * d + j];
-      dg += static_cast<double>(dwt[k * d + j]) * wa[j * T + k];
-    }
-    if (dwb) dwb[j] = g * dwt[T * d + j];
-    dg += static_cast<double>(dwt[T * d + j]) * wb[j];
-    if (dgamma) dgamma[j] = static_cast<float>(scale * dg);
-  }
-}
-
-// y[i] = tanh_f(x[i]), for tests of the approximation
-void anydepth_hc_tanh(const float* x, float* y, int64_t count) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) y[i] = tanh_f(x[i]);
-}
-
-// H_new[m, c] = sum_s alpha[m, s, 1 + c] H[m, s] + beta[m, c] y[m]
-void anydepth_hc_depth_forward(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha, const float* beta,
-                               const float* y, float* out, int64_t m_tokens, int64_t n, int64_t d, int nthreads) {
-  anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
-#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m) depth_forward_token(h, h_ts, h_ss, alpha, beta, y, out, m, m_tokens, n, d);
-}
-
-// The depth forward followed, token by token, by the next sublayer's width forward on its output while
-// the token's new streams are in L1: anydepth_hc_depth_forward's arguments, then
-// anydepth_hc_width_forward's from wt on (its streams are out). The two outputs are those of the two
-// kernels called in turn, bit for bit; the width part reads out without another pass over memory.
-void anydepth_hc_depth_width_forward(const float* h, int64_t h_ts, int64_t h_ss, const float* alpha,
-                                     const float* beta, const float* y, float* out, float* wt, const float* wa,
-                                     const float* wb, const float* gamma, float scale, const float* a_static,
-                                     const float* b_static, float sa, float sb, int use_tanh, float* p, float* pact,
-                                     float* r, float* alpha2, float* beta2, float* h_in, const float* ln_w,
-                                     const float* ln_b, float ln_eps, float* ln_mu, float* ln_rstd, int64_t m_tokens,
-                                     int64_t n, int64_t d, int nthreads) {
-  if (wt && wa) anydepth_hc_pack_w(wa, wb, gamma, scale, wt, n, d);
-  const WidthForward a{wt, a_static, b_static, sa, sb, use_tanh, p, pact, r, alpha2, beta2, h_in, ln_w, ln_b, ln_eps,
-                       ln_mu, ln_rstd};
-  anydepth_native::advise_huge(out, m_tokens * n * d * static_cast<int64_t>(sizeof(float)));
-#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m) {
-    depth_forward_token(h, h_ts, h_ss, alpha, beta, y, out, m, m_tokens, n, d);
-    // no prefetch of the next token's output: the depth part above requests it for writing
-    width_forward_token(a, out, n * d, d, m, n, d, nullptr);
-  }
-}
-
-// Depth backward, the branch's part only: dy = sum_c beta_c G_c and dbeta_c = y . G_c. The streams'
-// part (dH_s = sum_c alpha[s, 1 + c] G_c and dalpha[s, 1 + c] = H_s . G_c) is left to the width
-// backward, which reads H and G anyway; either output pointer may be null when not needed. Row c of
-// token m of G is at g + m g_ts + c g_ss: (n d, d) contiguous, (d, 0) for one row broadcast to every
-// stream (the gradient of the streams' sum, as the stack's last sublayer receives it).
-void anydepth_hc_depth_backward(const float* g, const float* beta, const float* y, float* dbeta, float* dy,
-                                int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
-#pragma omp parallel for num_threads(threads_for(m_tokens * n * d, nthreads)) schedule(static)
-  for (int64_t m = 0; m < m_tokens; ++m) {
-    const float* gs[kMaxTerms];
-    for (int64_t c = 0; c < n; ++c) gs[c] = g + m * g_ts + c * g_ss;
-    if (dy) combine(dy + m * d, gs, beta + m * n, static_cast<int>(n), d);
-    if (dbeta) multi_dot(y + m * d, gs, static_cast<int>(n), d, dbeta + m * n);
-  }
-}
-
-// Width backward, which also finishes the depth connection's backward. gin (M, d): gradient of the
-// branch input (of its LayerNorm's output when ln_w is not null: then ln_mu, ln_rstd are the forward's
-// and dln_w, dln_b (d; dln_b may be null) receive the norm's parameter gradients); gdepth (M, n, d),
-// row c of token m at gdepth + m g_ts + c g_ss (see anydepth_hc_depth_backward): gradient of the
-// depth connection's output H_new; galpha (M, n, n+1, may be null): gradient alpha
-// received from other uses; dbeta (M, n, may be null): gradient of beta.
-// Writes dh (M, n, d), the whole gradient of H, and the sums over tokens (from per-thread partial
-// sums) into da_static (n, n+1), db_static (n) and dscale[2] = (d s_a, d s_b), and (dynamic variant
-// only) the sum of dW^T through anydepth_hc_unpack_dw into dwa, dwb, dgamma (each may be null; wa, wb,
-// gamma and scale are the forward's); no output needs initialising. Linked (dyprev not null):
-// H = A^T H_prev + bprev yprev came from the previous sublayer's depth connection with bprev (M, n),
-// yprev (M, d), and its backward is done here from dH: dyprev (M, d) and dbprev (M, n). Returns
-// nonzero if its scratch could not be allocated. dh may be gdepth itself (contiguous, d a multiple of 16):
-// each 16-float block of a token's G rows is read before the block's dH rows are written, and no
-// later pass reads G; dH then goes out by ordinary stores into the lines G has just brought in.
-void anydepth_hc_unpack_dw(const float* dwt, const float* wa, const float* wb, const float* gamma, float scale,
-                           float* dwa, float* dwb, float* dgamma, int64_t n, int64_t d);
-
-int anydepth_hc_width_backward(const float* gin, const float* gdepth, const float* h, int64_t h_ts, int64_t h_ss,
-                               const float* wt,
-                               const float* p, const float* pact, const float* r, const float* alpha,
-                               const float* galpha, const float* dbeta, float sa, float sb, int use_tanh,
-                               const float* bprev, const float* yprev, float* dh, const float* wa, const float* wb,
-                               const float* gamma, float scale, float* dwa, float* dwb, float* dgamma,
-                               float* da_static, float* db_static, float* dscale, float* dyprev, float* dbprev,
-                               const float* ln_w, const float* ln_mu, const float* ln_rstd, float* dln_w, float* dln_b,
-                               int64_t m_tokens, int64_t n, int64_t d, int64_t g_ts, int64_t g_ss, int nthreads) {
-  const int64_t K = n + 2, T = n + 1;
-  const int nt = threads_for(m_tokens * n * d, nthreads);
-  // H broadcast from one row per token (h_ss 0): dh is the gradient of that row, (M, d)
-  const bool sum_dh = h_ss == 0 && n > 1;
-  const int64_t dh_ts = sum_dh ? d : n * d;
-  anydepth_native::advise_huge(dh, m_tokens * dh_ts * static_cast<int64_t>(sizeof(float)));
-  // dh goes out with non-temporal stores, which save the read-for-ownership of its lines: linked, it
-  // is next read after the previous sublayer's branch backward, long out of cache by then; unlinked,
-  // the next reader (a depth backward, the stack's expand) loses less by reading it from memory than
-  // the ownership reads cost here (2.8 -> 2.0 ms for 8 MiB of streams)
-  const bool stream_dh = d % kLanes == 0 && reinterpret_cast<uintptr_t>(dh) % 64 == 0 && dh != gdepth;
-  // per-thread partial sums, each thread's padded to a cache line so that no two threads share one:
-  // dW^T in float (d-wide rows, summed over this thread's tokens), and the sums behind the static
-  // matrices and the scales in double (one scalar each, summed over every token, stream and column)
-  // and, with the LayerNorm fused (ln_w not null), its dw and db and the token's input gradient
-  const int64_t width = ((wt ? K * d : 0) + (ln_w ? 3 * d : 0) + 15) / 16 * 16;
-  const int64_t swidth = (n * T + n + 2 + 7) / 8 * 8;
-  float* part = width ? static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float))) : nullptr;
-  double* spart = static_cast<double*>(std::calloc(static_cast<size_t>(nt) * swidth, sizeof(double)));
-  if ((width && !part) || !spart) {
-    std::free(part);
-    std::free(spart);
-    return 1;
-  }
-  // the sums over threads below add into these
-  if (dln_w) std::memset(dln_w, 0, sizeof(float) * d);
-  if (dln_b) std::memset(dln_b, 0, sizeof(float) * d);
-  std::memset(da_static, 0, sizeof(float) * n * T);
-  std::memset(db_static, 0, sizeof(float) * n);
-  dscale[0] = dscale[1] = 0.f;
-#pragma omp parallel num_threads(nt)
-  {
-    float* pthread = width ? part + omp_get_thread_num() * width : nullptr;
-    float* pw = wt ? pthread : nullptr;
-    float* pln = ln_w ? pthread + (wt ? K * d : 0) : nullptr;  // dw, db, then the token's g
-    double* pa = spart + omp_get_thread_num() * swidth;
-    double* pb = pa + n * T;
-    double* ps = pb + n;
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < m_tokens; ++m) {
-      const float* gm = gin + m * d;
-      const float* Gm = gdepth + m * g_ts;
-      const float* Hm = h + m * h_ts;
-      const float* A = alpha + m * n * T;
-      float ar[kMaxStreams][kMaxStreams];
-      float a0[kMaxStreams];
-      for (int64_t s = 0; s < n; ++s) {
-        a0[s] = A[s * T];
-        for (int64_t c = 0; c < n; ++c) ar[s][c] = A[s * T + 1 + c];
-      }
-      if (ln_w) {  // gin is the gradient of the norm's output: the branch input's comes first
-        layer_norm_row_backward(Hm, h_ss, a0, static_cast<int>(n), gm, ln_w, ln_mu[m], ln_rstd[m], d, pln + 2 * d, pln,
-                                pln + d, m + 1 < m_tokens ? gin + (m + 1) * d : nullptr);
-        gm = pln + 2 * d;
-      }
-      const float* dB = dbeta ? dbeta + m * n : nullptr;
-      // dA[s] = H_s . [g, G_0, ..., G_{n-1}], all n (n + 1) dots in one pass (cross_dots)
-      const float* ys[kMaxDots];
-      ys[0] = gm;
-      for (int64_t c = 0; c < n; ++c) ys[1 + c] = Gm + c * g_ss;
-      float dA[kMaxStreams][kMaxStreams + 1];
-      // the next token's rows besides its streams (see "Prefetching"); its branch gradient here
-      // unless the LayerNorm's backward above has requested it
-      const float* pf[3];
-      int npf = 0;
-      if (dyprev && m + 1 < m_tokens) {
-        pf[npf++] = yprev + (m + 1) * d;
-        pf[npf++] = dyprev + (m + 1) * d;
-      }
-      if (!ln_w && m + 1 < m_tokens) pf[npf++] = gin + (m + 1) * d;
-      cross_dots<kMaxStreams>(static_cast<int>(n), Hm, h_ss, ys, d, dA, pf, npf);
-      for (int64_t s = 0; s < n; ++s) {
-        if (galpha)
-          for (int64_t c = 0; c < T; ++c) dA[s][c] += galpha[(m * n + s) * T + c];
-        for (int64_t c = 0; c < T; ++c) pa[s * T + c] += dA[s][c];
-        if (dB) pb[s] += dB[s];
-      }
-      float q[kMaxStreams][kMaxK];
-      float cs[kMaxStreams];
-      WidthGradToken t{Hm, h_ts, h_ss, Gm, g_ts, g_ss, gm, wt, q, ar, a0, cs, dh + m * dh_ts, sum_dh, pw,
-                       nullptr, nullptr, nullptr, nullptr, stream_dh};
-      if (dyprev) {
-        t.bprev = bprev + m * n;
-        t.yprev = yprev + m * d;
-        t.dyprev = dyprev + m * d;
-        t.dbprev = dbprev + m * n;
-      }
-      if (!wt) {
-        width_grad<false>(static_cast<int>(n), t, d);
-        continue;
-      }
-      // the token's contributions to d s_a, d s_b summed here first: added to ps one by one, each
-      // would wait on the previous one's store
-      float dsa = 0.f, dsb = 0.f;
-      for (int64_t s = 0; s < n; ++s) {
-        const float* P = p + (m * n + s) * K;
-        const float* Pa = pact + (m * n + s) * K;
-        const float rs = r[m * n + s], inv = 1.f / rs;
-        float c = 0.f;
-        for (int64_t k = 0; k < K; ++k) {
-          const float t = Pa[k];
-          const float slope = use_tanh ? 1.f - t * t : 1.f;
-          float up;
-          if (k < T) {
-            up = dA[s][k];
-            dsa += up * t;
-            up *= sa;
-          } else {
-            up = dB ? dB[s] : 0.f;
-            dsb += up * t;
-            up *= sb;
-          }
-          q[s][k] = up * slope * inv;
-          c += q[s][k] * P[k];
-        }
-        // ||H_s|| below the clamp: r is the constant 1e-12 there and has no gradient
-        cs[s] = rs > 1e-12f ? c * inv : 0.f;
-      }
-      ps[0] += dsa;
-      ps[1] += dsb;
-      width_grad<true>(static_cast<int>(n), t, d);
-    }
-#if defined(__AVX512F__)
-    // non-temporal stores are weakly ordered: each thread fences its own before the region's barrier
-    if (stream_dh) _mm_sfence();
-#endif
-  }
-  // dW^T summed into the first thread's partial sums, in thread order
-  for (int t = 1; t < nt && wt; ++t) {
-    const float* pw = part + t * width;
-    for (int64_t i = 0; i < K * d; ++i) part[i] += pw[i];
-  }
-  if (wt) anydepth_hc_unpack_dw(part, wa, wb, gamma, scale, dwa, dwb, dgamma, n, d);
-  for (int t = 0; t < nt; ++t) {
-    if (ln_w) {
-      const float* pln = part + t * width + (wt ? K * d : 0);
-      for (int64_t i = 0; i < d; ++i) dln_w[i] += pln[i];
-      if (dln_b)
-        for (int64_t i = 0; i < d; ++i) dln_b[i] += pln[d + i];
-    }
-    const double* pa = spart + t * swidth;
-    for (int64_t i = 0; i < n * T; ++i) da_static[i] += static_cast<float>(pa[i]);
-    for (int64_t i = 0; i < n; ++i) db_static[i] += static_cast<float>(pa[n * T + i]);
-    dscale[0] += static_cast<float>(pa[n * T + n]);
-    dscale[1] += static_cast<float>(pa[n * T + n + 1]);
-  }
-  std::free(part);
-  std::free(spart);
-  return 0;
-}
-}
-"""
+    _fields_ = [
+        ("h", ctypes.c_void_p),
+        ("h_ts", ctypes.c_int64),
+        ("h_ss", ctypes.c_int64),
+        ("alpha", ctypes.c_void_p),
+        ("beta", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("g", ctypes.c_void_p),
+        ("g_ts", ctypes.c_int64),
+        ("g_ss", ctypes.c_int64),
+        ("dbeta", ctypes.c_void_p),
+        ("dy", ctypes.c_void_p),
+        ("m_tokens", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("d", ctypes.c_int64),
+        ("nthreads", ctypes.c_int32),
+    ]
 
 
 def _bind(lib) -> None:
-    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.anydepth_hc_width_forward.argtypes = [
-        p, i64, i64, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64, i32
-    ]
-    lib.anydepth_hc_width_forward.restype = None
-    lib.anydepth_hc_pack_w.argtypes = [p, p, p, f32, p, i64, i64]
-    lib.anydepth_hc_pack_w.restype = None
-    lib.anydepth_hc_unpack_dw.argtypes = [p, p, p, p, f32, p, p, p, i64, i64]
-    lib.anydepth_hc_unpack_dw.restype = None
-    lib.anydepth_hc_tanh.argtypes = [p, p, i64]
-    lib.anydepth_hc_tanh.restype = None
-    lib.anydepth_hc_depth_forward.argtypes = [p, i64, i64, p, p, p, p, i64, i64, i64, i32]
-    lib.anydepth_hc_depth_forward.restype = None
-    lib.anydepth_hc_depth_width_forward.argtypes = [
-        p, i64, i64, p, p, p, p, p, p, p, p, f32, p, p, f32, f32, i32, p, p, p, p, p, p, p, p, f32, p, p, i64, i64, i64,
-        i32,
-    ]
-    lib.anydepth_hc_depth_width_forward.restype = None
-    lib.anydepth_hc_depth_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
-    lib.anydepth_hc_depth_backward.restype = None
-    lib.anydepth_hc_width_backward.argtypes = [
-        p, p, p, i64, i64, p, p, p, p, p, p, p, f32, f32, i32, p, p, p, p, p, p, f32, p, p, p, p, p, p, p, p, p,
-        p, p, p, p, i64, i64, i64, i64, i64, i32,
-    ]
-    lib.anydepth_hc_width_backward.restype = i32
+    width, depth = ctypes.POINTER(_WidthArgs), ctypes.POINTER(_DepthArgs)
+    lib.anydepth_hc_width_forward.argtypes, lib.anydepth_hc_width_forward.restype = [width], None
+    lib.anydepth_hc_width_backward.argtypes, lib.anydepth_hc_width_backward.restype = [width], ctypes.c_int
+    lib.anydepth_hc_depth_forward.argtypes, lib.anydepth_hc_depth_forward.restype = [depth], None
+    lib.anydepth_hc_depth_backward.argtypes, lib.anydepth_hc_depth_backward.restype = [depth], None
+    p = ctypes.c_void_p
+    lib.anydepth_hc_tanh.argtypes, lib.anydepth_hc_tanh.restype = [p, p, ctypes.c_int64], None
 
 
-_KERNEL = NativeKernel("hyper", _SOURCE, "ANYDEPTH_FUSED_HYPER", _bind)
+_KERNEL = NativeKernel("hyper", "hyper_connections.cpp", "ANYDEPTH_FUSED_HYPER", _bind)
 
 
 def use_fused_hyper(enabled: bool):
@@ -1085,10 +176,6 @@ def _ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def _scalar(t: Tensor | None) -> float:
-    return 0.0 if t is None else t.item()
-
-
 def _contiguous(t: Tensor) -> Tensor:
     # .contiguous() of a contiguous tensor returns it, but through the dispatcher: a few microseconds
     # per call, a dozen calls per sublayer and step
@@ -1109,342 +196,225 @@ def _stream_rows(g: Tensor) -> tuple[Tensor, int, int]:
     return g.contiguous(), n * d, d
 
 
-def _scratch(like: Tensor, *sizes: int) -> tuple[Tensor, list[int | None]]:
-    """One float32 buffer for several arrays that only the kernels read (sizes in elements, 0 for an
-    absent one) and their addresses (None where absent). An allocation, or a view, costs a few
-    microseconds, as long as these kernels take on a few tokens; addresses cost nothing."""
-    buf = like.new_empty(sum(sizes))
-    base, out, at = buf.data_ptr(), [], 0
-    for size in sizes:
-        out.append(base + 4 * at if size else None)
-        at += size
-    return buf, out
+def _check_kernel() -> None:
+    if _KERNEL.get() is None:
+        raise RuntimeError(
+            f"the hyper-connection kernel is not built ({_KERNEL.error}); HyperConnection uses its eager "
+            "formula where fused_ok() is False"
+        )
 
 
-def _width_buffers(like: Tensor, lead, n: int, d: int, dynamic: bool, ln: bool):
-    """The width forward's outputs ``(aux, addresses in aux, alpha, beta, h_in)`` for ``lead`` tokens:
-    besides ``h`` and ``alpha``, the backward reads the packed projection W^T (n + 2, d), the
-    projections and their activations (m, n, n + 2), the stream norms (m, n) and the LayerNorm's mean
-    and 1/std (m), all in ``aux``."""
-    m = lead.numel()
-    sizes = [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] if dynamic else [0] * 4
-    aux, ptrs = _scratch(like, *sizes, *([m, m] if ln else [0, 0]))
-    return aux, ptrs, like.new_empty(*lead, n, n + 1), like.new_empty(*lead, n), like.new_empty(*lead, d)
+def _lead(h: Tensor, streams: int) -> tuple:
+    """``(lead, m, n, d, h_ts, h_ss)``: ``h`` is ``(*lead, n, d)``, or with ``streams`` > 0 one row per
+    token ``(*lead, d)`` that every stream holds (read by a stream stride of 0)."""
+    if streams == 0:
+        lead, (n, d) = h.shape[:-2], h.shape[-2:]
+        return lead, lead.numel(), n, d, n * d, d
+    lead, d = h.shape[:-1], h.shape[-1]
+    return lead, lead.numel(), streams, d, d, 0
 
 
-def _width_kernel_args(bufs, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps) -> tuple:
-    """The arguments that anydepth_hc_width_forward and anydepth_hc_depth_width_forward take from ``wt`` on
-    (the kernel packs W^T from ``wa``, ``wb``, ``gamma`` and ``scale`` into ``wt`` first)."""
-    _, (wt, p, pact, r, mu, rstd), alpha, beta, h_in = bufs
-    return (
-        wt, _ptr(wa), _ptr(wb), _ptr(gamma), scale, a_static.data_ptr(), b_static.data_ptr(), sa, sb, int(use_tanh),
-        p, pact, r, alpha.data_ptr(), beta.data_ptr(), h_in.data_ptr(), _ptr(ln_w), _ptr(ln_b), float(ln_eps), mu,
-        rstd,
+def _aux_sizes(m: int, n: int, d: int, dynamic: bool, ln: bool) -> list[int]:
+    """Element counts of the arrays in the width forward's ``aux``: the packed projection W^T (n + 2, d),
+    the projections and their activations (m, n, n + 2), the stream norms (m, n), the LayerNorm's mean
+    and 1/std (m); 0 for an absent one."""
+    return [(n + 2) * d, m * n * (n + 2), m * n * (n + 2), m * n] * dynamic + [0] * 4 * (not dynamic) + (
+        [m, m] if ln else [0, 0]
     )
 
 
-def _direct_apply(cls):
-    """``cls.apply`` without ``Function.apply``'s Python prologue (a signature check, the functorch
-    test and a generator over every argument: about 10 us of a sublayer's forward, more in a step's
-    cold caches). Only called where :func:`fused_ok` has found no functorch transform active, the one
-    case in which that prologue does no more than unwrap dead functorch wrappers: the callers unwrap
-    the streams and the branch output, the other arguments are module parameters."""
-    return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+def _addresses(aux: Tensor, sizes: list[int]) -> list[int | None]:
+    base, out, at = aux.data_ptr(), [], 0
+    for size in sizes:
+        out.append(base + 4 * at if size else None)
+        at += size
+    return out
 
 
-def _first_order(backward):
-    """``backward`` as it is while autograd records no graph (every ordinary backward pass), through
-    :func:`once_differentiable` under ``create_graph=True``, so that a second derivative through the
-    kernels raises instead of coming out wrong. once_differentiable's wrapper costs a ``no_grad``
-    context and a check per call (about 10 us per backward call in a step), which the first case
-    does not need: the engine already runs the backward with gradients off."""
-    once = once_differentiable(backward)
-
-    def dispatch(ctx, *grads):
-        return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
-
-    return dispatch
+def _scalar(t: Tensor | None) -> float:
+    return 0.0 if t is None else t.item()
 
 
-def _references(t: Tensor) -> tuple[int, int, int]:
-    """Who holds ``t``: C++ references to its tensor, Python references to its object, and tensors on
-    its storage (views). Called through :func:`_unshared` from the top of a ``backward``, where the
-    engine's own references are the same for every gradient it hands over."""
-    return t._use_count(), sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+# The kernels as torch.library ops, so that the dispatcher, torch.compile, torch.export and the meta
+# device see one op each (with a fake implementation) and autograd a registered formula.
+#
+# hc_width returns, besides the branch input and the coefficients, ``aux`` (what its backward reads)
+# and ``token``: a tensor of the streams' shape and no memory of its own (stride 0 over one element)
+# that hc_depth takes as an input and hands the incoming ``G = dL/dH_new`` back to, unmixed. The width
+# backward then computes ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` in the pass over ``H``
+# and ``G`` that its own terms need, and the depth backward only ``dy`` and ``dbeta``: each
+# stream-sized tensor read once. hc_depth gives ``h`` and ``alpha`` no gradient of its own, which
+# is exact as long as ``h``, ``alpha`` and ``token`` come from one hc_width (the gradient is linear
+# in ``G``, so several depth connections over one width connection are exact too).
 
 
-class _Baseline:
-    """``_references`` of a gradient that nothing but autograd's call holds, measured once per process
-    on a three-node graph of its own that hands a fresh gradient through a pass-through ``Function``
-    to a ``backward`` with the width backward's signature, as a depth backward hands ``G`` on; the
-    same graph with a hook that keeps the gradient must then count more, else (a ``torch`` whose
-    counts do not show such a holder) nothing is written in place. None until measured, False where
-    it cannot be."""
-
-    value: tuple[int, int, int] | bool | None = None
-    lock = threading.Lock()
-
-    @classmethod
-    def get(cls):
-        if cls.value is None:
-            with cls.lock:
-                if cls.value is None:
-                    cls.value = cls._measure()
-        return cls.value
-
-    @staticmethod
-    def _measure():
-        if not hasattr(Tensor, "_use_count") or not hasattr(torch._C, "_storage_Use_Count"):
-            return False
-        seen = []
-
-        class Pass(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                return x.clone()
-
-            @staticmethod
-            def backward(ctx, g):
-                return g
-
-        class Source(Pass):  # hands on a fresh gradient, as the branch's backward does
-            @staticmethod
-            def backward(ctx, g):
-                return torch.ones(4)
-
-        class Sink(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                ctx.set_materialize_grads(False)
-                return x.clone(), x.clone(), x.clone(), x.clone()
-
-            @staticmethod
-            def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-                _unshared(g_depth, record=seen)
-                return g_depth
-
-        for fn in (Source, Pass, Sink):
-            fn.backward = staticmethod(_first_order(fn.backward))
-
-        def run(keep):
-            with torch.enable_grad(), torch.inference_mode(False):
-                x = torch.zeros(4, requires_grad=True)
-                y = Pass.apply(Sink.apply(x)[3])
-                if keep is not None:
-                    y.register_hook(keep.append)
-                Source.apply(y).backward(torch.ones(4))
-
-        try:
-            run(None)
-            run(None)
-            run([])
-        except Exception:  # noqa: BLE001 - any failure only means no writing in place
-            return False
-        free, again, held = seen
-        return free if free == again and held[1] > free[1] else False
+@torch.library.custom_op("anydepth::hc_width", mutates_args=(), device_types="cpu")
+def width_op(
+    h: Tensor, wa: Tensor | None, wb: Tensor | None, gamma: Tensor | None, scale: float, a_static: Tensor,
+    b_static: Tensor, sa: Tensor | None, sb: Tensor | None, use_tanh: bool, ln_w: Tensor | None, ln_b: Tensor | None,
+    ln_eps: float, streams: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The width connection (module docstring): ``(h_in, alpha, beta, aux, token)``. ``h`` is ``(..., n, d)``
+    (contiguous), or with ``streams`` > 0 one row per token ``(..., d)`` that every stream holds."""
+    _check_kernel()
+    lead, m, n, d, h_ts, h_ss = _lead(h, streams)
+    sizes = _aux_sizes(m, n, d, wa is not None, ln_w is not None)
+    aux = h.new_empty(sum(sizes))
+    wt, p, pact, r, mu, rstd = _addresses(aux, sizes)
+    alpha, beta, h_in = h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n), h.new_empty(*lead, d)
+    _KERNEL.lib.anydepth_hc_width_forward(struct_args(
+        _WidthArgs, h=h.data_ptr(), h_ts=h_ts, h_ss=h_ss, wt=wt, wa=_ptr(wa), wb=_ptr(wb), gamma=_ptr(gamma),
+        scale=scale, a_static=a_static.data_ptr(), b_static=b_static.data_ptr(), sa=_scalar(sa), sb=_scalar(sb),
+        use_tanh=int(use_tanh), p=p, pact=pact, r=r, alpha=alpha.data_ptr(), beta=beta.data_ptr(),
+        h_in=h_in.data_ptr(), ln_w=_ptr(ln_w), ln_b=_ptr(ln_b), ln_eps=ln_eps, ln_mu=mu, ln_rstd=rstd,
+        m_tokens=m, n=n, d=d, nthreads=torch.get_num_threads(),
+    ))
+    return h_in, alpha, beta, aux, h.new_zeros(1).expand(*lead, n, d)
 
 
-def _unshared(g: Tensor, record: list | None = None) -> bool:
-    """Whether the gradient ``g`` that a ``backward`` has just received is held by nothing but
-    autograd's call: no tensor, node or module hook keeps it, no ``torch.autograd.grad`` captures it,
-    no view shares its storage (``retain_grad`` keeps a copy, which does not count). A backward may
-    then write its own gradient into ``g``'s memory. Call it first thing in the backward (the counts
-    include the caller's references). Never for a gradient that is itself part of a graph
-    (``create_graph=True``), nor with anomaly detection on or a dispatch mode active, whose own
-    references are not the measured ones."""
-    if (
-        g.requires_grad
-        or torch.is_grad_enabled()
-        or torch.is_anomaly_enabled()
-        or torch._C._len_torch_dispatch_stack()
-    ):
-        return False
-    if record is not None:  # _Baseline's measurement, through this very frame
-        record.append(_references(g))
-        return False
-    base = _Baseline.get()
-    return base is not False and _references(g) == base
+@width_op.register_fake
+def _(h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps, streams):
+    lead, m, n, d, _, _ = _lead(h, streams)
+    aux = h.new_empty(sum(_aux_sizes(m, n, d, wa is not None, ln_w is not None)))
+    token = h.new_zeros(1).expand(*lead, n, d)
+    return h.new_empty(*lead, d), h.new_empty(*lead, n, n + 1), h.new_empty(*lead, n), aux, token
 
 
-class _Width(torch.autograd.Function):
-    """The width connection; ``link``, when given, is the autograd node of the :class:`_Depth` that
-    produced ``h`` from ``bprev``, ``yprev``: the backward then does that depth connection's part too
-    (see :class:`_Depth`). With ``ln_w`` the branch input comes out through its LayerNorm
-    (``ln_w``, ``ln_b`` or None, ``ln_eps``). With ``streams`` (an int) ``h`` is one row per token,
-    ``(..., d)``, that every stream holds (the stack's first sublayer): the kernels read it by a
-    stream stride of 0 and the backward returns its gradient, the sum over the streams, directly.
-    ``pre``, when not None, is ``(buffers, s_a, s_b)`` that the previous depth kernel has already
-    filled from this ``h`` and these parameters (see :func:`width_connection`): the forward then runs
-    no kernel of its own. The backward writes ``dH`` over the incoming ``G`` where :func:`_unshared`
-    finds that nothing else holds it (``G`` contiguous, ``d`` a multiple of 16)."""
-
-    @staticmethod
-    def forward(ctx, h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, link, ln_w, ln_b,
-                ln_eps, streams, pre):
-        if streams is None:
-            lead, (n, d) = h.shape[:-2], h.shape[-2:]
-            h_ts, h_ss = n * d, d
-        else:
-            lead, n, d = h.shape[:-1], streams, h.shape[-1]
-            h_ts, h_ss = d, 0
-        m = lead.numel()
-        if pre is None:
-            sa, sb = _scalar(sa), _scalar(sb)
-            bufs = _width_buffers(h, lead, n, d, wa is not None, ln_w is not None)
-            args = _width_kernel_args(bufs, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b,
-                                      ln_eps)
-            _KERNEL.lib.anydepth_hc_width_forward(h.data_ptr(), h_ts, h_ss, *args, m, n, d, torch.get_num_threads())
-        else:  # computed by the previous sublayer's depth kernel from these very streams and parameters
-            bufs, sa, sb = pre
-        aux, ptrs, alpha, beta, h_in = bufs
-        ctx.save_for_backward(h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w)
-        # offsets, not addresses: saved-tensor hooks (offloading, say) may hand back a copy of aux. One
-        # attribute for all: each costs a lookup in both directions
-        base = aux.data_ptr()
-        ctx.plan = ([a - base if a is not None else None for a in ptrs], sa, sb, bool(use_tanh), scale,
-                    ln_b is not None, link, (lead, m, n, d, h_ts, h_ss))
-        ctx.set_materialize_grads(False)
-        # h goes out again for the depth connection, whose backward hands the gradient of H_new back
-        # here unmixed (see _Depth.backward): the streams' whole gradient is then one pass
-        return h_in, alpha, beta, h if streams is None else h.unsqueeze(-2).expand(*lead, n, d)
-
-    @staticmethod
-    def backward(ctx, g_in, g_alpha, g_beta, g_depth):
-        unshared = g_depth is not None and _unshared(g_depth)  # first: it counts the references to g_depth
-        h, aux, alpha, bprev, yprev, wa, wb, gamma, ln_w = ctx.saved_tensors
-        offsets, sa, sb, use_tanh, scale, ln_bias, link, (lead, m, n, d, h_ts, h_ss) = ctx.plan
-        base = aux.data_ptr()
-        wt, p, pact, r, mu, rstd = [None if a is None else base + a for a in offsets]
-        need = ctx.needs_input_grad
-        linked = link is not None and (need[10] or need[11])
-        dyprev = torch.empty_like(yprev) if linked else None
-        dbprev = torch.empty_like(bprev) if linked else None
-        g_in = h.new_zeros(*lead, d) if g_in is None else _contiguous(g_in)
-        g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
-        g_alpha = None if g_alpha is None else _contiguous(g_alpha)
-        g_beta = None if g_beta is None else _contiguous(g_beta)
-        if unshared and h_ss != 0 and g_ss == d and d % 16 == 0 and g_depth.shape == h.shape:
-            # dH over G, which nothing else holds: its lines are in cache when the kernel writes them,
-            # where a fresh buffer costs an 8 MiB stream of stores that compete with the reads
-            dh = g_depth
-        else:  # with h_ss 0, the gradient of the broadcast row (the kernel sums the streams)
-            dh = torch.empty_like(h)
-        # the kernel writes these whole: no zero fill
-        dynamic = wt is not None
-        dwa = torch.empty_like(wa) if dynamic and need[1] else None
-        dwb = torch.empty_like(wb) if dynamic and need[2] else None
-        dgamma = torch.empty_like(gamma) if dynamic and need[3] else None
-        da, db, ds = h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2)
-        dln_w = torch.empty_like(ln_w) if ln_w is not None else None
-        dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else None
-        status = _KERNEL.lib.anydepth_hc_width_backward(
-            g_in.data_ptr(), g_depth.data_ptr(), h.data_ptr(), h_ts, h_ss, wt, p, pact, r, alpha.data_ptr(),
-            _ptr(g_alpha), _ptr(g_beta), sa, sb, int(use_tanh), _ptr(bprev if linked else None),
-            _ptr(yprev if linked else None), dh.data_ptr(), _ptr(wa), _ptr(wb), _ptr(gamma), scale, _ptr(dwa),
-            _ptr(dwb), _ptr(dgamma), da.data_ptr(), db.data_ptr(), ds.data_ptr(), _ptr(dyprev), _ptr(dbprev),
-            _ptr(ln_w), mu, rstd, _ptr(dln_w), _ptr(dln_b), m, n, d, g_ts, g_ss, torch.get_num_threads(),
-        )
-        if status != 0:
-            raise MemoryError("hyper-connection width backward could not allocate its partial sums")
-        if linked:
-            _claim(link, dh)
-        links = (dbprev, dyprev, None, dln_w, dln_b, None)
-        if not dynamic:
-            return dh, None, None, None, None, da, db, None, None, None, *links, None, None
-        return dh, dwa, dwb, dgamma, None, da, db, *ds.unbind(), None, *links, None, None
+@torch.library.custom_op("anydepth::hc_width_backward", mutates_args=(), device_types="cpu")
+def width_backward_op(
+    g_in: Tensor | None, g_alpha: Tensor | None, g_beta: Tensor | None, g_depth: Tensor | None, h: Tensor,
+    aux: Tensor, alpha: Tensor, wa: Tensor | None, wb: Tensor | None, gamma: Tensor | None, scale: float,
+    sa: Tensor | None, sb: Tensor | None, use_tanh: bool, ln_w: Tensor | None, ln_bias: bool, streams: int,
+) -> list[Tensor]:
+    """``[dh, dwa, dwb, dgamma, da_static, db_static, dscale (2,), dln_w, dln_b]`` of :func:`width_op`
+    (module docstring), an empty tensor for each one that does not apply. Not itself differentiable."""
+    _check_kernel()
+    lead, m, n, d, h_ts, h_ss = _lead(h, streams)
+    dynamic = wa is not None
+    wt, p, pact, r, mu, rstd = _addresses(aux, _aux_sizes(m, n, d, dynamic, ln_w is not None))
+    g_in = h.new_zeros(*lead, d) if g_in is None else _contiguous(g_in)
+    g_depth, g_ts, g_ss = (h.new_zeros(*lead, n, d), n * d, d) if g_depth is None else _stream_rows(g_depth)
+    g_alpha = None if g_alpha is None else _contiguous(g_alpha)
+    g_beta = None if g_beta is None else _contiguous(g_beta)
+    # with streams, the gradient of the broadcast row (the kernel sums the streams); the kernel writes
+    # every output whole: no zero fill. An output that does not apply is an empty tensor of its own
+    # (an op's outputs may not alias one another)
+    dh = torch.empty_like(h)
+    dwa, dwb, dgamma = (torch.empty_like(t) if dynamic else h.new_empty(0) for t in (wa, wb, gamma))
+    da, db, ds = h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2)
+    dln_w = torch.empty_like(ln_w) if ln_w is not None else h.new_empty(0)
+    dln_b = torch.empty_like(ln_w) if ln_w is not None and ln_bias else h.new_empty(0)
+    status = _KERNEL.lib.anydepth_hc_width_backward(struct_args(
+        _WidthArgs, gin=g_in.data_ptr(), gdepth=g_depth.data_ptr(), h=h.data_ptr(), h_ts=h_ts, h_ss=h_ss, wt=wt,
+        p=p, pact=pact, r=r, alpha=alpha.data_ptr(), galpha=_ptr(g_alpha), gbeta=_ptr(g_beta), sa=_scalar(sa),
+        sb=_scalar(sb),
+        use_tanh=int(use_tanh), dh=dh.data_ptr(), wa=_ptr(wa), wb=_ptr(wb), gamma=_ptr(gamma), scale=scale,
+        dwa=_ptr(dwa) if dynamic else None, dwb=_ptr(dwb) if dynamic else None,
+        dgamma=_ptr(dgamma) if dynamic else None, da_static=da.data_ptr(), db_static=db.data_ptr(),
+        dscale=ds.data_ptr(), ln_w=_ptr(ln_w), ln_mu=mu, ln_rstd=rstd, dln_w=_ptr(dln_w) if dln_w.numel() else None,
+        dln_b=_ptr(dln_b) if dln_b.numel() else None, m_tokens=m, n=n, d=d, g_ts=g_ts, g_ss=g_ss,
+        nthreads=torch.get_num_threads(),
+    ))
+    if status != 0:
+        raise MemoryError("hyper-connection width backward could not allocate its partial sums")
+    return [dh, dwa, dwb, dgamma, da, db, ds, dln_w, dln_b]
 
 
-def _claim(depth_node, dh: Tensor) -> None:
-    """Tell the depth connection's backward that its branch part was computed from ``dh`` in this
-    backward pass. The reference also keeps autograd from accumulating into ``dh``'s storage in place,
-    so that the depth backward can tell whether its incoming gradient is ``dh`` itself."""
-    claims = getattr(depth_node, "hc_claims", None)
-    if claims is None:
-        claims = depth_node.hc_claims = []
-    claims.append((torch._C._current_graph_task_id(), dh))
+@width_backward_op.register_fake
+def _(g_in, g_alpha, g_beta, g_depth, h, aux, alpha, wa, wb, gamma, scale, sa, sb, use_tanh, ln_w, ln_bias, streams):
+    lead, m, n, d, _, _ = _lead(h, streams)
+    dyn = [torch.empty_like(t) if wa is not None else h.new_empty(0) for t in (wa, wb, gamma)]
+    norm = [torch.empty_like(ln_w) if ln_w is not None else h.new_empty(0),
+            torch.empty_like(ln_w) if ln_w is not None and ln_bias else h.new_empty(0)]
+    return [torch.empty_like(h), *dyn, h.new_empty(n, n + 1), h.new_empty(n), h.new_empty(2), *norm]
 
 
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+def _width_setup(ctx, inputs, output):
+    h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps, streams = inputs
+    _, alpha, _, aux, _ = output
+    ctx.save_for_backward(h, aux, alpha, wa, wb, gamma, ln_w, sa, sb)
+    ctx.plan = (scale, use_tanh, ln_b is not None, streams)
+    ctx.set_materialize_grads(False)
 
 
-class _Depth(torch.autograd.Function):
-    """``H_new = A_r^T H + beta y`` whose backward computes only ``dy`` and ``dbeta``, or less.
-
-    For ``h`` it returns the incoming ``G = dL/dH_new`` unmixed, and nothing for ``alpha``: ``h`` and
-    ``alpha`` are outputs of :class:`_Width`, whose backward receives ``G`` and computes
-    ``dH = A_r G + ...`` and ``dalpha[:, 1:] = H G^T`` there, while it reads ``H`` and ``G`` for its
-    own terms anyway. This is exact as long as ``h`` and ``alpha`` come from one width connection and
-    feed nothing else (the gradient is linear in ``G``, so several depth connections over the same
-    pair are exact too).
-
-    When ``H_new`` feeds the next sublayer's width connection directly (:func:`depth_connection`
-    tags its output; any in-place change unties it), that width backward computes
-    ``dy = beta^T dH_new`` and ``dbeta`` from the ``dH_new`` it writes (``_claim``), so the streams'
-    gradient is not read again here. ``G`` may still hold more than that width's ``dH_new`` (other
-    uses of ``H_new``): this backward then adds the branch part of ``G - dH_new``, which keeps the
-    sum exact; when ``G`` is that ``dH_new`` itself it does nothing.
-
-    ``ahead``, when not None, is ``(kernel arguments of the next width forward, a list)``: the
-    forward then runs that width forward on ``H_new`` in the same kernel and appends its output
-    buffers to the list (see :func:`depth_connection`); it is not an input of the graph."""
-
-    @staticmethod
-    def forward(ctx, h, alpha, beta, y, ahead):
-        n, d = h.shape[-2:]
-        m = y.numel() // d
-        # h is contiguous, or one row per token broadcast to the streams (the stack's first sublayer)
-        rows, h_ts, h_ss = _stream_rows(h)
-        out = h.new_empty(h.shape)
-        if ahead is None:
-            _KERNEL.lib.anydepth_hc_depth_forward(
-                rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(), m, n,
-                d, torch.get_num_threads(),
-            )
-        else:
-            # the next sublayer's width forward on out as well (see depth_connection): its outputs go
-            # to buffers that nothing in autograd sees until that width connection takes them, allocated
-            # after out as they would be without the look-ahead (the heap then sees the same sequence)
-            args, holder = ahead
-            wa, _, _, _, _, _, _, _, _, ln_w, _, _ = args  # the layout of _width_args
-            bufs = _width_buffers(out, h.shape[:-2], n, d, wa is not None, ln_w is not None)
-            holder.append(bufs)
-            _KERNEL.lib.anydepth_hc_depth_width_forward(
-                rows.data_ptr(), h_ts, h_ss, alpha.data_ptr(), beta.data_ptr(), y.data_ptr(), out.data_ptr(),
-                *_width_kernel_args(bufs, *args), m, n, d, torch.get_num_threads(),
-            )
-        ctx.save_for_backward(beta, y)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        beta, y = ctx.saved_tensors
-        n = beta.shape[-1]
-        m = beta.numel() // n
-        need = ctx.needs_input_grad
-        task = torch._C._current_graph_task_id()
-        claims = [dh for t, dh in (getattr(ctx, "hc_claims", None) or ()) if t == task]
-        ctx.hc_claims = None
-        passthrough = g if need[0] or need[1] else None
-        if len(claims) == 1 and _same_tensor(g, claims[0]):
-            return passthrough, None, None, None, None
-        rest = g
-        for dh in claims:
-            rest = rest - dh.view_as(g)
-        rest, g_ts, g_ss = _stream_rows(rest)
-        dbeta = torch.empty_like(beta) if need[2] else None
-        dy = torch.empty_like(y) if need[3] else None
-        if dbeta is not None or dy is not None:
-            _KERNEL.lib.anydepth_hc_depth_backward(
-                rest.data_ptr(), beta.data_ptr(), y.data_ptr(), _ptr(dbeta), _ptr(dy), m, n, y.shape[-1], g_ts, g_ss,
-                torch.get_num_threads(),
-            )
-        return passthrough, None, dbeta, dy, None
+def _width_backward(ctx, g_in, g_alpha, g_beta, g_aux, g_depth):
+    h, aux, alpha, wa, wb, gamma, ln_w, sa, sb = ctx.saved_tensors
+    scale, use_tanh, ln_bias, streams = ctx.plan
+    scaled = sa is not None
+    dh, dwa, dwb, dgamma, da, db, ds, dln_w, dln_b = width_backward_op(
+        g_in, g_alpha, g_beta, g_depth, h, aux, alpha, wa, wb, gamma, scale, sa, sb, use_tanh, ln_w, ln_bias, streams
+    )
+    need = ctx.needs_input_grad
+    dynamic = wa is not None
+    dsa, dsb = ds.unbind() if scaled else (None, None)
+    return (
+        dh, dwa if dynamic and need[1] else None, dwb if dynamic and need[2] else None,
+        dgamma if dynamic and need[3] else None, None, da, db, dsa, dsb, None,
+        dln_w if ln_w is not None else None, dln_b if ln_bias else None, None, None,
+    )
 
 
-_Width.backward = staticmethod(_first_order(_Width.backward))
-_Depth.backward = staticmethod(_first_order(_Depth.backward))
-_width_apply, _depth_apply = _direct_apply(_Width), _direct_apply(_Depth)
+width_op.register_autograd(_width_backward, setup_context=_width_setup)
+
+
+@torch.library.custom_op("anydepth::hc_depth", mutates_args=(), device_types="cpu")
+def depth_op(h: Tensor, token: Tensor, alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y``; ``h`` contiguous or one row per token broadcast
+    to the streams (stride 0); ``token`` is :func:`width_op`'s (see above)."""
+    _check_kernel()
+    n, d = h.shape[-2:]
+    m = y.numel() // d
+    rows, h_ts, h_ss = _stream_rows(h)
+    out = h.new_empty(h.shape)
+    _KERNEL.lib.anydepth_hc_depth_forward(struct_args(
+        _DepthArgs, h=rows.data_ptr(), h_ts=h_ts, h_ss=h_ss, alpha=alpha.data_ptr(), beta=beta.data_ptr(),
+        y=y.data_ptr(), out=out.data_ptr(), m_tokens=m, n=n, d=d, nthreads=torch.get_num_threads(),
+    ))
+    return out
+
+
+@depth_op.register_fake
+def _(h, token, alpha, beta, y):
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("anydepth::hc_depth_backward", mutates_args=(), device_types="cpu")
+def depth_backward_op(g: Tensor, beta: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dbeta, dy)`` of :func:`depth_op`: ``dy = sum_c beta_c G_c``, ``dbeta_c = y . G_c``. Not itself
+    differentiable."""
+    _check_kernel()
+    n = beta.shape[-1]
+    m = beta.numel() // n
+    rest, g_ts, g_ss = _stream_rows(g)
+    dbeta, dy = torch.empty_like(beta), torch.empty_like(y)
+    _KERNEL.lib.anydepth_hc_depth_backward(struct_args(
+        _DepthArgs, g=rest.data_ptr(), g_ts=g_ts, g_ss=g_ss, beta=beta.data_ptr(), y=y.data_ptr(),
+        dbeta=dbeta.data_ptr(), dy=dy.data_ptr(), m_tokens=m, n=n, d=y.shape[-1], nthreads=torch.get_num_threads(),
+    ))
+    return dbeta, dy
+
+
+@depth_backward_op.register_fake
+def _(g, beta, y):
+    return torch.empty_like(beta), torch.empty_like(y)
+
+
+def _depth_setup(ctx, inputs, output):
+    _, _, _, beta, y = inputs
+    ctx.save_for_backward(beta, y)
+
+
+def _depth_backward(ctx, g):
+    beta, y = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dbeta = dy = None
+    if need[3] or need[4]:
+        dbeta, dy = depth_backward_op(g, beta, y)
+    # G goes back unmixed through the token to the width backward, which mixes it (see above)
+    return None, g if need[1] else None, None, dbeta if need[3] else None, dy if need[4] else None
+
+
+depth_op.register_autograd(_depth_backward, setup_context=_depth_setup)
 
 
 def width_connection(
@@ -1460,75 +430,30 @@ def width_connection(
     """``h (..., n, d)`` -> ``(h_in (..., d), alpha (..., n, n+1), beta (..., n), h)``. ``dynamic`` is
     ``(W_a (d, n+1), w_b (d,), gamma (d,), scale)``: the dynamic projections and the stream norm's gain
     ``scale (1 + gamma)``, which the kernel folds into them; None for static hyper-connections. Pass
-    the returned ``h`` (the same values) to :func:`depth_connection` and nowhere else: its gradient
-    then comes back here unmixed (see :class:`_Depth`). ``layer_norm = (weight (d,), bias (d,) or None,
-    eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel.
-
-    Where ``h`` came from :func:`depth_connection` with these same arguments as its ``ahead`` (and
-    neither ``h`` nor a parameter has changed since), the depth kernel has already computed this width
-    forward; it is taken from there instead of computed again."""
-    args = _width_args(h.shape[-1], dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm)
-    bprev = yprev = node = streams = pre = None
-    h = torch._C._functorch.unwrap_if_dead(h)
-    ahead = getattr(h, "_hc_ahead", None)
-    if ahead is not None:
-        h._hc_ahead = None  # taken once: the buffers are not kept alive with h until its backward
-        version, used, bufs, sa_f, sb_f = ahead
-        if version == _state(h) and _same_args(used, args):
-            pre = (bufs, sa_f, sb_f)
-    row = _broadcast_row(h)
-    if row is not None:
-        h, streams = row, h.shape[-2]
-    else:
-        link = getattr(h, "_hc_link", None)
-        if link is not None and link[3] == (h._version, h.shape, h.stride()) and torch.is_grad_enabled():
-            node, bprev, yprev = link[:3]
-        # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
-        # each cost an autograd node in both directions
-        h = _contiguous(h)
-    wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
-    return _width_apply(
-        h, wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, bprev, yprev, node, ln_w, ln_b, ln_eps, streams,
-        pre,
-    )
-
-
-def _width_args(d: int, dynamic, a_static, b_static, sa, sb, use_tanh, layer_norm) -> tuple:
-    """``(wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps)`` as the width
-    kernels read them, from :func:`width_connection`'s arguments."""
+    the returned ``h`` (the streams and the op's token) to :func:`depth_connection` and nowhere else:
+    the gradient of ``H_new`` then comes back here unmixed (see :func:`width_op`). ``layer_norm =
+    (weight (d,), bias (d,) or None, eps)`` applies the branch's LayerNorm to ``h_in`` inside the kernel."""
+    d = h.shape[-1]
     wa = wb = gamma = None
     scale = 0.0
     if dynamic is not None:
         wa, wb, gamma, scale = dynamic
         wa, wb, gamma = _contiguous(wa), _contiguous(wb if wb.dim() == 1 else wb.reshape(d)), _contiguous(gamma)
     ln_w, ln_b, ln_eps = layer_norm or (None, None, 0.0)
-    return (wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static), sa, sb, bool(use_tanh), ln_w,
-            ln_b, float(ln_eps))
-
-
-def _state(t: Tensor) -> tuple[int, int]:
-    """What tells whether ``t``'s values may have changed since: its version counter, which in-place
-    ops bump, and its address, which assigning to ``.data`` changes without a bump. An inference
-    tensor has no version counter, and outside inference mode nothing may change it in place (within
-    it, :func:`depth_connection` leaves no look-ahead to check)."""
-    return (0 if t.is_inference() else t._version), t.data_ptr()
-
-
-def _versions(args: tuple) -> tuple:
-    return tuple(_state(a) if isinstance(a, Tensor) else None for a in args)
-
-
-def _same_args(used: tuple, args: tuple) -> bool:
-    """Whether ``args`` (see :func:`_width_args`) are the very tensors, unchanged since, and the values of
-    ``used = (args, their versions)``."""
-    then, versions = used
-    for a, b in zip(then, args):
-        if isinstance(a, Tensor) or isinstance(b, Tensor):
-            if a is not b:
-                return False
-        elif a != b:
-            return False
-    return versions == _versions(args)
+    streams = 0
+    row = _broadcast_row(h)
+    if row is not None:
+        h, streams = row, h.shape[-2]
+    else:
+        # any leading shape goes through as it is: the kernels see flat tokens, and reshaped views would
+        # each cost an autograd node in both directions
+        h = _contiguous(h)
+    h_in, alpha, beta, _, token = width_op(
+        h, wa, wb, gamma, float(scale), _contiguous(a_static), _contiguous(b_static), sa, sb, bool(use_tanh), ln_w,
+        ln_b, float(ln_eps), streams,
+    )
+    h = h if streams == 0 else h.unsqueeze(-2).expand(*h.shape[:-1], streams, d)
+    return h_in, alpha, beta, (h, token)
 
 
 def broadcast_streams(x: Tensor, streams: int) -> Tensor:
@@ -1557,31 +482,9 @@ def _broadcast_row(h: Tensor) -> Tensor | None:
     return base
 
 
-def depth_connection(h: Tensor, alpha: Tensor, beta: Tensor, y: Tensor, ahead: tuple | None = None) -> Tensor:
-    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h (..., n, d)`` and ``y (..., d)``.
-
-    ``ahead``: :func:`width_connection`'s arguments after ``h`` for the connection that reads ``H_new``
-    next (the next sublayer's). The kernel then does that width forward as well, token by token while
-    the token's new streams are in L1, instead of leaving it to a pass of its own over ``H_new``. The
-    result waits on ``H_new`` for that call, which checks that its arguments are the same."""
-    # the width backward reads these too, linked
-    beta, y = _contiguous(beta), _contiguous(torch._C._functorch.unwrap_if_dead(y))
-    holder = None
-    if torch.is_inference_mode_enabled():
-        # H_new is then an inference tensor: no version counter would tell the next width connection
-        # about an in-place change, so it computes its own
-        ahead = None
-    if ahead is not None:
-        args = _width_args(h.shape[-1], *ahead)
-        wa, wb, gamma, scale, a_static, b_static, sa, sb, use_tanh, ln_w, ln_b, ln_eps = args
-        sa_f, sb_f = _scalar(sa), _scalar(sb)
-        holder = []  # _Depth.forward puts the width outputs' buffers here
-        ahead = ((wa, wb, gamma, scale, a_static, b_static, sa_f, sb_f, use_tanh, ln_w, ln_b, ln_eps), holder)
-    # h as it is: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
-    out = _depth_apply(h, _contiguous(alpha), beta, y, ahead)
-    if out.grad_fn is not None:
-        # lets a width connection that takes this tensor as it is do this depth backward's work
-        out._hc_link = (out.grad_fn, beta, y, (out._version, out.shape, out.stride()))
-    if holder:
-        out._hc_ahead = (_state(out), (args, _versions(args)), holder[0], sa_f, sb_f)
-    return out
+def depth_connection(h: tuple[Tensor, Tensor], alpha: Tensor, beta: Tensor, y: Tensor) -> Tensor:
+    """``H_new_c = sum_s alpha[s, 1 + c] H_s + beta_c y`` for ``h`` the streams ``(..., n, d)`` as
+    :func:`width_connection` returned them and ``y (..., d)``."""
+    streams, token = h
+    # the streams as they are: contiguous, or the broadcast row of the stack's first sublayer (read by stride)
+    return depth_op(streams, token, _contiguous(alpha), _contiguous(beta), _contiguous(y))

@@ -20,9 +20,11 @@ the forward; one read of ``x`` and ``dy`` and one write of ``dx`` in the backwar
 gradient reduced from per-thread partial sums). PyTorch's own CPU ``rms_norm`` is a chain of eager
 ops with three full-size temporaries, several times slower than its fused LayerNorm. Outputs of
 32 MiB or more, which glibc maps afresh, are advised onto transparent huge pages before the kernel
-writes them (:data:`anydepth.nn.native.HUGE_PAGE_ADVICE`), so they fault in 2 MiB rather than 4 KiB
-pieces. The kernel is compiled once per machine with the system C++ compiler (about 2 s) into a
-cache directory and loaded with ``ctypes``. Without a compiler, under ``torch.compile`` (which
+writes them (``anydepth/csrc/huge_pages.h``), so they fault in 2 MiB rather than 4 KiB
+pieces. The kernel (``anydepth/csrc/rms_norm.cpp``) is compiled once per machine with the system C++
+compiler (about 2 s) into a cache directory, loaded with ``ctypes`` and exposed as the torch.library
+ops ``anydepth::rms_norm`` and ``anydepth::rms_norm_backward`` (fake implementations and the autograd
+formula registered; the backward is not itself differentiable). Without a compiler, under ``torch.compile`` (which
 fuses the eager formula itself), under autocast, ``torch.func`` transforms, tensor subclasses, other
 devices or dtypes, the eager formula is used instead; both paths compute the same formula.
 ``ANYDEPTH_FUSED_NORM=0`` disables the kernel; it is cached under ``$ANYDEPTH_CACHE/kernels``
@@ -39,9 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from anydepth.nn.native import HUGE_PAGE_ADVICE, NativeKernel, plain_cpu_op
+from anydepth.nn.native import NativeKernel, plain_cpu_op, struct_args
 from anydepth.registry import NORMS
 
 __all__ = [
@@ -172,195 +173,41 @@ def _rms_norm_eager(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, eps:
 #                    dw_j = sum_rows dy_j x_j r,  db_j = sum_rows dy_j.
 # r is recomputed in the backward from the row already in cache, so nothing but x is saved.
 
-_KERNEL_SOURCE = HUGE_PAGE_ADVICE + r"""
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <omp.h>
-
-namespace {
-
-struct F32 {
-  using T = float;
-  static inline float load(float v) { return v; }
-  static inline float store(float v) { return v; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static inline float load(uint16_t v) {
-    uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  // round to nearest even, as torch's float -> bfloat16 conversion; NaN stays a quiet NaN
-  static inline uint16_t store(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-  }
-};
-
-// below this many elements a second thread costs more than it saves
-constexpr int64_t kSerialBelow = 1 << 15;
-
-
-// rows are prefetched this far ahead: a row whose statistic needs only its first k features would
-// otherwise reach memory only in the pass that also writes the output, with no read ahead of it
-constexpr int64_t kAhead = 2;
-
-template <class T>
-inline void prefetch_row(const T* row, int64_t d) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(p + o);
-}
-
-template <class IO>
-inline float sum_sq(const typename IO::T* xr, int64_t k) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < k; ++j) {
-    const float v = IO::load(xr[j]);
-    ss += v * v;
-  }
-  return ss;
-}
-
-template <class IO>
-void forward(const typename IO::T* x, const float* w, const float* b, typename IO::T* y, int64_t rows,
-             int64_t d, int64_t k, float eps, int inside, int nthreads) {
-  const int nt = rows * d < kSerialBelow ? 1 : nthreads;
-  anydepth_native::advise_huge(y, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < rows; ++i) {
-    const typename IO::T* xr = x + i * d;
-    typename IO::T* yr = y + i * d;
-    if (i + kAhead < rows) prefetch_row(xr + kAhead * d, d);
-    const float ms = sum_sq<IO>(xr, k) / static_cast<float>(k);
-    const float r = inside ? 1.f / std::sqrt(ms + eps) : 1.f / (std::sqrt(ms) + eps);
-    if (b) {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = IO::store(IO::load(xr[j]) * r * w[j] + b[j]);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = IO::store(IO::load(xr[j]) * r * w[j]);
-    }
-  }
-}
-
-template <class IO>
-int backward(const typename IO::T* dy, const typename IO::T* x, const float* w, typename IO::T* dx,
-             float* dw, float* db, int64_t rows, int64_t d, int64_t k, float eps, int inside,
-             int nthreads) {
-  const int nt = rows * d < kSerialBelow ? 1 : nthreads;
-  const int64_t width = db ? 2 * d : d;
-  anydepth_native::advise_huge(dx, rows * d * static_cast<int64_t>(sizeof(typename IO::T)));
-  // per-thread partial sums of dw (and db): one pass over dy and x, no atomics
-  float* part = static_cast<float*>(std::calloc(static_cast<size_t>(nt) * width, sizeof(float)));
-  if (!part) return 1;
-#pragma omp parallel num_threads(nt)
-  {
-    float* pw = part + omp_get_thread_num() * width;
-    float* pb = db ? pw + d : nullptr;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; ++i) {
-      const typename IO::T* xr = x + i * d;
-      const typename IO::T* gr = dy + i * d;
-      typename IO::T* dxr = dx + i * d;
-      // one pass gives both sums over the first k features, a second finishes s
-      float ss = 0.f, s = 0.f;
-#pragma omp simd reduction(+ : ss, s)
-      for (int64_t j = 0; j < k; ++j) {
-        const float v = IO::load(xr[j]);
-        ss += v * v;
-        s += IO::load(gr[j]) * w[j] * v;
-      }
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = k; j < d; ++j) s += IO::load(gr[j]) * w[j] * IO::load(xr[j]);
-      const float ms = ss / static_cast<float>(k);
-      float r, c;
-      if (inside) {
-        r = 1.f / std::sqrt(ms + eps);
-        c = s * r * r * r / static_cast<float>(k);
-      } else {
-        const float rms = std::sqrt(ms);
-        r = 1.f / (rms + eps);
-        c = rms > 0.f ? (s * r * r / static_cast<float>(k)) / rms : 0.f;
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < k; ++j) {
-        const float g = IO::load(gr[j]);
-        const float v = IO::load(xr[j]);
-        dxr[j] = IO::store(r * g * w[j] - c * v);
-        pw[j] += g * v * r;
-      }
-#pragma omp simd
-      for (int64_t j = k; j < d; ++j) {
-        const float g = IO::load(gr[j]);
-        const float v = IO::load(xr[j]);
-        dxr[j] = IO::store(r * g * w[j]);
-        pw[j] += g * v * r;
-      }
-      if (pb) {
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) pb[j] += IO::load(gr[j]);
-      }
-    }
-  }
-  for (int t = 0; t < nt; ++t) {
-    const float* pw = part + t * width;
-    for (int64_t j = 0; j < d; ++j) dw[j] += pw[j];
-    if (db)
-      for (int64_t j = 0; j < d; ++j) db[j] += pw[d + j];
-  }
-  std::free(part);
-  return 0;
-}
-
-}  // namespace
-
-extern "C" {
-void anydepth_rms_forward_f32(const float* x, const float* w, const float* b, float* y, int64_t rows,
-                              int64_t d, int64_t k, float eps, int inside, int nthreads) {
-  forward<F32>(x, w, b, y, rows, d, k, eps, inside, nthreads);
-}
-void anydepth_rms_forward_bf16(const uint16_t* x, const float* w, const float* b, uint16_t* y,
-                               int64_t rows, int64_t d, int64_t k, float eps, int inside, int nthreads) {
-  forward<BF16>(x, w, b, y, rows, d, k, eps, inside, nthreads);
-}
-int anydepth_rms_backward_f32(const float* dy, const float* x, const float* w, float* dx, float* dw,
-                              float* db, int64_t rows, int64_t d, int64_t k, float eps, int inside,
-                              int nthreads) {
-  return backward<F32>(dy, x, w, dx, dw, db, rows, d, k, eps, inside, nthreads);
-}
-int anydepth_rms_backward_bf16(const uint16_t* dy, const uint16_t* x, const float* w, uint16_t* dx,
-                               float* dw, float* db, int64_t rows, int64_t d, int64_t k, float eps,
-                               int inside, int nthreads) {
-  return backward<BF16>(dy, x, w, dx, dw, db, rows, d, k, eps, inside, nthreads);
-}
-}
-"""
-
 _FUSED_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
+class _RmsNormArgs(ctypes.Structure):
+    """``AnydepthRmsNormArgs`` of ``csrc/rms_norm.cpp``, field for field."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("w", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("dy", ctypes.c_void_p),
+        ("dx", ctypes.c_void_p),
+        ("dw", ctypes.c_void_p),
+        ("db", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("d", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("inside", ctypes.c_int32),
+        ("nthreads", ctypes.c_int32),
+    ]
+
+
 def _bind(lib) -> None:
-    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    args = ctypes.POINTER(_RmsNormArgs)
     for tag in _FUSED_DTYPES.values():
         fwd = getattr(lib, f"anydepth_rms_forward_{tag}")
-        fwd.argtypes = [p, p, p, p, i64, i64, i64, f32, i32, i32]
-        fwd.restype = None
+        fwd.argtypes, fwd.restype = [args], None
         bwd = getattr(lib, f"anydepth_rms_backward_{tag}")
-        bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, f32, i32, i32]
-        bwd.restype = i32
+        bwd.argtypes, bwd.restype = [args], ctypes.c_int
 
 
 def _Kernel() -> NativeKernel:
-    return NativeKernel("rmsnorm", _KERNEL_SOURCE, "ANYDEPTH_FUSED_NORM", _bind)
+    return NativeKernel("rmsnorm", "rms_norm.cpp", "ANYDEPTH_FUSED_NORM", _bind)
 
 
 _KERNEL = _Kernel()
@@ -396,38 +243,77 @@ def _fused_forward(x2: Tensor, w32: Tensor, b32: Tensor | None, k: int, eps: flo
     rows, d = x2.shape
     y = torch.empty_like(x2)
     fn = getattr(_KERNEL.lib, f"anydepth_rms_forward_{_FUSED_DTYPES[x2.dtype]}")
-    fn(x2.data_ptr(), w32.data_ptr(), _ptr(b32), y.data_ptr(), rows, d, k, eps, int(inside),
-       torch.get_num_threads())
+    fn(struct_args(_RmsNormArgs, x=x2.data_ptr(), w=w32.data_ptr(), b=_ptr(b32), y=y.data_ptr(), rows=rows, d=d, k=k,
+                   eps=eps, inside=int(inside), nthreads=torch.get_num_threads()))
     return y
 
 
-class _FusedRMSNormFn(torch.autograd.Function):
-    """Autograd wrapper of the fused kernel; the backward is the closed form in the comment above."""
+# The kernel as torch.library ops: torch.compile, torch.export, the meta device and the dispatcher see
+# one op with a fake (shape) implementation and a registered autograd formula. Without the built kernel
+# each op computes the eager formula (the reference).
 
-    @staticmethod
-    def forward(ctx, x2, weight, bias, k, eps, inside):
-        w32, b32 = _as_f32(weight), _as_f32(bias)
-        ctx.save_for_backward(x2, w32)
-        ctx.k, ctx.eps, ctx.inside = k, eps, inside
-        ctx.w_dtype = weight.dtype
-        ctx.b_dtype = None if bias is None else bias.dtype
-        return _fused_forward(x2, w32, b32, k, eps, inside)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x2, w32 = ctx.saved_tensors
-        dy = dy.to(x2.dtype).contiguous()
-        rows, d = x2.shape
-        dx = torch.empty_like(x2)
-        dw = torch.zeros(d, dtype=torch.float32)
-        db = None if ctx.b_dtype is None else torch.zeros(d, dtype=torch.float32)
-        fn = getattr(_KERNEL.lib, f"anydepth_rms_backward_{_FUSED_DTYPES[x2.dtype]}")
-        status = fn(dy.data_ptr(), x2.data_ptr(), w32.data_ptr(), dx.data_ptr(), dw.data_ptr(), _ptr(db),
-                    rows, d, ctx.k, ctx.eps, int(ctx.inside), torch.get_num_threads())
-        if status != 0:
-            raise MemoryError(f"fused RMSNorm backward could not allocate its {d}-wide partial sums")
-        return dx, dw.to(ctx.w_dtype), None if db is None else db.to(ctx.b_dtype), None, None, None
+@torch.library.custom_op("anydepth::rms_norm", mutates_args=(), device_types="cpu")
+def rms_norm_op(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, eps: float, inside: bool) -> Tensor:
+    """:func:`rms_norm` of a contiguous ``(rows, d)`` float32 or bfloat16 ``x`` through the fused kernel."""
+    if _KERNEL.get() is None:
+        return _rms_norm_eager(x, weight, bias, k, eps, inside)
+    return _fused_forward(x, _as_f32(weight), _as_f32(bias), k, eps, inside)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, bias, k, eps, inside):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("anydepth::rms_norm_backward", mutates_args=(), device_types="cpu")
+def rms_norm_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: bool, k: int, eps: float, inside: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`rms_norm_op` (the closed form in the comment above); ``dbias`` is
+    empty without a bias. Not itself differentiable."""
+    x = x.contiguous()
+    dy = dy.to(x.dtype).contiguous()
+    rows, d = x.shape
+    if _KERNEL.get() is None:
+        with torch.enable_grad():
+            xg, wg = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            bg = torch.zeros(d, dtype=weight.dtype, requires_grad=True) if bias else None
+            y = _rms_norm_eager(xg, wg, bg, k, eps, inside)
+            grads = torch.autograd.grad(y, [xg, wg] + ([bg] if bias else []), dy)
+        return grads[0], grads[1], grads[2] if bias else weight.new_empty(0)
+    w32 = _as_f32(weight)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(d, dtype=torch.float32)
+    db = torch.zeros(d, dtype=torch.float32) if bias else None
+    fn = getattr(_KERNEL.lib, f"anydepth_rms_backward_{_FUSED_DTYPES[x.dtype]}")
+    status = fn(struct_args(_RmsNormArgs, x=x.data_ptr(), w=w32.data_ptr(), dy=dy.data_ptr(), dx=dx.data_ptr(),
+                            dw=dw.data_ptr(), db=_ptr(db), rows=rows, d=d, k=k, eps=eps, inside=int(inside),
+                            nthreads=torch.get_num_threads()))
+    if status != 0:
+        raise MemoryError(f"fused RMSNorm backward could not allocate its {d}-wide partial sums")
+    return dx, dw.to(weight.dtype), weight.new_empty(0) if db is None else db.to(weight.dtype)
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, x, weight, bias, k, eps, inside):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0] if bias else 0)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, bias, k, eps, inside = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.k, ctx.eps, ctx.inside = k, eps, inside
+    ctx.b_dtype = None if bias is None else bias.dtype
+
+
+def _rms_norm_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dw, db = rms_norm_backward_op(dy, x, weight, ctx.b_dtype is not None, ctx.k, ctx.eps, ctx.inside)
+    return dx, dw, None if ctx.b_dtype is None else db.to(ctx.b_dtype), None, None, None
+
+
+rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
 def rms_norm(
@@ -457,15 +343,7 @@ def rms_norm(
     inside = _check_placement("rms_norm", eps_placement) == "inside"
     if not _fused_ok(x, weight, bias):
         return _rms_norm_eager(x, weight, bias, k, eps, inside)
-    x2 = x.reshape(-1, d).contiguous()
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    if needs_grad:
-        y = _FusedRMSNormFn.apply(x2, weight, bias, k, eps, inside)
-    else:
-        y = _fused_forward(x2, _as_f32(weight), _as_f32(bias), k, eps, inside)
-    return y.view(x.shape)
+    return rms_norm_op(x.reshape(-1, d).contiguous(), weight, bias, k, eps, inside).view(x.shape)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -98,11 +98,6 @@ class Residual(nn.Module):
         """Merge the streams back after the last block (identity for one stream)."""
         return x
 
-    def followed_by(self, nxt: Residual | None) -> None:
-        """Called by the sequential stack with the residual that always reads this one's output next
-        (None: none does). A scheme may do part of that residual's work while its own output is in
-        cache (hyper-connections do); the result must not depend on it. Nothing by default."""
-
     @classmethod
     def from_config(cls, cfg, *, dim: int, ctx: LayerContext | None = None, norm="layer"):
         return cls(dim, cfg, ctx=ctx or LayerContext(), norm=norm)

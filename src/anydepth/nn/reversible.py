@@ -163,7 +163,9 @@ def reversible_apply(
         params: per block, the parameters its F and G use (a list per block); a flat list means
             every block may use any of them. They receive gradients, block by block.
         extra: other tensors the functions close over that need gradients (e.g. encoder output).
-        training: record and replay RNG states (dropout); off in eval to save the copies.
+        training: record and replay RNG states: on where the functions draw random numbers (dropout,
+            LSH's rotations), off otherwise, which saves the copies and keeps ``torch.compile``'s graph
+            whole (``torch.get_rng_state`` breaks it).
     """
     block_params = [list(p) for p in params] if params and isinstance(params[0], (list, tuple)) else None
     if block_params is None:

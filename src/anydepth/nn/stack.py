@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from anydepth.nn.reversible import reversible_apply
 from anydepth.registry import STACKS
@@ -44,18 +45,6 @@ def _per_block(kw: dict, cache: list | None, i: int) -> dict:
     return kw if cache is None else {**kw, "cache": cache[i]}
 
 
-def _link_residuals(blocks: nn.ModuleList, layer_dropout: float) -> None:
-    """Tell each residual which one reads its output next (``Residual.followed_by``): the next in its
-    block, then the first of the next block. Nothing is linked where LayerDrop may skip blocks, or where
-    a block does not list its residuals in order."""
-    if layer_dropout or not all(hasattr(b, "residuals") for b in blocks):
-        return
-    chain = [r for b in blocks for r in b.residuals()]
-    for r, nxt in zip(chain, chain[1:] + [None]):
-        if hasattr(r, "followed_by"):
-            r.followed_by(nxt)
-
-
 @STACKS.register("sequential")
 class SequentialStack(nn.Module):
     """``x = block_L(... block_1(x))``: ordinary autograd, activation memory grows with depth."""
@@ -69,7 +58,6 @@ class SequentialStack(nn.Module):
         _check_layer_dropout(layer_dropout)
         self.blocks = blocks
         self.layer_dropout = layer_dropout
-        _link_residuals(blocks, layer_dropout)
 
     @classmethod
     def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
@@ -125,7 +113,6 @@ class DenseStack(nn.Module):
             weights.append(nn.Parameter(torch.empty(len(js))))
         self.dwa = nn.ParameterList(weights)
         self.reset_parameters()
-        _link_residuals(blocks, 0.0)
 
     @classmethod
     def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
@@ -175,7 +162,10 @@ class ReversibleStack(nn.Module):
     Activations are recomputed in backward, so training memory is flat in depth. Requires additive,
     single-stream residual schemes (prenorm, rezero, layerscale); the model builder's rule table
     rejects the rest. Sequences of at most ``reverse_thres`` tokens, incremental decoding and
-    no-grad calls run the same coupling with ordinary autograd, which is faster.
+    no-grad calls run the same coupling with ordinary autograd, which is faster. Under ``torch.compile``
+    each block is checkpointed (``torch.utils.checkpoint``, non-reentrant) instead: the same gradients
+    and dropout masks, one graph, and each block's two input halves kept (memory linear in depth, in
+    two tensors per block).
     """
 
     @dataclass(kw_only=True)
@@ -215,17 +205,48 @@ class ReversibleStack(nn.Module):
         kept = _kept_blocks(self.blocks, self.layer_dropout, self.training)
         fs = [partial(self.blocks[i].f_delta, **_per_block(kw, cache, i)) for i in kept]
         gs = [self.blocks[i].g_delta for i in kept]
+        # RNG states are recorded (and replayed by the recomputation) only where a block draws random
+        # numbers: torch.get_rng_state costs two copies per block, and is a graph break under torch.compile
+        random = self.training and any(_draws_random(m) for i in kept for m in self.blocks[i].modules())
         if cache is not None or x.shape[1] <= self.reverse_thres:
             x1, x2 = x, x
             for f, g in zip(fs, gs):
                 x1 = x1 + f(x2)
                 x2 = x2 + g(x1)
+        elif torch.compiler.is_compiling() and torch.is_grad_enabled():
+            # dynamo traces a Function's backward while it traces the forward, and the reversible
+            # Function's backward takes its block's input from the next block's backward: under
+            # torch.compile each block is checkpointed instead
+            x1, x2 = x, x
+            for f, g in zip(fs, gs):
+                x1, x2 = checkpoint(_coupling, f, g, x1, x2, use_reentrant=False, preserve_rng_state=random)
         else:
             params = [list(self.blocks[i].parameters()) for i in kept]
-            x1, x2 = reversible_apply(x, x, fs, gs, params, extra=_tensors_needing_grad(kw), training=self.training)
+            x1, x2 = reversible_apply(x, x, fs, gs, params, extra=_tensors_needing_grad(kw), training=random)
         if self.merge is None:
             return (x1 + x2) / 2
         return self.merge(torch.cat([x1, x2], dim=-1))
+
+
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _draws_random(module: nn.Module) -> bool:
+    """Whether ``module``'s forward in training may draw from torch's RNG: a dropout module with
+    ``p > 0``, a float ``*dropout*`` rate above 0 (attention's, LSH's), or LSH attention without a
+    fixed ``seed`` (its random rotations)."""
+    from anydepth.nn.lsh import LSHAttention
+
+    if isinstance(module, _DROPOUTS):
+        return module.p > 0
+    if isinstance(module, LSHAttention) and module.seed is None:
+        return True
+    return any("dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(module).items())
+
+
+def _coupling(f, g, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+    y1 = x1 + f(x2)
+    return y1, x2 + g(y1)
 
 
 def _tensors_needing_grad(obj) -> list[Tensor]:

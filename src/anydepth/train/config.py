@@ -44,6 +44,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
     timeout: float = 300.0  # seconds a collective waits for the other processes (torchrun) before failing
+    compile: bool = False  # torch.compile the training forward: slower start, inductor's fusion for the CPU kernels'
     eval_every: int = 100  # steps between validation passes; 0 validates only at the end
     eval_batches: int = 8  # validation batches per pass, at fixed evenly spaced positions
     log_every: int = 10  # steps between train lines in metrics.jsonl and progress-bar updates
@@ -66,6 +67,9 @@ class TrainConfig:
             _non_negative_int(self, name)
         if self.threads is not None:
             _positive_int(self, "threads")
+        for name in ("compile", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"train.{name} must be true or false, got {getattr(self, name)!r}; e.g. --train.{name}")
         for name in ("lr", "eps"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

@@ -37,7 +37,7 @@ from anydepth.train import distributed as D
 from anydepth.train.config import RunConfig
 from anydepth.train.data import eval_batch, load_corpus, sample_batch, unigram_entropy_bits
 from anydepth.train.diagnostics import TrainingDiagnostics
-from anydepth.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from anydepth.train.optim import build_optimizer, convert_optimizer_state, lr_at, set_lr
 from anydepth.train.tokenizer import Tokenizer, text_bytes
 from anydepth.validate import check_output_dir
 
@@ -254,6 +254,10 @@ class _Trainer:
             self.model.to(info.device)
         # The optimizer is built after wrapping: FSDP2 replaces the parameters by sharded ones.
         self.ddp_model = D.wrap(self.model, info, tc.parallel)
+        if tc.compile:
+            # the training forward only: evaluation and sampling run the module as it is, and
+            # checkpoints and the optimizer see its own parameter names
+            self.ddp_model = torch.compile(self.ddp_model)
         self.sharded = D.is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, tc)
         if self.resume is not None:
@@ -311,7 +315,9 @@ class _Trainer:
     def _restore(self, ck: ckpt_io.Checkpoint) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        opt_state = ckpt_io.optimizer_from_flat(ck.state, ck.trainer["optimizer"])
+        opt_state = convert_optimizer_state(
+            ckpt_io.optimizer_from_flat(ck.state, ck.trainer["optimizer"]), self.optimizer
+        )
         try:
             set_optimizer_state_dict(
                 self.model, self.optimizer, opt_state, options=StateDictOptions(full_state_dict=True)
@@ -605,11 +611,9 @@ class _Trainer:
                     self._log({"step": step, "skipped": True, "lr": lr})
                 else:
                     if tc.clip > 0:
-                        if self.sharded:
-                            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
-                            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-                        else:
-                            norm = clip_grad_norm(self.model.parameters(), tc.clip)
+                        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip, foreach=True)
+                        # a sharded model's norm is a DTensor
+                        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
                         grad_norm = float(norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
