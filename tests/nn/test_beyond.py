@@ -203,7 +203,7 @@ def test_layer_scaling_scales_the_norm_output_by_one_over_sqrt_l(kind, layer):
 
 
 def test_layer_scaling_must_be_a_bool():
-    with pytest.raises(ValueError, match="layer_scaling must be True"):
+    with pytest.raises((TypeError, ValueError), match="layer_scaling must be True or False"):
         RESIDUALS.build(RESIDUALS.config("prenorm", layer_scaling="yes"), dim=8)
 
 
