@@ -71,6 +71,11 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
     assert {"depth", "steps", "wall_s", "final_val_bpc", "unigram_bits"} <= set(rec) and rec["depth"] == 3
     assert {r["status"] for r in results["runs"]} <= {"ok", "diverged"}
     assert len(results["deep"]) == 2
+    # 3 steps train nothing: every run failed, and each got the diagnostics of its last checkpoint
+    assert set(results["failures"]) == {r["run_id"] for r in results["runs"]}
+    assert all(isinstance(f, list) and all({"name", "message"} <= set(x) for x in f)
+               for f in results["failures"].values())
+    assert "## Why runs failed" in report
     for r in results["runs"]:
         assert [s for s, _ in r["curve"]] == [1, 2, 3]  # every step logged, curve read from metrics.jsonl
     assert set(results["output_change"]) == {"postln", "preln", "admin", "chain-postln", "chain-preln", "chain-admin"}

@@ -23,6 +23,7 @@ from typing import Any
 from anydepth.study import fc as fc_mod
 from anydepth.study import output_change as oc_mod
 from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
+from anydepth.study.explain import explain_failures
 from anydepth.study.report import write_report
 from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute
 from anydepth.study.sweep import QUICK_WORKERS, SCHEMES, Plan, full_plan, quick_plan, validate_schemes
@@ -76,6 +77,7 @@ def run_study(
     oc_build: Callable | None = None,
     lm: bool = True,
     deep: list[dict[str, Any]] | None = None,
+    explain: Callable[[list[dict[str, Any]], Path], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Runs ``plan`` into ``out`` (resuming) and writes the report; returns ``{"verdicts", "report"}``."""
     out = Path(out)
@@ -106,6 +108,7 @@ def run_study(
     )
     ev = Evidence(records, unigram_bits=unigram_bits, fc=fc_curves, output_change=oc_values)
     verdicts = decide(ev)
+    failures = explain(records, out) if explain and records else {}
     plan_info = {
         "name": plan.name,
         "depths": list(plan.depths),
@@ -131,6 +134,7 @@ def run_study(
         fc_steps=plan.fc_steps if fc else None,
         elapsed_s=time.perf_counter() - t0,
         deep=deep_rows(deep or []),
+        failures=failures,
     )
     return {"verdicts": verdicts, "report": report}
 
@@ -321,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
 
     train_tokens, _ = load_corpus(runner.data_config())
     unigram = float(unigram_entropy_bits(train_tokens))
+
+    def explain(records, out):
+        return explain_failures(records, out, unigram_bits=unigram, tokens=train_tokens)
+
     command = "anydepth study " + shlex.join(argv) if argv else "anydepth study"
     t0 = time.perf_counter()
     with torch_threads(threads):
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command.strip(),
             lm=lm,
             deep=load_deep(Path(args.out)),
+            explain=explain,
         )
     elapsed = time.perf_counter() - t0
     for v in result["verdicts"]:

@@ -265,6 +265,7 @@ def write_report(
     fc_steps: int | None = None,
     elapsed_s: float | None = None,
     deep: list[dict[str, Any]] | None = None,
+    failures: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``report.md``, the PNGs and ``results.json`` into ``out``; returns the report's path."""
     out = Path(out)
@@ -316,6 +317,17 @@ def write_report(
         ]
     lines += ["", "## Runs", "", "Seed-mean final val bpc at lr 1e-3, and how many seeds trained.", ""]
     lines += _run_table(ev) if ev.runs else ["No language-model runs."]
+    if failures:
+        lines += ["", "## Why runs failed", "",
+                  "The depth diagnostics (`anydepth diagnose`) on each failed run's last checkpoint, two training "
+                  "batches, no training (docs/diagnostics.md says what each finding means).", ""]
+        for run_id, found in sorted(failures.items()):
+            if isinstance(found, str):
+                lines.append(f"- `{run_id}`: {found}")
+            elif not found:
+                lines.append(f"- `{run_id}`: no finding fired")
+            else:
+                lines.append(f"- `{run_id}`: " + "; ".join(f"**{f['name']}**: {f['message']}" for f in found))
     for v in verdicts:
         lines += [
             "",
@@ -341,6 +353,7 @@ def write_report(
         "lr_sweep": {str(d): {sc: {**row, "final": {lr_label(k): x for k, x in row["final"].items()}}
                               for sc, row in t.items()} for d, t in sweep_table(ev).items()},
         "deep": deep or [],
+        "failures": failures or {},
         "plan": plan,
         "command": command,
         "unigram_bits": ev.unigram,
