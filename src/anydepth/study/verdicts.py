@@ -168,10 +168,17 @@ class Evidence:
         if math.isfinite(ref) and ref <= self.unigram - DECIDE_MARGIN_BPC:
             return None
         v.status = UNDECIDED
+        others = sorted(
+            (s, mean(self.vals(s, depth)))
+            for s in {r["scheme"] for r in self.runs if r["depth"] == depth and r["scheme"] != scheme}
+            if mean(self.vals(s, depth)) <= self.unigram - DECIDE_MARGIN_BPC
+        )
         v.measured = (
             f"reference {scheme} at {depth} layers ended at {_fmt(ref)} val bpc after {self.budget(depth)} steps, "
             f"not {DECIDE_MARGIN_BPC:.1f} below the unigram entropy {self.unigram:.3f}: the budget is too small "
             "to decide"
+            + (f" (at the same budget {', '.join(f'{s} {_fmt(x)}' for s, x in others)} did get there)" if others
+               else "")
         )
         return v
 
