@@ -56,7 +56,7 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "estimated" in printed and "calibrated on this machine" in printed and "time: " in printed
     report, results = _check_outputs(out, [1, 2])
-    for name in ("fc_curves.png", "output_change.png", "lr_sensitivity.png"):
+    for name in ("fc_curves.png", "output_change.png", "lr_sensitivity.png", "deep_curves.png"):
         assert (out / name).exists() and f"]({name})" in report
     # the LR grid of two points: every scheme at both rates at every depth, and its sensitivity in the results
     assert {(r["scheme"], r["depth"], r["lr"]) for r in results["runs"]} == {

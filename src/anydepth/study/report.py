@@ -71,6 +71,7 @@ def plot_curves(ev: Evidence, out: Path) -> list[Path]:
     paths = []
     for depth in ev.depths():
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        failed = 0
         for i, scheme in enumerate(s for s in SCHEMES if ev.group(s, depth)):
             for j, r in enumerate(ev.group(scheme, depth)):
                 curve = r.get("curve") or []
@@ -87,10 +88,15 @@ def plot_curves(ev: Evidence, out: Path) -> list[Path]:
                     alpha=0.9 if j == 0 else 0.5,
                     label=(_title(scheme) + ("" if ok else " (failed)")) if j == 0 else None,
                 )
-                if not ok:  # where a failed run ended (or blew up): an x on its last finite point
+                if not ok:  # where a failed run ended (or blew up): an x on its last finite point, named
                     last = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
                     if last:
                         ax.plot(*last[-1], "x", color=f"C{i}", ms=8, mew=2)
+                        # failed runs often end at the same place (the unigram entropy): stack their names
+                        ax.annotate(scheme, last[-1], xytext=(-6, 10 + 11 * failed), textcoords="offset points",
+                                    ha="right", fontsize=7, color=f"C{i}",
+                                    arrowprops={"arrowstyle": "-", "color": f"C{i}", "lw": 0.6})
+                        failed += 1
         ax.axhline(ev.unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
         ax.axhline(ev.unigram - 1.0, color="gray", ls=":", lw=0.8, label="unigram - 1 (decides a claim)")
         ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)",
@@ -271,9 +277,11 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots: list[Path] = plot_curves(ev, out)
+    from anydepth.study.deep import load_deep, plot_deep
     from anydepth.study.lr import choose_markdown, choose_table, plot_lr, sweep_table
 
     for p in (
+        plot_deep(load_deep(out), out),
         plot_lr(ev, out),
         plot_steps_to_target(ev, out),
         plot_final_vs_depth(ev, out),
