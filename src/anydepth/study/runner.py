@@ -44,14 +44,16 @@ SEC_PER_RUN = 3.0  # model build, corpus load, final evaluation and checkpoint o
 def calibrate(specs: Iterable[RunSpec], runner: Any, *, steps: int = 3) -> dict[tuple[str, int], float]:
     """Seconds per training step of each distinct (scheme, depth) in ``specs``, timed on this machine.
 
-    Each model is built as ``runner`` builds it and trained for one untimed and ``steps`` timed Adam steps
-    on random bytes; the median step is kept. Runners without ``model_config`` get no calibration.
+    Each model is built as ``runner`` builds it and trained with the trainer's own optimizer for two
+    untimed (allocation, optimizer state) and ``steps`` timed steps on random bytes; the median step is
+    kept. Runners without ``model_config`` get no calibration.
     """
     import torch
 
     if not hasattr(runner, "model_config"):
         return {}
     from anydepth.model.build import build_model
+    from anydepth.train.optim import build_optimizer
 
     rates: dict[tuple[str, int], float] = {}
     for spec in specs:
@@ -61,17 +63,17 @@ def calibrate(specs: Iterable[RunSpec], runner: Any, *, steps: int = 3) -> dict[
         cfg = runner.model_config(spec)
         torch.manual_seed(0)
         model = build_model(cfg)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt = build_optimizer(model, runner.train_config(spec, False))
         x = torch.randint(0, cfg.vocab_size, (spec.batch_size, spec.seq_len + 1))
         times = []
-        for i in range(steps + 1):
+        for i in range(steps + 2):
             t0 = time.perf_counter()
             logits = model(x[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i:
+            if i > 1:
                 times.append(time.perf_counter() - t0)
         rates[key] = sorted(times)[len(times) // 2]
         del model, opt
