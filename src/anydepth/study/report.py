@@ -298,7 +298,10 @@ def write_report(
         f"{', '.join(str(d) for d in plan.get('depths', ev.depths()))}; seeds {len(plan.get('seeds', [0]))}; "
         f"steps per depth {plan.get('budgets', {})}.",
         f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}"
-        + (f"; study time {elapsed_s / 60:.1f} min." if elapsed_s is not None else "."),
+        + (f"; this invocation took {elapsed_s / 60:.1f} min (finished runs are reused)" if elapsed_s is not None
+           else "")
+        + (f"; the runs' own wall times add up to {sum(r.get('wall_s') or 0 for r in ev.runs) / 60:.1f} min"
+           if ev.runs else "") + ".",
         f"Unigram entropy of the training bytes: {ev.unigram:.3f} bits/char. A run *failed to train* if it "
         "diverged or ended with EMA train bpc at or above the unigram entropy minus 0.15.",
         "Verdicts follow the rules fixed in `anydepth/study/verdicts.py` before any run (docs/study.md).",
