@@ -13,6 +13,7 @@ entropy, the same bar that decides a claim in the study.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -53,7 +54,7 @@ def run_deep(plan: DeepPlan, out: Path, *, runner: TrainerRunner, unigram_bits: 
     """
     deep_dir = Path(out) / "deep"
     deep_dir.mkdir(parents=True, exist_ok=True)
-    runner = TrainerRunner(**{**runner.__dict__, "model": tuple(DEEP_MODEL.items())})
+    runner = dataclasses.replace(runner, model=tuple(DEEP_MODEL.items()))
     probe = RunSpec(scheme=plan.schemes[0], depth=plan.depth, seed=seed, steps=1, lr=plan.lr,
                     batch_size=plan.batch_size, seq_len=plan.seq_len)
     sec = calibrate([probe], runner, steps=2)[(probe.scheme, probe.depth)]

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from anydepth.study.deep import json_safe
-from anydepth.study.runner import TrainerRunner, run_one
+from anydepth.study.runner import TrainerRunner, json_safe, run_one
 from anydepth.study.sweep import SCHEMES, RunSpec
 from anydepth.study.verdicts import DECIDE_MARGIN_BPC, final_val
 

@@ -25,8 +25,6 @@ def explain_failures(
     records: list[dict[str, Any]], out: Path, *, unigram_bits: float, tokens, batches: int = 2
 ) -> dict[str, list[dict[str, Any]] | str]:
     """``{run_id: [finding dicts] or a sentence}`` for every failed run of ``records`` under ``out/runs``."""
-    import torch
-
     from anydepth.diagnose import findings
     from anydepth.model.lm import from_pretrained
     from anydepth.train.data import sample_batch
@@ -48,6 +46,4 @@ def explain_failures(
             explained[r["run_id"]] = f"the diagnostics could not run: {type(e).__name__}: {e}".splitlines()[0]
             continue
         explained[r["run_id"]] = [f.to_dict() for f in found]
-        del model
-        torch.set_grad_enabled(True)
     return explained

@@ -112,7 +112,7 @@ class Plan:
     budgets: dict[int, int]  # depth -> steps
     batch_size: int = 16
     seq_len: int = 64
-    # (scheme, depth) -> rates of the sweep (first seed). Every scheme at one depth gets the same rates.
+    # depth -> (schemes, rates) of the sweep (first seed): every scheme at one depth gets the same rates
     lr_sweep: dict[int, tuple[tuple[str, ...], tuple[float, ...]]] = field(default_factory=dict)
     # depth -> (schemes, source depth): each scheme runs its best rate at the source depth and the two
     # neighbouring grid rates, once the source depth's sweep has finished.
@@ -157,7 +157,7 @@ class Plan:
         """Stand-ins for the following depths' runs before their rates are known (3 per scheme), for the
         time estimate."""
         return [
-            dataclasses.replace(self._spec(s, d, self.seeds[0], BASE_LR), lr=lr)
+            self._spec(s, d, self.seeds[0], lr)
             for d, (schemes, _) in self.lr_follow.items()
             for s in schemes
             for lr in LR_GRID[:3]

@@ -159,19 +159,24 @@ class Evidence:
         steps = [r["steps"] for r in self.runs if r["depth"] == depth and "steps" in r]
         return max(steps) if steps else None
 
+    def reached(self, scheme: str, depth: int) -> bool:
+        """Whether ``scheme``'s seed-mean final val bpc at ``depth`` is ``DECIDE_MARGIN_BPC`` under the unigram
+        entropy: the runs were long enough to say something about training at that depth."""
+        return mean(self.vals(scheme, depth)) <= self.unigram - DECIDE_MARGIN_BPC  # NaN (diverged) is False
+
     def undecided(self, v: Verdict, scheme: str, depth: int) -> Verdict | None:
         """``v`` marked undecided if ``scheme`` (the claim's reference) did not end at least
         ``DECIDE_MARGIN_BPC`` below the unigram entropy at ``depth`` (final val bpc, seed mean)."""
         ref = mean(self.vals(scheme, depth))
         v.details.setdefault("budgets", {})[str(depth)] = self.budget(depth)
         v.details.setdefault("reference", {})[f"{scheme}-L{depth}"] = ref
-        if math.isfinite(ref) and ref <= self.unigram - DECIDE_MARGIN_BPC:
+        if self.reached(scheme, depth):
             return None
         v.status = UNDECIDED
         others = sorted(
             (s, mean(self.vals(s, depth)))
             for s in {r["scheme"] for r in self.runs if r["depth"] == depth and r["scheme"] != scheme}
-            if mean(self.vals(s, depth)) <= self.unigram - DECIDE_MARGIN_BPC
+            if self.reached(s, depth)
         )
         v.measured = (
             f"reference {scheme} at {depth} layers ended at {_fmt(ref)} val bpc after {self.budget(depth)} steps, "
@@ -425,7 +430,7 @@ def ad1(ev: Evidence) -> Verdict:
     not_run, crashed = ev.missing(cells_a)
     crashed_all += crashed
     undecided_parts = []
-    if not not_run and not crashed and ev.undecided(Verdict("", "", "", "", NOT_RUN), "preln", 12):
+    if not not_run and not crashed and not ev.reached("preln", 12):
         undecided_parts.append("a")
         lines.append(f"(a) undecided: pre-LN at 12 layers ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
     elif not not_run and not crashed:
@@ -438,7 +443,7 @@ def ad1(ev: Evidence) -> Verdict:
     post64 = "postln-warmup" if ev.group("postln-warmup", 64) else "postln"
     not_run, crashed = ev.missing([(post64, 64), ("admin", 64)])
     crashed_all += crashed
-    if not not_run and not crashed and ev.undecided(Verdict("", "", "", "", NOT_RUN), "admin", 64):
+    if not not_run and not crashed and not ev.reached("admin", 64):
         undecided_parts.append("b")
         lines.append(f"(b) undecided: Admin at 64 layers ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
     elif not not_run and not crashed:
@@ -455,7 +460,7 @@ def ad1(ev: Evidence) -> Verdict:
             "preln", d
         ):
             a, p = ev.vals("admin", d), ev.vals("preln", d)
-            if not mean(p) <= ev.unigram - DECIDE_MARGIN_BPC:
+            if not ev.reached("preln", d):
                 undecided_parts.append("c")
                 lines.append(f"(c) {d}L undecided: pre-LN ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
                 continue
