@@ -62,3 +62,28 @@ def test_bad_input_names_the_argument():
         FCNet("rezero", depth=0)
     with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         train_fc("rezero", 2, steps=0)
+
+
+def test_layer_lr_is_the_hidden_layers_rate_and_the_classifier_keeps_lr():
+    """With the hidden layers' rate at 0, ReZero stays the identity, so its losses are those of the
+    classifier alone trained by Adagrad at ``lr`` on the same batches."""
+    data = teacher_data(n=400, dim=8, seed=0)
+    losses = train_fc("rezero", 5, steps=6, width=8, batch_size=50, lr=0.05, layer_lr=0.0, data=data)
+    torch.manual_seed(0)
+    head = FCNet("rezero", 5, width=8).head
+    opt = torch.optim.Adagrad(head.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(400, generator=g)
+    expected = []
+    for i in range(6):
+        idx = order[50 * i : 50 * (i + 1)]
+        loss = F.cross_entropy(head(data[0][idx]), data[1][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    assert losses == pytest.approx(expected, rel=1e-6)
+    # and the rate does reach the layers: with layer_lr = lr the curve differs
+    assert train_fc("rezero", 5, steps=6, width=8, batch_size=50, lr=0.05, data=data) != pytest.approx(
+        expected, rel=1e-6
+    )

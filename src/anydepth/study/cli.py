@@ -91,11 +91,13 @@ def run_study(
     fc_name = f"fc_L{'-'.join(map(str, plan.fc_depths))}_{plan.fc_steps}steps"
     if (plan.fc_width, plan.fc_lr) != (256, 0.01):
         fc_name += f"_w{plan.fc_width}_lr{plan.fc_lr:g}"
+    if plan.fc_layer_lr is not None:
+        fc_name += f"_layerlr{plan.fc_layer_lr:g}"
     fc_curves = (
         _cached(
             out / f"{fc_name}.json",
             lambda: fc_mod.run_fc(plan.fc_depths, plan.fc_steps, width=plan.fc_width, lr=plan.fc_lr,
-                                  progress=progress),
+                                  layer_lr=plan.fc_layer_lr, progress=progress),
         )
         if fc and plan.fc_depths
         else {}
@@ -125,6 +127,7 @@ def run_study(
         "fc_steps": plan.fc_steps if fc else 0,
         "fc_width": plan.fc_width,
         "fc_lr": plan.fc_lr,
+        "fc_layer_lr": plan.fc_layer_lr,
         "output_change_depths": list(plan.output_change_depths) if output_change else [],
     }
     report = write_report(
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fc-depths", type=lambda s: _int_list(s, "fc-depths"), default=None, help="e.g. 32,64,10000")
     p.add_argument("--fc-width", type=int, default=None, help="width of the fully connected layers (default 256)")
     p.add_argument("--fc-lr", type=float, default=None, help="Adagrad rate of the FC experiment (default 0.01)")
+    p.add_argument("--fc-layer-lr", type=float, default=None,
+                   help="Adagrad rate of the FC hidden layers and gates (default: --fc-lr); 1e-4 at 10,000 layers")
     p.add_argument(
         "--output-change-depths",
         type=lambda s: _int_list(s, "output-change-depths"),
@@ -245,6 +250,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         changes["fc_width"] = args.fc_width
     if _positive("fc-lr", args.fc_lr, float) is not None:
         changes["fc_lr"] = args.fc_lr
+    if _positive("fc-layer-lr", args.fc_layer_lr, float) is not None:
+        changes["fc_layer_lr"] = args.fc_layer_lr
     for name in ("fc_depths", "output_change_depths"):
         depths = getattr(args, name)
         if depths is not None:

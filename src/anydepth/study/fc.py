@@ -12,6 +12,12 @@ followed by a linear classifier. The paper trains on CIFAR-10; to stay self-cont
 inputs ``x ~ N(0, I_w)`` and labels them with a fixed random teacher, ``y = argmax(V tanh(U x / sqrt(w)))``
 (10 classes, so chance cross-entropy is ln 10 = 2.30). Training is Adagrad at lr 0.01, batch 100,
 as in the paper. This is not language-model training, so it has its own ten-line loop.
+
+Very deep networks take a separate rate for the hidden layers (``layer_lr``, the same for every
+variant): Adagrad's first step moves every parameter by the full rate, and at ReZero's init the moves
+of the ``depth`` gates ``a_i`` all lower the loss along the same direction, so the function changes by
+about ``depth x layer_lr`` at once. At 10,000 layers a rate of 1e-2 is a change of order 100 and the
+loss overflows; ``layer_lr = 1e-4`` keeps it of order 1 while the classifier learns at the full rate.
 """
 
 from __future__ import annotations
@@ -82,10 +88,15 @@ def train_fc(
     width: int = 256,
     batch_size: int = 100,
     lr: float = 0.01,
+    layer_lr: float | None = None,
     data: tuple[Tensor, Tensor] | None = None,
     progress: bool = False,
 ) -> list[float]:
-    """Train loss (cross-entropy, nats) at every step; training stops at the first non-finite loss."""
+    """Train loss (cross-entropy, nats) at every step; training stops at the first non-finite loss.
+
+    ``lr`` is the Adagrad rate of the classifier, ``layer_lr`` that of the hidden layers and ReZero's
+    gates (default: ``lr``).
+    """
     from tqdm.auto import tqdm
 
     for name, v in (("steps", steps), ("batch_size", batch_size), ("width", width)):
@@ -94,7 +105,10 @@ def train_fc(
     x, y = data if data is not None else teacher_data(dim=width, seed=0)
     torch.manual_seed(seed)
     net = FCNet(variant, depth, width=width, classes=int(y.max()) + 1)
-    opt = torch.optim.Adagrad(net.parameters(), lr=lr)
+    hidden = [p for name, p in net.named_parameters() if not name.startswith("head.")]
+    opt = torch.optim.Adagrad(
+        [{"params": hidden, "lr": lr if layer_lr is None else layer_lr}, {"params": net.head.parameters()}], lr=lr
+    )
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
     losses: list[float] = []
@@ -117,12 +131,13 @@ def train_fc(
 
 def run_fc(
     depths: tuple[int, ...], steps: int, *, seed: int = 0, width: int = 256, lr: float = 0.01,
-    progress: bool = False
+    layer_lr: float | None = None, progress: bool = False
 ) -> dict[str, dict[str, list[float]]]:
     """``{str(depth): {variant: losses}}`` for every variant at every depth (one shared dataset)."""
     data = teacher_data(dim=width, seed=0)
     return {
-        str(d): {v: train_fc(v, d, steps=steps, seed=seed, width=width, lr=lr, data=data, progress=progress)
+        str(d): {v: train_fc(v, d, steps=steps, seed=seed, width=width, lr=lr, layer_lr=layer_lr, data=data,
+                             progress=progress)
                  for v in VARIANTS}
         for d in depths
     }

@@ -121,6 +121,7 @@ class Plan:
     fc_steps: int = 2000
     fc_width: int = 256
     fc_lr: float = 0.01  # Adagrad, as in the paper's notebook
+    fc_layer_lr: float | None = None  # the hidden layers' rate (None: fc_lr); see anydepth.study.fc
     output_change_depths: tuple[int, ...] = (6, 12, 24, 48)  # Admin's amplification measurement
 
     def _spec(self, scheme: str, depth: int, seed: int, lr: float) -> RunSpec:
