@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -293,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme and not args.publish:
             raise ValueError("--readme needs --publish (the README follows the published results.json)")
         if args.workers is None:
-            args.workers = QUICK_WORKERS if args.quick else 1
+            # the quick study's runs and the deep runs train two single-thread processes at a time
+            args.workers = QUICK_WORKERS if args.quick or deep_plan else 1
         if args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     t_cal = time.perf_counter() - t_cal
     est = estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates)
     if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
-        est += len(deep_plan.schemes) * (60 * deep_plan.minutes + 30)
+        est += math.ceil(len(deep_plan.schemes) / args.workers) * (60 * deep_plan.minutes + 30)
     runs = plan.runs() if lm else []
     what = (
         f"{len(runs) + plan.follow_count()} runs ({', '.join(plan.schemes)} at depths "
@@ -342,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with torch_threads(threads):
         if deep_plan:
-            run_deep(deep_plan, Path(args.out), runner=runner, unigram_bits=unigram, progress=progress)
+            run_deep(deep_plan, Path(args.out), runner=runner, unigram_bits=unigram, progress=progress,
+                     workers=args.workers)
         result = run_study(
             plan,
             Path(args.out),
