@@ -210,3 +210,15 @@ def test_qk1_lr_sensitivity_rule():
     flat = sweep("preln", dict(zip(lrs, (3.0, 3.05, 3.1)))) + sweep("qknorm", dict(zip(lrs, (3.0, 3.0, 3.0))))
     assert V.qk1(V.Evidence(flat, unigram_bits=UNIGRAM)).status == V.UNDECIDED  # nothing unstable to remove
     assert V.qk1(V.Evidence(runs[:3], unigram_bits=UNIGRAM)).status == V.NOT_RUN
+
+
+def test_ad1_b_is_decided_by_pre_ln_s_budget():
+    """Admin stuck at the unigram entropy where pre-LN trained at the same budget is a failed (b), not an
+    undecided one; without a pre-LN run at 64 layers Admin is its own reference and (b) stays undecided."""
+    stuck = curve(5.0, 0.05, 100, floor=UNIGRAM + 0.1)
+    runs = [rec("postln", 64, c=curve(5.0, 0.05, 100, floor=5.0)), rec("admin", 64, c=stuck),
+            rec("preln", 64, c=curve(5.0, 0.05, 100, floor=UNIGRAM - 1.5))]
+    v = V.ad1(V.Evidence(runs, unigram_bits=UNIGRAM))
+    assert v.status == V.NOT_REPRODUCED and v.details["parts"] == {"b": False}, v.measured
+    v = V.ad1(V.Evidence(runs[:2], unigram_bits=UNIGRAM))
+    assert v.status == V.UNDECIDED and "(b) undecided: admin" in v.measured

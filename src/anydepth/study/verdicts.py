@@ -419,7 +419,8 @@ def ad1(ev: Evidence) -> Verdict:
         "Admin 27.90/28.58/29.03.",
         rule="(a) At 12 layers post-LN + warm-up, pre-LN and Admin all train and post-LN's seed-mean val "
         "bpc <= pre-LN's. (b) At 64 layers post-LN (with warm-up if run, else without) fails or ends >= 0.3 "
-        "bpc above Admin, which trains. (c) Wherever Admin and pre-LN both train, Admin's val bpc is below "
+        "bpc above Admin, which trains; decided when pre-LN at 64 layers (else Admin) reached the budget bar. "
+        "(c) Wherever Admin and pre-LN both train, Admin's val bpc is below "
         "pre-LN's by more than the noise; a gap inside noise is 'not reproduced at this scale'.",
         status=NOT_RUN,
     )
@@ -443,9 +444,14 @@ def ad1(ev: Evidence) -> Verdict:
     post64 = "postln-warmup" if ev.group("postln-warmup", 64) else "postln"
     not_run, crashed = ev.missing([(post64, 64), ("admin", 64)])
     crashed_all += crashed
-    if not not_run and not crashed and not ev.reached("admin", 64):
+    # The budget reference at 64 layers is pre-LN where it ran (a scheme that trains at any depth at this
+    # rate): if pre-LN got there, the budget sufficed and an Admin that did not is a failed claim, not an
+    # undecided one. Without a pre-LN run, Admin itself is the reference.
+    ref64 = "preln" if ev.group("preln", 64) else "admin"
+    if not not_run and not crashed and not ev.reached(ref64, 64):
         undecided_parts.append("b")
-        lines.append(f"(b) undecided: Admin at 64 layers ended above unigram - {DECIDE_MARGIN_BPC:.1f}")
+        lines.append(f"(b) undecided: {ref64} at 64 layers ended above unigram - "
+                     f"{DECIDE_MARGIN_BPC:.1f}")
     elif not not_run and not crashed:
         adm = mean(ev.emas("admin", 64))
         post = mean(ev.emas(post64, 64))
