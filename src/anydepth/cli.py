@@ -566,7 +566,7 @@ def _tokenize(argv: list[str]) -> int:
 
 def load_for_generation(path: str, device: str = "cpu"):
     """The model of a run directory, a checkpoint or a ``save_pretrained`` directory, checksums verified."""
-    from anydepth.model.lm import from_pretrained
+    from anydepth.model.pretrained import from_pretrained
     from anydepth.train import checkpoint as C
 
     p = Path(path)
@@ -581,7 +581,7 @@ def load_for_generation(path: str, device: str = "cpu"):
         except C.CheckpointError as e:
             raise CliError(str(e)) from None
     try:
-        model = from_pretrained(d, map_location=device)
+        model = from_pretrained(d, device=device)
     except (ValueError, FileNotFoundError) as e:
         raise CliError(str(e).splitlines()[0]) from None
     return model.eval()

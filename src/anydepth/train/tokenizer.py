@@ -153,7 +153,7 @@ class Tokenizer:
 
     # -- sampling only valid UTF-8 ----------------------------------------------------------
     def utf8_processor(self, vocab_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """A ``logits_processor`` for :func:`anydepth.generate.generate` that keeps the output valid UTF-8.
+        """A ``logits_processor`` for :func:`anydepth.generate` that keeps the output valid UTF-8.
 
         The output so far ends in an incomplete character ``tail`` (0-3 bytes, mostly none); a token
         is allowed iff ``tail + bytes(token)`` is a valid UTF-8 prefix (strict: no overlong forms,
