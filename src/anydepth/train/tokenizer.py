@@ -262,7 +262,7 @@ def train_bpe(
 def encode_to_cache(data: np.ndarray, tok: Tokenizer, target: Path, *, progress: bool = True) -> np.memmap:
     """Ids of the UTF-8 bytes ``data``, written once to ``target`` (uint16, or uint32 past 65,536 ids)
     and memory-mapped; a second call maps the file at once."""
-    from anydepth.train.data import _atomic_write
+    from anydepth.train.atomic import atomic_write
 
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     if not target.exists():
@@ -285,7 +285,7 @@ def encode_to_cache(data: np.ndarray, tok: Tokenizer, target: Path, *, progress:
                 bar.update(len(piece.encode("utf-8")))
 
         try:
-            _atomic_write(target, write)
+            atomic_write(target, write)
         finally:
             bar.close()
     if target.stat().st_size == 0:
