@@ -198,20 +198,16 @@ def test_no_import_cycle():
 
 
 def _graph_of(sources: dict[str, str], tmp_path, monkeypatch) -> dict[str, dict[str, int]]:
-    global MODULES
+    """The graph of a made-up ``anydepth`` whose modules hold ``sources`` (a name that prefixes
+    another is a package)."""
+    modules = {}
     for name, text in sources.items():
         parts = name.split(".")
         is_pkg = any(other.startswith(name + ".") for other in sources)
         path = tmp_path.joinpath(*parts, "__init__.py") if is_pkg else tmp_path.joinpath(*parts[:-1], parts[-1] + ".py")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    modules = {}
-    for name in sources:
-        is_pkg = any(other.startswith(name + ".") for other in sources)
-        parts = name.split(".")
-        modules[name] = (
-            tmp_path.joinpath(*parts, "__init__.py") if is_pkg else tmp_path.joinpath(*parts[:-1], parts[-1] + ".py")
-        )
+        modules[name] = path
     monkeypatch.setitem(globals(), "MODULES", modules)
     return {m: _edges(m) for m in modules}
 

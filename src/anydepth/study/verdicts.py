@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from anydepth.study.sweep import SCHEMES, final_val
+from anydepth.study.sweep import BASE_LR, SCHEMES, final_val  # BASE_LR: the claim runs' rate
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced at this scale"
@@ -40,7 +40,6 @@ NOT_RUN = "not run"
 UNDECIDED = "undecided: budget too small"
 STATUSES = (REPRODUCED, NOT_REPRODUCED, FAILED, NOT_RUN, UNDECIDED)
 
-BASE_LR = 1e-3  # the claim runs' rate (anydepth.study.sweep.BASE_LR); the LR sweep's other rates are not claims
 OUTPUT_CHANGE_SIGMA = 0.05  # relative weight perturbation of AD-2 (anydepth.study.output_change.measure)
 DECIDE_MARGIN_BPC = 1.0  # a claim is decided only if its reference ended this far below the unigram entropy
 
