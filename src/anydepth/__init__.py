@@ -54,17 +54,25 @@ _LAZY: dict[str, str] = {
     "admin_profile_": "anydepth.nn.residual",
     "HyperConnection": "anydepth.nn.hyper",
     "ManifoldHyperConnection": "anydepth.nn.hyper",
-    # the builder
+    # the builder, the models, saving and sampling
     "ModelConfig": "anydepth.model.config",
+    "EncoderDecoderConfig": "anydepth.model.config",
     "build_model": "anydepth.model.build",
+    "InvalidCombination": "anydepth.model.build",
     "TransformerLM": "anydepth.model.lm",
+    "KVCache": "anydepth.model.lm",
+    "LMOutput": "anydepth.model.lm",
     "EncoderDecoder": "anydepth.model.encdec",
     "reparameterize": "anydepth.model.reparam",
+    "save_pretrained": "anydepth.model.pretrained",
+    "from_pretrained": "anydepth.model.pretrained",
+    "generate": "anydepth.sampling",
     # training
     "RunConfig": "anydepth.train.config",
     "TrainConfig": "anydepth.train.config",
     "DataConfig": "anydepth.train.config",
     "TrainingDiverged": "anydepth.train.loop",
+    "CheckpointError": "anydepth.train.checkpoint",
     # ReZero seed API
     "RZTXEncoderLayer": "anydepth.compat.rezero",
     "RZTXDecoderLayer": "anydepth.compat.rezero",
@@ -91,7 +99,7 @@ _LAZY: dict[str, str] = {
     "TrainingWrapper": "anydepth.compat.reformer",
     "from_reformer_pytorch": "anydepth.compat.reformer",
 }
-_SUBMODULES = {"admin", "nn", "model", "train", "study", "compat", "registry", "generate"}
+_SUBMODULES = {"admin", "nn", "model", "train", "study", "compat", "registry", "sampling"}
 _ALIASES = {"presets": "anydepth.model.presets"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + sorted(_ALIASES)

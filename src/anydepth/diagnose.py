@@ -63,7 +63,6 @@ __all__ = [
     "write_report",
     "plot_report",
     "plot_profiles",
-    "main",
 ]
 
 OUTPUT_CHANGE_SIGMA = 1e-3  # std of Admin's weight perturbation (Liu et al. 2020 measure at a fixed small step)
@@ -705,99 +704,3 @@ def plot_profiles(report: Report, png: str | os.PathLike, title: str | None = No
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-
-USAGE = """usage: anydepth diagnose [--preset NAME | --config FILE.json | --checkpoint DIR] [overrides] [--batches N]
-
-Builds the model exactly as `anydepth train` would with the same options (same seed, so the same
-init), or loads a trained one with --checkpoint (a run, checkpoint or save_pretrained directory),
-runs one forward and backward on the first N training batches of the run's corpus (--batches,
-default 4; --train.batch_size and --train.seq_len set their shape), prints the verdict and writes
-diagnose.json, diagnose.png (heatmap) and profiles.png (lines) under --out (default
-runs/diagnose-<UTC time>). Nothing is trained.
-
-  anydepth diagnose --preset postnorm --model.depth=64 --model.dim=64 --train.seq_len=64"""
-
-
-def main(argv: Sequence[str]) -> int:
-    """``anydepth diagnose``; bad input raises the CLI's one-line error (exit code 2)."""
-    from datetime import datetime, timezone
-
-    from anydepth.cli import CliError, _scan, load_for_generation, parse_train_args
-    from anydepth.model.build import build_model
-    from anydepth.train.data import load_corpus, sample_batch
-
-    argv = list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
-        print("\nEvery option of `anydepth train --help` is accepted; --out is where the files go.")
-        return 0
-    checkpoint = _scan(argv, "checkpoint")
-    n_batches = _scan(argv, "batches")
-    argv = _drop(argv, "checkpoint")
-    argv = _drop(argv, "batches")
-    try:
-        n = 4 if n_batches is None else int(n_batches)
-    except ValueError:
-        raise CliError(f"--batches must be a positive integer, got {n_batches!r}") from None
-    if n < 1:
-        raise CliError(f"--batches must be a positive integer, got {n}")
-    if checkpoint is not None:
-        clash = [a.split("=", 1)[0] for a in argv if a.startswith(("--model.", "--preset", "--config", "--resume"))]
-        if clash:
-            raise CliError(
-                f"{clash[0]} does not apply to --checkpoint (the checkpoint fixes the model); drop it, or "
-                "diagnose a preset or config instead"
-            )
-    cfg = parse_train_args(argv)
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if tc.device == "auto" else tc.device)
-    if checkpoint is not None:
-        model = load_for_generation(checkpoint, device=str(device)).train()
-    else:
-        torch.manual_seed(tc.seed)
-        try:
-            model = build_model(cfg.model).to(device)
-        except (ValueError, TypeError) as e:
-            raise CliError(str(e).splitlines()[0]) from None
-    seq_len = min(tc.seq_len, model.config.max_seq_len)
-    try:
-        from anydepth.train.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_file(cfg.data.tokenizer, "data.tokenizer") if cfg.data.tokenizer else None
-        train_tokens, _ = load_corpus(cfg.data, tok)
-        batches = [
-            sample_batch(train_tokens, step=i, seed=tc.seed, batch_size=tc.batch_size, seq_len=seq_len)
-            for i in range(n)
-        ]
-    except ValueError as e:
-        raise CliError(str(e).splitlines()[0]) from None
-    report = diagnose(model, batches)
-    out = Path(cfg.out or Path("runs") / datetime.now(timezone.utc).strftime("diagnose-%Y%m%d-%H%M%S"))
-    paths = write_report(report, out)
-    print(report.verdict())
-    print(f"report:  {paths['json']}")
-    print(f"heatmap: {paths['png']}")
-    print(f"lines:   {paths['profiles']}")
-    return 0
-
-
-def _drop(argv: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for tok in argv:
-        if skip:
-            skip = False
-            continue
-        if tok == f"--{name}":
-            skip = True
-            continue
-        if tok.startswith(f"--{name}="):
-            continue
-        out.append(tok)
-    return out

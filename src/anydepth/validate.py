@@ -308,7 +308,7 @@ def check_generate_args(
     eos_token: Any = None,
     vocab_size: int | None = None,
 ) -> None:
-    """The sampling arguments of :func:`anydepth.generate.generate` (and ``anydepth generate``).
+    """The sampling arguments of :func:`anydepth.generate` (and ``anydepth generate``).
 
     ``temperature`` is a finite number >= 0 (0: greedy); ``top_k`` None or an int >= 1; ``top_p``
     None or in (0, 1]; ``max_new_tokens`` an int >= 0; ``eos_token`` None or a token id.

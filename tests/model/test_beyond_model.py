@@ -11,6 +11,7 @@ from anydepth import ModelConfig, build_model, registered, reparameterize
 from anydepth.model import presets
 from anydepth.model.config import EncoderDecoderConfig
 from anydepth.model.lm import TransformerLM
+from anydepth.model.pretrained import from_pretrained, save_pretrained
 from anydepth.nn.attention import ValueResidual
 from anydepth.registry import ATTENTIONS, NORMS, RESIDUALS, STACKS
 
@@ -250,8 +251,8 @@ def test_reparameterize_gives_a_post_ln_model_of_the_same_function(residual, enc
     # the skip scale really was > 1, so the fold did something
     first = (model.encoder if encdec else model).blocks[0].res_attn
     assert (float(first.omega) if residual == "admin" else first.alpha) > 1.1
-    plain.save_pretrained(tmp_path / "plain")
-    loaded = type(plain).from_pretrained(tmp_path / "plain")
+    save_pretrained(plain, tmp_path / "plain")
+    loaded = from_pretrained(tmp_path / "plain")
     assert type(loaded) is type(plain)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(*inputs), out, rtol=0, atol=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anydepth import ModelConfig, build_model
-from anydepth.model.lm import from_pretrained
+from anydepth.model.pretrained import from_pretrained, save_pretrained
 from anydepth.registry import ATTENTIONS, FFS, NORMS, POSITIONS, RESIDUALS, STACKS
 
 TINY = dict(vocab_size=32, dim=16, depth=2, heads=2, max_seq_len=16)
@@ -91,7 +91,7 @@ def test_component_config_from_a_dict_is_checked():
 
 def test_config_read_from_a_checkpoint_is_checked(tmp_path):
     model = build_model(ModelConfig(**TINY))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["causal"] = None
     (tmp_path / "config.json").write_text(json.dumps(cfg))

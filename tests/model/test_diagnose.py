@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from anydepth.diagnose import amax_gain, diagnose, findings, sublayers
 from anydepth.model import presets
 from anydepth.model.build import build_model
+from anydepth.model.pretrained import save_pretrained
 from anydepth.registry import RESIDUALS
 
 
@@ -219,7 +220,7 @@ def test_cli_diagnoses_a_saved_model_and_reports_a_config_that_does_not_build(tm
     corpus = tmp_path / "c.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 400)
     model = _model("admin", depth=2)
-    model.save_pretrained(tmp_path / "saved")
+    save_pretrained(model, tmp_path / "saved")
     data = [f"--data.path={corpus}", f"--data.cache_dir={tmp_path / 'cache'}", "--train.seq_len=16"]
     p = _cli("--checkpoint", str(tmp_path / "saved"), "--batches=1", *data, f"--out={tmp_path / 'd'}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from anydepth import ModelConfig, build_model
-from anydepth.generate import sample_next
 from anydepth.registry import ATTENTIONS
+from anydepth.sampling import sample_next
 
 TINY = dict(vocab_size=32, dim=16, depth=1, heads=2, max_seq_len=16)
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from anydepth import ModelConfig, build_model
-from anydepth.generate import filter_logits, sample_next
 from anydepth.model import presets
-from anydepth.model.lm import from_pretrained
+from anydepth.model.pretrained import from_pretrained, save_pretrained
 from anydepth.registry import ATTENTIONS, FFS, STACKS
+from anydepth.sampling import filter_logits, sample_next
 
 TINY = dict(vocab_size=32, dim=16, depth=2, heads=2, max_seq_len=32)
 
@@ -85,14 +85,14 @@ def test_top_k_and_top_p_filter_as_defined():
 def test_save_load_round_trip_reproduces_logits(tmp_path):
     model = lm(residual="rezero", norm="rms", emb_dim=8)
     tokens = torch.randint(0, 32, (2, 7))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     again = from_pretrained(tmp_path).eval()
     assert torch.equal(model(tokens), again(tokens))
     assert again.config == model.config
 
 
 def test_corrupt_checkpoint_names_the_file(tmp_path):
-    lm().save_pretrained(tmp_path)
+    save_pretrained(lm(), tmp_path)
     w = tmp_path / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors"):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from anydepth import ModelConfig, build_model
+from anydepth import ModelConfig, build_model, save_pretrained
 from anydepth.cli import main
 
 
@@ -15,7 +15,7 @@ from anydepth.cli import main
 def pretrained(tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
-    build_model(ModelConfig(vocab_size=256, dim=16, depth=1, heads=2, max_seq_len=32)).save_pretrained(d)
+    save_pretrained(build_model(ModelConfig(vocab_size=256, dim=16, depth=1, heads=2, max_seq_len=32)), d)
     return d
 
 
@@ -43,7 +43,7 @@ def test_generate_bad_sampling_arguments(args, needle, pretrained, capsys):
 
 
 def test_generate_temperature_zero_is_greedy_like_model_generate(pretrained, capsys):
-    from anydepth.model.lm import from_pretrained
+    from anydepth.model.pretrained import from_pretrained
 
     argv = ["generate", "--checkpoint", str(pretrained), "--prompt", "ab", "--max-new-tokens", "5"]
     assert main([*argv, "--temperature", "0", "--seed", "1"]) == 0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tiny_runs import tiny_model
 
-from anydepth.model.lm import from_pretrained
+from anydepth.model.pretrained import from_pretrained
 from anydepth.train import loop
 from anydepth.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from anydepth.train.data import load_corpus

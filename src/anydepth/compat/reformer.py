@@ -333,7 +333,7 @@ class ReformerLM(nn.Module):
         seed: int | None = None,
     ):
         super().__init__()
-        from anydepth.model.lm import TransformerLM
+        from anydepth.model.build import build_lm
 
         if twin_attention:
             raise ValueError(
@@ -355,7 +355,7 @@ class ReformerLM(nn.Module):
         self.config = _config_from_args(locals(), vocab_size=num_tokens, position=position)
         self.max_seq_len, self.num_tokens, self.dim = max_seq_len, num_tokens, dim
         self.bucket_size, self.num_mem_kv, self.full_attn_thres = bucket_size, num_mem_kv, full_attn_thres
-        self.lm = TransformerLM(self.config, arch="decoder" if causal else "encoder", head=False)
+        self.lm = build_lm(self.config, arch="decoder" if causal else "encoder", head=False)
         self.lm.norm = nn.LayerNorm(dim)  # reformer-pytorch's final norm is a LayerNorm even with ScaleNorm
         if weight_tie:
             _tie_layers(self.lm.stack)

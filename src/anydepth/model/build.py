@@ -17,8 +17,10 @@ from torch import nn
 
 from anydepth.model.block import Block, CrossBlock
 from anydepth.model.config import EncoderDecoderConfig, ModelConfig, config_from_any_dict
+from anydepth.model.encdec import EncoderDecoder
+from anydepth.model.lm import TransformerLM
 from anydepth.nn.context import Arch, LayerContext
-from anydepth.registry import ATTENTIONS, FFS, RESIDUALS, STACKS
+from anydepth.registry import ATTENTIONS, FFS, NORMS, POSITIONS, RESIDUALS, STACKS
 
 
 class InvalidCombination(ValueError):
@@ -235,6 +237,45 @@ def init_output_projection_(branch: nn.Module, init: str, n_residual: int) -> No
                 lin.weight.mul_(n_residual**-0.5)
 
 
+def build_lm(
+    cfg: ModelConfig,
+    *,
+    arch: Arch | None = None,
+    cross: bool = False,
+    n_enc_layers: int = 0,
+    n_dec_layers: int = 0,
+    head: bool = True,
+) -> TransformerLM:
+    """A :class:`TransformerLM` of ``cfg`` (not checked against :data:`RULES`; :func:`build_model` does
+    that): its embeddings, positions, stack, final norm and head built here and handed to the model. ``arch``
+    defaults to ``"decoder"`` for a causal ``cfg`` and ``"encoder"`` otherwise."""
+    arch = arch or ("decoder" if cfg.causal else "encoder")
+    emb_dim = cfg.emb_dim or cfg.dim
+    # Built in this order so that a seed gives the same weights whatever builds the model.
+    tok_emb = nn.Embedding(cfg.vocab_size, emb_dim)
+    emb_proj = nn.Linear(emb_dim, cfg.dim, bias=False) if emb_dim != cfg.dim else nn.Identity()
+    position = POSITIONS.build(cfg.position, dim=cfg.dim, dim_head=cfg.head_dim, max_seq_len=cfg.max_seq_len)
+    stack = build_stack(cfg, arch=arch, cross=cross, n_enc_layers=n_enc_layers, n_dec_layers=n_dec_layers)
+    norm = NORMS.build(cfg.norm, dim=cfg.dim) if cfg.final_norm else nn.Identity()
+    if not head:
+        head_module = None
+    elif cfg.tie_embeddings:
+        # Factorised and tied: project back to emb_dim, then score against the embedding table.
+        head_module = nn.Linear(cfg.dim, emb_dim, bias=False) if emb_dim != cfg.dim else nn.Identity()
+    else:
+        head_module = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+    return TransformerLM(
+        cfg,
+        tok_emb=tok_emb,
+        emb_proj=emb_proj,
+        position=position,
+        stack=stack,
+        norm=norm,
+        head=head_module,
+        cross=cross,
+    )
+
+
 def build_model(cfg: ModelConfig | EncoderDecoderConfig | dict):
     """Builds the model a config describes.
 
@@ -248,16 +289,20 @@ def build_model(cfg: ModelConfig | EncoderDecoderConfig | dict):
     Raises:
         InvalidCombination: the configuration breaks a rule of :data:`RULES`.
     """
-    from anydepth.model.encdec import EncoderDecoder
-    from anydepth.model.lm import TransformerLM
-
     if isinstance(cfg, dict):
         cfg = config_from_any_dict(cfg)
     if isinstance(cfg, EncoderDecoderConfig):
         check(cfg.encoder)
         check(cfg.decoder)
-        return EncoderDecoder(cfg)
+        n_enc, n_dec = cfg.encoder.depth, cfg.decoder.depth
+        enc_cfg = cfg.encoder if not cfg.encoder.causal else cfg.encoder.replace(causal=False)
+        depths = {"n_enc_layers": n_enc, "n_dec_layers": n_dec}
+        return EncoderDecoder(
+            cfg,
+            encoder=build_lm(enc_cfg, arch="encdec_encoder", head=False, **depths),
+            decoder=build_lm(cfg.decoder, arch="encdec_decoder", cross=True, **depths),
+        )
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig or EncoderDecoderConfig, got {type(cfg).__name__}")
     check(cfg)
-    return TransformerLM(cfg)
+    return build_lm(cfg)

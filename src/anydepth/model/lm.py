@@ -8,27 +8,23 @@
       -> stack (sequential or reversible) of blocks
       -> final norm -> head (tied to tok_emb by default)  -> logits (b, n, vocab)
 
-The model returns logits; loss, optimiser and checkpoints live in ``anydepth.train``.
+The parts are built by :func:`anydepth.build_model` (``anydepth.model.build``), which hands them to
+the constructor; this module imports neither the builder nor the registries. The model returns logits
+(and, given ``targets``, the next-token loss beside them); optimiser and checkpoints live in
+``anydepth.train``, saving and loading in ``anydepth.model.pretrained``.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anydepth.model.config import EncoderDecoderConfig, ModelConfig, config_from_any_dict
-from anydepth.nn.context import Arch
-from anydepth.registry import NORMS, POSITIONS
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from anydepth.model.config import ModelConfig
 
 
 @dataclass
@@ -39,6 +35,65 @@ class KVCache:
     length: int = 0
 
 
+class LMOutput(NamedTuple):
+    """What a model returns when given ``targets`` or ``labels``: ``logits, loss = model(x, targets=y)``
+    unpacks it (nanoGPT's form) and ``out.loss`` / ``out.logits`` read it (Hugging Face's)."""
+
+    logits: Tensor
+    loss: Tensor
+
+
+def next_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy ``-log softmax(logits)[targets]`` over the positions whose target is not
+    ``ignore_index``, computed in float32 whatever the logits' dtype. ``logits`` ``(..., vocab)``,
+    ``targets`` the matching integer ids ``(...)``."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+    )
+
+
+def _targets_for(
+    tokens: Tensor, targets: Tensor | None, labels: Tensor | None, vocab_size: int, ignore_index: int
+) -> Tensor | None:
+    """The per-position targets of ``tokens`` from ``targets`` (aligned) or ``labels`` (shifted here), checked."""
+    if targets is not None and labels is not None:
+        raise ValueError(
+            "pass targets= (the next token of each position, nanoGPT's convention) or labels= (the tokens "
+            "themselves, shifted by one inside, Hugging Face's convention), not both"
+        )
+    name, given = ("targets", targets) if targets is not None else ("labels", labels)
+    if given is None:
+        return None
+    if not isinstance(given, Tensor) or given.dtype not in (torch.int64, torch.int32):
+        got = f"a {given.dtype} tensor" if isinstance(given, Tensor) else type(given).__name__
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {got}")
+    if given.shape != tokens.shape:
+        raise ValueError(f"{name} must have the shape of tokens {tuple(tokens.shape)}, got {tuple(given.shape)}")
+    bad = (given != ignore_index) & ((given < 0) | (given >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} holds id {int(given[bad][0])} outside [0, {vocab_size}); mark positions without a "
+            f"target with ignore_index={ignore_index}"
+        )
+    if labels is not None:
+        # labels[:, i + 1] is what position i predicts; the last position has nothing to predict.
+        return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+    return targets
+
+
+def count_parameters(model: nn.Module, *, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """Number of distinct parameter elements of ``model`` (a tied tensor counts once). With
+    ``exclude_embeddings``, the token embedding tables and position modules are left out."""
+    skip: set[int] = set()
+    if exclude_embeddings:
+        for m in model.modules():
+            if isinstance(m, TransformerLM):
+                skip.update(id(p) for p in (*m.tok_emb.parameters(), *m.pos.parameters()))
+    return sum(
+        p.numel() for p in model.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+    )
+
+
 class TransformerLM(nn.Module):
     """A decoder-only (causal) or encoder-only language model; see :func:`anydepth.build_model`."""
 
@@ -46,32 +101,30 @@ class TransformerLM(nn.Module):
         self,
         cfg: ModelConfig,
         *,
-        arch: Arch | None = None,
+        tok_emb: nn.Embedding,
+        emb_proj: nn.Module,
+        position: nn.Module,
+        stack: nn.Module,
+        norm: nn.Module,
+        head: nn.Module | None,
         cross: bool = False,
-        n_enc_layers: int = 0,
-        n_dec_layers: int = 0,
-        head: bool = True,
     ):
+        """Wires the parts :func:`anydepth.build_model` built for ``cfg`` (``anydepth.model.build.build_lm``):
+        the token table ``tok_emb`` (vocab x emb_dim), ``emb_proj`` (emb_dim -> dim, ``nn.Identity()``
+        unless factorised), the ``position`` module, the ``stack`` of blocks, the final ``norm``
+        (``nn.Identity()`` without one) and the ``head`` (dim -> emb_dim when tied to ``tok_emb``, dim ->
+        vocab otherwise; None for an encoder whose forward returns hidden states). ``cross``: the blocks
+        attend to an encoder's output. The embeddings and the head are initialised here, N(0, init_std)."""
         super().__init__()
-        from anydepth.model.build import build_stack
-
         self.config = cfg
-        arch = arch or ("decoder" if cfg.causal else "encoder")
-        emb_dim = cfg.emb_dim or cfg.dim
-        self.tok_emb = nn.Embedding(cfg.vocab_size, emb_dim)
-        self.emb_proj = nn.Linear(emb_dim, cfg.dim, bias=False) if emb_dim != cfg.dim else nn.Identity()
-        self.pos = POSITIONS.build(cfg.position, dim=cfg.dim, dim_head=cfg.head_dim, max_seq_len=cfg.max_seq_len)
+        self.tok_emb = tok_emb
+        self.emb_proj = emb_proj
+        self.pos = position
         self.drop = nn.Dropout(cfg.emb_dropout)
-        self.stack = build_stack(cfg, arch=arch, cross=cross, n_enc_layers=n_enc_layers, n_dec_layers=n_dec_layers)
-        self.norm = NORMS.build(cfg.norm, dim=cfg.dim) if cfg.final_norm else nn.Identity()
+        self.stack = stack
+        self.norm = norm
         self.cross = cross
-        if not head:
-            self.head = None
-        elif cfg.tie_embeddings:
-            # Factorised and tied: project back to emb_dim, then score against the embedding table.
-            self.head = nn.Linear(cfg.dim, emb_dim, bias=False) if emb_dim != cfg.dim else nn.Identity()
-        else:
-            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = head
         self._init_embeddings()
 
     def _init_embeddings(self) -> None:
@@ -128,8 +181,12 @@ class TransformerLM(nn.Module):
         context_mask: Tensor | None = None,
         cache: KVCache | None = None,
         return_embeddings: bool = False,
-    ) -> Tensor:
-        """Logits ``(b, n, vocab)`` for ``tokens`` ``(b, n)``.
+        targets: Tensor | None = None,
+        labels: Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> Tensor | LMOutput:
+        """Logits ``(b, n, vocab)`` for ``tokens`` ``(b, n)``; given ``targets`` or ``labels``,
+        ``LMOutput(logits, loss)``.
 
         Args:
             tokens: int64 or int32 token ids in ``[0, vocab_size)``, ``b, n >= 1``.
@@ -141,8 +198,21 @@ class TransformerLM(nn.Module):
             cache: a :class:`KVCache` from :meth:`new_cache` for incremental decoding; ``tokens`` then
                 holds only the new positions and the cache is extended.
             return_embeddings: return the final hidden states ``(b, n, dim)`` instead of logits.
+            targets: ``(b, n)`` ids, ``targets[:, i]`` the token that follows ``tokens[:, i]``
+                (nanoGPT's convention); the loss is :func:`next_token_loss` of the logits.
+            labels: ``(b, n)`` ids aligned with ``tokens``, usually ``tokens`` itself (Hugging Face's
+                convention): position ``i`` is scored against ``labels[:, i + 1]``, the last position
+                against nothing.
+            ignore_index: a target or label equal to it is left out of the loss (-100, as in
+                ``F.cross_entropy``).
         """
         offset = self._check_inputs(tokens, mask, attn_mask, cache)
+        goal = _targets_for(tokens, targets, labels, self.config.vocab_size, ignore_index)
+        if goal is not None and (return_embeddings or self.head is None):
+            raise ValueError(
+                "targets/labels need logits; this call returns hidden states "
+                f"({'return_embeddings=True' if return_embeddings else 'the model has no head'})"
+            )
         x, rotary = self.embed(tokens, offset)
         kw = {"mask": mask, "attn_mask": attn_mask, "rotary": rotary}
         if self.cross:
@@ -160,7 +230,14 @@ class TransformerLM(nn.Module):
             cache.length += tokens.shape[1]
         if return_embeddings or self.head is None:
             return x
-        return self.logits(x)
+        logits = self.logits(x)
+        if goal is None:
+            return logits
+        return LMOutput(logits, next_token_loss(logits, goal, ignore_index))
+
+    def num_parameters(self, *, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameter elements (the tied head counts once); see :func:`count_parameters`."""
+        return count_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
 
     def logits(self, h: Tensor) -> Tensor:
         if self.config.tie_embeddings:
@@ -169,65 +246,10 @@ class TransformerLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, **kw) -> Tensor:
-        """Samples a continuation; see :func:`anydepth.generate.generate` for the arguments."""
-        from anydepth.generate import generate
+        """Samples a continuation; see :func:`anydepth.generate` for the arguments."""
+        from anydepth.sampling import generate
 
         return generate(self, prompt, max_new_tokens, **kw)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_pretrained(self, directory)
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kw):
-        return from_pretrained(directory, **kw)
-
-
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Writes ``model.safetensors`` and ``config.json`` (tied weights stored once)."""
-    from safetensors.torch import save_model
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(d / WEIGHTS_NAME))
-    (d / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True))
-
-
-def from_pretrained(directory: str | os.PathLike, *, map_location: str = "cpu"):
-    """Rebuilds the model from ``config.json`` and loads ``model.safetensors``; never unpickles."""
-    from safetensors.torch import load_model
-
-    from anydepth.model.build import build_model
-
-    d = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d / name} not found; expected a directory written by save_pretrained()")
-    try:
-        cfg = config_from_any_dict(json.loads((d / CONFIG_NAME).read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"{d / CONFIG_NAME} is not a valid model config: {e}") from e
-    try:
-        model = build_model(cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{d / CONFIG_NAME} is not a valid model config: {e}") from e
-    try:
-        missing, unexpected = load_model(model, str(d / WEIGHTS_NAME), strict=False, device=map_location)
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"{d / WEIGHTS_NAME} could not be loaded: {str(e).splitlines()[0]}") from e
-    if missing or unexpected:
-        raise ValueError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: {key_mismatch(missing, unexpected)}")
-    return model
-
-
-def key_mismatch(missing, unexpected, shown: int = 6) -> str:
-    """``missing [a, b, ... (+3 more)]; unexpected [...]``: a state-dict mismatch on one line."""
-
-    def listed(keys) -> str:
-        keys = sorted(keys)
-        more = f", ... (+{len(keys) - shown} more)" if len(keys) > shown else ""
-        return "[" + ", ".join(keys[:shown]) + more + "]"
-
-    return f"missing {listed(missing)}; unexpected {listed(unexpected)}"
-
-
-__all__ = ["TransformerLM", "KVCache", "save_pretrained", "from_pretrained", "EncoderDecoderConfig"]
+__all__ = ["TransformerLM", "KVCache", "LMOutput", "count_parameters", "next_token_loss"]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.positional import apply_rotary
-from anydepth.registry import ATTENTIONS, NORMS
+from anydepth.nn.registry import ATTENTIONS, NORMS
 
 __all__ = ["Attention", "FullAttention", "LocalAttention", "QKNorm", "ValueResidual", "QK_NORM_KINDS"]
 

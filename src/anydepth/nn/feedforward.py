@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from anydepth.registry import FFS
+from anydepth.nn.registry import FFS
 
 __all__ = ["MLP", "GLU", "ACTIVATIONS", "get_activation"]
 

@@ -64,8 +64,8 @@ from anydepth.nn import hyper_fused
 from anydepth.nn.amp import autocast_apply
 from anydepth.nn.context import LayerContext
 from anydepth.nn.norms import LayerNorm
+from anydepth.nn.registry import NORMS, RESIDUALS
 from anydepth.nn.residual import Residual
-from anydepth.registry import NORMS, RESIDUALS
 
 __all__ = ["StreamNorm", "sinkhorn", "HyperConnection", "ManifoldHyperConnection", "IDENTITY_LOGIT"]
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.positional import InterleavedRotaryTable, RotaryTable, apply_rotary
-from anydepth.registry import ATTENTIONS
+from anydepth.nn.registry import ATTENTIONS
 
 __all__ = ["LSHAttention", "LSHSelfAttention", "TOKEN_SELF_ATTN_VALUE"]
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from anydepth.nn.hyper import ManifoldHyperConnection
-from anydepth.registry import RESIDUALS
+from anydepth.nn.registry import RESIDUALS
 
 __all__ = ["LiteManifoldHyperConnection", "permutation_matrices", "MAX_STREAMS"]
 

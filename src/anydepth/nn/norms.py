@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.native import NativeKernel, plain_cpu_op, struct_args
-from anydepth.registry import NORMS
+from anydepth.nn.registry import NORMS
 
 __all__ = [
     "LayerNorm",

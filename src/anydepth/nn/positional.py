@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from anydepth.registry import POSITIONS
+from anydepth.nn.registry import POSITIONS
 
 __all__ = [
     "NoPosition",

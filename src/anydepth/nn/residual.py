@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from anydepth.nn.context import LayerContext
-from anydepth.registry import NORMS, RESIDUALS
+from anydepth.nn.registry import NORMS, RESIDUALS
 
 __all__ = [
     "Residual",

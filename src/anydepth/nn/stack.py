@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from anydepth.nn.registry import STACKS
 from anydepth.nn.reversible import reversible_apply
-from anydepth.registry import STACKS
 
 
 def _check_layer_dropout(p: float) -> None:

@@ -123,7 +123,7 @@ def plot_deep(records: list[dict[str, Any]], out: Path) -> Path | None:
     the line 1 bpc under it that the run must cross; a run that did not is dashed."""
     if not records:
         return None
-    from anydepth.study.report import _plt, _save
+    from anydepth.study.plots import _plt, _save
     from anydepth.study.verdicts import ema
 
     plt = _plt()

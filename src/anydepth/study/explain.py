@@ -26,7 +26,7 @@ def explain_failures(
 ) -> dict[str, list[dict[str, Any]] | str]:
     """``{run_id: [finding dicts] or a sentence}`` for every failed run of ``records`` under ``out/runs``."""
     from anydepth.diagnose import findings
-    from anydepth.model.lm import from_pretrained
+    from anydepth.model.pretrained import from_pretrained
     from anydepth.train.data import sample_batch
 
     explained: dict[str, list[dict[str, Any]] | str] = {}

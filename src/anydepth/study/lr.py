@@ -7,7 +7,8 @@ instabilities", arXiv 2309.14322, Sec. 3.2):
 
 over the grid of rates tried, with ``loss`` the final validation bpc and ``loss_init`` the bpc before
 the first update. A run that diverged (no finite final loss) counts as ``loss_init``. ``S = 0``: every
-rate gave the best result; large ``S``: most rates are far from it.
+rate gave the best result; large ``S``: most rates are far from it. The table and the formula live in
+:mod:`anydepth.study.verdicts`, whose QK-1 claim is decided on them.
 """
 
 from __future__ import annotations
@@ -16,55 +17,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from anydepth.study.plots import _plt, _save
 from anydepth.study.sweep import BASE_LR, SCHEMES, lr_label
-from anydepth.study.verdicts import Evidence, final_val, mean, trained
+from anydepth.study.verdicts import Evidence, init_bpc, lr_sensitivity, mean, sweep_table, trained
 
-
-def lr_sensitivity(final: dict[float, float], init: dict[float, float] | float) -> float:
-    """``E_lr[min(final[lr], init[lr]) - best]``; non-finite finals count as ``init``."""
-    if not final:
-        raise ValueError("final is empty: LR sensitivity needs at least one learning rate")
-    inits = init if isinstance(init, dict) else {lr: float(init) for lr in final}
-    capped = {lr: min(v, inits[lr]) if math.isfinite(v) else inits[lr] for lr, v in final.items()}
-    best = min(capped.values())
-    return sum(c - best for c in capped.values()) / len(capped)
-
-
-def init_bpc(record: dict[str, Any], vocab_size: int = 256) -> float:
-    """The bpc before the first update (the first logged train bpc), else the uniform ``log2(vocab)``."""
-    curve = record.get("curve") or []
-    if curve and curve[0][0] <= 1 and curve[0][1] is not None and math.isfinite(curve[0][1]):
-        return float(curve[0][1])
-    return math.log2(vocab_size)
-
-
-def sweep_table(ev: Evidence) -> dict[int, dict[str, dict[str, Any]]]:
-    """``{depth: {scheme: {"final": {lr: bpc}, "trained": [lrs], "best_lr", "best", "sensitivity"}}}``
-    for every (scheme, depth) run at two or more rates (first seed of each rate)."""
-    table: dict[int, dict[str, dict[str, Any]]] = {}
-    for depth in ev.depths():
-        for scheme in SCHEMES:
-            runs: dict[float, dict[str, Any]] = {}
-            for r in ev.runs:
-                if r["scheme"] == scheme and r["depth"] == depth:
-                    lr = float(r.get("lr", BASE_LR))
-                    if lr not in runs or r["seed"] < runs[lr]["seed"]:
-                        runs[lr] = r
-            if len(runs) < 2:
-                continue
-            final = {lr: final_val(r) if r.get("status") == "ok" else math.nan for lr, r in sorted(runs.items())}
-            init = {lr: init_bpc(r) for lr, r in runs.items()}
-            ok = [lr for lr, r in sorted(runs.items()) if trained(r, ev.unigram)]
-            finite = {lr: v for lr, v in final.items() if math.isfinite(v) and lr in ok}
-            best_lr = min(finite, key=finite.get) if finite else None
-            table.setdefault(depth, {})[scheme] = {
-                "final": final,
-                "trained": ok,
-                "best_lr": best_lr,
-                "best": finite.get(best_lr, math.nan) if best_lr is not None else math.nan,
-                "sensitivity": lr_sensitivity(final, init),
-            }
-    return table
+__all__ = ["lr_sensitivity", "init_bpc", "sweep_table", "step_ms", "choose_table", "choose_markdown", "plot_lr"]
 
 
 def step_ms(record: dict[str, Any]) -> float:
@@ -143,8 +100,6 @@ def plot_lr(ev: Evidence, out: Path) -> Path | None:
     table = sweep_table(ev)
     if not table:
         return None
-    from anydepth.study.report import _plt, _save
-
     plt = _plt()
     depths = sorted(table)
     fig, axes = plt.subplots(1, len(depths), figsize=(5.2 * len(depths), 4), squeeze=False)

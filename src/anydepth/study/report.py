@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from anydepth.study.plots import _plt, _save
 from anydepth.study.runner import json_safe
 from anydepth.study.sweep import SCHEMES, lr_label
 from anydepth.study.verdicts import (
@@ -32,22 +33,6 @@ from anydepth.study.verdicts import (
 )
 
 _STATUS_MARK = {"reproduced": "yes", "not reproduced at this scale": "no", "failed to run": "crash"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works on machines without a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
 
 
 def _title(scheme: str) -> str:

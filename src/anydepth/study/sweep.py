@@ -181,10 +181,16 @@ def _cheapest_first(specs) -> list[RunSpec]:
     return sorted(specs, key=lambda r: (r.depth * r.steps, r.seed, r.lr, list(SCHEMES).index(r.scheme)))
 
 
+def final_val(record: dict[str, Any]) -> float:
+    """A run record's final validation bpc (the last point of its curve if the run did not finish); NaN if none."""
+    v = record.get("final_val_bpc")
+    if v is None and record.get("val_curve"):
+        v = record["val_curve"][-1][1]
+    return math.nan if v is None else float(v)
+
+
 def follow_rates(records: list[dict[str, Any]], scheme: str, depth: int) -> list[float]:
     """The grid rate with ``scheme``'s lowest final val bpc at ``depth`` and its two grid neighbours."""
-    from anydepth.study.verdicts import final_val
-
     scores = {}
     for r in records:
         if r.get("scheme") == scheme and r.get("depth") == depth and r.get("status") == "ok":

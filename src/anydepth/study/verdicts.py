@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from anydepth.study.sweep import BASE_LR, SCHEMES, final_val  # BASE_LR: the claim runs' rate
+
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced at this scale"
 FAILED = "failed to run"
@@ -38,7 +40,6 @@ NOT_RUN = "not run"
 UNDECIDED = "undecided: budget too small"
 STATUSES = (REPRODUCED, NOT_REPRODUCED, FAILED, NOT_RUN, UNDECIDED)
 
-BASE_LR = 1e-3  # the claim runs' rate (anydepth.study.sweep.BASE_LR); the LR sweep's other rates are not claims
 OUTPUT_CHANGE_SIGMA = 0.05  # relative weight perturbation of AD-2 (anydepth.study.output_change.measure)
 DECIDE_MARGIN_BPC = 1.0  # a claim is decided only if its reference ended this far below the unigram entropy
 
@@ -101,13 +102,6 @@ def ema_at(record: dict[str, Any], step: int) -> float:
     return value
 
 
-def final_val(record: dict[str, Any]) -> float:
-    v = record.get("final_val_bpc")
-    if v is None and record.get("val_curve"):
-        v = record["val_curve"][-1][1]
-    return math.nan if v is None else float(v)
-
-
 def trained(record: dict[str, Any], unigram: float) -> bool:
     """The "failed to train" rule, negated."""
     if record.get("status") != "ok":
@@ -125,6 +119,54 @@ def noise(*groups: list[float]) -> float:
 
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values and all(math.isfinite(v) for v in values) else math.nan
+
+
+def lr_sensitivity(final: dict[float, float], init: dict[float, float] | float) -> float:
+    """LR sensitivity (Wortsman et al. 2023, arXiv 2309.14322, Sec. 3.2): ``E_lr[min(final[lr], init[lr]) - best]``
+    with ``best = min_lr min(final[lr], init[lr])``; non-finite finals count as ``init``."""
+    if not final:
+        raise ValueError("final is empty: LR sensitivity needs at least one learning rate")
+    inits = init if isinstance(init, dict) else {lr: float(init) for lr in final}
+    capped = {lr: min(v, inits[lr]) if math.isfinite(v) else inits[lr] for lr, v in final.items()}
+    best = min(capped.values())
+    return sum(c - best for c in capped.values()) / len(capped)
+
+
+def init_bpc(record: dict[str, Any], vocab_size: int = 256) -> float:
+    """The bpc before the first update (the first logged train bpc), else the uniform ``log2(vocab)``."""
+    curve = record.get("curve") or []
+    if curve and curve[0][0] <= 1 and curve[0][1] is not None and math.isfinite(curve[0][1]):
+        return float(curve[0][1])
+    return math.log2(vocab_size)
+
+
+def sweep_table(ev: Evidence) -> dict[int, dict[str, dict[str, Any]]]:
+    """``{depth: {scheme: {"final": {lr: bpc}, "trained": [lrs], "best_lr", "best", "sensitivity"}}}``
+    for every (scheme, depth) run at two or more rates (first seed of each rate)."""
+    table: dict[int, dict[str, dict[str, Any]]] = {}
+    for depth in ev.depths():
+        for scheme in SCHEMES:
+            runs: dict[float, dict[str, Any]] = {}
+            for r in ev.runs:
+                if r["scheme"] == scheme and r["depth"] == depth:
+                    lr = float(r.get("lr", BASE_LR))
+                    if lr not in runs or r["seed"] < runs[lr]["seed"]:
+                        runs[lr] = r
+            if len(runs) < 2:
+                continue
+            final = {lr: final_val(r) if r.get("status") == "ok" else math.nan for lr, r in sorted(runs.items())}
+            init = {lr: init_bpc(r) for lr, r in runs.items()}
+            ok = [lr for lr, r in sorted(runs.items()) if trained(r, ev.unigram)]
+            finite = {lr: v for lr, v in final.items() if math.isfinite(v) and lr in ok}
+            best_lr = min(finite, key=finite.get) if finite else None
+            table.setdefault(depth, {})[scheme] = {
+                "final": final,
+                "trained": ok,
+                "best_lr": best_lr,
+                "best": finite.get(best_lr, math.nan) if best_lr is not None else math.nan,
+                "sensitivity": lr_sensitivity(final, init),
+            }
+    return table
 
 
 class Evidence:
@@ -605,8 +647,6 @@ def hc2(ev: Evidence) -> Verdict:
 
 
 def qk1(ev: Evidence) -> Verdict:
-    from anydepth.study.lr import sweep_table
-
     v = Verdict(
         claim="QK-1",
         title="qk-LayerNorm lowers learning-rate sensitivity",

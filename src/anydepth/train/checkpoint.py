@@ -3,7 +3,7 @@
 A checkpoint is a directory ``<run>/checkpoints/step_<NNNNNNNN>/``:
 
 - ``model.safetensors`` + ``config.json``: the weights and ``ModelConfig`` (the same two files as
-  ``save_pretrained``, so ``anydepth.model.lm.from_pretrained(dir)`` and ``anydepth generate`` read
+  ``save_pretrained``, so ``anydepth.from_pretrained(dir)`` and ``anydepth generate`` read
   a checkpoint directly);
 - ``state.safetensors``: every optimizer tensor (``opt/<parameter name>/<name>``) and the torch RNG states
   of every process (``rng.torch.<rank>``, ``rng.cuda.<rank>``);
@@ -386,7 +386,7 @@ def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
     """Loads the checkpoint's weights into ``model`` (strict: every key must match)."""
     from safetensors.torch import load_model
 
-    from anydepth.model.lm import key_mismatch
+    from anydepth.model.pretrained import key_mismatch
 
     try:
         missing, unexpected = load_model(model, str(ckpt.weights), strict=False, device="cpu")

@@ -17,6 +17,21 @@ from anydepth.model.config import ModelConfig
 __all__ = ["TrainConfig", "DataConfig", "RunConfig", "default_model"]
 
 
+
+def check_every(every: Any, steps: int) -> None:
+    """``ValueError`` naming ``--train.diagnostics_every`` unless ``0 <= every <= steps``."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"train.diagnostics_every must be an integer >= 0 (0: off), got {every!r}; "
+            "e.g. --train.diagnostics_every=100"
+        )
+    if every > steps:
+        raise ValueError(
+            f"train.diagnostics_every={every} exceeds train.steps={steps}, so nothing would be logged; "
+            f"use --train.diagnostics_every between 1 and {steps}, or 0 for off"
+        )
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoint settings of one run.
@@ -91,8 +106,6 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}; e.g. 0.9 0.95")
-        from anydepth.train.diagnostics import check_every
-
         check_every(self.diagnostics_every, self.steps)
         _choice(self, "schedule", ("cosine", "constant"))
         _choice(self, "dtype", ("float32", "bfloat16"))

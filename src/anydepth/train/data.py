@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anydepth.train.atomic import atomic_write
 from anydepth.train.config import DataConfig
 
 __all__ = [
@@ -252,7 +253,7 @@ def _cached_concat(files: list[Path], cache: Path, tag: str, text_field: str = "
                 else:
                     f.write(p.read_bytes())
 
-        _atomic_write(target, write)
+        atomic_write(target, write)
     if target.stat().st_size == 0:
         raise ValueError(f"data.path {str(files[0])!r} holds no text in field {text_field!r}; point it at text data")
     return np.memmap(target, dtype=np.uint8, mode="r")
@@ -315,26 +316,10 @@ def _cached_zip(path: Path, cache: Path) -> np.ndarray:
                         while chunk := src.read(1 << 22):
                             f.write(chunk)
 
-                _atomic_write(target, write)
+                atomic_write(target, write)
         except zipfile.BadZipFile as e:
             raise ValueError(f"data.path {str(path)!r} is not a readable zip archive ({e})") from None
     return np.memmap(target, dtype=np.uint8, mode="r")
-
-
-def _atomic_write(target: Path, write) -> None:
-    # Concurrent runs (torchrun ranks, a sweep) may build the same cache: each writes its own temp
-    # file and renames it into place, so readers never see a partial file.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:

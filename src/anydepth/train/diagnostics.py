@@ -30,24 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from anydepth.diagnose import QUANTITIES, Finding, diagnose, sublayers
+from anydepth.train.config import check_every
 
 __all__ = ["TrainingDiagnostics", "UPDATE_RATIO_LIMIT", "check_every"]
 
 UPDATE_RATIO_LIMIT = 0.1  # one update moving a sublayer's weights by 10% of their norm is a spike
-
-
-def check_every(every: Any, steps: int) -> None:
-    """``ValueError`` naming ``--train.diagnostics_every`` unless ``0 <= every <= steps``."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(
-            f"train.diagnostics_every must be an integer >= 0 (0: off), got {every!r}; "
-            "e.g. --train.diagnostics_every=100"
-        )
-    if every > steps:
-        raise ValueError(
-            f"train.diagnostics_every={every} exceeds train.steps={steps}, so nothing would be logged; "
-            f"use --train.diagnostics_every between 1 and {steps}, or 0 for off"
-        )
 
 
 class TrainingDiagnostics:

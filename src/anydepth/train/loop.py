@@ -512,9 +512,9 @@ class _Trainer:
         model = self.model
         if self.sharded:
             # A sharded model can only run on all ranks together; sample from the saved full weights.
-            from anydepth.model.lm import from_pretrained
+            from anydepth.model.pretrained import from_pretrained
 
-            model = from_pretrained(self.last_ckpt, map_location=str(self.info.device))
+            model = from_pretrained(self.last_ckpt, device=self.info.device)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.info.device)
         was_training = model.training
         model.eval()

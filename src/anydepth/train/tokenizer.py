@@ -153,7 +153,7 @@ class Tokenizer:
 
     # -- sampling only valid UTF-8 ----------------------------------------------------------
     def utf8_processor(self, vocab_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """A ``logits_processor`` for :func:`anydepth.generate.generate` that keeps the output valid UTF-8.
+        """A ``logits_processor`` for :func:`anydepth.generate` that keeps the output valid UTF-8.
 
         The output so far ends in an incomplete character ``tail`` (0-3 bytes, mostly none); a token
         is allowed iff ``tail + bytes(token)`` is a valid UTF-8 prefix (strict: no overlong forms,
@@ -262,7 +262,7 @@ def train_bpe(
 def encode_to_cache(data: np.ndarray, tok: Tokenizer, target: Path, *, progress: bool = True) -> np.memmap:
     """Ids of the UTF-8 bytes ``data``, written once to ``target`` (uint16, or uint32 past 65,536 ids)
     and memory-mapped; a second call maps the file at once."""
-    from anydepth.train.data import _atomic_write
+    from anydepth.train.atomic import atomic_write
 
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     if not target.exists():
@@ -285,7 +285,7 @@ def encode_to_cache(data: np.ndarray, tok: Tokenizer, target: Path, *, progress:
                 bar.update(len(piece.encode("utf-8")))
 
         try:
-            _atomic_write(target, write)
+            atomic_write(target, write)
         finally:
             bar.close()
     if target.stat().st_size == 0:
