@@ -778,9 +778,10 @@ class LSHAttention(nn.Module):
     # incremental decoding ------------------------------------------------------------------------------
     def decode_newest(self, q: Tensor, qk: Tensor, k: Tensor, v: Tensor, state: dict, n_mem: int = 0) -> Tensor:
         """Output ``(G, dv)`` of the newest position of ``x``, exactly as :meth:`_attend` computes it for the
-        last query of ``[x ; memory]``, from per-group cached ``qk (G, n, d)`` (unrotated, for hashing), keys
-        ``k`` (rotated and normalised) and values ``v (G, n, dv)``, all stored as ``[memory ; x]``, and the
-        rotated query ``q (G, d)``.
+        last query of ``[x ; memory]``, from the cached ``qk (n, G, d)`` (unrotated, for hashing), keys ``k``
+        (rotated and normalised) and values ``v (n, G, dv)`` of ``G`` groups, all stored as ``[memory ; x]``
+        (position-major, so that a window's keys are rows of one contiguous tensor), and the rotated query
+        ``q (G, d)``.
 
         ``state`` keeps each round's buckets of the cached positions (``"buckets" (G, R, n)``) and their
         sort keys ``bucket * 2^32 + p`` in ascending order (``"sorted" (G, R, n)``), with ``p`` the position
@@ -795,7 +796,7 @@ class LSHAttention(nn.Module):
         ``attend_across_buckets``, ``- log N_j`` with ``N_j`` the rounds whose window holds key ``j`` when
         not ``allow_duplicate_attention``, and ``TOKEN_SELF_ATTN_VALUE`` for the query's own key.
         """
-        g, n, d = qk.shape
+        n, g, d = qk.shape
         bs = self.bucket_size
         lp, hashed, _ = self.layout(n)
         n_chunks = lp // bs
@@ -804,7 +805,7 @@ class LSHAttention(nn.Module):
         idx = torch.arange(n, device=qk.device)
         code = torch.where(idx < n_mem, mem_at + idx, idx - n_mem)  # sort position of each cached slot
         if state.get("hashed") == hashed and state.get("hashed_n") == n - 1:
-            new = self.hash_vectors(hashed, qk[:, -1:])  # (G, R, 1)
+            new = self.hash_vectors(hashed, qk[-1:].transpose(0, 1))  # (G, R, 1)
             buckets = _append(state, "buckets", new, dim=2)
             key = (new << 32) | code[-1]
             prev = state["sorted"]
@@ -814,7 +815,7 @@ class LSHAttention(nn.Module):
             ordered = prev.gather(-1, src).scatter_(-1, slot, key)
         else:
             state.pop("buckets", None)
-            buckets = _append(state, "buckets", self.hash_vectors(hashed, qk), dim=2)
+            buckets = _append(state, "buckets", self.hash_vectors(hashed, qk.transpose(0, 1)), dim=2)
             ordered = ((buckets << 32) | code).sort(dim=-1).values
             key = (buckets[..., -1:] << 32) | code[-1]
             slot = torch.searchsorted(ordered, key)
@@ -841,8 +842,8 @@ class LSHAttention(nn.Module):
                 same &= kb == bq[..., None]
             extra = -torch.log(same.sum(1).clamp(min=1).to(_acc(q.dtype)))
         own = slots == slot[..., None]
-        pos = pos.view(g, -1, 1)
-        kw, vw = k.gather(1, pos.expand(-1, -1, d)), v.gather(1, pos.expand(-1, -1, v.shape[-1]))
+        rows = (pos * g + torch.arange(g, device=qk.device)[:, None, None]).view(-1)
+        kw, vw = _take(k.view(n * g, d), rows).view(g, -1, d), _take(v.view(n * g, -1), rows).view(g, -1, v.shape[-1])
         return _attend_one(q, kw, vw, own.view(g, -1), forbid.view(g, -1), extra)
 
     # forward ------------------------------------------------------------------------------------------
@@ -1395,24 +1396,25 @@ class LSHSelfAttention(nn.Module):
             lsh_qk, lsh_k, lsh_v = (torch.cat(p, dim=2) for p in ((mem_qk, lsh_qk), (mem_k, lsh_k), (mem_v, lsh_v)))
         state["t"] = t
 
-        def groups(z: Tensor) -> Tensor:
-            return z.reshape(-1, z.shape[2], z.shape[3])
+        def groups(z: Tensor) -> Tensor:  # (b, heads, s, dh) -> (s, b * heads, dh)
+            return z.permute(2, 0, 1, 3).reshape(z.shape[2], -1, z.shape[3])
 
         outs = []
         q = q[:, :, -1]
         if l_h:
-            lk = _append(state, "local_k", groups(k[:, :l_h]), dim=1)
-            lv = _append(state, "local_v", groups(v[:, :l_h]), dim=1)
+            lk = _append(state, "local_k", groups(k[:, :l_h]), dim=0)
+            lv = _append(state, "local_v", groups(v[:, :l_h]), dim=0)
             window = 2 * self.bucket_size
             start = max(0, ((t - 1) // window - 1) * window)
-            local = _attend_one(q[:, :l_h].reshape(-1, dh), lk[:, start:], lv[:, start:], lk.shape[1] - start - 1)
+            lk, lv = lk[start:].transpose(0, 1), lv[start:].transpose(0, 1)
+            local = _attend_one(q[:, :l_h].reshape(-1, dh), lk, lv, lk.shape[1] - 1)
             outs.append(local.view(b, l_h, dh))
-        vectors = _append(state, "qk", groups(lsh_qk), dim=1)
-        keys = _append(state, "k", groups(lsh_k), dim=1)
-        values = _append(state, "v", groups(lsh_v), dim=1)
+        vectors = _append(state, "qk", groups(lsh_qk), dim=0)
+        keys = _append(state, "k", groups(lsh_k), dim=0)
+        values = _append(state, "v", groups(lsh_v), dim=0)
         q_lsh = q[:, l_h:].reshape(-1, dh)
         if self.use_full_attn or t + m <= self.full_attn_thres:
-            out = _attend_one(q_lsh, keys, values, keys.shape[1] - 1)
+            out = _attend_one(q_lsh, keys.transpose(0, 1), values.transpose(0, 1), t + m - 1)
         else:
             out = self.lsh_attn.decode_newest(q_lsh, vectors, keys, values, state, n_mem=m)
         outs.append(out.view(b, h - l_h, dh))
