@@ -802,12 +802,15 @@ class LSHAttention(nn.Module):
         n_chunks = lp // bs
         mem_at = 1 << 31
         low = (1 << 32) - 1
-        idx = torch.arange(n, device=qk.device)
-        code = torch.where(idx < n_mem, mem_at + idx, idx - n_mem)  # sort position of each cached slot
+
+        def code(i):  # sort position of cache slots i: memory after every position of x
+            return torch.where(i < n_mem, mem_at + i, i - n_mem)
+
+        newest = code(torch.tensor(n - 1, device=qk.device))
         if state.get("hashed") == hashed and state.get("hashed_n") == n - 1:
             new = self.hash_vectors(hashed, qk[-1:].transpose(0, 1))  # (G, R, 1)
             buckets = _append(state, "buckets", new, dim=2)
-            key = (new << 32) | code[-1]
+            key = (new << 32) | newest
             prev = state["sorted"]
             slot = torch.searchsorted(prev, key)  # (G, R, 1)
             ar = torch.arange(n, device=qk.device)
@@ -816,8 +819,8 @@ class LSHAttention(nn.Module):
         else:
             state.pop("buckets", None)
             buckets = _append(state, "buckets", self.hash_vectors(hashed, qk.transpose(0, 1)), dim=2)
-            ordered = ((buckets << 32) | code).sort(dim=-1).values
-            key = (buckets[..., -1:] << 32) | code[-1]
+            ordered = ((buckets << 32) | code(torch.arange(n, device=qk.device))).sort(dim=-1).values
+            key = (buckets[..., -1:] << 32) | newest
             slot = torch.searchsorted(ordered, key)
         state.update(sorted=ordered, hashed=hashed, hashed_n=n)
         bq, slot = buckets[..., -1], slot[..., 0]  # (G, R) the query's bucket and slot per round
@@ -836,7 +839,7 @@ class LSHAttention(nn.Module):
         if not self.allow_duplicate_attention:
             flat = pos.view(g, 1, -1).expand(-1, buckets.shape[1], -1)  # every window key, in every round
             kb = buckets.gather(-1, flat)
-            k_chunk = torch.div(torch.searchsorted(ordered, (kb << 32) | code[flat]), bs, rounding_mode="floor")
+            k_chunk = torch.div(torch.searchsorted(ordered, (kb << 32) | code(flat)), bs, rounding_mode="floor")
             same = torch.remainder(chunk[..., None] - k_chunk, n_chunks) <= 1
             if not self.attend_across_buckets:
                 same &= kb == bq[..., None]
