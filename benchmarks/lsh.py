@@ -163,7 +163,7 @@ def child_decode(depth: int, runs: int, args) -> dict:
     from anydepth.compat.reformer import ReformerLM
     from anydepth.nn.lsh import LSHSelfAttention
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = ReformerLM(
         num_tokens=256,
@@ -263,6 +263,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--bucket-size", type=int, default=64)
     p.add_argument("--n-hashes", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="decode workload: torch threads")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -296,6 +297,7 @@ def main() -> None:
         f"--bucket-size={args.bucket_size}",
         f"--n-hashes={args.n_hashes}",
         f"--lm-len={args.lm_len}",
+        f"--threads={args.threads}",
     ]
     rounds: dict[tuple, list[dict]] = {}
     for rep, (kind, impl, size) in ((r, c) for r in range(args.repeats) for c in cases):
@@ -311,7 +313,8 @@ def main() -> None:
         if kind == "decode":
             r, f = res["recompute_median_s"], res["incremental_median_s"]
             print(
-                f"decode depth {size}, {args.lm_len} cached tokens, per token: recompute {1e3 * r:.1f} ms, "
+                f"decode depth {size}, {args.lm_len} cached tokens, {args.threads} threads, per token: "
+                f"recompute {1e3 * r:.1f} ms, "
                 f"incremental {1e3 * f:.2f} ms (mean {1e3 * res['incremental_mean_s']:.2f} ms with one rehash, "
                 f"max {1e3 * res['incremental_max_s']:.1f} ms); speed-up x{r / f:.1f} (medians), "
                 f"x{r / res['incremental_mean_s']:.1f} (recompute median / incremental mean); steps {res['steps']}; "
