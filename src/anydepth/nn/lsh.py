@@ -26,7 +26,9 @@ Differences from reformer-pytorch 1.4.4, each on purpose:
   with a ``seed``) they come from a seeded generator, so inference is deterministic;
 - positions (rotary) reach every path: LSH heads, local heads and the full-attention fallback;
 - the chunked attention is one autograd function that keeps nothing per window: the backward recomputes the
-  window scores block by block (the flash-attention recipe), so memory is ``O(n)`` per round.
+  window scores block by block (the flash-attention recipe), so memory is ``O(n)`` per round;
+- cached decoding hashes only the new token and attends over its windows from cached keys, values and
+  per-round sorted buckets (``LSHAttention.decode_newest``), where the original recomputes the whole prefix.
 """
 
 from __future__ import annotations
