@@ -66,7 +66,7 @@ def generate(
 
     With ``use_cache`` and a model whose attention supports it, the prompt is encoded once and each
     new token costs one position (keys and values of the prefix are cached; LSH layers also keep their
-    buckets and sort). Causal full and local attention give the tokens of ``use_cache=False``; so does a
+    buckets and sort). Causal full attention gives the tokens of ``use_cache=False``; so does a
     model whose only LSH layer is its last attention layer. With more LSH layers the cached layers' inputs
     are the outputs each earlier position got when it was last, whereas an uncached forward recomputes
     them at the full length (bucket count and sort change as the sequence grows), so the tokens can
