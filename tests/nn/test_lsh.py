@@ -517,23 +517,38 @@ def test_incremental_decoding_equals_the_full_forwards_last_position(kw, rotary)
         assert len(counts - {None}) >= 5  # every bucket count was met, each after a rehash
 
 
-def test_decoding_falls_back_to_recomputation_and_back():
-    """A masked step recomputes the layer (and drops the incremental state); the next plain step rebuilds the
-    state from the cached inputs. Both equal the uncached forward's last position."""
+@pytest.mark.parametrize(
+    "kw",
+    [dict(n_hashes=2, full_attn_thres=24), dict(n_hashes=3, num_mem_kv=2, n_local_attn_heads=1)],
+    ids=["full-then-lsh", "memory-and-local-heads"],
+)
+def test_decoding_with_a_padding_mask_and_falling_back(kw):
+    """Masked cached keys are excluded (and re-sorted when an earlier position's flag changes); a step whose
+    new token is masked recomputes the layer and drops the incremental state, which the next step
+    rebuilds. Every step equals the uncached forward's last position under the same mask."""
     torch.manual_seed(7)
-    layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True).eval()
-    x = torch.randn(1, 30, 16)
+    layer = LSHSelfAttention(dim=24, heads=3, bucket_size=4, causal=True, **kw).double().eval()
+    n = 34
+    x = torch.randn(2, n, 24, dtype=torch.float64)
+    mask = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[:, 12:] = True
     cache: dict = {}
     with torch.no_grad():
-        layer(x[:, :12], cache=cache)
-        for i in range(12, 30):
-            mask = torch.ones(1, i + 1, dtype=torch.bool) if i % 5 == 0 else None
-            step = layer(x[:, i : i + 1], mask=mask, cache=cache)
-            assert ("decode" in cache) == (mask is None)
-            torch.testing.assert_close(step, layer(x[:, : i + 1])[:, -1:], rtol=1e-5, atol=1e-6)
+        layer(x[:, :12], mask=mask[:, :12], cache=cache)
+        for i in range(12, n):
+            if i == 20:
+                mask[0, 3] = ~mask[0, 3]  # an earlier position changes its flag
+            if i in (16, 27):
+                mask[1, i] = False  # the new token itself is masked in one row
+            m = mask[:, : i + 1]
+            step = layer(x[:, i : i + 1], mask=m, cache=cache)
+            assert ("decode" in cache) == bool(m[:, -1].all())
+            torch.testing.assert_close(step, layer(x[:, : i + 1], mask=m)[:, -1:], rtol=1e-9, atol=1e-9)
         layer.fast_decoding = False
-        step = layer(x[:, 29:30], cache={})  # a first call has nothing cached: always the full forward
-        torch.testing.assert_close(step, layer(x[:, 29:30]))
+        cache = {}
+        layer(x[:, :5], cache=cache)
+        layer(x[:, 5:6], cache=cache)
+        assert "decode" not in cache
 
 
 def _lsh_lm(depth: int, position: str):

@@ -778,25 +778,28 @@ class LSHAttention(nn.Module):
         return lp, hashed, self.bucket_count(hashed)
 
     # incremental decoding ------------------------------------------------------------------------------
-    def decode_newest(self, q: Tensor, qk: Tensor, k: Tensor, v: Tensor, state: dict, n_mem: int = 0) -> Tensor:
+    def decode_newest(
+        self, q: Tensor, qk: Tensor, k: Tensor, v: Tensor, state: dict, n_mem: int = 0, valid: Tensor | None = None
+    ) -> Tensor:
         """Output ``(G, dv)`` of the newest position of ``x``, exactly as :meth:`_attend` computes it for the
         last query of ``[x ; memory]``, from the cached ``qk (n, G, d)`` (unrotated, for hashing), keys ``k``
         (rotated and normalised) and values ``v (n, G, dv)`` of ``G`` groups, all stored as ``[memory ; x]``
         (position-major, so that a window's keys are rows of one contiguous tensor), and the rotated query
         ``q (G, d)``.
 
-        ``state`` keeps each round's buckets of the cached positions (``"buckets" (G, R, n)``) and their
-        sort keys ``bucket * 2^32 + p`` in ascending order (``"sorted" (G, R, n)``), with ``p`` the position
-        in ``x``, or ``2^31 + i`` for memory slot ``i`` (memory sorts after ``x`` within a bucket, as in the
-        full forward). A step hashes the new position and inserts its key (``O(n)``); when the length
-        changes the bucket count (every ``2 * bucket_size`` positions, which also redraws the rotations),
-        all cached positions are rehashed and sorted again, ``O(n log n)`` once per ``2 * bucket_size``
+        ``state`` keeps each round's buckets of the cached positions (``"buckets" (G, R, n)``) and their sort keys
+        ``bucket * 2^32 + p`` in ascending order (``"sorted" (G, R, n)``), with ``p`` the position in ``x``, or
+        ``2^31 + i`` for memory slot ``i`` (memory sorts after ``x`` within a bucket, as in the full forward), and
+        keys that ``valid (G, n)`` marks False with bucket ``2^31 - 1``, after every real one (the full pass's extra
+        bucket); the newest position must be valid. A step hashes the new position and inserts its key (``O(n)``);
+        when the length changes the bucket count (every ``2 * bucket_size`` positions, which also redraws the
+        rotations), all cached positions are rehashed and sorted again, ``O(n log n)`` once per ``2 * bucket_size``
         steps. The query's slot in round ``r`` is its key's rank ``s_r``; its window is the slots of chunk
-        ``c_r = s_r // bucket_size`` and of the chunk before it (the last one when ``c_r = 0``), less the
-        slots ``>= n`` (padding). The rounds merge as in the full forward: one softmax over the union of
-        the windows, each entry ``q . k / sqrt(d)``, ``-inf`` for other buckets' keys when not
-        ``attend_across_buckets``, ``- log N_j`` with ``N_j`` the rounds whose window holds key ``j`` when
-        not ``allow_duplicate_attention``, and ``TOKEN_SELF_ATTN_VALUE`` for the query's own key.
+        ``c_r = s_r // bucket_size`` and of the chunk before it (the last one when ``c_r = 0``), less the slots ``>= n``
+        (padding) and the invalid keys. The rounds merge as in the full forward: one softmax over the union of the
+        windows, each entry ``q . k / sqrt(d)``, ``-inf`` for other buckets' keys when not
+        ``attend_across_buckets``, ``- log N_j`` with ``N_j`` the rounds whose window holds key ``j`` when not
+        ``allow_duplicate_attention``, and ``TOKEN_SELF_ATTN_VALUE`` for the query's own key.
         """
         n, g, d = qk.shape
         bs = self.bucket_size
@@ -821,7 +824,8 @@ class LSHAttention(nn.Module):
         else:
             state.pop("buckets", None)
             buckets = _append(state, "buckets", self.hash_vectors(hashed, qk.transpose(0, 1)), dim=2)
-            ordered = ((buckets << 32) | code(torch.arange(n, device=qk.device))).sort(dim=-1).values
+            sort_buckets = buckets if valid is None else torch.where(valid[:, None], buckets, mem_at - 1)
+            ordered = ((sort_buckets << 32) | code(torch.arange(n, device=qk.device))).sort(dim=-1).values
             key = (buckets[..., -1:] << 32) | newest
             slot = torch.searchsorted(ordered, key)
         state.update(sorted=ordered, hashed=hashed, hashed_n=n)
@@ -835,6 +839,8 @@ class LSHAttention(nn.Module):
         p = win & low
         pos = torch.where(p >= mem_at, p - mem_at, p + n_mem)  # cache slot of each window key
         forbid = slots >= n
+        if valid is not None:
+            forbid |= ~valid.gather(1, pos.view(g, -1)).view_as(pos)
         if not self.attend_across_buckets:
             forbid |= (win >> 32) != bq[..., None]
         extra = None
@@ -1318,13 +1324,13 @@ class LSHSelfAttention(nn.Module):
     def _forward_cached(self, x, keys, input_mask, context_mask, rotary, cache):
         """Incremental decoding: the new positions attend over the cached positions plus themselves.
 
-        The cache keeps the layer's inputs and rotary tables. A step of one new token takes
-        :meth:`_decode_step`, which computes exactly what the full forward over the cached inputs gives the
-        newest position, in ``O(n_hashes * bucket_size * dim_head)`` attention plus ``O(n)`` index work.
-        The prompt (any call with several new tokens) and the cases that path does not cover -- ``mask``,
+        The cache keeps the layer's inputs and rotary tables. A step of one new token takes :meth:`_decode_step`,
+        which computes exactly what the full forward over the cached inputs gives the newest position, in
+        ``O(n_hashes * bucket_size * dim_head)`` attention plus ``O(n)`` index work. The prompt (any call with
+        several new tokens) and the cases that path does not cover -- a ``mask`` that masks the new token,
         ``context``/``keys``, training mode (fresh rotations, dropout), ``return_attn`` or a callback set,
-        ``fast_decoding = False`` -- recompute the layer over the whole cached input (hashing, sorting and
-        chunked attention) and return the new positions.
+        ``fast_decoding = False`` -- recompute the layer over the whole cached input (hashing, sorting and chunked
+        attention) and return the new positions.
 
         Either way the newest position gets the output an uncached forward over the same layer inputs
         gives it. Earlier positions are not revisited: in a full forward their outputs change when a token
@@ -1344,19 +1350,21 @@ class LSHSelfAttention(nn.Module):
         if rotary is not None:
             table = InterleavedRotaryTable if getattr(rotary, "interleaved", False) else RotaryTable
             rotary = table(_append(cache, "cos", rotary[0], dim=0), _append(cache, "sin", rotary[1], dim=0))
+        if input_mask is not None:
+            input_mask = _as_bool_mask("input_mask (mask)", input_mask, (x.shape[0], x_all.shape[1]))
         incremental = (
             self.fast_decoding
             and past > 0
             and x.shape[1] == 1
             and not self.training
             and keys is None
-            and input_mask is None
+            and (input_mask is None or bool(input_mask[:, -1].all()))
             and context_mask is None
             and self.callback is None
             and not self.return_attn
         )
         if incremental:
-            return self._decode_step(x_all, rotary, cache.setdefault("decode", {}))
+            return self._decode_step(x_all, rotary, input_mask, cache.setdefault("decode", {}))
         cache.pop("decode", None)  # rebuilt from the cached inputs at the next incremental step
         return self._forward(
             x_all, keys, input_mask, None, context_mask, rotary, query_from=x_all.shape[1] - x.shape[1]
@@ -1371,7 +1379,7 @@ class LSHSelfAttention(nn.Module):
         v = v[:, :, None, :].expand(b, s, h, dh) if self.one_value_head else v.view(b, s, h, dh)
         return qk, v.transpose(1, 2)
 
-    def _decode_step(self, x_all: Tensor, rotary, state: dict) -> Tensor:
+    def _decode_step(self, x_all: Tensor, rotary, mask: Tensor | None, state: dict) -> Tensor:
         """Output ``(b, 1, dim)`` of the newest of the ``t`` positions of ``x_all``, from cached keys.
 
         ``state`` keeps, per LSH head group, the sequence ``[memory ; x]``'s shared-QK vectors ``qk`` (to
@@ -1381,7 +1389,8 @@ class LSHSelfAttention(nn.Module):
         ``q = rot(qk_t)`` attends as the full forward's last position does: over every position when that
         forward uses full attention (``use_full_attn`` or ``t + num_mem_kv <= full_attn_thres``), over its
         LSH windows otherwise, and, in the local heads, over its own and the previous window of
-        ``2 * bucket_size`` positions; its own key counts ``TOKEN_SELF_ATTN_VALUE`` everywhere.
+        ``2 * bucket_size`` positions; its own key counts ``TOKEN_SELF_ATTN_VALUE`` everywhere, and keys
+        that ``mask (b, t)`` marks False are excluded (they sort after every real key, as in the full pass).
         """
         b, t, _ = x_all.shape
         h, dh, m, l_h = self.heads, self.dim_head, self.num_mem_kv, self.n_local_attn_heads
@@ -1394,6 +1403,14 @@ class LSHSelfAttention(nn.Module):
             q = _apply_rotary(qk, table, interleaved=bool(getattr(rotary, "interleaved", False)))
         k = F.normalize(q, dim=-1, eps=_norm_eps(q.dtype))
         lsh_qk, lsh_k, lsh_v = qk[:, l_h:], k[:, l_h:], v[:, l_h:]
+        if "t" in state and _changed(state.get("mask"), None if mask is None else mask[:, :-1]):
+            state.pop("hashed", None)  # cached keys changed validity: sort them again
+        state["mask"] = None if mask is None else mask.clone()  # the caller may edit its mask in place
+        lsh_h = h - l_h
+        valid = local_valid = None
+        if mask is not None:
+            valid = F.pad(mask, (m, 0), value=True)[:, None].expand(b, lsh_h, t + m).reshape(b * lsh_h, t + m)
+            local_valid = mask[:, None].expand(b, l_h, t).reshape(b * l_h, t)
         if "t" not in state and m:  # memory key/values sit before x in the cache, unrotated
             mem_qk, mem_v = self._project(self.mem_kv.to(x_all.dtype).expand(b, m, -1))
             mem_qk, mem_v = mem_qk[:, l_h:], mem_v[:, l_h:]
@@ -1412,17 +1429,19 @@ class LSHSelfAttention(nn.Module):
             window = 2 * self.bucket_size
             start = max(0, ((t - 1) // window - 1) * window)
             lk, lv = lk[start:].transpose(0, 1), lv[start:].transpose(0, 1)
-            local = _attend_one(q[:, :l_h].reshape(-1, dh), lk, lv, lk.shape[1] - 1)
+            forbid = None if local_valid is None else ~local_valid[:, start:]
+            local = _attend_one(q[:, :l_h].reshape(-1, dh), lk, lv, lk.shape[1] - 1, forbid)
             outs.append(local.view(b, l_h, dh))
         vectors = _append(state, "qk", groups(lsh_qk), dim=0)
         keys = _append(state, "k", groups(lsh_k), dim=0)
         values = _append(state, "v", groups(lsh_v), dim=0)
         q_lsh = q[:, l_h:].reshape(-1, dh)
         if self.use_full_attn or t + m <= self.full_attn_thres:
-            out = _attend_one(q_lsh, keys.transpose(0, 1), values.transpose(0, 1), t + m - 1)
+            forbid = None if valid is None else ~valid
+            out = _attend_one(q_lsh, keys.transpose(0, 1), values.transpose(0, 1), t + m - 1, forbid)
         else:
-            out = self.lsh_attn.decode_newest(q_lsh, vectors, keys, values, state, n_mem=m)
-        outs.append(out.view(b, h - l_h, dh))
+            out = self.lsh_attn.decode_newest(q_lsh, vectors, keys, values, state, n_mem=m, valid=valid)
+        outs.append(out.view(b, lsh_h, dh))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         return self.post_attn_dropout(self.to_out(out.reshape(b, 1, h * dh)))
 
@@ -1444,6 +1463,13 @@ def _append(cache: dict, name: str, new: Tensor, dim: int) -> Tensor:
     buf.narrow(dim, n, s).copy_(new)
     cache[name] = (buf, n + s)
     return buf.narrow(dim, 0, n + s)
+
+
+def _changed(before: Tensor | None, now: Tensor | None) -> bool:
+    """Whether two optional masks differ (``None`` means all True)."""
+    if before is None or now is None:
+        return before is not now and not bool((now if before is None else before).all())
+    return not torch.equal(before, now)
 
 
 def _attend_one(q: Tensor, k: Tensor, v: Tensor, own, forbid: Tensor | None = None, extra: Tensor | None = None):
