@@ -519,35 +519,47 @@ def test_incremental_decoding_equals_the_full_forwards_last_position(kw, rotary)
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(n_hashes=2, full_attn_thres=24), dict(n_hashes=3, num_mem_kv=2, n_local_attn_heads=1)],
-    ids=["full-then-lsh", "memory-and-local-heads"],
+    [
+        dict(n_hashes=2, full_attn_thres=24),
+        dict(n_hashes=3, num_mem_kv=2, n_local_attn_heads=1),
+        dict(n_hashes=2, num_mem_kv=1, context=True),
+    ],
+    ids=["full-then-lsh", "memory-and-local-heads", "context"],
 )
-def test_decoding_with_a_padding_mask_and_falling_back(kw):
-    """Masked cached keys are excluded (and re-sorted when an earlier position's flag changes); a step whose
-    new token is masked recomputes the layer and drops the incremental state, which the next step
-    rebuilds. Every step equals the uncached forward's last position under the same mask."""
+def test_decoding_with_masks_and_context_and_falling_back(kw):
+    """Masked cached keys (and context keys) are excluded, and re-sorted when an earlier position's flag
+    changes; a step whose new token is masked, or whose context differs from the previous call's,
+    recomputes the layer and drops the incremental state, which the next step rebuilds. Every step equals
+    the uncached forward's last position under the same masks and context."""
+    kw = dict(kw)
+    with_context = kw.pop("context", False)
     torch.manual_seed(7)
     layer = LSHSelfAttention(dim=24, heads=3, bucket_size=4, causal=True, **kw).double().eval()
     n = 34
     x = torch.randn(2, n, 24, dtype=torch.float64)
     mask = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[:, 12:] = True
+    ctx = {}
+    if with_context:
+        ctx = dict(context=torch.randn(2, 7, 24, dtype=torch.float64), context_mask=torch.rand(2, 7) > 0.3)
     cache: dict = {}
     with torch.no_grad():
-        layer(x[:, :12], mask=mask[:, :12], cache=cache)
+        layer(x[:, :12], mask=mask[:, :12], cache=cache, **ctx)
         for i in range(12, n):
             if i == 20:
                 mask[0, 3] = ~mask[0, 3]  # an earlier position changes its flag
             if i in (16, 27):
                 mask[1, i] = False  # the new token itself is masked in one row
+            if with_context and i == 23:
+                ctx["context"] = ctx["context"] + 1
             m = mask[:, : i + 1]
-            step = layer(x[:, i : i + 1], mask=m, cache=cache)
-            assert ("decode" in cache) == bool(m[:, -1].all())
-            torch.testing.assert_close(step, layer(x[:, : i + 1], mask=m)[:, -1:], rtol=1e-9, atol=1e-9)
+            step = layer(x[:, i : i + 1], mask=m, cache=cache, **ctx)
+            assert ("decode" in cache) == (bool(m[:, -1].all()) and not (with_context and i == 23))
+            torch.testing.assert_close(step, layer(x[:, : i + 1], mask=m, **ctx)[:, -1:], rtol=1e-9, atol=1e-9)
         layer.fast_decoding = False
         cache = {}
-        layer(x[:, :5], cache=cache)
-        layer(x[:, 5:6], cache=cache)
+        layer(x[:, :5], cache=cache, **ctx)
+        layer(x[:, 5:6], cache=cache, **ctx)
         assert "decode" not in cache
 
 

@@ -1328,9 +1328,9 @@ class LSHSelfAttention(nn.Module):
         which computes exactly what the full forward over the cached inputs gives the newest position, in
         ``O(n_hashes * bucket_size * dim_head)`` attention plus ``O(n)`` index work. The prompt (any call with
         several new tokens) and the cases that path does not cover -- a ``mask`` that masks the new token,
-        ``context``/``keys``, training mode (fresh rotations, dropout), ``return_attn`` or a callback set,
-        ``fast_decoding = False`` -- recompute the layer over the whole cached input (hashing, sorting and chunked
-        attention) and return the new positions.
+        ``context``/``keys`` or ``context_mask`` other than the previous call's, training mode (fresh rotations,
+        dropout), ``return_attn`` or a callback set, ``fast_decoding = False`` -- recompute the layer over the
+        whole cached input (hashing, sorting and chunked attention) and return the new positions.
 
         Either way the newest position gets the output an uncached forward over the same layer inputs
         gives it. Earlier positions are not revisited: in a full forward their outputs change when a token
@@ -1352,19 +1352,24 @@ class LSHSelfAttention(nn.Module):
             rotary = table(_append(cache, "cos", rotary[0], dim=0), _append(cache, "sin", rotary[1], dim=0))
         if input_mask is not None:
             input_mask = _as_bool_mask("input_mask (mask)", input_mask, (x.shape[0], x_all.shape[1]))
+        # the context (checked by the recompute path) must be the previous call's for the cached projections
+        same_context = _same(cache.get("keys"), keys) and _same(cache.get("context_mask"), context_mask)
+        if not same_context:
+            cache["keys"] = None if keys is None else keys.detach().clone()
+            cache["context_mask"] = None if context_mask is None else context_mask.clone()
         incremental = (
             self.fast_decoding
             and past > 0
+            and same_context
             and x.shape[1] == 1
             and not self.training
-            and keys is None
             and (input_mask is None or bool(input_mask[:, -1].all()))
-            and context_mask is None
             and self.callback is None
             and not self.return_attn
         )
         if incremental:
-            return self._decode_step(x_all, rotary, input_mask, cache.setdefault("decode", {}))
+            state = cache.setdefault("decode", {})
+            return self._decode_step(x_all, rotary, input_mask, keys, context_mask, state)
         cache.pop("decode", None)  # rebuilt from the cached inputs at the next incremental step
         return self._forward(
             x_all, keys, input_mask, None, context_mask, rotary, query_from=x_all.shape[1] - x.shape[1]
@@ -1379,21 +1384,23 @@ class LSHSelfAttention(nn.Module):
         v = v[:, :, None, :].expand(b, s, h, dh) if self.one_value_head else v.view(b, s, h, dh)
         return qk, v.transpose(1, 2)
 
-    def _decode_step(self, x_all: Tensor, rotary, mask: Tensor | None, state: dict) -> Tensor:
+    def _decode_step(self, x_all, rotary, mask, context, context_mask, state: dict) -> Tensor:
         """Output ``(b, 1, dim)`` of the newest of the ``t`` positions of ``x_all``, from cached keys.
 
-        ``state`` keeps, per LSH head group, the sequence ``[memory ; x]``'s shared-QK vectors ``qk`` (to
-        rehash them when the bucket count changes), keys ``k = rot(qk) / |rot(qk)|`` and values, plus
-        :meth:`LSHAttention.decode_newest`'s buckets and sort; per local head the keys and values of ``x``.
-        The first step projects the whole cached input, later ones only the new position. The query
-        ``q = rot(qk_t)`` attends as the full forward's last position does: over every position when that
-        forward uses full attention (``use_full_attn`` or ``t + num_mem_kv <= full_attn_thres``), over its
-        LSH windows otherwise, and, in the local heads, over its own and the previous window of
-        ``2 * bucket_size`` positions; its own key counts ``TOKEN_SELF_ATTN_VALUE`` everywhere, and keys
-        that ``mask (b, t)`` marks False are excluded (they sort after every real key, as in the full pass).
+        ``state`` keeps, per LSH head group, the sequence ``[memory ; context ; x]``'s shared-QK vectors
+        ``qk`` (to rehash them when the bucket count changes), keys ``k = rot(qk) / |rot(qk)|`` (memory and
+        context unrotated) and values, plus :meth:`LSHAttention.decode_newest`'s buckets and sort; per local
+        head the keys and values of ``x``. The first step projects the whole cached input, later ones only
+        the new position. The query ``q = rot(qk_t)`` attends as the full forward's last position does:
+        over every position when that forward uses full attention (``use_full_attn`` or
+        ``t + num_mem_kv + context length <= full_attn_thres``), over its LSH windows otherwise, and, in the
+        local heads, over its own and the previous window of ``2 * bucket_size`` positions; its own key
+        counts ``TOKEN_SELF_ATTN_VALUE`` everywhere, and keys that ``mask (b, t)`` or ``context_mask``
+        mark False are excluded (they sort after every real key, as in the full pass).
         """
         b, t, _ = x_all.shape
-        h, dh, m, l_h = self.heads, self.dim_head, self.num_mem_kv, self.n_local_attn_heads
+        h, dh, l_h = self.heads, self.dim_head, self.n_local_attn_heads
+        lsh_h = h - l_h
         new = x_all if "t" not in state else x_all[:, -1:]
         qk, v = self._project(new)
         q = qk
@@ -1403,19 +1410,29 @@ class LSHSelfAttention(nn.Module):
             q = _apply_rotary(qk, table, interleaved=bool(getattr(rotary, "interleaved", False)))
         k = F.normalize(q, dim=-1, eps=_norm_eps(q.dtype))
         lsh_qk, lsh_k, lsh_v = qk[:, l_h:], k[:, l_h:], v[:, l_h:]
-        if "t" in state and _changed(state.get("mask"), None if mask is None else mask[:, :-1]):
+        if "t" not in state:  # memory and context sit before x in the cache, unrotated
+            extra = [self.mem_kv.to(x_all.dtype).expand(b, -1, -1)] if self.num_mem_kv else []
+            extra += [context.to(x_all.dtype)] if context is not None else []
+            state["extra"] = sum(e.shape[1] for e in extra)
+            if extra:
+                e_qk, e_v = self._project(torch.cat(extra, dim=1) if len(extra) > 1 else extra[0])
+                e_qk, e_v = e_qk[:, l_h:], e_v[:, l_h:]
+                e_k = F.normalize(e_qk, dim=-1, eps=_norm_eps(qk.dtype))
+                lsh_qk, lsh_k, lsh_v = (torch.cat(p, dim=2) for p in ((e_qk, lsh_qk), (e_k, lsh_k), (e_v, lsh_v)))
+        elif _changed(state.get("mask"), None if mask is None else mask[:, :-1]):
             state.pop("hashed", None)  # cached keys changed validity: sort them again
         state["mask"] = None if mask is None else mask.clone()  # the caller may edit its mask in place
-        lsh_h = h - l_h
+        n_extra = state["extra"]
         valid = local_valid = None
+        if mask is not None or context_mask is not None:
+            ones = torch.ones(b, n_extra + t, dtype=torch.bool, device=x_all.device)
+            parts = [ones[:, : self.num_mem_kv]]
+            parts.append(ones[:, self.num_mem_kv : n_extra] if context_mask is None else context_mask)
+            parts.append(ones[:, n_extra:] if mask is None else mask)
+            kv = n_extra + t
+            valid = torch.cat(parts, dim=1)[:, None].expand(b, lsh_h, kv).reshape(b * lsh_h, kv)
         if mask is not None:
-            valid = F.pad(mask, (m, 0), value=True)[:, None].expand(b, lsh_h, t + m).reshape(b * lsh_h, t + m)
             local_valid = mask[:, None].expand(b, l_h, t).reshape(b * l_h, t)
-        if "t" not in state and m:  # memory key/values sit before x in the cache, unrotated
-            mem_qk, mem_v = self._project(self.mem_kv.to(x_all.dtype).expand(b, m, -1))
-            mem_qk, mem_v = mem_qk[:, l_h:], mem_v[:, l_h:]
-            mem_k = F.normalize(mem_qk, dim=-1, eps=_norm_eps(qk.dtype))
-            lsh_qk, lsh_k, lsh_v = (torch.cat(p, dim=2) for p in ((mem_qk, lsh_qk), (mem_k, lsh_k), (mem_v, lsh_v)))
         state["t"] = t
 
         def groups(z: Tensor) -> Tensor:  # (b, heads, s, dh) -> (s, b * heads, dh)
@@ -1436,11 +1453,11 @@ class LSHSelfAttention(nn.Module):
         keys = _append(state, "k", groups(lsh_k), dim=0)
         values = _append(state, "v", groups(lsh_v), dim=0)
         q_lsh = q[:, l_h:].reshape(-1, dh)
-        if self.use_full_attn or t + m <= self.full_attn_thres:
+        if self.use_full_attn or t + n_extra <= self.full_attn_thres:
             forbid = None if valid is None else ~valid
-            out = _attend_one(q_lsh, keys.transpose(0, 1), values.transpose(0, 1), t + m - 1, forbid)
+            out = _attend_one(q_lsh, keys.transpose(0, 1), values.transpose(0, 1), t + n_extra - 1, forbid)
         else:
-            out = self.lsh_attn.decode_newest(q_lsh, vectors, keys, values, state, n_mem=m, valid=valid)
+            out = self.lsh_attn.decode_newest(q_lsh, vectors, keys, values, state, n_mem=n_extra, valid=valid)
         outs.append(out.view(b, lsh_h, dh))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         return self.post_attn_dropout(self.to_out(out.reshape(b, 1, h * dh)))
@@ -1463,6 +1480,13 @@ def _append(cache: dict, name: str, new: Tensor, dim: int) -> Tensor:
     buf.narrow(dim, n, s).copy_(new)
     cache[name] = (buf, n + s)
     return buf.narrow(dim, 0, n + s)
+
+
+def _same(before: Tensor | None, now: Tensor | None) -> bool:
+    """Whether an optional tensor equals the one kept from the previous call."""
+    if before is None or now is None:
+        return before is None and now is None
+    return before.shape == now.shape and torch.equal(before, now.to(before.dtype))
 
 
 def _changed(before: Tensor | None, now: Tensor | None) -> bool:
