@@ -1346,12 +1346,12 @@ class LSHSelfAttention(nn.Module):
                 f"with a cache, mask must cover the cached and the new positions ({past + x.shape[1]}), "
                 f"got {tuple(input_mask.shape)}"
             )
+        if input_mask is not None:
+            input_mask = _as_bool_mask("input_mask (mask)", input_mask, (x.shape[0], past + x.shape[1]))
         x_all = _append(cache, "x", x, dim=1)
         if rotary is not None:
             table = InterleavedRotaryTable if getattr(rotary, "interleaved", False) else RotaryTable
             rotary = table(_append(cache, "cos", rotary[0], dim=0), _append(cache, "sin", rotary[1], dim=0))
-        if input_mask is not None:
-            input_mask = _as_bool_mask("input_mask (mask)", input_mask, (x.shape[0], x_all.shape[1]))
         # the context (checked by the recompute path) must be the previous call's for the cached projections
         same_context = _same(cache.get("keys"), keys) and _same(cache.get("context_mask"), context_mask)
         if not same_context:
