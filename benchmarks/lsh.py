@@ -13,6 +13,9 @@ meanwhile (``other load``, in cores), since timings on a shared machine are only
     python benchmarks/lsh.py --workload stack --depths 4 16 --n-hashes 2 --repeats 3
         # the Reformer stack with the original's defaults (ff_chunks=100, ...) against reformer-pytorch's,
         # forward + backward at --lm-len tokens; the implementations alternate, --repeats times
+    python benchmarks/lsh.py --workload decode --depths 2 --lm-len 4096 --runs 8
+        # per-token greedy decoding time of a ReformerLM after a --lm-len-token prompt, the incremental LSH
+        # cache against recomputing each layer over its cached inputs, both in one process, interleaved
 """
 
 from __future__ import annotations
@@ -150,6 +153,75 @@ def child_lm(depth: int, runs: int, warmup: int, args) -> dict:
     return _measure(step, runs, warmup, gc)
 
 
+def child_decode(depth: int, runs: int, args) -> dict:
+    """One process, two caches of the same prompt: every round times one recompute step, then
+    ``2 * bucket_size / runs`` incremental steps, so that the incremental steps span one full cycle of the
+    bucket count (one rehash of the cached keys) and their mean includes it. Each step appends the next
+    token of a fixed sequence; the two paths' logits at the positions both computed are compared."""
+    import torch
+
+    from anydepth.compat.reformer import ReformerLM
+    from anydepth.nn.lsh import LSHSelfAttention
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = ReformerLM(
+        num_tokens=256,
+        dim=args.dim,
+        depth=depth,
+        heads=args.heads,
+        max_seq_len=2 * args.lm_len,
+        causal=True,
+        bucket_size=args.bucket_size,
+        n_hashes=args.n_hashes,
+    ).eval()
+    layers = [m for m in model.modules() if isinstance(m, LSHSelfAttention)]
+    burst = max(1, 2 * args.bucket_size // runs)
+    tokens = torch.randint(0, 256, (1, args.lm_len + runs * burst + 2))
+    state = {}
+    for fast in (True, False):
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(tokens[:, : args.lm_len], cache=cache)
+        state[fast] = {"cache": cache, "n": args.lm_len, "times": [], "logits": {}}
+
+    def step(fast: bool) -> None:
+        for m in layers:
+            m.fast_decoding = fast
+        s = state[fast]
+        n = s["n"]
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = model(tokens[:, n : n + 1], cache=s["cache"], offset=n)
+        s["times"].append(time.perf_counter() - t)
+        s["logits"][n] = logits
+        s["n"] = n + 1
+
+    step(True)  # the first incremental step projects the whole cached prompt: warm-up, not timed below
+    step(False)
+    for s in state.values():
+        s["times"].clear()
+    cpu0, own0, wall0 = _cpu_jiffies(), os.times(), time.perf_counter()
+    for _ in range(runs):
+        step(False)
+        for _ in range(burst):
+            step(True)
+    cpu1, own1, wall = _cpu_jiffies(), os.times(), time.perf_counter() - wall0
+    own = (own1.user - own0.user) + (own1.system - own0.system)
+    common = state[True]["logits"].keys() & state[False]["logits"].keys()
+    diff = max(float((state[True]["logits"][n] - state[False]["logits"][n]).abs().max()) for n in common)
+    fast, slow = state[True]["times"], state[False]["times"]
+    return {
+        "recompute_median_s": statistics.median(slow),
+        "incremental_median_s": statistics.median(fast),
+        "incremental_mean_s": statistics.mean(fast),
+        "incremental_max_s": max(fast),
+        "steps": [len(slow), len(fast)],
+        "max_logit_diff": diff,
+        "other_load_cores": max(0.0, (cpu1 - cpu0) / os.sysconf("SC_CLK_TCK") - own) / wall,
+    }
+
+
 def _measure(step, runs: int, warmup: int, gc) -> dict:
     for _ in range(warmup):
         step()
@@ -179,7 +251,7 @@ def _measure(step, runs: int, warmup: int, gc) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=("attention", "lm", "stack"), default="attention")
+    p.add_argument("--workload", choices=("attention", "lm", "stack", "decode"), default="attention")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 12], help="lm workload: depths to compare")
@@ -191,6 +263,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--bucket-size", type=int, default=64)
     p.add_argument("--n-hashes", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="decode workload: torch threads")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -200,6 +273,8 @@ def main() -> None:
             res = child_attention(a, int(b), args.runs, args.warmup, args)
         elif kind == "stack":
             res = child_stack(a, int(b), args.runs, args.warmup, args)
+        elif kind == "decode":
+            res = child_decode(int(b), args.runs, args)
         else:
             res = child_lm(int(b), args.runs, args.warmup, args)
         print("RESULT " + json.dumps(res))
@@ -210,6 +285,8 @@ def main() -> None:
     elif args.workload == "stack":
         impls = [i for i in args.impls if i != "sdpa_full"]
         cases = [("stack", impl, d) for d in args.depths for impl in impls]
+    elif args.workload == "decode":
+        cases = [("decode", "anydepth", d) for d in args.depths]
     else:
         cases = [("lm", "anydepth", d) for d in args.depths]
     common = [
@@ -220,6 +297,7 @@ def main() -> None:
         f"--bucket-size={args.bucket_size}",
         f"--n-hashes={args.n_hashes}",
         f"--lm-len={args.lm_len}",
+        f"--threads={args.threads}",
     ]
     rounds: dict[tuple, list[dict]] = {}
     for rep, (kind, impl, size) in ((r, c) for r in range(args.repeats) for c in cases):
@@ -232,6 +310,18 @@ def main() -> None:
             print(f"{impl} {size}: failed\n{proc.stderr[-2000:]}", flush=True)
             continue
         res = json.loads(line[0][len("RESULT ") :])
+        if kind == "decode":
+            r, f = res["recompute_median_s"], res["incremental_median_s"]
+            print(
+                f"decode depth {size}, {args.lm_len} cached tokens, {args.threads} threads, per token: "
+                f"recompute {1e3 * r:.1f} ms, "
+                f"incremental {1e3 * f:.2f} ms (mean {1e3 * res['incremental_mean_s']:.2f} ms with one rehash, "
+                f"max {1e3 * res['incremental_max_s']:.1f} ms); speed-up x{r / f:.1f} (medians), "
+                f"x{r / res['incremental_mean_s']:.1f} (recompute median / incremental mean); steps {res['steps']}; "
+                f"max logit difference {res['max_logit_diff']:.1e}; other load {res['other_load_cores']:.2f}",
+                flush=True,
+            )
+            continue
         rounds.setdefault((impl, size), []).append(res)
         print(
             f"{kind:9s} {impl:17s} {size:6d}  round {rep}  median {res['median_s']:8.3f} s  min {res['min_s']:8.3f} s  "

@@ -65,7 +65,12 @@ def generate(
     """Appends up to ``max_new_tokens`` sampled tokens to ``prompt`` ``(b, n)``.
 
     With ``use_cache`` and a model whose attention supports it, the prompt is encoded once and each
-    new token costs one position (keys and values of the prefix are cached). Sequences that produce
+    new token costs one position (keys and values of the prefix are cached; LSH layers also keep their
+    buckets and sort). Causal full attention gives the tokens of ``use_cache=False``; so does a
+    model whose only LSH layer is its last attention layer. With more LSH layers the cached layers' inputs
+    are the outputs each earlier position got when it was last, whereas an uncached forward recomputes
+    them at the full length (bucket count and sort change as the sequence grows), so the tokens can
+    differ (see :class:`~anydepth.nn.lsh.LSHSelfAttention`). Sequences that produce
     ``eos_token`` are padded with it afterwards; generation stops when all have. When the sequence
     would exceed ``max_seq_len`` the context is cropped to the last ``max_seq_len`` tokens and
     re-encoded. ``logits_processor(logits, tokens)`` may rewrite the last-position logits ``(b, vocab)``

@@ -468,6 +468,139 @@ def test_cached_decoding_equals_recomputing_the_prefix():
             torch.testing.assert_close(step, prefix[:, -1:])
 
 
+DECODE_CONFIGS = [
+    dict(n_hashes=2),
+    dict(n_hashes=1, causal=False),
+    dict(n_hashes=3, attend_across_buckets=False),
+    dict(n_hashes=3, allow_duplicate_attention=False),
+    dict(n_hashes=3, allow_duplicate_attention=False, attend_across_buckets=False),
+    dict(n_hashes=3, rehash_each_round=False),
+    dict(n_hashes=2, num_mem_kv=3, n_local_attn_heads=1),
+    dict(n_hashes=2, one_value_head=True, random_rotations_per_head=True),
+    dict(n_hashes=2, full_attn_thres=10),
+    dict(n_hashes=2, use_full_attn=True),
+    dict(n_hashes=2, factor_above=4),  # product hashes: 6 and more buckets
+]
+
+
+@pytest.mark.parametrize("kw", DECODE_CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("rotary", [False, True])
+def test_incremental_decoding_equals_the_full_forwards_last_position(kw, rotary):
+    """Token by token from 3 to 44 positions (bucket count 2 -> 12, so the cached keys are rehashed five times,
+    and full attention below bucket_size + 1 positions): the one-token step equals the last position of
+    an uncached forward over the same inputs, and the layer is not recomputed."""
+    kw = dict(kw)
+    factor_above = kw.pop("factor_above", None)
+    torch.manual_seed(6)
+    layer = LSHSelfAttention(dim=24, heads=3, bucket_size=4, **{"causal": True, **kw}).double().eval()
+    if factor_above is not None:
+        layer.lsh_attn.FACTOR_ABOVE = factor_above
+    n = 44
+    x = torch.randn(2, n, 24, dtype=torch.float64)
+    table = RotaryEmbedding(8)(torch.arange(n)) if rotary else None
+
+    def rot(a, b):
+        return None if table is None else type(table)(table.cos[a:b].double(), table.sin[a:b].double())
+
+    cache: dict = {}
+    counts = set()
+    with torch.no_grad():
+        layer(x[:, :3], rotary=rot(0, 3), cache=cache)
+        with mock.patch.object(LSHSelfAttention, "_forward", side_effect=AssertionError("recomputed")):
+            steps = []
+            for i in range(3, n):
+                steps.append(layer(x[:, i : i + 1], rotary=rot(i, i + 1), cache=cache))
+                counts.add(cache["decode"].get("hashed"))
+        for i, step in zip(range(3, n), steps, strict=True):
+            torch.testing.assert_close(step, layer(x[:, : i + 1], rotary=rot(0, i + 1))[:, -1:], rtol=1e-9, atol=1e-9)
+    if not (layer.use_full_attn or kw.get("full_attn_thres")):
+        assert len(counts - {None}) >= 5  # every bucket count was met, each after a rehash
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(n_hashes=2, full_attn_thres=24),
+        dict(n_hashes=3, num_mem_kv=2, n_local_attn_heads=1),
+        dict(n_hashes=2, num_mem_kv=1, context=True),
+    ],
+    ids=["full-then-lsh", "memory-and-local-heads", "context"],
+)
+def test_decoding_with_masks_and_context_and_falling_back(kw):
+    """Masked cached keys (and context keys) are excluded, and re-sorted when an earlier position's flag
+    changes; a step whose new token is masked, or whose context differs from the previous call's,
+    recomputes the layer and drops the incremental state, which the next step rebuilds. Every step equals
+    the uncached forward's last position under the same masks and context."""
+    kw = dict(kw)
+    with_context = kw.pop("context", False)
+    torch.manual_seed(7)
+    layer = LSHSelfAttention(dim=24, heads=3, bucket_size=4, causal=True, **kw).double().eval()
+    n = 34
+    x = torch.randn(2, n, 24, dtype=torch.float64)
+    mask = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[:, 12:] = True
+    ctx = {}
+    if with_context:
+        ctx = dict(context=torch.randn(2, 7, 24, dtype=torch.float64), context_mask=torch.rand(2, 7) > 0.3)
+    cache: dict = {}
+    with torch.no_grad():
+        layer(x[:, :12], mask=mask[:, :12], cache=cache, **ctx)
+        for i in range(12, n):
+            if i == 20:
+                mask[0, 3] = ~mask[0, 3]  # an earlier position changes its flag
+            if i in (16, 27):
+                mask[1, i] = False  # the new token itself is masked in one row
+            if with_context and i == 23:
+                ctx["context"] = ctx["context"] + 1
+            m = mask[:, : i + 1]
+            step = layer(x[:, i : i + 1], mask=m, cache=cache, **ctx)
+            assert ("decode" in cache) == (bool(m[:, -1].all()) and not (with_context and i == 23))
+            torch.testing.assert_close(step, layer(x[:, : i + 1], mask=m, **ctx)[:, -1:], rtol=1e-9, atol=1e-9)
+        layer.fast_decoding = False
+        cache = {}
+        layer(x[:, :5], cache=cache, **ctx)
+        layer(x[:, 5:6], cache=cache, **ctx)
+        assert "decode" not in cache
+
+
+def _lsh_lm(depth: int, position: str):
+    from anydepth import ModelConfig, build_model
+
+    torch.manual_seed(8)
+    cfg = ModelConfig(
+        vocab_size=32,
+        dim=16,
+        depth=depth,
+        heads=2,
+        max_seq_len=64,
+        position=position,
+        attention=ATTENTIONS.config("lsh", bucket_size=4, n_hashes=2),
+    )
+    return build_model(cfg).eval()
+
+
+def _greedy(model, prompt, fast: bool, use_cache: bool = True):
+    for m in model.modules():
+        if isinstance(m, LSHSelfAttention):
+            m.fast_decoding = fast
+    return model.generate(prompt, 36, temperature=0, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_greedy_generation_with_the_incremental_path_gives_the_recompute_paths_tokens(position):
+    """Two LSH layers, greedy, fixed (eval) hashing, 5 -> 41 tokens: the incremental path's tokens equal the
+    recompute path's token for token; with one LSH layer both also equal uncached decoding."""
+    prompt = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    model = _lsh_lm(2, position)
+    fast = _greedy(model, prompt, True)
+    assert torch.equal(fast, _greedy(model, prompt, False))
+    assert fast.shape == (2, 41)
+    one = _lsh_lm(1, position)
+    fast = _greedy(one, prompt, True)
+    assert torch.equal(fast, _greedy(one, prompt, False))
+    assert torch.equal(fast, _greedy(one, prompt, True, use_cache=False))
+
+
 def test_registered_kind_and_reset_parameters():
     from anydepth.nn.context import LayerContext
     from anydepth.registry import config_from_dict, config_to_dict

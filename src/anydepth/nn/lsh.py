@@ -26,7 +26,9 @@ Differences from reformer-pytorch 1.4.4, each on purpose:
   with a ``seed``) they come from a seeded generator, so inference is deterministic;
 - positions (rotary) reach every path: LSH heads, local heads and the full-attention fallback;
 - the chunked attention is one autograd function that keeps nothing per window: the backward recomputes the
-  window scores block by block (the flash-attention recipe), so memory is ``O(n)`` per round.
+  window scores block by block (the flash-attention recipe), so memory is ``O(n)`` per round;
+- cached decoding hashes only the new token and attends over its windows from cached keys, values and
+  per-round sorted buckets (``LSHAttention.decode_newest``), where the original recomputes the whole prefix.
 """
 
 from __future__ import annotations
@@ -761,6 +763,100 @@ class LSHAttention(nn.Module):
                         out[i : i + step, :, t0:t1] = top.permute(0, 2, 1)
         return out
 
+    def layout(self, n: int) -> tuple[int, int, int]:
+        """``(lp, hashed_buckets, n_buckets)`` of an LSH pass over ``n`` positions: the padded length
+        ``lp = max(2, ceil(n / bucket_size)) * bucket_size`` (at least two chunks, so the look-back never
+        repeats one), the count asked of :meth:`hash_vectors` (``lp / bucket_size`` rounded up to even) and
+        the buckets it draws from (:meth:`bucket_count`); padding sorts into bucket ``n_buckets``."""
+        lp = max(2, math.ceil(n / self.bucket_size)) * self.bucket_size
+        n_chunks = lp // self.bucket_size
+        hashed = n_chunks + n_chunks % 2
+        if not self.rehash_each_round and hashed < self.n_hashes:
+            # the rounds are each token's n_hashes best buckets of one rotation, so there must be that many;
+            # buckets smaller than a chunk only make the sort finer (short inputs, many rounds)
+            hashed = self.n_hashes + self.n_hashes % 2
+        return lp, hashed, self.bucket_count(hashed)
+
+    # incremental decoding ------------------------------------------------------------------------------
+    def decode_newest(
+        self, q: Tensor, qk: Tensor, k: Tensor, v: Tensor, state: dict, n_mem: int = 0, valid: Tensor | None = None
+    ) -> Tensor:
+        """Output ``(G, dv)`` of the newest position of ``x``, exactly as :meth:`_attend` computes it for the
+        last query of ``[x ; memory]``, from the cached ``qk (n, G, d)`` (unrotated, for hashing), keys ``k``
+        (rotated and normalised) and values ``v (n, G, dv)`` of ``G`` groups, all stored as ``[memory ; x]``
+        (position-major, so that a window's keys are rows of one contiguous tensor), and the rotated query
+        ``q (G, d)``.
+
+        ``state`` keeps each round's buckets of the cached positions (``"buckets" (G, R, n)``) and their sort keys
+        ``bucket * 2^32 + p`` in ascending order (``"sorted" (G, R, n)``), with ``p`` the position in ``x``, or
+        ``2^31 + i`` for memory slot ``i`` (memory sorts after ``x`` within a bucket, as in the full forward), and
+        keys that ``valid (G, n)`` marks False with bucket ``2^31 - 1``, after every real one (the full pass's extra
+        bucket); the newest position must be valid. A step hashes the new position and inserts its key (``O(n)``);
+        when the length changes the bucket count (every ``2 * bucket_size`` positions, which also redraws the
+        rotations), all cached positions are rehashed and sorted again, ``O(n log n)`` once per ``2 * bucket_size``
+        steps. The query's slot in round ``r`` is its key's rank ``s_r``; its window is the slots of chunk
+        ``c_r = s_r // bucket_size`` and of the chunk before it (the last one when ``c_r = 0``), less the slots ``>= n``
+        (padding) and the invalid keys. The rounds merge as in the full forward: one softmax over the union of the
+        windows, each entry ``q . k / sqrt(d)``, ``-inf`` for other buckets' keys when not
+        ``attend_across_buckets``, ``- log N_j`` with ``N_j`` the rounds whose window holds key ``j`` when not
+        ``allow_duplicate_attention``, and ``TOKEN_SELF_ATTN_VALUE`` for the query's own key.
+        """
+        n, g, d = qk.shape
+        bs = self.bucket_size
+        lp, hashed, _ = self.layout(n)
+        n_chunks = lp // bs
+        mem_at = 1 << 31
+        low = (1 << 32) - 1
+
+        def code(i):  # sort position of cache slots i: memory after every position of x
+            return torch.where(i < n_mem, mem_at + i, i - n_mem)
+
+        newest = code(torch.tensor(n - 1, device=qk.device))
+        if state.get("hashed") == hashed and state.get("hashed_n") == n - 1:
+            new = self.hash_vectors(hashed, qk[-1:].transpose(0, 1))  # (G, R, 1)
+            buckets = _append(state, "buckets", new, dim=2)
+            key = (new << 32) | newest
+            prev = state["sorted"]
+            slot = torch.searchsorted(prev, key)  # (G, R, 1)
+            ar = torch.arange(n, device=qk.device)
+            src = (ar - (ar > slot).long()).clamp(max=n - 2)
+            ordered = prev.gather(-1, src).scatter_(-1, slot, key)
+        else:
+            state.pop("buckets", None)
+            buckets = _append(state, "buckets", self.hash_vectors(hashed, qk.transpose(0, 1)), dim=2)
+            sort_buckets = buckets if valid is None else torch.where(valid[:, None], buckets, mem_at - 1)
+            ordered = ((sort_buckets << 32) | code(torch.arange(n, device=qk.device))).sort(dim=-1).values
+            key = (buckets[..., -1:] << 32) | newest
+            slot = torch.searchsorted(ordered, key)
+        state.update(sorted=ordered, hashed=hashed, hashed_n=n)
+        bq, slot = buckets[..., -1], slot[..., 0]  # (G, R) the query's bucket and slot per round
+        chunk = torch.div(slot, bs, rounding_mode="floor")
+        ar = torch.arange(bs, device=qk.device)
+        slots = torch.cat(
+            (torch.remainder(chunk - 1, n_chunks)[..., None] * bs + ar, chunk[..., None] * bs + ar), dim=-1
+        )  # (G, R, 2 * bs): the look-back chunk, then the query's own
+        win = ordered.gather(-1, slots.clamp(max=n - 1))
+        p = win & low
+        pos = torch.where(p >= mem_at, p - mem_at, p + n_mem)  # cache slot of each window key
+        forbid = slots >= n
+        if valid is not None:
+            forbid |= ~valid.gather(1, pos.view(g, -1)).view_as(pos)
+        if not self.attend_across_buckets:
+            forbid |= (win >> 32) != bq[..., None]
+        extra = None
+        if not self.allow_duplicate_attention:
+            flat = pos.view(g, 1, -1).expand(-1, buckets.shape[1], -1)  # every window key, in every round
+            kb = buckets.gather(-1, flat)
+            k_chunk = torch.div(torch.searchsorted(ordered, (kb << 32) | code(flat)), bs, rounding_mode="floor")
+            same = torch.remainder(chunk[..., None] - k_chunk, n_chunks) <= 1
+            if not self.attend_across_buckets:
+                same &= kb == bq[..., None]
+            extra = -torch.log(same.sum(1).clamp(min=1).to(_acc(q.dtype)))
+        own = slots == slot[..., None]
+        rows = (pos * g + torch.arange(g, device=qk.device)[:, None, None]).view(-1)
+        kw, vw = _take(k.view(n * g, d), rows).view(g, -1, d), _take(v.view(n * g, -1), rows).view(g, -1, v.shape[-1])
+        return _attend_one(q, kw, vw, own.view(g, -1), forbid.view(g, -1), extra)
+
     # forward ------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -817,17 +913,8 @@ class LSHAttention(nn.Module):
         if full:
             lp, rounds = n, 1
         else:
-            lp = max(2, math.ceil(n / bs)) * bs  # at least two chunks, so the look-back never repeats one
+            lp, hashed_buckets, n_buckets = self.layout(n)
             rounds = self.n_hashes
-        n_chunks = lp // bs
-        n_buckets = n_chunks + n_chunks % 2
-        if not full and not self.rehash_each_round and n_buckets < rounds:
-            # the rounds are each token's n_hashes best buckets of one rotation, so there must be that many;
-            # buckets smaller than a chunk only make the sort finer (short inputs, many rounds)
-            n_buckets = rounds + rounds % 2
-        hashed_buckets = n_buckets
-        if not full:
-            n_buckets = self.bucket_count(n_buckets)
         pad = lp - n
         valid_p = F.pad(valid, (0, pad), value=False) if pad else valid
         qk_p = F.pad(qk, (0, 0, 0, pad)) if pad else qk
@@ -1230,32 +1317,202 @@ class LSHSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, h * dh)[:, query_from:]
         return self.post_attn_dropout(self.to_out(out))
 
-    def _forward_cached(self, x, keys, input_mask, context_mask, rotary, cache):
-        """Incremental decoding: the new positions attend over the cached inputs plus themselves.
+    # Single-token steps with a cache take the incremental path (:meth:`_decode_step`); False recomputes the
+    # layer over the cached inputs at every step (the reference that path is tested and timed against).
+    fast_decoding: bool = True
 
-        LSH buckets depend on every position of the sequence (their number and the sort), so the layer
-        keeps its inputs and rotary tables and recomputes the attention over the whole prefix; with
-        deterministic (eval) hashing this equals the uncached forward exactly.
+    def _forward_cached(self, x, keys, input_mask, context_mask, rotary, cache):
+        """Incremental decoding: the new positions attend over the cached positions plus themselves.
+
+        The cache keeps the layer's inputs and rotary tables. A step of one new token takes :meth:`_decode_step`,
+        which computes exactly what the full forward over the cached inputs gives the newest position, in
+        ``O(n_hashes * bucket_size * dim_head)`` attention plus ``O(n)`` index work. The prompt (any call with
+        several new tokens) and the cases that path does not cover -- a ``mask`` that masks the new token,
+        ``context``/``keys`` or ``context_mask`` other than the previous call's, training mode (fresh rotations,
+        dropout), ``return_attn`` or a callback set, ``fast_decoding = False`` -- recompute the layer over the
+        whole cached input (hashing, sorting and chunked attention) and return the new positions.
+
+        Either way the newest position gets the output an uncached forward over the same layer inputs
+        gives it. Earlier positions are not revisited: in a full forward their outputs change when a token
+        is appended (the bucket count, the rotations and the sort depend on the length). So a model decodes
+        with a cache token for token as without one when no layer reads an LSH layer's outputs at earlier
+        positions, e.g. when its only LSH layer is its last attention layer; with more LSH layers cached
+        decoding is exact given the cached inputs (the incremental path equals the recompute path), and
+        differs from recomputing the whole stack.
         """
-        if "x" in cache:
-            x_all = torch.cat((cache["x"], x), dim=1)
-        else:
-            x_all = x
-        if rotary is not None:
-            table = InterleavedRotaryTable if getattr(rotary, "interleaved", False) else RotaryTable
-            if "cos" in cache:
-                rotary = (torch.cat((cache["cos"], rotary[0]), 0), torch.cat((cache["sin"], rotary[1]), 0))
-            rotary = table(*rotary)
-            cache["cos"], cache["sin"] = rotary
-        if input_mask is not None and input_mask.shape[1] != x_all.shape[1]:
+        past = cache["x"][1] if "x" in cache else 0
+        if input_mask is not None and input_mask.shape[1] != past + x.shape[1]:
             raise ValueError(
-                f"with a cache, mask must cover the cached and the new positions ({x_all.shape[1]}), "
+                f"with a cache, mask must cover the cached and the new positions ({past + x.shape[1]}), "
                 f"got {tuple(input_mask.shape)}"
             )
-        cache["x"] = x_all
+        if input_mask is not None:
+            input_mask = _as_bool_mask("input_mask (mask)", input_mask, (x.shape[0], past + x.shape[1]))
+        x_all = _append(cache, "x", x, dim=1)
+        if rotary is not None:
+            table = InterleavedRotaryTable if getattr(rotary, "interleaved", False) else RotaryTable
+            rotary = table(_append(cache, "cos", rotary[0], dim=0), _append(cache, "sin", rotary[1], dim=0))
+        # the context (checked by the recompute path) must be the previous call's for the cached projections
+        same_context = _same(cache.get("keys"), keys) and _same(cache.get("context_mask"), context_mask)
+        if not same_context:
+            cache["keys"] = None if keys is None else keys.detach().clone()
+            cache["context_mask"] = None if context_mask is None else context_mask.clone()
+        incremental = (
+            self.fast_decoding
+            and past > 0
+            and same_context
+            and x.shape[1] == 1
+            and not self.training
+            and (input_mask is None or bool(input_mask[:, -1].all()))
+            and self.callback is None
+            and not self.return_attn
+        )
+        if incremental:
+            state = cache.setdefault("decode", {})
+            return self._decode_step(x_all, rotary, input_mask, keys, context_mask, state)
+        cache.pop("decode", None)  # rebuilt from the cached inputs at the next incremental step
         return self._forward(
             x_all, keys, input_mask, None, context_mask, rotary, query_from=x_all.shape[1] - x.shape[1]
         )
+
+    def _project(self, seq: Tensor) -> tuple[Tensor, Tensor]:
+        """``qk, v`` of ``seq (b, s, dim)``, each ``(b, heads, s, dim_head)``."""
+        b, s, _ = seq.shape
+        h, dh = self.heads, self.dim_head
+        qk = self.toqk(seq).view(b, s, h, dh).transpose(1, 2)
+        v = self.tov(seq)
+        v = v[:, :, None, :].expand(b, s, h, dh) if self.one_value_head else v.view(b, s, h, dh)
+        return qk, v.transpose(1, 2)
+
+    def _decode_step(self, x_all, rotary, mask, context, context_mask, state: dict) -> Tensor:
+        """Output ``(b, 1, dim)`` of the newest of the ``t`` positions of ``x_all``, from cached keys.
+
+        ``state`` keeps, per LSH head group, the sequence ``[memory ; context ; x]``'s shared-QK vectors
+        ``qk`` (to rehash them when the bucket count changes), keys ``k = rot(qk) / |rot(qk)|`` (memory and
+        context unrotated) and values, plus :meth:`LSHAttention.decode_newest`'s buckets and sort; per local
+        head the keys and values of ``x``. The first step projects the whole cached input, later ones only
+        the new position. The query ``q = rot(qk_t)`` attends as the full forward's last position does:
+        over every position when that forward uses full attention (``use_full_attn`` or
+        ``t + num_mem_kv + context length <= full_attn_thres``), over its LSH windows otherwise, and, in the
+        local heads, over its own and the previous window of ``2 * bucket_size`` positions; its own key
+        counts ``TOKEN_SELF_ATTN_VALUE`` everywhere, and keys that ``mask (b, t)`` or ``context_mask``
+        mark False are excluded (they sort after every real key, as in the full pass).
+        """
+        b, t, _ = x_all.shape
+        h, dh, l_h = self.heads, self.dim_head, self.n_local_attn_heads
+        lsh_h = h - l_h
+        new = x_all if "t" not in state else x_all[:, -1:]
+        qk, v = self._project(new)
+        q = qk
+        if rotary is not None:
+            s = new.shape[1]
+            table = (rotary[0][t - s :], rotary[1][t - s :])
+            q = _apply_rotary(qk, table, interleaved=bool(getattr(rotary, "interleaved", False)))
+        k = F.normalize(q, dim=-1, eps=_norm_eps(q.dtype))
+        lsh_qk, lsh_k, lsh_v = qk[:, l_h:], k[:, l_h:], v[:, l_h:]
+        if "t" not in state:  # memory and context sit before x in the cache, unrotated
+            extra = [self.mem_kv.to(x_all.dtype).expand(b, -1, -1)] if self.num_mem_kv else []
+            extra += [context.to(x_all.dtype)] if context is not None else []
+            state["extra"] = sum(e.shape[1] for e in extra)
+            if extra:
+                e_qk, e_v = self._project(torch.cat(extra, dim=1) if len(extra) > 1 else extra[0])
+                e_qk, e_v = e_qk[:, l_h:], e_v[:, l_h:]
+                e_k = F.normalize(e_qk, dim=-1, eps=_norm_eps(qk.dtype))
+                lsh_qk, lsh_k, lsh_v = (torch.cat(p, dim=2) for p in ((e_qk, lsh_qk), (e_k, lsh_k), (e_v, lsh_v)))
+        elif _changed(state.get("mask"), None if mask is None else mask[:, :-1]):
+            state.pop("hashed", None)  # cached keys changed validity: sort them again
+        state["mask"] = None if mask is None else mask.clone()  # the caller may edit its mask in place
+        n_extra = state["extra"]
+        valid = local_valid = None
+        if mask is not None or context_mask is not None:
+            ones = torch.ones(b, n_extra + t, dtype=torch.bool, device=x_all.device)
+            parts = [ones[:, : self.num_mem_kv]]
+            parts.append(ones[:, self.num_mem_kv : n_extra] if context_mask is None else context_mask)
+            parts.append(ones[:, n_extra:] if mask is None else mask)
+            kv = n_extra + t
+            valid = torch.cat(parts, dim=1)[:, None].expand(b, lsh_h, kv).reshape(b * lsh_h, kv)
+        if mask is not None:
+            local_valid = mask[:, None].expand(b, l_h, t).reshape(b * l_h, t)
+        state["t"] = t
+
+        def groups(z: Tensor) -> Tensor:  # (b, heads, s, dh) -> (s, b * heads, dh)
+            return z.permute(2, 0, 1, 3).reshape(z.shape[2], -1, z.shape[3])
+
+        outs = []
+        q = q[:, :, -1]
+        if l_h:
+            lk = _append(state, "local_k", groups(k[:, :l_h]), dim=0)
+            lv = _append(state, "local_v", groups(v[:, :l_h]), dim=0)
+            window = 2 * self.bucket_size
+            start = max(0, ((t - 1) // window - 1) * window)
+            lk, lv = lk[start:].transpose(0, 1), lv[start:].transpose(0, 1)
+            forbid = None if local_valid is None else ~local_valid[:, start:]
+            local = _attend_one(q[:, :l_h].reshape(-1, dh), lk, lv, lk.shape[1] - 1, forbid)
+            outs.append(local.view(b, l_h, dh))
+        vectors = _append(state, "qk", groups(lsh_qk), dim=0)
+        keys = _append(state, "k", groups(lsh_k), dim=0)
+        values = _append(state, "v", groups(lsh_v), dim=0)
+        q_lsh = q[:, l_h:].reshape(-1, dh)
+        if self.use_full_attn or t + n_extra <= self.full_attn_thres:
+            forbid = None if valid is None else ~valid
+            out = _attend_one(q_lsh, keys.transpose(0, 1), values.transpose(0, 1), t + n_extra - 1, forbid)
+        else:
+            out = self.lsh_attn.decode_newest(q_lsh, vectors, keys, values, state, n_mem=n_extra, valid=valid)
+        outs.append(out.view(b, lsh_h, dh))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return self.post_attn_dropout(self.to_out(out.reshape(b, 1, h * dh)))
+
+
+def _append(cache: dict, name: str, new: Tensor, dim: int) -> Tensor:
+    """Appends ``new`` to ``cache[name]`` along ``dim`` and returns everything appended so far (a view).
+
+    The buffer doubles its capacity when full, so that ``n`` one-position steps copy ``O(n)`` elements in
+    all, where concatenating at every step would copy ``O(n^2)``."""
+    buf, n = cache.get(name, (None, 0))
+    s = new.shape[dim]
+    if buf is None or n + s > buf.shape[dim]:
+        shape = list(new.shape)
+        shape[dim] = max(16, 2 * (n + s))
+        grown = new.new_empty(shape)
+        if buf is not None:
+            grown.narrow(dim, 0, n).copy_(buf.narrow(dim, 0, n))
+        buf = grown
+    buf.narrow(dim, n, s).copy_(new)
+    cache[name] = (buf, n + s)
+    return buf.narrow(dim, 0, n + s)
+
+
+def _same(before: Tensor | None, now: Tensor | None) -> bool:
+    """Whether an optional tensor equals the one kept from the previous call."""
+    if before is None or now is None:
+        return before is None and now is None
+    return before.shape == now.shape and torch.equal(before, now.to(before.dtype))
+
+
+def _changed(before: Tensor | None, now: Tensor | None) -> bool:
+    """Whether two optional masks differ (``None`` means all True)."""
+    if before is None or now is None:
+        return before is not now and not bool((now if before is None else before).all())
+    return not torch.equal(before, now)
+
+
+def _attend_one(q: Tensor, k: Tensor, v: Tensor, own, forbid: Tensor | None = None, extra: Tensor | None = None):
+    """One query per group: ``softmax(s) v`` with ``s_j = q . k_j / sqrt(d) + extra_j``, ``-inf`` where
+    ``forbid``, and ``TOKEN_SELF_ATTN_VALUE`` at the query's own key(s) ``own`` (a column or a bool mask).
+
+    ``q (G, d)``, ``k (G, W, d)``, ``v (G, W, dv)`` -> ``(G, dv)``; the softmax runs in the accumulation
+    dtype (:func:`_acc`), as the chunked attention's does."""
+    s = torch.matmul(k, q[:, :, None])[..., 0].to(_acc(q.dtype)) * q.shape[-1] ** -0.5
+    if extra is not None:
+        s = s + extra
+    if forbid is not None:
+        s = s.masked_fill(forbid, float("-inf"))
+    if isinstance(own, int):
+        s[:, own] = TOKEN_SELF_ATTN_VALUE
+    else:
+        s = s.masked_fill(own, TOKEN_SELF_ATTN_VALUE)
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p[:, None, :].to(v.dtype), v)[:, 0]
 
 
 def _one_of(name_a: str, a, name_b: str, b):
