@@ -11,8 +11,8 @@ Two choices differ from the library's Reformer preset, on purpose:
 
 - positions are learned and added to the token embeddings (``--position learned``), as in the paper's models.
   LSH hashes the shared query/key before rotary positions are applied, so with rotary positions a one-layer
-  model's hash sees token content only and cannot bring position ``t`` and ``t - half`` together: LSH-trained
-  models then stay at chance;
+  model's hash sees token content only, and the symbol to copy (unrelated in content to the query) shares a
+  window with its query only by chance;
 - the loss covers the copied half only (``--loss copy``). The first half is uniform noise; with its loss
   included (``--loss all``) LSH-trained models stayed at chance for the few hundred steps that fit in minutes.
 
