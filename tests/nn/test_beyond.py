@@ -41,7 +41,7 @@ def test_dyt_alpha_must_be_positive(alpha):
     with pytest.raises(ValueError, match="alpha_init must be a finite number > 0"):
         NORMS.config("dyt", alpha_init=alpha)
     with pytest.raises(ValueError, match="alpha_init"):
-        DyT(4, alpha_init=alpha)
+        DyT.make(dim=4, alpha_init=alpha)
 
 
 # ------------------------------------------------------------------------------------------------ QK-norm
