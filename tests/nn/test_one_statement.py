@@ -44,7 +44,6 @@ PENDING = (
         )
     }
     | {("attention", k) for k in ("full", "local", "lsh")}
-    | {("ff", k) for k in ("mlp", "glu")}
     | {("stack", k) for k in ("sequential", "dense", "reversible")}
     | {("position", k) for k in ("none", "learned", "sinusoidal", "axial", "rotary")}
 )

@@ -31,7 +31,7 @@ class FeedForward(MLP):
 
     def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
         # int(dim * mult) must give hidden_dim exactly; the half keeps float rounding from taking one off
-        super().__init__(dim, mult=(hidden_dim + 0.5) / dim, activation="gelu", dropout=dropout)
+        super().__init__(MLP.Config(mult=(hidden_dim + 0.5) / dim, activation="gelu", dropout=dropout), dim=dim)
         self.norm = nn.LayerNorm(dim)
         self.post_dropout = nn.Dropout(dropout)
         h = self.hidden
