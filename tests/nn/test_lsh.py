@@ -274,7 +274,7 @@ def test_rotary_is_applied_after_hashing_and_reformer_pos_emb_matches_tables():
     torch.manual_seed(5)
     attn = LSHAttention(bucket_size=4, n_hashes=2, seed=3).eval()
     qk, v = torch.randn(1, 16, 8, dtype=torch.float64), torch.randn(1, 16, 8, dtype=torch.float64)
-    rot = RotaryEmbedding(8, interleaved=True)(torch.arange(16))
+    rot = RotaryEmbedding.make(dim_head=8, interleaved=True)(torch.arange(16))
     cos, sin = rot.cos.double(), rot.sin.double()
     out, _, buckets = attn(qk, v, rotary=rot)
     _, _, plain_buckets = attn(qk, v)
@@ -407,7 +407,7 @@ def test_full_attention_fallback_keeps_positions():
     torch.manual_seed(2)
     layer = LSHSelfAttention(dim=16, heads=2, bucket_size=8, full_attn_thres=64, causal=True).eval()
     x = torch.randn(1, 20, 16)
-    rot = RotaryEmbedding(8)(torch.arange(20))
+    rot = RotaryEmbedding(dim_head=8)(torch.arange(20))
     with torch.no_grad():
         torch.testing.assert_close(layer(x, rotary=rot), _layer_with_dense_reference(x, layer, rot, True))
 
@@ -423,7 +423,7 @@ def test_every_path_sees_positions(kw):
     layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, causal=False, **kw).eval()
     x = torch.randn(1, 16, 16)
     perm = torch.randperm(16)
-    rot = RotaryEmbedding(8)(torch.arange(16))
+    rot = RotaryEmbedding(dim_head=8)(torch.arange(16))
     with torch.no_grad():
         if "seed" not in kw and not kw.get("n_local_attn_heads"):
             torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm])
@@ -436,7 +436,7 @@ def test_every_path_sees_positions(kw):
         args = dict(window=4, causal=False, dropout=0.0, training=False)
         ones = torch.ones(1, 16, dtype=torch.bool)
         plain = _local_attend(lqk, lqk, ones, rotary=None, **args)
-        rotated = _local_attend(lqk, lqk, ones, rotary=RotaryEmbedding(8)(torch.arange(16)), **args)
+        rotated = _local_attend(lqk, lqk, ones, rotary=RotaryEmbedding(dim_head=8)(torch.arange(16)), **args)
         assert (plain - rotated).abs().max() > 1e-3
 
 
@@ -455,7 +455,7 @@ def test_cached_decoding_equals_recomputing_the_prefix():
     torch.manual_seed(5)
     layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True, num_mem_kv=2).eval()
     x = torch.randn(1, 23, 16)
-    rot = RotaryEmbedding(8)(torch.arange(23))
+    rot = RotaryEmbedding(dim_head=8)(torch.arange(23))
     cache: dict = {}
     with torch.no_grad():
         first = layer(x[:, :17], rotary=type(rot)(rot.cos[:17], rot.sin[:17]), cache=cache)
@@ -634,7 +634,7 @@ def test_layer_half_precision_every_option(dtype):
         layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True, **kw).to(dtype)
         x = torch.randn(2, 21, 16, dtype=dtype, requires_grad=True)
         keys = torch.randn(2, 3, 16, dtype=dtype)
-        rot = RotaryEmbedding(8)(torch.arange(21))
+        rot = RotaryEmbedding(dim_head=8)(torch.arange(21))
         out = layer(x, keys=keys, input_mask=torch.rand(2, 21) > 0.1, rotary=rot)
         out.float().sum().backward()
         assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(x.grad).all(), kw

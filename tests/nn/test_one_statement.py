@@ -45,7 +45,6 @@ PENDING = (
     }
     | {("attention", k) for k in ("full", "local", "lsh")}
     | {("stack", k) for k in ("sequential", "dense", "reversible")}
-    | {("position", k) for k in ("none", "learned", "sinusoidal", "axial", "rotary")}
 )
 
 KINDS = [
