@@ -41,7 +41,7 @@ PENDING = {
         "mhc",
         "mhc_lite",
     )
-} | {("attention", k) for k in ("full", "local", "lsh")}
+} | {("attention", "lsh")}
 
 KINDS = [
     pytest.param(
