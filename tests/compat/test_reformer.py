@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anydepth import (
+from anydepth.compat.reformer import (
     Autopadder,
     LSHAttention,
     LSHSelfAttention,
@@ -18,8 +18,9 @@ from anydepth import (
     ReformerLM,
     TrainingWrapper,
     from_reformer_pytorch,
+    top_k,
+    top_p,
 )
-from anydepth.compat.reformer import top_k, top_p
 
 torch.set_num_threads(1)
 

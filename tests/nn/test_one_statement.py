@@ -41,7 +41,7 @@ PENDING = {
         "mhc",
         "mhc_lite",
     )
-} | {("attention", "lsh")}
+}
 
 KINDS = [
     pytest.param(
