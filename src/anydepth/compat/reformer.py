@@ -1,5 +1,7 @@
-"""reformer-pytorch's API (``Reformer``, ``ReformerLM``, ``ReformerEncDec``, ``Recorder``, ``Autopadder``,
-``TrainingWrapper``) as configurations of the library's builder (Kitaev et al. 2020, arXiv 2001.04451).
+"""reformer-pytorch's API (``LSHSelfAttention``, ``LSHAttention``, ``Reformer``, ``ReformerLM``,
+``ReformerEncDec``, ``Recorder``, ``Autopadder``, ``TrainingWrapper``) as configurations of the library's
+layers and builder (Kitaev et al. 2020, arXiv 2001.04451). The two attention classes keep the original's
+keywords, defaults (``n_hashes=8``) and call style, and build the ``lsh`` kind from them.
 
 ``ReformerLM(...)`` is ``ModelConfig(attention=LSHSelfAttention.Config(...), stack="reversible",
 ff=MLP.Config(chunks=ff_chunks, chunk_mib=32), position="rotary", residual="prenorm")`` built by the
