@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anydepth.compat.reformer import (
+from anydepth import (
     Autopadder,
     LSHAttention,
     LSHSelfAttention,
@@ -18,9 +18,8 @@ from anydepth.compat.reformer import (
     ReformerLM,
     TrainingWrapper,
     from_reformer_pytorch,
-    top_k,
-    top_p,
 )
+from anydepth.compat.reformer import top_k, top_p
 
 torch.set_num_threads(1)
 

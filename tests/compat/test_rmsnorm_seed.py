@@ -1,4 +1,4 @@
-"""The RMSNorm seed README (bzhangGo/rmsnorm) against ``anydepth.RMSNorm``.
+"""The RMSNorm seed README (bzhangGo/rmsnorm) against ``anydepth.compat.rmsnorm.RMSNorm``.
 
 The README contains no PyTorch usage example: its code blocks are a TensorFlow layer (Nematus), a Theano
 function and a Lasagne layer, and its prose points to ``rmsnorm_torch.RMSNorm(d, p=-1., eps=1e-8,
