@@ -624,13 +624,27 @@ class LSHAttention(nn.Module):
     ``r * n_buckets``. The first ``query_len`` positions are the queries; later ones (memory key/values,
     context keys) are keys that stay visible under causal masking.
 
-    Built from the options of the ``lsh`` kind, :class:`LSHSelfAttention.Config` (``bucket_size``,
-    ``n_hashes``, ``attend_across_buckets``, ``allow_duplicate_attention``, ``rehash_each_round``,
-    ``drop_for_hash_rate``, ``random_rotations_per_head``, ``dropout``, ``seed``), plus ``causal`` and the
-    ``layer_index`` that offsets the seeds, so that the layers of a model hash differently. With ``seed=None``
-    rotations are fresh from the global RNG in training (the paper's behaviour) and seeded by
-    ``layer_index`` in eval. ``return_attn`` (attribute) also returns the dense attention.
-    reformer-pytorch's keyword signature is :class:`anydepth.compat.reformer.LSHAttention`.
+    Built from the ``lsh`` kind's options (:class:`LSHSelfAttention.Config`, which states their defaults),
+    plus ``causal`` (mask keys after the query, by original position) and the ``layer_index`` that offsets
+    the seeds, so that the layers of a model hash differently. The options it reads:
+
+        dropout: dropout on the attention probabilities.
+        bucket_size: chunk length of the sorted order; ``n_buckets = ceil(n / bucket_size)`` rounded up to
+            even (the average bucket fills one chunk).
+        n_hashes: hashing rounds; time and memory grow linearly.
+        allow_duplicate_attention: False counts a key seen in several rounds once.
+        attend_across_buckets: False also masks keys of the window that sit in another bucket (the paper).
+        rehash_each_round: False draws one rotation and uses each token's ``n_hashes`` best buckets as the
+            rounds' buckets (needs ``allow_duplicate_attention=True``; inputs too short for ``n_hashes``
+            buckets get ``n_hashes`` (rounded up to even) buckets anyway).
+        drop_for_hash_rate: dropout on the vectors fed to the hash only.
+        random_rotations_per_head: one rotation per leading batch element instead of one shared.
+        seed: rotations from a generator seeded with ``seed + layer_index`` in training too (None: fresh
+            rotations from the global RNG in training, the paper's behaviour, and rotations seeded by
+            ``layer_index`` in eval).
+
+    Setting the attribute ``return_attn`` also returns the dense attention. reformer-pytorch's keyword
+    signature and defaults are :class:`anydepth.compat.reformer.LSHAttention`.
     """
 
     def __init__(self, cfg: LSHSelfAttention.Config | None = None, *, causal: bool = False, layer_index: int = 0):
