@@ -53,7 +53,7 @@ def _build(impl: str, dim: int, heads: int, bucket: int, n_hashes: int):
     if impl == "anydepth":
         from anydepth.nn.lsh import LSHSelfAttention
 
-        return LSHSelfAttention(dim, heads=heads, bucket_size=bucket, n_hashes=n_hashes, causal=True)
+        return LSHSelfAttention.make(dim=dim, heads=heads, bucket_size=bucket, n_hashes=n_hashes, causal=True)
     if impl == "reformer_pytorch":
         from reformer_pytorch import LSHSelfAttention
 

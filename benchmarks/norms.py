@@ -5,7 +5,8 @@ each step) on an (8192, 1024) input in float32 and bfloat16, with ``torch.set_nu
 
 - ``anydepth rms (builder default)``: ``NORMS.build("rms", dim=d)``, i.e. ``RMSNorm.Config()``
   (eps 1e-6 inside the root), on the fused CPU kernel;
-- ``anydepth rms (seed placement)``: ``RMSNorm(d)``, the original's defaults (eps 1e-8 outside the root);
+- ``anydepth rms (seed placement)``: the configuration of ``anydepth.compat.rmsnorm.RMSNorm(d)``, the
+  original's defaults (eps 1e-8 outside the root);
 - ``anydepth prms p=1/16``: ``NORMS.build("prms", dim=d)``, the statistic from the first 64 features;
 - ``anydepth rms (eager)``: the builder default with the fused kernel switched off;
 - ``torch.compile(anydepth rms)``: the builder default compiled by inductor (``--inductor``; slow to build);

@@ -3,8 +3,9 @@
 One builder composes any residual scheme (pre-/post-LN, ReZero, Admin, DeepNorm, LayerScale,
 hyper-connections) with any norm (LayerNorm, RMSNorm, partial RMSNorm, ScaleNorm), any attention
 (full, local, LSH) and a sequential or reversible stack. The seed-compatible names of the original
-packages (``RZTXEncoderLayer``, ``ReformerLM``, ``HyperConnections``, ``RMSNorm``, ``admin``...) are
-configurations of the same layers.
+packages (``RZTXEncoderLayer``, ``ReformerLM``, ``LSHSelfAttention``, ``HyperConnections``, ``admin``...)
+are configurations of the same layers; the RMSNorm reference code's class is ``anydepth.compat.rmsnorm.RMSNorm``
+(``anydepth.RMSNorm`` is the library's, built from its ``Config``).
 
 Names are imported lazily (PEP 562) so ``import anydepth`` stays fast and a command-line call
 loads only what it uses.
@@ -89,8 +90,8 @@ _LAZY: dict[str, str] = {
     "mc_get_init_and_expand_reduce_stream_functions": "anydepth.compat.hyper",
     "mc_get_expand_reduce_stream_functions": "anydepth.compat.hyper",
     # Reformer seed API
-    "LSHAttention": "anydepth.nn.lsh",
-    "LSHSelfAttention": "anydepth.nn.lsh",
+    "LSHAttention": "anydepth.compat.reformer",
+    "LSHSelfAttention": "anydepth.compat.reformer",
     "Reformer": "anydepth.compat.reformer",
     "ReformerLM": "anydepth.compat.reformer",
     "ReformerEncDec": "anydepth.compat.reformer",

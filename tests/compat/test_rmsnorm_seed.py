@@ -1,4 +1,4 @@
-"""The RMSNorm seed README (bzhangGo/rmsnorm) against ``anydepth.RMSNorm``.
+"""The RMSNorm seed README (bzhangGo/rmsnorm) against ``anydepth.compat.rmsnorm.RMSNorm``.
 
 The README contains no PyTorch usage example: its code blocks are a TensorFlow layer (Nematus), a Theano
 function and a Lasagne layer, and its prose points to ``rmsnorm_torch.RMSNorm(d, p=-1., eps=1e-8,
@@ -11,7 +11,8 @@ its documented signature and parameter names against the paper's formula.
 import pytest
 import torch
 
-from anydepth import PartialRMSNorm, RMSNorm
+from anydepth.compat.rmsnorm import RMSNorm
+from anydepth.nn.norms import PartialRMSNorm
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def test_readme_partial_rms_statistic():
     k = int(n * p)
     expected = a / torch.sqrt((a[:, :k] ** 2).sum(-1, keepdim=True) / k)
     torch.testing.assert_close(RMSNorm(n, p, 0.0).double()(a), expected)
-    torch.testing.assert_close(PartialRMSNorm(n, p=p, eps=0.0).double()(a), expected)
+    torch.testing.assert_close(PartialRMSNorm.make(dim=n, p=p, eps=0.0).double()(a), expected)
 
 
 def test_nematus_tensorflow_layer():

@@ -384,7 +384,7 @@ def test_reset_parameters_scales_only_value_and_output(cross):
 
 def test_xavier_std_of_each_fused_part():
     torch.manual_seed(0)
-    attn = FullAttention(128, 4, 64, one_value_head=True)
+    attn = FullAttention.make(dim=128, heads=4, dim_head=64, one_value_head=True)
     attn.reset_parameters(beta=3.0)
     wq, wk, wv = attn.to_qkv.weight.split([256, 256, 64])
     assert wq.std().item() == pytest.approx(math.sqrt(2 / (128 + 256)), rel=0.03)
@@ -438,13 +438,13 @@ def test_bad_inputs_and_arguments():
             context_mask=torch.ones(1, 5, dtype=torch.bool),
         )
     with pytest.raises(ValueError, match="dim=10 is not divisible by heads=3"):
-        FullAttention(10, 3)
+        FullAttention(dim=10, heads=3)
     with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
-        LocalAttention(8, 2, window=0)
+        LocalAttention.make(dim=8, heads=2, window=0)
     with pytest.raises(ValueError, match="self-attention only.*'full'"):
         ATTENTIONS.build("local", dim=8, heads=2, dim_head=4, causal=True, ctx=None, cross=True)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
-        FullAttention(8, 2, dropout=1.5)
+        FullAttention.make(dim=8, heads=2, dropout=1.5)
     with pytest.raises(TypeError, match="no option"):
         ATTENTIONS.config("full", heads=4)
 

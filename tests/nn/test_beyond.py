@@ -41,7 +41,7 @@ def test_dyt_alpha_must_be_positive(alpha):
     with pytest.raises(ValueError, match="alpha_init must be a finite number > 0"):
         NORMS.config("dyt", alpha_init=alpha)
     with pytest.raises(ValueError, match="alpha_init"):
-        DyT(4, alpha_init=alpha)
+        DyT.make(dim=4, alpha_init=alpha)
 
 
 # ------------------------------------------------------------------------------------------------ QK-norm
@@ -129,7 +129,7 @@ def test_value_residual_mixes_the_first_layers_values(lam):
     out0 = first(x0)
     inner = 16
     v1 = (x0 @ first.to_qkv.weight[2 * inner :].T).view(2, 5, 2, 8).transpose(1, 2)
-    plain = FullAttention(16, 2, causal=True)
+    plain = FullAttention(dim=16, heads=2, causal=True)
     plain.load_state_dict(first.state_dict())
     torch.testing.assert_close(out0, plain(x0), rtol=0, atol=0)  # the first layer only publishes its values
     # v_2 <- lam * v_1 + (1 - lam) * v_2 inside causal attention, written out

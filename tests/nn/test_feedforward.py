@@ -132,12 +132,12 @@ def test_reset_parameters_scales_by_beta():
 
 def test_xavier_std_per_projection():
     torch.manual_seed(0)
-    ff = GLU(128, mult=2, bias=False)
+    ff = GLU.make(dim=128, mult=2, bias=False)
     ff.reset_parameters(2.0)
     w = ff.proj_in.weight[:256]  # the gate W alone: fans (128, 256)
     assert w.std().item() == pytest.approx(2.0 * math.sqrt(2 / (128 + 256)), rel=0.03)
     assert ff.proj_out.weight.std().item() == pytest.approx(2.0 * math.sqrt(2 / (256 + 128)), rel=0.03)
-    assert (ff.proj_in.weight.shape, MLP(8).proj_in.weight.shape) == ((512, 128), (32, 8))
+    assert (ff.proj_in.weight.shape, MLP(dim=8).proj_in.weight.shape) == ((512, 128), (32, 8))
 
 
 def test_bad_input():
@@ -146,13 +146,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="chunks must be an int >= 1.*0"):
         FFS.build(FFS.config("glu", chunks=0), dim=8)
     with pytest.raises(ValueError, match="mult must be a positive number.*-1"):
-        MLP(8, mult=-1)
+        MLP.make(dim=8, mult=-1)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\).*1.0"):
-        MLP(8, dropout=1.0)
+        MLP.make(dim=8, dropout=1.0)
     with pytest.raises(ValueError, match="dim must be a positive int.*0"):
-        GLU(0)
+        GLU(dim=0)
     with pytest.raises(ValueError, match=r"end in dim=8, got \(2, 3, 7\)"):
-        MLP(8)(torch.randn(2, 3, 7))
+        MLP(dim=8)(torch.randn(2, 3, 7))
     with pytest.raises(TypeError, match="no option"):
         FFS.config("mlp", glu=True)
 
@@ -210,8 +210,8 @@ def test_piece_size_is_fixed_by_rows_or_budget_not_by_length(kind):
 
 def test_bad_piece_sizes_name_the_argument():
     with pytest.raises(ValueError, match="chunk_size must be a positive int.*0"):
-        MLP(8, chunk_size=0)
+        MLP.make(dim=8, chunk_size=0)
     with pytest.raises(ValueError, match="chunk_mib must be a positive number.*-1"):
-        GLU(8, chunk_mib=-1)
+        GLU.make(dim=8, chunk_mib=-1)
     with pytest.raises(ValueError, match="chunk_size=4 and chunk_mib=1 both size the pieces"):
-        MLP(8, chunk_size=4, chunk_mib=1)
+        MLP.make(dim=8, chunk_size=4, chunk_mib=1)

@@ -85,9 +85,10 @@ def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
     [
         (lambda d: nn.LayerNorm(d), True),
         (lambda d: nn.LayerNorm(d, eps=1e-3, bias=False), True),
-        (lambda d: LayerNorm(d, bias=False), True),
-        (lambda d: LayerNorm(d), True),
-        (lambda d: RMSNorm(d), False),  # not fused: the module runs on the kernel's output
+        (lambda d: LayerNorm.make(dim=d, bias=False), True),
+        (lambda d: LayerNorm(dim=d), True),
+        # not fused: the module runs on the kernel's output
+        (lambda d: RMSNorm.make(dim=d, eps=1e-8, eps_placement="outside"), False),
         (lambda d: None, False),
     ],
 )
@@ -136,7 +137,7 @@ def test_saved_tensor_hooks_that_copy_keep_the_fused_backward_exact(dynamic):
     _assert_matches_float64_eager(fused, hc, branch, x, gy)
 
 
-@pytest.mark.parametrize("make_norm", [LayerNorm, nn.LayerNorm])
+@pytest.mark.parametrize("make_norm", [lambda d: LayerNorm(dim=d), nn.LayerNorm], ids=["LayerNorm0", "LayerNorm1"])
 def test_fused_path_keeps_the_norms_shape_error(make_norm):
     # a branch norm of another width must fail as on the eager path, not be read past its end
     hc = HyperConnection(16, 4, layer_index=0, norm=make_norm(8))

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anydepth.nn.lsh import TOKEN_SELF_ATTN_VALUE, LSHAttention, LSHSelfAttention
+from anydepth.compat.reformer import LSHAttention, LSHSelfAttention
+from anydepth.nn import lsh
+from anydepth.nn.lsh import TOKEN_SELF_ATTN_VALUE
 from anydepth.nn.positional import RotaryEmbedding, apply_rotary
 from anydepth.registry import ATTENTIONS
 
@@ -188,9 +190,7 @@ def test_dedup_equals_union_softmax_and_has_no_cross_round_boost():
     k = F.normalize(qk[0], dim=-1)
     for i in range(n):
         keys = sorted(union[i])
-        logits = torch.stack(
-            [qk[0, i] @ k[j] * 6**-0.5 if j != i else torch.tensor(-5e4).double() for j in keys]
-        )
+        logits = torch.stack([qk[0, i] @ k[j] * 6**-0.5 if j != i else torch.tensor(-5e4).double() for j in keys])
         expected = logits.softmax(0) @ v[0, keys]
         torch.testing.assert_close(out[0, i], expected, rtol=1e-9, atol=1e-9)
 
@@ -265,16 +265,14 @@ def test_return_attn_is_the_merged_dense_attention():
     assert dense.shape == (2, 20, 24)
     torch.testing.assert_close(dense.sum(-1), torch.ones(2, 20, dtype=torch.float64))
     torch.testing.assert_close(dense @ v, out)
-    assert torch.all(
-        dense[:, torch.arange(20)[:, None] < torch.arange(24)[None, :] * (torch.arange(24) < 20)] == 0
-    )
+    assert torch.all(dense[:, torch.arange(20)[:, None] < torch.arange(24)[None, :] * (torch.arange(24) < 20)] == 0)
 
 
 def test_rotary_is_applied_after_hashing_and_reformer_pos_emb_matches_tables():
     torch.manual_seed(5)
     attn = LSHAttention(bucket_size=4, n_hashes=2, seed=3).eval()
     qk, v = torch.randn(1, 16, 8, dtype=torch.float64), torch.randn(1, 16, 8, dtype=torch.float64)
-    rot = RotaryEmbedding(8, interleaved=True)(torch.arange(16))
+    rot = RotaryEmbedding.make(dim_head=8, interleaved=True)(torch.arange(16))
     cos, sin = rot.cos.double(), rot.sin.double()
     out, _, buckets = attn(qk, v, rotary=rot)
     _, _, plain_buckets = attn(qk, v)
@@ -407,7 +405,7 @@ def test_full_attention_fallback_keeps_positions():
     torch.manual_seed(2)
     layer = LSHSelfAttention(dim=16, heads=2, bucket_size=8, full_attn_thres=64, causal=True).eval()
     x = torch.randn(1, 20, 16)
-    rot = RotaryEmbedding(8)(torch.arange(20))
+    rot = RotaryEmbedding(dim_head=8)(torch.arange(20))
     with torch.no_grad():
         torch.testing.assert_close(layer(x, rotary=rot), _layer_with_dense_reference(x, layer, rot, True))
 
@@ -423,7 +421,7 @@ def test_every_path_sees_positions(kw):
     layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, causal=False, **kw).eval()
     x = torch.randn(1, 16, 16)
     perm = torch.randperm(16)
-    rot = RotaryEmbedding(8)(torch.arange(16))
+    rot = RotaryEmbedding(dim_head=8)(torch.arange(16))
     with torch.no_grad():
         if "seed" not in kw and not kw.get("n_local_attn_heads"):
             torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm])
@@ -436,7 +434,7 @@ def test_every_path_sees_positions(kw):
         args = dict(window=4, causal=False, dropout=0.0, training=False)
         ones = torch.ones(1, 16, dtype=torch.bool)
         plain = _local_attend(lqk, lqk, ones, rotary=None, **args)
-        rotated = _local_attend(lqk, lqk, ones, rotary=RotaryEmbedding(8)(torch.arange(16)), **args)
+        rotated = _local_attend(lqk, lqk, ones, rotary=RotaryEmbedding(dim_head=8)(torch.arange(16)), **args)
         assert (plain - rotated).abs().max() > 1e-3
 
 
@@ -455,15 +453,13 @@ def test_cached_decoding_equals_recomputing_the_prefix():
     torch.manual_seed(5)
     layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True, num_mem_kv=2).eval()
     x = torch.randn(1, 23, 16)
-    rot = RotaryEmbedding(8)(torch.arange(23))
+    rot = RotaryEmbedding(dim_head=8)(torch.arange(23))
     cache: dict = {}
     with torch.no_grad():
         first = layer(x[:, :17], rotary=type(rot)(rot.cos[:17], rot.sin[:17]), cache=cache)
         torch.testing.assert_close(first, layer(x[:, :17], rotary=type(rot)(rot.cos[:17], rot.sin[:17])))
         for i in range(17, 23):
-            step = layer(
-                x[:, i : i + 1], rotary=type(rot)(rot.cos[i : i + 1], rot.sin[i : i + 1]), cache=cache
-            )
+            step = layer(x[:, i : i + 1], rotary=type(rot)(rot.cos[i : i + 1], rot.sin[i : i + 1]), cache=cache)
             prefix = layer(x[:, : i + 1], rotary=type(rot)(rot.cos[: i + 1], rot.sin[: i + 1]))
             torch.testing.assert_close(step, prefix[:, -1:])
 
@@ -497,7 +493,7 @@ def test_incremental_decoding_equals_the_full_forwards_last_position(kw, rotary)
         layer.lsh_attn.FACTOR_ABOVE = factor_above
     n = 44
     x = torch.randn(2, n, 24, dtype=torch.float64)
-    table = RotaryEmbedding(8)(torch.arange(n)) if rotary else None
+    table = RotaryEmbedding(dim_head=8)(torch.arange(n)) if rotary else None
 
     def rot(a, b):
         return None if table is None else type(table)(table.cos[a:b].double(), table.sin[a:b].double())
@@ -608,7 +604,7 @@ def test_registered_kind_and_reset_parameters():
     cfg = ATTENTIONS.config("lsh", bucket_size=16, n_hashes=2, num_mem_kv=4, seed=3)
     assert config_from_dict(config_to_dict(cfg), ATTENTIONS) == cfg
     layer = ATTENTIONS.build(cfg, dim=256, heads=4, dim_head=64, causal=True, ctx=LayerContext(layer=2))
-    assert isinstance(layer, LSHSelfAttention) and layer.causal and layer.bucket_size == 16
+    assert isinstance(layer, lsh.LSHSelfAttention) and layer.causal and layer.bucket_size == 16
     assert layer.lsh_attn.seed == 3 + LayerContext(layer=2).index  # distinct rotations per layer
     layer.reset_parameters(beta=0.5)
     xavier = math.sqrt(2.0 / (256 + 256))
@@ -634,7 +630,7 @@ def test_layer_half_precision_every_option(dtype):
         layer = LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True, **kw).to(dtype)
         x = torch.randn(2, 21, 16, dtype=dtype, requires_grad=True)
         keys = torch.randn(2, 3, 16, dtype=dtype)
-        rot = RotaryEmbedding(8)(torch.arange(21))
+        rot = RotaryEmbedding(dim_head=8)(torch.arange(21))
         out = layer(x, keys=keys, input_mask=torch.rand(2, 21) > 0.1, rotary=rot)
         out.float().sum().backward()
         assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(x.grad).all(), kw
@@ -675,9 +671,7 @@ def test_reversible_gradients_equal_plain_autograd_with_chunks_dropout_masks_mem
     attn = LSHSelfAttention(
         dim, heads=2, bucket_size=4, n_hashes=2, causal=True, attn_chunks=3, dropout=0.2, num_mem_kv=2
     ).double()
-    ff = torch.nn.Sequential(
-        torch.nn.Linear(dim, 32), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, dim)
-    )
+    ff = torch.nn.Sequential(torch.nn.Linear(dim, 32), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, dim))
     ff = ff.double()
     x = torch.randn(2, 22, dim, dtype=torch.float64)
     keys = torch.randn(2, 5, dim, dtype=torch.float64, requires_grad=True)
@@ -753,9 +747,9 @@ def test_every_accepted_configuration_runs_at_every_length_up_to_four_buckets(fi
                 torch.testing.assert_close(y, full.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def test_configuration_without_a_meaning_is_rejected_when_built():
-    cfg = ATTENTIONS.config("lsh", bucket_size=4, rehash_each_round=False, allow_duplicate_attention=False)
+def test_configuration_without_a_meaning_is_rejected_with_the_config():
     with pytest.raises(ValueError, match="rehash_each_round=False with allow_duplicate_attention=False"):
+        cfg = ATTENTIONS.config("lsh", bucket_size=4, rehash_each_round=False, allow_duplicate_attention=False)
         ATTENTIONS.build(cfg, dim=8, heads=2, causal=True)
 
 
@@ -794,3 +788,21 @@ def test_many_buckets_hash_as_a_product_of_two_angular_hashes():
     assert buckets.max() < 2 * 36 and buckets.view(2, 2, 120)[:, 1].min() >= 36  # round offsets of 6 x 6
     ref = brute_force_lsh(qk, v, buckets.view(2, 2, 120) % 36, 4, 2, causal=False)
     torch.testing.assert_close(out, ref)
+
+
+def test_library_kind_has_one_call_style_and_the_seed_class_translates_to_it():
+    # reformer-pytorch's defaults (n_hashes=8) live in the compat class; the lsh kind's own (4) in its Config
+    assert LSHSelfAttention(dim=16, heads=2).lsh_attn.n_hashes == 8
+    assert lsh.LSHSelfAttention(dim=16, heads=2).lsh_attn.n_hashes == lsh.LSHSelfAttention.Config().n_hashes == 4
+    assert LSHAttention().n_hashes == 8 and lsh.LSHAttention().n_hashes == 4
+    torch.manual_seed(0)
+    seed = LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True, num_mem_kv=1).eval()
+    ours = lsh.LSHSelfAttention.make(dim=16, heads=2, bucket_size=4, n_hashes=2, causal=True, num_mem_kv=1).eval()
+    ours.load_state_dict(seed.state_dict())
+    x, keys = torch.randn(2, 13, 16), torch.randn(2, 3, 16)
+    mask = torch.rand(2, 13) > 0.2
+    torch.testing.assert_close(seed(x, keys=keys, input_mask=mask), ours(x, context=keys, mask=mask), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="input_mask.*compat.reformer.LSHSelfAttention"):
+        ours(x, input_mask=mask)
+    with pytest.raises(TypeError):
+        ours(x, keys)  # the library's keywords only

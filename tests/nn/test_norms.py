@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from anydepth.compat.rmsnorm import RMSNorm
 from anydepth.nn import norms
-from anydepth.nn.norms import LayerNorm, PartialRMSNorm, RMSNorm, ScaleNorm, use_fused_rms_norm
+from anydepth.nn.norms import LayerNorm, PartialRMSNorm, ScaleNorm, use_fused_rms_norm
 from anydepth.registry import NORMS, config_from_dict, config_to_dict
 
 FUSED = norms.fused_rms_norm_available()
@@ -83,7 +84,7 @@ def grads_vs_reference(m, x, ref_fn, atol=2e-5, rtol=1e-4):
 def test_registry_builds_each_kind_with_its_config():
     assert {"layer", "rms", "prms", "scale"} <= set(NORMS.kinds())
     assert type(NORMS.build("layer", dim=8)) is LayerNorm
-    assert type(NORMS.build("rms", dim=8)) is RMSNorm
+    assert type(NORMS.build("rms", dim=8)) is norms.RMSNorm
     assert type(NORMS.build("prms", dim=32)) is PartialRMSNorm
     assert type(NORMS.build("scale", dim=8)) is ScaleNorm
     ln = NORMS.build(LayerNorm.Config(eps=1e-3, bias=False), dim=8)
@@ -106,7 +107,7 @@ def test_config_dict_round_trip():
         d = config_to_dict(cfg)
         assert d["kind"] == kind
         assert config_from_dict(d, NORMS) == cfg
-    assert config_to_dict(RMSNorm.Config(p=0.25))["p"] == 0.25
+    assert config_to_dict(norms.RMSNorm.Config(p=0.25))["p"] == 0.25
 
 
 # ------------------------------------------------------------------------------------------------- LayerNorm
@@ -114,7 +115,7 @@ def test_config_dict_round_trip():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm_matches_formula(bias):
-    m = random_params(LayerNorm(12, eps=1e-5, bias=bias))
+    m = random_params(LayerNorm.make(dim=12, eps=1e-5, bias=bias))
     x = torch.randn(3, 5, 12) * 3 + 1
 
     def ref(x, p):
@@ -128,14 +129,14 @@ def test_layernorm_matches_formula(bias):
 
 def test_layernorm_loads_torch_state_dict_and_agrees():
     t = random_params(nn.LayerNorm(10))
-    m = LayerNorm(10)
+    m = LayerNorm(dim=10)
     m.load_state_dict(t.state_dict())
     x = torch.randn(4, 10)
     torch.testing.assert_close(m(x), t(x), atol=0, rtol=0)
 
 
 def test_layernorm_mixed_dtype_computes_in_float32():
-    m = random_params(LayerNorm(16))
+    m = random_params(LayerNorm(dim=16))
     x = torch.randn(4, 16).bfloat16()
     y = m(x)
     assert y.dtype == torch.bfloat16
@@ -371,7 +372,7 @@ def test_fused_kernel_disabled_by_environment(monkeypatch):
 
 
 def test_partial_rmsnorm_uses_first_features_only(path):
-    m = PartialRMSNorm(64)  # p = 1/16 -> statistic from the first 4 features
+    m = PartialRMSNorm(dim=64)  # p = 1/16 -> statistic from the first 4 features
     assert m.k == 4
     x = torch.randn(2, 64)
     y = m(x)
@@ -384,7 +385,7 @@ def test_partial_rmsnorm_uses_first_features_only(path):
 
 
 def test_scalenorm_matches_formula():
-    m = ScaleNorm(9, eps=1e-5)
+    m = ScaleNorm.make(dim=9, eps=1e-5)
     assert m.g.item() == pytest.approx(3.0)  # sqrt(d) at init, as in the paper
     with torch.no_grad():
         m.g.fill_(1.7)
@@ -399,7 +400,7 @@ def test_scalenorm_matches_formula():
 
 
 def test_scalenorm_half_precision_is_finite():
-    m = ScaleNorm(64).half()
+    m = ScaleNorm(dim=64).half()
     x = ((torch.rand(3, 64) * 2 - 1) * 6e4).half()
     x[0] = 0
     y = m(x)
@@ -422,9 +423,9 @@ def test_scalenorm_half_precision_is_finite():
         (lambda: RMSNorm(16, p=0.05), ValueError, ["p=0.05", "d=16", "floor(d*p)=0", "0.0625"]),
         (lambda: RMSNorm(8, eps=-1.0), ValueError, ["eps=-1.0", ">= 0"]),
         (lambda: RMSNorm(8, eps_placement="sqrt"), ValueError, ["eps_placement='sqrt'", "inside", "outside"]),
-        (lambda: PartialRMSNorm(16, p=-1.0), ValueError, ["p=-1.0", "(0, 1]"]),
-        (lambda: LayerNorm(0), ValueError, ["dim", "0"]),
-        (lambda: ScaleNorm(-1), ValueError, ["dim", "-1"]),
+        (lambda: PartialRMSNorm.make(dim=16, p=-1.0), ValueError, ["p=-1.0", "(0, 1]"]),
+        (lambda: LayerNorm(dim=0), ValueError, ["dim", "0"]),
+        (lambda: ScaleNorm(dim=-1), ValueError, ["dim", "-1"]),
         (lambda: RMSNorm.Config(eps_placement="middle"), ValueError, ["eps_placement='middle'"]),
         (lambda: RMSNorm.Config(p=2.0), ValueError, ["p=2.0"]),
         (lambda: NORMS.config("rms", q=1), TypeError, ["q", "eps_placement"]),
@@ -438,7 +439,7 @@ def test_bad_construction_names_argument_value_and_fix(make, exc, words):
         assert w in str(info.value), (w, str(info.value))
 
 
-@pytest.mark.parametrize("norm", [RMSNorm(8), PartialRMSNorm(32), LayerNorm(8), ScaleNorm(8)])
+@pytest.mark.parametrize("norm", [RMSNorm(8), PartialRMSNorm(dim=32), LayerNorm(dim=8), ScaleNorm(dim=8)])
 def test_wrong_last_dim_or_dtype_is_rejected_before_torch(norm):
     d = norm.d if isinstance(norm, RMSNorm) else norm.dim
     with pytest.raises(ValueError, match=rf"last dimension is {d + 1}.*built for {d} features"):
@@ -461,7 +462,8 @@ def test_rms_of_output_is_scale_at_init():
     x = torch.randn(5, 48) * torch.logspace(-3, 3, 5)[:, None]
     y = RMSNorm(48, eps=0.0)(x)
     torch.testing.assert_close(y.pow(2).mean(-1).sqrt(), torch.ones(5))
-    assert math.isclose(float(PartialRMSNorm(48, p=1.0, eps=0.0)(x).detach().pow(2).mean(-1)[0]), 1.0, rel_tol=1e-5)
+    y = PartialRMSNorm.make(dim=48, p=1.0, eps=0.0)(x)
+    assert math.isclose(float(y.detach().pow(2).mean(-1)[0]), 1.0, rel_tol=1e-5)
 
 
 def test_functional_rms_norm_checks_sizes_before_the_kernel():

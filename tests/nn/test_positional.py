@@ -64,7 +64,7 @@ def test_positions_must_be_nonnegative_1d_integers():
 
 def test_sinusoidal_formula():
     dim, base = 10, 10000.0
-    pos = SinusoidalPosition(dim, base=base).double()
+    pos = SinusoidalPosition.make(dim=dim, base=base).double()
     p = torch.tensor([0, 1, 7, 1000])
     out = pos(p)
     assert out.dtype == F64
@@ -76,14 +76,14 @@ def test_sinusoidal_formula():
 
 
 def test_sinusoidal_returns_the_module_dtype_and_needs_even_dim():
-    assert SinusoidalPosition(8)(torch.arange(3)).dtype == torch.get_default_dtype()
-    assert SinusoidalPosition(8).to(torch.bfloat16)(torch.arange(3)).dtype == torch.bfloat16
+    assert SinusoidalPosition(dim=8)(torch.arange(3)).dtype == torch.get_default_dtype()
+    assert SinusoidalPosition(dim=8).to(torch.bfloat16)(torch.arange(3)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="even dim.*dim=7"):
-        SinusoidalPosition(7)
+        SinusoidalPosition(dim=7)
 
 
 def test_axial_sum_formula():
-    pos = AxialPosition(6, shape=(3, 4), combine="sum").double()
+    pos = AxialPosition.make(dim=6, shape=(3, 4), combine="sum").double()
     e1, e2 = pos.weights
     out = pos(torch.arange(12))
     for p in range(12):
@@ -91,14 +91,14 @@ def test_axial_sum_formula():
 
 
 def test_axial_concat_formula_three_axes():
-    pos = AxialPosition(7, shape=(2, 3, 2), dims=(2, 4, 1), combine="concat").double()
+    pos = AxialPosition.make(dim=7, shape=(2, 3, 2), dims=(2, 4, 1), combine="concat").double()
     e1, e2, e3 = pos.weights
     out = pos(torch.arange(12))
     for p in range(12):
         i1, i2, i3 = p // 6, (p // 2) % 3, p % 2
         torch.testing.assert_close(out[p], torch.cat((e1[i1], e2[i2], e3[i3])), rtol=0, atol=0)
     # default split of dim over the axes
-    assert AxialPosition(7, shape=(4, 4), combine="concat").dims == (4, 3)
+    assert AxialPosition.make(dim=7, shape=(4, 4), combine="concat").dims == (4, 3)
 
 
 def test_axial_from_config_default_shape_covers_max_seq_len():
@@ -147,7 +147,7 @@ def _gptj_by_loops(t, positions, rot_dim, base):
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_rotary_half_split_matches_complex_formula(fraction):
     torch.manual_seed(0)
-    rot = RotaryEmbedding(8, fraction=fraction, base=100.0).double()
+    rot = RotaryEmbedding.make(dim_head=8, fraction=fraction, base=100.0).double()
     p = torch.tensor([0, 3, 11])
     table = rot(p)
     assert isinstance(table, RotaryTable) and not table.interleaved
@@ -175,7 +175,7 @@ def test_rotary_interleaved_matches_gptj_formula(fraction):
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_scores_depend_only_on_relative_position(interleaved):
     torch.manual_seed(2)
-    rot = RotaryEmbedding(6, interleaved=interleaved).double()
+    rot = RotaryEmbedding.make(dim_head=6, interleaved=interleaved).double()
     q, k = torch.randn(6, dtype=F64), torch.randn(6, dtype=F64)
 
     def score(pq, pk):
@@ -193,7 +193,7 @@ def test_rotary_errors():
         build("rotary", dim_head=4, fraction=0.25)
     with pytest.raises(ValueError, match="base"):
         build("rotary", base=1.0)
-    cos, sin = RotaryEmbedding(4)(torch.arange(3))
+    cos, sin = RotaryEmbedding(dim_head=4)(torch.arange(3))
     with pytest.raises(ValueError, match="cover 3 positions but the input has 5"):
         apply_rotary(torch.randn(5, 4), cos, sin)
     with pytest.raises(ValueError, match="width 4 do not fit features of width 2"):
@@ -201,9 +201,9 @@ def test_rotary_errors():
 
 
 def test_rotary_angles_stay_float32_in_half_precision():
-    rot = RotaryEmbedding(8).to(torch.bfloat16)
+    rot = RotaryEmbedding(dim_head=8).to(torch.bfloat16)
     cos, _ = rot(torch.tensor([30000]))
-    ref = RotaryEmbedding(8).double()(torch.tensor([30000]))[0]
+    ref = RotaryEmbedding(dim_head=8).double()(torch.tensor([30000]))[0]
     assert cos.dtype == torch.float32
     torch.testing.assert_close(cos.double(), ref, rtol=0, atol=1e-2)
 
@@ -219,7 +219,7 @@ def test_learned_init_and_config_round_trip():
     built = POSITIONS.build(back, dim=8, dim_head=4, max_seq_len=16)  # JSON lists work as shapes
     assert built.shape == (4, 4) and built.dims == (3, 5)
     torch.manual_seed(3)
-    pos = LearnedPosition(64, 512, init_std=0.05)
+    pos = LearnedPosition.make(dim=64, max_seq_len=512, init_std=0.05)
     assert pos.weight.std().item() == pytest.approx(0.05, rel=0.05)
 
 
@@ -229,8 +229,8 @@ def test_interleaved_rotary_and_sinusoids_match_reformer_pytorch():
     n, d = 9, 8
     qk = torch.randn(2, n, d)
     theirs_table = rp.FixedPositionalEmbedding(d)(qk)  # (1, n, d): [sin | cos], base 10000
-    ours = RotaryEmbedding(d, interleaved=True)(torch.arange(n))
+    ours = RotaryEmbedding.make(dim_head=d, interleaved=True)(torch.arange(n))
     torch.testing.assert_close(
         apply_rotary(qk, *ours, interleaved=True), rp.apply_rotary_pos_emb(qk, theirs_table)
     )
-    torch.testing.assert_close(SinusoidalPosition(d)(torch.arange(n)), theirs_table[0])
+    torch.testing.assert_close(SinusoidalPosition(dim=d)(torch.arange(n)), theirs_table[0])

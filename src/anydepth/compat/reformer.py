@@ -1,5 +1,7 @@
-"""reformer-pytorch's API (``Reformer``, ``ReformerLM``, ``ReformerEncDec``, ``Recorder``, ``Autopadder``,
-``TrainingWrapper``) as configurations of the library's builder (Kitaev et al. 2020, arXiv 2001.04451).
+"""reformer-pytorch's API (``LSHSelfAttention``, ``LSHAttention``, ``Reformer``, ``ReformerLM``,
+``ReformerEncDec``, ``Recorder``, ``Autopadder``, ``TrainingWrapper``) as configurations of the library's
+layers and builder (Kitaev et al. 2020, arXiv 2001.04451). The two attention classes keep the original's
+keywords, defaults (``n_hashes=8``) and call style, and build the ``lsh`` kind from them.
 
 ``ReformerLM(...)`` is ``ModelConfig(attention=LSHSelfAttention.Config(...), stack="reversible",
 ff=MLP.Config(chunks=ff_chunks, chunk_mib=32), position="rotary", residual="prenorm")`` built by the
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.model.config import ModelConfig
-from anydepth.nn.lsh import LSHAttention, LSHSelfAttention
+from anydepth.nn import lsh
+from anydepth.nn.lsh import _rotary_from_pos_emb
 from anydepth.registry import ATTENTIONS, FFS, POSITIONS, RESIDUALS, STACKS
 
 __all__ = [
@@ -48,6 +51,118 @@ __all__ = [
     "top_p",
     "from_reformer_pytorch",
 ]
+
+
+class LSHAttention(lsh.LSHAttention):
+    """reformer-pytorch's ``LSHAttention(dropout=0., bucket_size=64, n_hashes=8, causal=False, ...)``: its
+    keywords and defaults as the ``lsh`` kind's options (:class:`anydepth.nn.lsh.LSHAttention`)."""
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        bucket_size: int = 64,
+        n_hashes: int = 8,
+        causal: bool = False,
+        allow_duplicate_attention: bool = True,
+        attend_across_buckets: bool = True,
+        rehash_each_round: bool = True,
+        drop_for_hash_rate: float = 0.0,
+        random_rotations_per_head: bool = False,
+        return_attn: bool = False,
+        seed: int | None = None,
+    ):
+        cfg = lsh.LSHSelfAttention.Config(
+            dropout=dropout,
+            bucket_size=bucket_size,
+            n_hashes=n_hashes,
+            allow_duplicate_attention=allow_duplicate_attention,
+            attend_across_buckets=attend_across_buckets,
+            rehash_each_round=rehash_each_round,
+            drop_for_hash_rate=drop_for_hash_rate,
+            random_rotations_per_head=random_rotations_per_head,
+            seed=seed,
+        )
+        super().__init__(cfg, causal=causal)
+        self.return_attn = return_attn
+
+
+class LSHSelfAttention(lsh.LSHSelfAttention):
+    """reformer-pytorch's ``LSHSelfAttention(dim, heads=8, bucket_size=64, n_hashes=8, causal=False, ...)``
+    and call style ``attn(x, keys=, input_mask=, input_attn_mask=, context_mask=, pos_emb=)``, translated to
+    the ``lsh`` kind (:class:`anydepth.nn.lsh.LSHSelfAttention`). The library's keywords (``rotary=``,
+    ``cache=``, ...) pass through; ``pos_emb`` (reformer-pytorch's ``(1, n, dim_head)`` sinusoid table)
+    becomes interleaved rotary phases."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        bucket_size: int = 64,
+        n_hashes: int = 8,
+        causal: bool = False,
+        dim_head: int | None = None,
+        attn_chunks: int | None = 1,
+        random_rotations_per_head: bool = False,
+        attend_across_buckets: bool = True,
+        allow_duplicate_attention: bool = True,
+        num_mem_kv: int = 0,
+        one_value_head: bool = False,
+        use_full_attn: bool = False,
+        full_attn_thres: int | None = None,
+        return_attn: bool = False,
+        post_attn_dropout: float = 0.0,
+        dropout: float = 0.0,
+        n_local_attn_heads: int = 0,
+        drop_for_hash_rate: float = 0.0,
+        rehash_each_round: bool = True,
+        seed: int | None = None,
+    ):
+        cfg = lsh.LSHSelfAttention.Config(
+            bucket_size=bucket_size,
+            n_hashes=n_hashes,
+            attn_chunks=1 if attn_chunks is None else attn_chunks,
+            random_rotations_per_head=random_rotations_per_head,
+            attend_across_buckets=attend_across_buckets,
+            allow_duplicate_attention=allow_duplicate_attention,
+            num_mem_kv=num_mem_kv,
+            one_value_head=one_value_head,
+            use_full_attn=use_full_attn,
+            full_attn_thres=full_attn_thres,
+            post_attn_dropout=post_attn_dropout,
+            dropout=dropout,
+            n_local_attn_heads=n_local_attn_heads,
+            drop_for_hash_rate=drop_for_hash_rate,
+            rehash_each_round=rehash_each_round,
+            seed=seed,
+        )
+        super().__init__(cfg, dim=dim, heads=heads, dim_head=dim_head, causal=causal)
+        self.return_attn = return_attn
+
+    def forward(
+        self,
+        x: Tensor,
+        keys: Tensor | None = None,
+        input_mask: Tensor | None = None,
+        input_attn_mask: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        pos_emb: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
+        kwargs["context"] = _one_of("keys", keys, "context", kwargs.get("context"))
+        kwargs["mask"] = _one_of("input_mask", input_mask, "mask", kwargs.get("mask"))
+        kwargs["attn_mask"] = _one_of("input_attn_mask", input_attn_mask, "attn_mask", kwargs.get("attn_mask"))
+        if pos_emb is not None:
+            if kwargs.get("rotary") is not None:
+                raise ValueError("pass positions once: pos_emb (reformer-pytorch table) or rotary=(cos, sin)")
+            kwargs["rotary"] = _rotary_from_pos_emb(pos_emb)
+        return super().forward(x, context_mask=context_mask, **kwargs)
+
+
+def _one_of(name_a: str, a, name_b: str, b):
+    if a is not None and b is not None:
+        raise ValueError(f"{name_a} and {name_b} are the same argument under two names; pass only one of them")
+    return a if a is not None else b
+
 
 _ACTIVATIONS = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
@@ -112,9 +227,7 @@ def _config(
             "(every layer keeps its feed-forward)"
         )
     if dim_head is None and dim % heads:
-        raise ValueError(
-            f"dim={dim} is not divisible by heads={heads}; choose heads dividing dim or pass dim_head"
-        )
+        raise ValueError(f"dim={dim} is not divisible by heads={heads}; choose heads dividing dim or pass dim_head")
     attention = ATTENTIONS.config(
         "lsh",
         bucket_size=bucket_size,
@@ -154,9 +267,7 @@ def _config(
         norm="scale" if use_scale_norm else "layer",
         attention=attention,
         ff=ff,
-        stack=STACKS.config(
-            "reversible", merge="mean", layer_dropout=layer_dropout, reverse_thres=reverse_thres
-        ),
+        stack=STACKS.config("reversible", merge="mean", layer_dropout=layer_dropout, reverse_thres=reverse_thres),
         position=position,
         causal=causal,
         emb_dim=emb_dim,
@@ -263,12 +374,8 @@ class Reformer(nn.Module):
     ) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"Reformer input must be (batch, length, dim={self.dim}) embeddings, got {shape}"
-            )
+            raise ValueError(f"Reformer input must be (batch, length, dim={self.dim}) embeddings, got {shape}")
         if pos_emb is not None:
-            from anydepth.nn.lsh import _rotary_from_pos_emb
-
             rotary = _rotary_from_pos_emb(pos_emb)
         kw = _attn_kwargs(keys, input_mask, input_attn_mask, context_mask, rotary, kwargs)
         return self.stack(x, cache=cache, **kw)
@@ -363,9 +470,7 @@ class ReformerLM(nn.Module):
         self.return_embeddings = return_embeddings
         self.weight_tie_embedding = weight_tie_embedding
         self.to_emb = nn.Linear(dim, e) if (e != dim and not return_embeddings) else nn.Identity()
-        self.to_logits = (
-            nn.Linear(e, num_tokens) if not (return_embeddings or weight_tie_embedding) else nn.Identity()
-        )
+        self.to_logits = nn.Linear(e, num_tokens) if not (return_embeddings or weight_tie_embedding) else nn.Identity()
 
     @property
     def token_emb(self) -> nn.Embedding:
@@ -407,10 +512,8 @@ class Autopadder(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        if not isinstance(net, (LSHSelfAttention, Reformer, ReformerLM)):
-            raise TypeError(
-                f"Autopadder wraps an LSHSelfAttention, Reformer or ReformerLM, got {type(net).__name__}"
-            )
+        if not isinstance(net, (lsh.LSHSelfAttention, Reformer, ReformerLM)):
+            raise TypeError(f"Autopadder wraps an LSHSelfAttention, Reformer or ReformerLM, got {type(net).__name__}")
         self.net = net
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
@@ -574,7 +677,7 @@ class Recorder(nn.Module):
         self._current: list[dict] = []
 
     def _layers(self):
-        return [m for m in self.net.modules() if isinstance(m, LSHSelfAttention)]
+        return [m for m in self.net.modules() if isinstance(m, lsh.LSHSelfAttention)]
 
     def _callback(self, attn: Tensor, buckets: Tensor) -> None:
         self._current.append({"attn": attn.detach().cpu(), "buckets": buckets.detach().cpu()})
@@ -631,9 +734,7 @@ def from_reformer_pytorch(model: nn.Module, seed: int | None = None) -> Reformer
     except ImportError as e:  # pragma: no cover - optional dependency
         raise ImportError("from_reformer_pytorch needs the reformer_pytorch package installed") from e
     if not isinstance(model, rp.ReformerLM):
-        raise TypeError(
-            f"from_reformer_pytorch expects a reformer_pytorch ReformerLM, got {type(model).__name__}"
-        )
+        raise TypeError(f"from_reformer_pytorch expects a reformer_pytorch ReformerLM, got {type(model).__name__}")
     if not isinstance(model.to_model_dim, nn.Identity) and type(model.to_model_dim).__name__ != "Identity":
         raise ValueError(
             "emb_dim != dim (factorised embedding) is not converted: our projection has no bias; "
@@ -655,9 +756,7 @@ def from_reformer_pytorch(model: nn.Module, seed: int | None = None) -> Reformer
     absolute = isinstance(pos, rp.AbsolutePositionalEmbedding)
     fixed = isinstance(pos, rp.FixedPositionalEmbedding)
     if type(pos).__name__ == "AxialPositionalEmbedding":
-        raise ValueError(
-            "axial position embeddings are not converted; use rotary, absolute or fixed positions"
-        )
+        raise ValueError("axial position embeddings are not converted; use rotary, absolute or fixed positions")
     out = model.out
     return_embeddings = not isinstance(out, nn.Sequential)
     tied = not return_embeddings and isinstance(out[1], rp.MatrixMultiply)

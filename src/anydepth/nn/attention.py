@@ -2,7 +2,10 @@
 
 Both kinds share :class:`Attention`, which owns the projections, the persistent memory key/values, the
 rotary phases, mask checking and the key/value cache; a kind only decides which keys a query may see.
-Built with ``ATTENTIONS.build(cfg, dim=, heads=, dim_head=, causal=, ctx=, cross=False)`` and called as
+Built from the kind's ``Config`` plus ``dim``, ``heads``, ``dim_head``, ``causal``, ``cross`` and ``ctx``:
+``ATTENTIONS.build(cfg, dim=, heads=, dim_head=, causal=, ctx=, cross=False)``, or by hand
+``FullAttention(FullAttention.Config(num_mem_kv=4), dim=512, heads=8)`` or
+``FullAttention.make(dim=512, heads=8, num_mem_kv=4)``; called as
 ``attn(x, *, mask=None, attn_mask=None, context=None, context_mask=None, rotary=None, cache=None)``.
 
 Shapes (letters used in comments): ``b`` batch, ``h`` heads, ``n`` new query positions, ``k`` key positions
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.positional import apply_rotary
-from anydepth.nn.registry import ATTENTIONS, NORMS
+from anydepth.nn.registry import ATTENTIONS, NORMS, Configurable
 
 __all__ = ["Attention", "FullAttention", "LocalAttention", "QKNorm", "ValueResidual", "QK_NORM_KINDS"]
 
@@ -152,7 +155,7 @@ def resolve_value_residual(value: Any) -> ValueResidual.Config | None:
     )
 
 
-class Attention(nn.Module):
+class Attention(Configurable, nn.Module):
     """Projections, memory key/values, masks and cache shared by the attention kinds.
 
     ``q = x W_q``, ``k = x W_k``, ``v = x W_v`` (``context`` instead of ``x`` for keys and values in
@@ -169,22 +172,22 @@ class Attention(nn.Module):
 
     def __init__(
         self,
+        cfg: FullAttention.Config | None = None,
+        *,
         dim: int,
         heads: int,
         dim_head: int | None = None,
-        *,
         causal: bool = False,
         cross: bool = False,
-        num_mem_kv: int = 0,
-        one_value_head: bool = False,
-        dropout: float = 0.0,
-        post_dropout: float = 0.0,
-        qkv_bias: bool = False,
-        out_bias: bool = True,
-        qk_norm: str | None = None,
-        value_residual: ValueResidual | None = None,
+        ctx: Any = None,
     ):
+        """``cfg`` holds the options; ``dim``, ``heads``, ``dim_head`` (default ``dim // heads``), ``causal``,
+        ``cross`` and ``ctx`` (the :class:`~anydepth.nn.context.LayerContext`, which ``value_residual``
+        needs) are decided by the model."""
         super().__init__()
+        cfg = self.config_of(cfg)
+        num_mem_kv, one_value_head, dropout = cfg.num_mem_kv, cfg.one_value_head, cfg.dropout
+        post_dropout, qk_norm = cfg.post_dropout, cfg.qk_norm
         _check_int("dim", dim, 1)
         _check_int("heads", heads, 1)
         if dim_head is None:
@@ -204,16 +207,14 @@ class Attention(nn.Module):
         self.num_mem_kv, self.dropout = num_mem_kv, dropout
         inner, v_inner = heads * dim_head, self.value_heads * dim_head
         if cross:
-            self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
-            self.to_kv = nn.Linear(dim, inner + v_inner, bias=qkv_bias)
+            self.to_q = nn.Linear(dim, inner, bias=cfg.qkv_bias)
+            self.to_kv = nn.Linear(dim, inner + v_inner, bias=cfg.qkv_bias)
         else:
-            self.to_qkv = nn.Linear(dim, 2 * inner + v_inner, bias=qkv_bias)
-        self.to_out = nn.Linear(inner, dim, bias=out_bias)
+            self.to_qkv = nn.Linear(dim, 2 * inner + v_inner, bias=cfg.qkv_bias)
+        self.to_out = nn.Linear(inner, dim, bias=cfg.out_bias)
         self.post_dropout = nn.Dropout(post_dropout)
         self.qk_norm = QKNorm(qk_norm, dim_head) if check_qk_norm(qk_norm) else None
-        if value_residual is not None and cross:
-            raise ValueError("value_residual mixes self-attention values across layers; cross-attention has none")
-        self.value_residual = value_residual
+        self.value_residual = _value_residual(cfg, ctx, cross)
         if num_mem_kv:
             self.mem_k = nn.Parameter(torch.empty(heads, num_mem_kv, dim_head))
             self.mem_v = nn.Parameter(torch.empty(self.value_heads, num_mem_kv, dim_head))
@@ -281,9 +282,7 @@ class Attention(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"attention input x must be (batch, seq, dim={self.dim}), got {got}")
         if cache is not None and not isinstance(cache, dict):
-            raise TypeError(
-                f"cache must be a dict (one per layer, start with {{}}), got {type(cache).__name__}"
-            )
+            raise TypeError(f"cache must be a dict (one per layer, start with {{}}), got {type(cache).__name__}")
         b, n, _ = x.shape
         if self.cross:
             q, k, v, key_mask = self._project_cross(x, mask, context, context_mask, cache)
@@ -351,9 +350,7 @@ class Attention(nn.Module):
 
     def _project_cross(self, x, mask, context, context_mask, cache):
         b, n, _ = x.shape
-        if mask is not None and (
-            not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape[0] != b
-        ):
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape[0] != b):
             got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a bool (batch={b}, seq) padding mask, got {got}")
         inner, v_inner = self.heads * self.dim_head, self.value_heads * self.dim_head
@@ -384,10 +381,7 @@ class Attention(nn.Module):
         """``attn_mask`` as a 4-D ``(b|1, h|1, n, k)`` tensor, or a ValueError saying what was expected."""
         if attn_mask is None:
             return None
-        expected = (
-            f"(n, k)=({n}, {nk}), (b, n, k)=({b}, {n}, {nk}) "
-            f"or (b, heads, n, k)=({b}, {self.heads}, {n}, {nk})"
-        )
+        expected = f"(n, k)=({n}, {nk}), (b, n, k)=({b}, {n}, {nk}) or (b, heads, n, k)=({b}, {self.heads}, {n}, {nk})"
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a tensor of shape {expected}, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
@@ -399,12 +393,7 @@ class Attention(nn.Module):
         ok = (
             (len(shape) == 2 and shape == (n, nk))
             or (len(shape) == 3 and shape[0] in (1, b) and shape[1:] == (n, nk))
-            or (
-                len(shape) == 4
-                and shape[0] in (1, b)
-                and shape[1] in (1, self.heads)
-                and shape[2:] == (n, nk)
-            )
+            or (len(shape) == 4 and shape[0] in (1, b) and shape[1] in (1, self.heads) and shape[2:] == (n, nk))
         )
         if not ok:
             raise ValueError(f"attn_mask must have shape {expected}, got {shape}")
@@ -424,9 +413,7 @@ class Attention(nn.Module):
             mv.expand(b, self.value_heads, *extra, *self.mem_v.shape[-2:]),
         )
 
-    def _sdpa(
-        self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, additive: Tensor | None, guard: bool
-    ):
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, additive: Tensor | None, guard: bool):
         """``softmax(q k^T / sqrt(d) + mask) v`` with memory prepended; fully masked rows give zeros.
 
         ``allowed`` (bool, True = may attend) and ``additive`` (float) broadcast to ``(..., n, k)`` and
@@ -522,12 +509,6 @@ class FullAttention(Attention):
             check_qk_norm(self.qk_norm)
             self.value_residual = resolve_value_residual(self.value_residual)
 
-    @classmethod
-    def from_config(
-        cls, cfg, *, dim: int, heads: int, dim_head: int | None, causal: bool, ctx=None, cross=False
-    ):
-        return cls(dim, heads, dim_head, causal=causal, cross=cross, **_common(cfg, ctx, cross))
-
     def _attend(self, q, k, v, key_mask, attn_mask, offset) -> Tensor:
         return self._dense(q, k, v, key_mask, attn_mask, offset, window=None)
 
@@ -547,21 +528,18 @@ class LocalAttention(Attention):
     class Config(FullAttention.Config):
         window: int = 128  # keys each query sees on each side (itself included); cost is linear in it
 
-    def __init__(self, dim: int, heads: int, dim_head: int | None = None, *, window: int = 128, **kwargs):
-        if kwargs.get("cross"):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            _check_int("window", self.window, 1)
+
+    def __init__(self, cfg: LocalAttention.Config | None = None, *, cross: bool = False, **context):
+        if cross:
             raise ValueError(
                 "local attention is self-attention only (a window over the context has no meaning); "
                 "use attention kind 'full' for cross-attention"
             )
-        _check_int("window", window, 1)
-        super().__init__(dim, heads, dim_head, **kwargs)
-        self.window = window
-
-    @classmethod
-    def from_config(
-        cls, cfg, *, dim: int, heads: int, dim_head: int | None, causal: bool, ctx=None, cross=False
-    ):
-        return cls(dim, heads, dim_head, window=cfg.window, causal=causal, cross=cross, **_common(cfg, ctx, cross))
+        super().__init__(cfg, **context)
+        self.window = self.config_of(cfg).window
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}"
@@ -634,19 +612,6 @@ def _value_residual(cfg, ctx, cross: bool) -> ValueResidual | None:
     return ValueResidual(vr, holder, first=ctx.layer == 0)
 
 
-def _common(cfg, ctx=None, cross: bool = False) -> dict[str, Any]:
-    return {
-        "qk_norm": cfg.qk_norm,
-        "value_residual": _value_residual(cfg, ctx, cross),
-        "num_mem_kv": cfg.num_mem_kv,
-        "one_value_head": cfg.one_value_head,
-        "dropout": cfg.dropout,
-        "post_dropout": cfg.post_dropout,
-        "qkv_bias": cfg.qkv_bias,
-        "out_bias": cfg.out_bias,
-    }
-
-
 def _xavier_(w: Tensor, gain: float) -> None:
     # by hand, because nn.init.xavier_normal_ would read the fans of the whole fused weight
     fan_out, fan_in = w.shape
@@ -658,9 +623,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"attention {name} must be an int >= {minimum}, got {value!r}")
 
 
-def _check_bool_mask(
-    name: str, mask: Any, shape: tuple[int, int], extra: tuple[int, int] | None = None
-) -> None:
+def _check_bool_mask(name: str, mask: Any, shape: tuple[int, int], extra: tuple[int, int] | None = None) -> None:
     want = f"{shape}" + (f" or {extra} (the new positions only)" if extra else "")
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool tensor of shape {want}, got {type(mask).__name__}")

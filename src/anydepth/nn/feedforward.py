@@ -1,6 +1,7 @@
 """Position-wise feed-forward layers: an MLP and gated linear units, optionally over pieces of rows.
 
-Both kinds are built with ``FFS.build(cfg, dim=...)`` and map ``(b, n, dim) -> (b, n, dim)`` token by token.
+Both kinds are built from their ``Config`` and ``dim`` (``FFS.build(cfg, dim=...)``, ``MLP(MLP.Config(mult=2),
+dim=64)`` or ``MLP.make(dim=64, mult=2)``) and map ``(b, n, dim) -> (b, n, dim)`` token by token.
 Because no token sees another, running them on pieces of the ``b * n`` rows gives exactly the unchunked
 result while only one piece's hidden activations (``mult`` times wider than the input) exist at a time (the
 Reformer's chunked feed-forward, Kitaev et al. 2020, arXiv:2001.04451, section 3).
@@ -14,7 +15,6 @@ far below the machine's speed; with ``chunk_mib`` as well, pieces are the larger
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from anydepth.nn.registry import FFS
+from anydepth.nn.registry import FFS, Configurable
 
 __all__ = ["MLP", "GLU", "ACTIVATIONS", "get_activation"]
 
@@ -52,57 +52,51 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[name]
 
 
-class _FeedForward(nn.Module):
-    """Shared machinery: argument checks, xavier init and sequence chunking.
+def _check_sizes(cfg) -> None:
+    """The feed-forward Configs' own checks (run before the generic field ranges, for these messages)."""
+    mult, dropout, chunks = cfg.mult, cfg.dropout, cfg.chunks
+    chunk_size, chunk_mib = cfg.chunk_size, cfg.chunk_mib
+    if isinstance(mult, bool) or not isinstance(mult, int | float) or mult <= 0:
+        raise ValueError(f"feed-forward mult must be a positive number (4 is usual), got {mult!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"feed-forward dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"feed-forward chunks must be an int >= 1 (1: no chunking), got {chunks!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"feed-forward chunk_size must be a positive int (rows per piece) or None, got {chunk_size!r}")
+    if chunk_mib is not None and (
+        isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int | float) or not chunk_mib > 0
+    ):
+        raise ValueError(
+            f"feed-forward chunk_mib must be a positive number (MiB of hidden activations per piece) or "
+            f"None, got {chunk_mib!r}"
+        )
+    if chunk_size is not None and chunk_mib is not None:
+        raise ValueError(
+            f"feed-forward chunk_size={chunk_size} and chunk_mib={chunk_mib} both size the pieces; pass one"
+        )
+
+
+class _FeedForward(Configurable, nn.Module):
+    """Shared machinery: projections, xavier init and sequence chunking.
 
     Subclasses define ``proj_in`` (``dim -> width``), ``proj_out`` (``hidden -> dim``) and ``_hidden``.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        mult: float,
-        dropout: float,
-        chunks: int,
-        checkpoint_chunks: bool,
-        chunk_size: int | None = None,
-        chunk_mib: float | None = None,
-    ):
+    def __init__(self, cfg, *, dim: int, width: int):
+        """``width`` is the hidden width ``proj_in`` produces per unit of ``int(dim * mult)`` (2 for a GLU)."""
         super().__init__()
+        cfg = self.config_of(cfg)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"feed-forward dim must be a positive int, got {dim!r}")
-        if isinstance(mult, bool) or not isinstance(mult, int | float) or mult <= 0:
-            raise ValueError(f"feed-forward mult must be a positive number (4 is usual), got {mult!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"feed-forward dropout must be in [0, 1), got {dropout!r}")
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"feed-forward chunks must be an int >= 1 (1: no chunking), got {chunks!r}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(
-                f"feed-forward chunk_size must be a positive int (rows per piece) or None, got {chunk_size!r}"
-            )
-        if chunk_mib is not None and (
-            isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int | float) or not chunk_mib > 0
-        ):
-            raise ValueError(
-                f"feed-forward chunk_mib must be a positive number (MiB of hidden activations per piece) or "
-                f"None, got {chunk_mib!r}"
-            )
-        if chunk_size is not None and chunk_mib is not None:
-            raise ValueError(
-                f"feed-forward chunk_size={chunk_size} and chunk_mib={chunk_mib} both size the pieces; pass one"
-            )
-        self.dim, self.hidden = dim, max(1, int(dim * mult))
-        self.chunks, self.checkpoint_chunks = chunks, checkpoint_chunks
-        self.chunk_size, self.chunk_mib = chunk_size, chunk_mib
-        self.dropout = nn.Dropout(dropout)
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int):
-        # every Config field is a constructor keyword of the same name
-        return cls(dim, **dataclasses.asdict(cfg))
+        self.dim, self.hidden = dim, max(1, int(dim * cfg.mult))
+        self.chunks, self.checkpoint_chunks = cfg.chunks, cfg.checkpoint
+        self.chunk_size, self.chunk_mib = cfg.chunk_size, cfg.chunk_mib
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.act_name, self.act = cfg.activation, get_activation(cfg.activation)
+        self.proj_in = nn.Linear(dim, width * self.hidden, bias=cfg.bias)
+        self.proj_out = nn.Linear(self.hidden, dim, bias=cfg.bias)
+        self.reset_parameters()
 
     def reset_parameters(self, beta: float = 1.0) -> None:
         """Xavier-normal init with gain ``beta`` on both projections, zero biases.
@@ -171,23 +165,11 @@ class MLP(_FeedForward):
         chunk_size: int | None = None  # rows (batch x positions) per piece, whatever the length
         chunk_mib: float | None = None  # pieces at least this many MiB of hidden activations (none smaller)
 
-    def __init__(
-        self,
-        dim: int,
-        mult: float = 4.0,
-        activation: str = "gelu",
-        dropout: float = 0.0,
-        bias: bool = True,
-        chunks: int = 1,
-        checkpoint: bool = True,
-        chunk_size: int | None = None,
-        chunk_mib: float | None = None,
-    ):
-        super().__init__(dim, mult, dropout, chunks, checkpoint, chunk_size, chunk_mib)
-        self.act_name, self.act = activation, get_activation(activation)
-        self.proj_in = nn.Linear(dim, self.hidden, bias=bias)
-        self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
-        self.reset_parameters()
+        def __post_init__(self) -> None:
+            _check_sizes(self)
+
+    def __init__(self, cfg: MLP.Config | None = None, *, dim: int):
+        super().__init__(cfg, dim=dim, width=1)
 
     def _hidden(self, h: Tensor) -> Tensor:
         return self.act(h)
@@ -214,23 +196,11 @@ class GLU(_FeedForward):
         chunk_size: int | None = None  # rows (batch x positions) per piece, whatever the length
         chunk_mib: float | None = None  # pieces at least this many MiB of hidden activations (none smaller)
 
-    def __init__(
-        self,
-        dim: int,
-        mult: float = 4.0,
-        activation: str = "swish",
-        dropout: float = 0.0,
-        bias: bool = True,
-        chunks: int = 1,
-        checkpoint: bool = True,
-        chunk_size: int | None = None,
-        chunk_mib: float | None = None,
-    ):
-        super().__init__(dim, mult, dropout, chunks, checkpoint, chunk_size, chunk_mib)
-        self.act_name, self.act = activation, get_activation(activation)
-        self.proj_in = nn.Linear(dim, 2 * self.hidden, bias=bias)
-        self.proj_out = nn.Linear(self.hidden, dim, bias=bias)
-        self.reset_parameters()
+        def __post_init__(self) -> None:
+            _check_sizes(self)
+
+    def __init__(self, cfg: GLU.Config | None = None, *, dim: int):
+        super().__init__(cfg, dim=dim, width=2)
 
     def reset_parameters(self, beta: float = 1.0) -> None:
         """Xavier-normal, gain ``beta``, on ``W``, ``V`` (each with its own fans) and ``W_2``; zero biases."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.positional import InterleavedRotaryTable, RotaryTable, apply_rotary
-from anydepth.nn.registry import ATTENTIONS
+from anydepth.nn.registry import ATTENTIONS, Configurable
 
 __all__ = ["LSHAttention", "LSHSelfAttention", "TOKEN_SELF_ATTN_VALUE"]
 
@@ -624,12 +624,14 @@ class LSHAttention(nn.Module):
     ``r * n_buckets``. The first ``query_len`` positions are the queries; later ones (memory key/values,
     context keys) are keys that stay visible under causal masking.
 
-    Args (reformer-pytorch's, same defaults):
+    Built from the ``lsh`` kind's options (:class:`LSHSelfAttention.Config`, which states their defaults),
+    plus ``causal`` (mask keys after the query, by original position) and the ``layer_index`` that offsets
+    the seeds, so that the layers of a model hash differently. The options it reads:
+
         dropout: dropout on the attention probabilities.
         bucket_size: chunk length of the sorted order; ``n_buckets = ceil(n / bucket_size)`` rounded up to
             even (the average bucket fills one chunk).
         n_hashes: hashing rounds; time and memory grow linearly.
-        causal: mask keys after the query (by original position).
         allow_duplicate_attention: False counts a key seen in several rounds once.
         attend_across_buckets: False also masks keys of the window that sit in another bucket (the paper).
         rehash_each_round: False draws one rotation and uses each token's ``n_hashes`` best buckets as the
@@ -637,51 +639,35 @@ class LSHAttention(nn.Module):
             buckets get ``n_hashes`` (rounded up to even) buckets anyway).
         drop_for_hash_rate: dropout on the vectors fed to the hash only.
         random_rotations_per_head: one rotation per leading batch element instead of one shared.
-        return_attn: also return the dense attention.
-        seed: rotations from a generator seeded with this in training too (None: fresh rotations from
-            the global RNG in training, the paper's behaviour, and seeded rotations in eval).
+        seed: rotations from a generator seeded with ``seed + layer_index`` in training too (None: fresh
+            rotations from the global RNG in training, the paper's behaviour, and rotations seeded by
+            ``layer_index`` in eval).
+
+    Setting the attribute ``return_attn`` also returns the dense attention. reformer-pytorch's keyword
+    signature and defaults are :class:`anydepth.compat.reformer.LSHAttention`.
     """
 
-    def __init__(
-        self,
-        dropout: float = 0.0,
-        bucket_size: int = 64,
-        n_hashes: int = 8,
-        causal: bool = False,
-        allow_duplicate_attention: bool = True,
-        attend_across_buckets: bool = True,
-        rehash_each_round: bool = True,
-        drop_for_hash_rate: float = 0.0,
-        random_rotations_per_head: bool = False,
-        return_attn: bool = False,
-        seed: int | None = None,
-    ):
+    def __init__(self, cfg: LSHSelfAttention.Config | None = None, *, causal: bool = False, layer_index: int = 0):
         super().__init__()
-        owner = type(self).__name__
-        _check_rate("dropout", dropout, owner)
-        _check_rate("drop_for_hash_rate", drop_for_hash_rate, owner)
-        _check_positive_int("bucket_size", bucket_size, owner)
-        _check_positive_int("n_hashes", n_hashes, owner)
-        if not rehash_each_round and not allow_duplicate_attention:
-            raise ValueError(
-                f"{owner}: rehash_each_round=False with allow_duplicate_attention=False is not defined (the "
-                "rounds share one rotation, so their windows cannot be counted apart); set "
-                "allow_duplicate_attention=True or rehash_each_round=True"
+        if cfg is None:
+            cfg = LSHSelfAttention.Config()
+        elif not isinstance(cfg, LSHSelfAttention.Config):
+            raise TypeError(
+                f"{type(self).__name__} takes the lsh kind's options: {type(self).__name__}(LSHSelfAttention.Config"
+                f"(...), causal=...); got {type(cfg).__name__} {cfg!r}"
             )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"{owner}: seed must be an int or None, got {seed!r}")
-        self.dropout = float(dropout)
-        self.bucket_size = bucket_size
-        self.n_hashes = n_hashes
+        self.dropout = float(cfg.dropout)
+        self.bucket_size = cfg.bucket_size
+        self.n_hashes = cfg.n_hashes
         self.causal = causal
-        self.allow_duplicate_attention = allow_duplicate_attention
-        self.attend_across_buckets = attend_across_buckets
-        self.rehash_each_round = rehash_each_round
-        self.drop_for_hash_rate = float(drop_for_hash_rate)
-        self.random_rotations_per_head = random_rotations_per_head
-        self.return_attn = return_attn
-        self.seed = seed
-        self.eval_seed = 0  # seed of eval-time rotations when ``seed`` is None; set per layer by the builder
+        self.allow_duplicate_attention = cfg.allow_duplicate_attention
+        self.attend_across_buckets = cfg.attend_across_buckets
+        self.rehash_each_round = cfg.rehash_each_round
+        self.drop_for_hash_rate = float(cfg.drop_for_hash_rate)
+        self.random_rotations_per_head = cfg.random_rotations_per_head
+        self.return_attn = False
+        self.seed = None if cfg.seed is None else cfg.seed + layer_index
+        self.eval_seed = layer_index  # seed of eval-time rotations when ``seed`` is None
 
     # above this many buckets the hash is a product of two smaller angular hashes (see bucket_factors)
     FACTOR_ABOVE = 512
@@ -1024,7 +1010,7 @@ def _local_attend(qk, v, valid, *, window, causal, rotary, dropout, training, ma
 
 
 @ATTENTIONS.register("lsh")
-class LSHSelfAttention(nn.Module):
+class LSHSelfAttention(Configurable, nn.Module):
     """Multi-head shared-QK attention: LSH heads, optional local heads, full attention for short inputs.
 
     ``qk = x W_qk`` serves as queries and (L2-normalised) keys; ``v = x W_v``;
@@ -1034,9 +1020,13 @@ class LSHSelfAttention(nn.Module):
     (look one window back, and one ahead unless causal); the others use :class:`LSHAttention`, or full
     shared-QK attention when ``use_full_attn`` or the attended length is at most ``full_attn_thres``.
 
-    Call styles: the library's ``attn(x, mask=, attn_mask=, context=, context_mask=, rotary=, cache=)`` and
-    reformer-pytorch's ``attn(x, keys=, input_mask=, input_attn_mask=, context_mask=, pos_emb=)``.
-    Masks use True = real token / may attend. Rotary positions reach every head and every path.
+    Built from :class:`LSHSelfAttention.Config` plus ``dim``, ``heads``, ``dim_head``, ``causal`` and ``ctx``
+    (``ATTENTIONS.build("lsh", ...)``, ``LSHSelfAttention(LSHSelfAttention.Config(n_hashes=8), dim=512,
+    heads=8)`` or ``LSHSelfAttention.make(dim=512, heads=8, n_hashes=8)``), and called like every attention
+    kind: ``attn(x, mask=, attn_mask=, context=, context_mask=, rotary=, cache=)``. Masks use True = real
+    token / may attend. Rotary positions reach every head and every path. reformer-pytorch's signature,
+    defaults and call style (``keys=``, ``input_mask=``, ``pos_emb=``) are
+    :class:`anydepth.compat.reformer.LSHSelfAttention`.
     """
 
     @dataclass(kw_only=True)
@@ -1060,31 +1050,46 @@ class LSHSelfAttention(nn.Module):
         n_local_attn_heads: int = 0  # heads using local windows instead of LSH
         seed: int | None = None  # rotations from this seed also in training (None: fresh in training)
 
+        def __post_init__(self) -> None:
+            owner = "LSHSelfAttention.Config"
+            for name in ("bucket_size", "n_hashes", "attn_chunks"):
+                _check_positive_int(name, getattr(self, name), owner)
+            for name in ("dropout", "drop_for_hash_rate", "post_attn_dropout"):
+                _check_rate(name, getattr(self, name), owner)
+            if not self.rehash_each_round and not self.allow_duplicate_attention:
+                raise ValueError(
+                    f"{owner}: rehash_each_round=False with allow_duplicate_attention=False is not defined (the "
+                    "rounds share one rotation, so their windows cannot be counted apart); set "
+                    "allow_duplicate_attention=True or rehash_each_round=True"
+                )
+            m = self.num_mem_kv
+            if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+                raise ValueError(f"{owner}: num_mem_kv must be an int >= 0, got {m!r}")
+            t = self.full_attn_thres
+            if t is not None and (isinstance(t, bool) or not isinstance(t, int)):
+                raise ValueError(f"{owner}: full_attn_thres must be an int or None, got {t!r}")
+            if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+                raise TypeError(f"{owner}: seed must be an int or None, got {self.seed!r}")
+
     def __init__(
         self,
+        cfg: LSHSelfAttention.Config | None = None,
+        *,
         dim: int,
-        heads: int = 8,
-        bucket_size: int = 64,
-        n_hashes: int = 8,
-        causal: bool = False,
+        heads: int,
         dim_head: int | None = None,
-        attn_chunks: int | None = 1,
-        random_rotations_per_head: bool = False,
-        attend_across_buckets: bool = True,
-        allow_duplicate_attention: bool = True,
-        num_mem_kv: int = 0,
-        one_value_head: bool = False,
-        use_full_attn: bool = False,
-        full_attn_thres: int | None = None,
-        return_attn: bool = False,
-        post_attn_dropout: float = 0.0,
-        dropout: float = 0.0,
-        n_local_attn_heads: int = 0,
-        drop_for_hash_rate: float = 0.0,
-        rehash_each_round: bool = True,
-        seed: int | None = None,
+        causal: bool = False,
+        cross: bool = False,
+        ctx=None,
     ):
+        if cross:
+            raise ValueError(
+                "attention kind 'lsh' is self-attention over [x ; memory ; context] and cannot be a separate "
+                "cross-attention layer; pass encoder outputs as context= to the self-attention, or use "
+                "attention='full' for cross-attention"
+            )
         super().__init__()
+        cfg = self.config_of(cfg)
         owner = type(self).__name__
         _check_positive_int("dim", dim, owner)
         _check_positive_int("heads", heads, owner)
@@ -1092,94 +1097,35 @@ class LSHSelfAttention(nn.Module):
             if dim % heads:
                 raise ValueError(
                     f"{owner}: dim={dim} is not divisible by heads={heads}; choose heads dividing dim "
-                    "or pass "
-                    f"dim_head explicitly (e.g. dim_head={max(1, dim // heads)})"
+                    f"or pass dim_head explicitly (e.g. dim_head={max(1, dim // heads)})"
                 )
             dim_head = dim // heads
         _check_positive_int("dim_head", dim_head, owner)
-        attn_chunks = 1 if attn_chunks is None else attn_chunks
-        _check_positive_int("attn_chunks", attn_chunks, owner)
-        if isinstance(num_mem_kv, bool) or not isinstance(num_mem_kv, int) or num_mem_kv < 0:
-            raise ValueError(f"{owner}: num_mem_kv must be an int >= 0, got {num_mem_kv!r}")
-        if (
-            isinstance(n_local_attn_heads, bool)
-            or not isinstance(n_local_attn_heads, int)
-            or not (0 <= n_local_attn_heads < heads)
-        ):
+        n_local = cfg.n_local_attn_heads
+        if isinstance(n_local, bool) or not isinstance(n_local, int) or not (0 <= n_local < heads):
             raise ValueError(
-                f"{owner}: n_local_attn_heads={n_local_attn_heads!r} must be in [0, heads={heads}); "
-                "at least one "
-                f"head must use LSH attention (use n_local_attn_heads <= {heads - 1})"
+                f"{owner}: n_local_attn_heads={n_local!r} must be in [0, heads={heads}); at least one head must "
+                f"use LSH attention (use n_local_attn_heads <= {heads - 1})"
             )
-        if full_attn_thres is not None and (
-            isinstance(full_attn_thres, bool) or not isinstance(full_attn_thres, int)
-        ):
-            raise ValueError(f"{owner}: full_attn_thres must be an int or None, got {full_attn_thres!r}")
-        _check_rate("post_attn_dropout", post_attn_dropout, owner)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.causal = causal
-        self.attn_chunks = attn_chunks
-        self.bucket_size = bucket_size
-        self.num_mem_kv = num_mem_kv
-        self.one_value_head = one_value_head
-        self.use_full_attn = use_full_attn
-        self.full_attn_thres = bucket_size if full_attn_thres is None else full_attn_thres
-        self.n_local_attn_heads = n_local_attn_heads
-        self.dropout = float(dropout)
+        self.attn_chunks = cfg.attn_chunks
+        self.bucket_size = cfg.bucket_size
+        self.num_mem_kv = num_mem_kv = cfg.num_mem_kv
+        self.one_value_head = cfg.one_value_head
+        self.use_full_attn = cfg.use_full_attn
+        self.full_attn_thres = cfg.bucket_size if cfg.full_attn_thres is None else cfg.full_attn_thres
+        self.n_local_attn_heads = n_local
+        self.dropout = float(cfg.dropout)
         inner = heads * dim_head
         self.toqk = nn.Linear(dim, inner, bias=False)
-        self.tov = nn.Linear(dim, dim_head if one_value_head else inner, bias=False)
+        self.tov = nn.Linear(dim, dim_head if cfg.one_value_head else inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
-        self.lsh_attn = LSHAttention(
-            dropout=dropout,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            causal=causal,
-            allow_duplicate_attention=allow_duplicate_attention,
-            attend_across_buckets=attend_across_buckets,
-            rehash_each_round=rehash_each_round,
-            drop_for_hash_rate=drop_for_hash_rate,
-            random_rotations_per_head=random_rotations_per_head,
-            return_attn=return_attn,
-            seed=seed,
-        )
-        self.post_attn_dropout = nn.Dropout(post_attn_dropout)
+        # distinct, reproducible rotations per layer
+        self.lsh_attn = LSHAttention(cfg, causal=causal, layer_index=ctx.index if ctx is not None else 0)
+        self.post_attn_dropout = nn.Dropout(cfg.post_attn_dropout)
         self.mem_kv = nn.Parameter(torch.randn(1, num_mem_kv, dim)) if num_mem_kv > 0 else None
         self.callback = None  # called with (attn, buckets) after each forward; used by Recorder
-
-    @classmethod
-    def from_config(cls, cfg, *, dim, heads, dim_head=None, causal=True, ctx=None, cross=False):
-        if cross:
-            raise ValueError(
-                "attention kind 'lsh' is self-attention over [x ; memory ; context] and cannot be a separate "
-                "cross-attention layer; pass encoder outputs as context= to the self-attention, or use "
-                "attention='full' for cross-attention"
-            )
-        layer = cls(
-            dim,
-            heads=heads,
-            bucket_size=cfg.bucket_size,
-            n_hashes=cfg.n_hashes,
-            causal=causal,
-            dim_head=dim_head,
-            attn_chunks=cfg.attn_chunks,
-            random_rotations_per_head=cfg.random_rotations_per_head,
-            attend_across_buckets=cfg.attend_across_buckets,
-            allow_duplicate_attention=cfg.allow_duplicate_attention,
-            num_mem_kv=cfg.num_mem_kv,
-            one_value_head=cfg.one_value_head,
-            use_full_attn=cfg.use_full_attn,
-            full_attn_thres=cfg.full_attn_thres,
-            post_attn_dropout=cfg.post_attn_dropout,
-            dropout=cfg.dropout,
-            n_local_attn_heads=cfg.n_local_attn_heads,
-            drop_for_hash_rate=cfg.drop_for_hash_rate,
-            rehash_each_round=cfg.rehash_each_round,
-            seed=None if cfg.seed is None else cfg.seed + (ctx.index if ctx is not None else 0),
-        )
-        # distinct, reproducible eval rotations per layer
-        layer.lsh_attn.eval_seed = ctx.index if ctx is not None else 0
-        return layer
 
     def reset_parameters(self, beta: float = 1.0) -> None:
         """Xavier-normal init: gain ``beta`` on the value and output projections (DeepNorm's depth scaling,
@@ -1203,15 +1149,11 @@ class LSHSelfAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        keys: Tensor | None = None,
-        input_mask: Tensor | None = None,
-        input_attn_mask: Tensor | None = None,
-        context_mask: Tensor | None = None,
-        pos_emb: Tensor | None = None,
         *,
         mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         context: Tensor | None = None,
+        context_mask: Tensor | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
         cache: dict | None = None,
         **kwargs,
@@ -1219,15 +1161,11 @@ class LSHSelfAttention(nn.Module):
         unknown = set(kwargs) - {"_reverse", "_depth"}
         if unknown:
             raise TypeError(
-                f"LSHSelfAttention.forward got unexpected argument(s) {', '.join(sorted(unknown))}"
+                f"LSHSelfAttention.forward got unexpected argument(s) {', '.join(sorted(unknown))}; it takes "
+                "mask=, attn_mask=, context=, context_mask=, rotary=, cache= (reformer-pytorch's keys=, "
+                "input_mask=, input_attn_mask=, pos_emb= are anydepth.compat.reformer.LSHSelfAttention's)"
             )
-        keys = _one_of("keys", keys, "context", context)
-        input_mask = _one_of("input_mask", input_mask, "mask", mask)
-        input_attn_mask = _one_of("input_attn_mask", input_attn_mask, "attn_mask", attn_mask)
-        if pos_emb is not None:
-            if rotary is not None:
-                raise ValueError("pass positions once: pos_emb (reformer-pytorch table) or rotary=(cos, sin)")
-            rotary = _rotary_from_pos_emb(pos_emb)
+        keys, input_mask, input_attn_mask = context, mask, attn_mask
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (batch, length, dim={self.dim}), got {shape}")
@@ -1514,10 +1452,3 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, own, forbid: Tensor | None = No
     p = torch.softmax(s, dim=-1)
     return torch.matmul(p[:, None, :].to(v.dtype), v)[:, 0]
 
-
-def _one_of(name_a: str, a, name_b: str, b):
-    if a is not None and b is not None:
-        raise ValueError(
-            f"{name_a} and {name_b} are the same argument under two names; pass only one of them"
-        )
-    return a if a is not None else b

@@ -1,7 +1,8 @@
 """Normalisation layers: LayerNorm, RMSNorm (full and partial), ScaleNorm.
 
-Every norm normalises over the last dimension and is built by the registry as
-``NORMS.build(kind_or_config, dim=d)``:
+Every norm normalises over the last dimension and is built from its ``Config`` and ``dim``: by the
+registry as ``NORMS.build(kind_or_config, dim=d)``, or by hand as ``RMSNorm(RMSNorm.Config(eps=1e-5),
+dim=d)`` or ``RMSNorm.make(dim=d, eps=1e-5)``:
 
 ========  ======================  =====================================================================
 kind      class                   output for a row ``x`` of ``d`` features
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anydepth.nn.native import NativeKernel, plain_cpu_op, struct_args
-from anydepth.nn.registry import NORMS
+from anydepth.nn.registry import NORMS, Configurable
 
 __all__ = [
     "LayerNorm",
@@ -351,7 +352,7 @@ def rms_norm(
 
 
 @NORMS.register("layer")
-class LayerNorm(nn.Module):
+class LayerNorm(Configurable, nn.Module):
     """Layer normalisation (Ba, Kiros & Hinton, 2016, "Layer Normalization", arXiv:1607.06450).
 
     ``y = (x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias)`` over the last dimension (biased
@@ -369,16 +370,13 @@ class LayerNorm(nn.Module):
         def __post_init__(self) -> None:
             _check_eps("LayerNorm.Config", self.eps)
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+    def __init__(self, cfg: LayerNorm.Config | None = None, *, dim: int):
         super().__init__()
+        cfg = self.config_of(cfg)
         self.dim = _check_dim("LayerNorm", "dim", dim)
-        self.eps = _check_eps("LayerNorm", eps)
+        self.eps = cfg.eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    @classmethod
-    def from_config(cls, cfg: LayerNorm.Config, *, dim: int) -> LayerNorm:
-        return cls(dim, eps=cfg.eps, bias=cfg.bias)
+        self.bias = nn.Parameter(torch.zeros(dim)) if cfg.bias else None
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -398,7 +396,7 @@ class LayerNorm(nn.Module):
 
 
 @NORMS.register("rms")
-class RMSNorm(nn.Module):
+class RMSNorm(Configurable, nn.Module):
     """Root mean square layer normalisation (Zhang & Sennrich, NeurIPS 2019, "Root Mean Square Layer
     Normalization"), with the signature and semantics of the paper's ``rmsnorm_torch.RMSNorm``.
 
@@ -415,11 +413,9 @@ class RMSNorm(nn.Module):
     ``torch.nn.functional.rms_norm``; on CPU a fused kernel computes the same formula (module docstring).
 
     Constraints: ``d >= 1``; ``p == -1`` or ``0 < p <= 1`` with ``floor(d*p) >= 1``; ``eps >= 0``. With
-    ``"outside"`` and ``eps = 0`` an all-zero row divides by zero. The builder's defaults
-    (:class:`RMSNorm.Config`) differ from the constructor's, which keep the original's.
+    ``"outside"`` and ``eps = 0`` an all-zero row divides by zero. The original's signature and defaults
+    (``RMSNorm(d, p=-1., eps=1e-8, bias=False)``, eps outside) are :class:`anydepth.compat.rmsnorm.RMSNorm`.
     """
-
-    _p_may_be_disabled = True  # p=-1 means "all features" here; PartialRMSNorm requires 0 < p <= 1
 
     @dataclass(kw_only=True)
     class Config:
@@ -433,19 +429,18 @@ class RMSNorm(nn.Module):
             _check_p("RMSNorm.Config", self.p, allow_disabled=True)
             _check_placement("RMSNorm.Config", self.eps_placement)
 
-    def __init__(
-        self, d: int, p: float = -1.0, eps: float = 1e-8, bias: bool = False, *, eps_placement: str = "outside"
-    ):
+    def __init__(self, cfg: RMSNorm.Config | None = None, *, dim: int):
         super().__init__()
+        cfg = self.config_of(cfg)
         owner = type(self).__name__
-        self.d = _check_dim(owner, "d", d)
-        self.p = _check_p(owner, p, allow_disabled=self._p_may_be_disabled)
+        d = self.d = _check_dim(owner, "dim", dim)
+        self.p = cfg.p
         self.k = _partial_size(owner, d, self.p)
-        self.eps = _check_eps(owner, eps)
-        self.eps_placement = _check_placement(owner, eps_placement)
-        self.bias = bool(bias)  # a flag, as in the original; the parameter is ``offset``
+        self.eps = cfg.eps
+        self.eps_placement = cfg.eps_placement
+        self.bias = cfg.bias  # a flag, as in the original; the parameter is ``offset``
         self.scale = nn.Parameter(torch.ones(d))
-        if bias:
+        if cfg.bias:
             self.offset = nn.Parameter(torch.zeros(d))
         else:
             self.register_parameter("offset", None)
@@ -453,10 +448,6 @@ class RMSNorm(nn.Module):
     @property
     def dim(self) -> int:
         return self.d
-
-    @classmethod
-    def from_config(cls, cfg: RMSNorm.Config, *, dim: int) -> RMSNorm:
-        return cls(dim, p=cfg.p, eps=cfg.eps, bias=cfg.bias, eps_placement=cfg.eps_placement)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.scale)
@@ -492,16 +483,10 @@ class PartialRMSNorm(RMSNorm):
             _check_p("PartialRMSNorm.Config", self.p, allow_disabled=False)
             _check_placement("PartialRMSNorm.Config", self.eps_placement)
 
-    _p_may_be_disabled = False
-
-    def __init__(
-        self, d: int, p: float = 0.0625, eps: float = 1e-6, bias: bool = False, *, eps_placement: str = "inside"
-    ):
-        super().__init__(d, p=p, eps=eps, bias=bias, eps_placement=eps_placement)
 
 
 @NORMS.register("scale")
-class ScaleNorm(nn.Module):
+class ScaleNorm(Configurable, nn.Module):
     """ScaleNorm (Nguyen & Salazar, 2019, "Transformers without Tears", arXiv:1910.05895).
 
     ``y = g * x / max(||x||_2, eps)`` over the last dimension, with one learned scalar ``g``
@@ -517,15 +502,11 @@ class ScaleNorm(nn.Module):
         def __post_init__(self) -> None:
             _check_eps("ScaleNorm.Config", self.eps)
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, cfg: ScaleNorm.Config | None = None, *, dim: int):
         super().__init__()
         self.dim = _check_dim("ScaleNorm", "dim", dim)
-        self.eps = _check_eps("ScaleNorm", eps)
+        self.eps = self.config_of(cfg).eps
         self.g = nn.Parameter(torch.tensor(math.sqrt(dim)))
-
-    @classmethod
-    def from_config(cls, cfg: ScaleNorm.Config, *, dim: int) -> ScaleNorm:
-        return cls(dim, eps=cfg.eps)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -542,7 +523,7 @@ class ScaleNorm(nn.Module):
 
 
 @NORMS.register("dyt")
-class DyT(nn.Module):
+class DyT(Configurable, nn.Module):
     """Dynamic Tanh (Zhu, Chen, He, LeCun & Liu, 2025, "Transformers without Normalization",
     arXiv:2503.10622), a drop-in replacement for a norm layer with no statistics.
 
@@ -560,17 +541,13 @@ class DyT(nn.Module):
         def __post_init__(self) -> None:
             _check_alpha("DyT.Config", self.alpha_init)
 
-    def __init__(self, dim: int, alpha_init: float = 0.5):
+    def __init__(self, cfg: DyT.Config | None = None, *, dim: int):
         super().__init__()
         self.dim = _check_dim("DyT", "dim", dim)
-        self.alpha_init = _check_alpha("DyT", alpha_init)
+        self.alpha_init = float(self.config_of(cfg).alpha_init)
         self.alpha = nn.Parameter(torch.full((), self.alpha_init))
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
-
-    @classmethod
-    def from_config(cls, cfg: DyT.Config, *, dim: int) -> DyT:
-        return cls(dim, alpha_init=cfg.alpha_init)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

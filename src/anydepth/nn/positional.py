@@ -1,7 +1,9 @@
 """Position information: absolute tables added to the embeddings, or rotary phases applied in attention.
 
-Every kind is built with ``POSITIONS.build(cfg, dim=..., dim_head=..., max_seq_len=...)`` and called with
-integer ``positions`` of shape ``(n,)``:
+Every kind is built from its ``Config`` and the context ``dim``, ``dim_head``, ``max_seq_len`` (each
+constructor reads the sizes it needs and accepts the others), as ``POSITIONS.build(cfg, dim=..., dim_head=...,
+max_seq_len=...)`` or by hand as ``RotaryEmbedding(RotaryEmbedding.Config(base=5e5), dim_head=64)`` or
+``RotaryEmbedding.make(dim_head=64, base=5e5)``, and called with integer ``positions`` of shape ``(n,)``:
 
 - absolute kinds (``absolute = True``: ``learned``, ``sinusoidal``, ``axial``) return ``(n, dim)``, which the
   model adds to the token embeddings;
@@ -23,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from anydepth.nn.registry import POSITIONS
+from anydepth.nn.registry import POSITIONS, Configurable
 
 __all__ = [
     "NoPosition",
@@ -61,7 +63,7 @@ def _check_positions(positions: Tensor, limit: int | None, limit_name: str) -> N
 
 
 @POSITIONS.register("none")
-class NoPosition(nn.Module):
+class NoPosition(Configurable, nn.Module):
     """No position information: a bag-of-tokens model unless attention is causal.
 
     Kept as a kind so that the permutation tests can show what a position-blind model does.
@@ -74,9 +76,9 @@ class NoPosition(nn.Module):
     class Config:
         pass
 
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, dim_head: int, max_seq_len: int) -> NoPosition:
-        return cls()
+    def __init__(self, cfg: NoPosition.Config | None = None, **context):
+        super().__init__()
+        self.config_of(cfg)
 
     def forward(self, positions: Tensor) -> None:
         """Returns ``None``: there is nothing to add and nothing to rotate."""
@@ -84,7 +86,7 @@ class NoPosition(nn.Module):
 
 
 @POSITIONS.register("learned")
-class LearnedPosition(nn.Module):
+class LearnedPosition(Configurable, nn.Module):
     """Learned absolute positions: ``pos[p] = E[p]``, a ``(max_seq_len, dim)`` table (GPT-2, BERT).
 
     Constraint: positions must lie in ``[0, max_seq_len)``; anything else raises ``ValueError`` naming
@@ -98,17 +100,13 @@ class LearnedPosition(nn.Module):
     class Config:
         init_std: float = 0.02  # GPT-2's std: small next to unit-variance token embeddings at init
 
-    def __init__(self, dim: int, max_seq_len: int, init_std: float = 0.02):
+    def __init__(self, cfg: LearnedPosition.Config | None = None, *, dim: int, max_seq_len: int, dim_head=None):
         super().__init__()
         _check_positive("dim", dim)
         _check_positive("max_seq_len", max_seq_len)
-        self.max_seq_len, self.init_std = max_seq_len, init_std
+        self.max_seq_len, self.init_std = max_seq_len, self.config_of(cfg).init_std
         self.weight = nn.Parameter(torch.empty(max_seq_len, dim))
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, dim_head: int, max_seq_len: int) -> LearnedPosition:
-        return cls(dim, max_seq_len, init_std=cfg.init_std)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
@@ -119,7 +117,7 @@ class LearnedPosition(nn.Module):
 
 
 @POSITIONS.register("sinusoidal")
-class SinusoidalPosition(nn.Module):
+class SinusoidalPosition(Configurable, nn.Module):
     """Fixed sinusoids (Vaswani et al. 2017, arXiv:1706.03762), laid out as ``[sin | cos]``.
 
     ``pos[p] = [sin(p * w_0), ..., sin(p * w_{d/2-1}), cos(p * w_0), ..., cos(p * w_{d/2-1})]`` with
@@ -134,19 +132,16 @@ class SinusoidalPosition(nn.Module):
     class Config:
         base: float = 10000.0  # longest wavelength / (2 pi); the paper's value
 
-    def __init__(self, dim: int, base: float = 10000.0):
+    def __init__(self, cfg: SinusoidalPosition.Config | None = None, *, dim: int, dim_head=None, max_seq_len=None):
         super().__init__()
         _check_positive("dim", dim)
         if dim % 2:
             raise ValueError(f"sinusoidal positions need an even dim, got dim={dim}; use an even model width")
+        base = self.config_of(cfg).base
         _check_base(base)
         self.dim, self.base = dim, base
         # an empty buffer that follows .to(): it tells forward the module's dtype and device
         self.register_buffer("anchor", torch.empty(0), persistent=False)
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, dim_head: int, max_seq_len: int) -> SinusoidalPosition:
-        return cls(dim, base=cfg.base)
 
     def forward(self, positions: Tensor) -> Tensor:
         _check_positions(positions, None, "")
@@ -156,7 +151,7 @@ class SinusoidalPosition(nn.Module):
 
 
 @POSITIONS.register("axial")
-class AxialPosition(nn.Module):
+class AxialPosition(Configurable, nn.Module):
     """Axial positions (Ho et al. 2019, arXiv:1912.12180; the Reformer's default for long inputs).
 
     A position ``p`` is read as a multi-index ``(i_1, ..., i_k)`` in row-major order over ``shape``
@@ -181,16 +176,25 @@ class AxialPosition(nn.Module):
         init_std: float = 0.02  # std of each axis table; small next to the token embeddings
 
     def __init__(
-        self,
-        dim: int,
-        shape: tuple[int, ...],
-        dims: tuple[int, ...] | None = None,
-        combine: str = "sum",
-        init_std: float = 0.02,
+        self, cfg: AxialPosition.Config | None = None, *, dim: int, max_seq_len: int | None = None, dim_head=None
     ):
+        """``max_seq_len`` sizes the default ``shape`` and is checked against a given one."""
         super().__init__()
+        cfg = self.config_of(cfg)
         _check_positive("dim", dim)
+        dims, combine, shape = cfg.dims, cfg.combine, cfg.shape
+        if shape is None:
+            if max_seq_len is None:
+                raise ValueError("axial positions need shape=(...) in their Config, or max_seq_len to derive it")
+            _check_positive("max_seq_len", max_seq_len)
+            side = math.ceil(math.sqrt(max_seq_len))
+            shape = (math.ceil(max_seq_len / side), side)
         shape = tuple(shape)
+        if max_seq_len is not None and math.prod(shape) < max_seq_len:
+            raise ValueError(
+                f"axial shape={shape!r} covers {math.prod(shape)} positions, fewer than "
+                f"max_seq_len={max_seq_len}; choose axis lengths whose product is >= max_seq_len"
+            )
         if len(shape) < 1 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
             raise ValueError(f"axial shape must be a tuple of positive ints such as (64, 64), got {shape!r}")
         if combine not in ("sum", "concat"):
@@ -212,7 +216,7 @@ class AxialPosition(nn.Module):
                     f"axial combine='concat' needs one positive width per axis summing to dim={dim}, got "
                     f"dims={dims!r} for shape={shape!r}"
                 )
-        self.shape, self.dims, self.combine, self.init_std = shape, dims, combine, init_std
+        self.shape, self.dims, self.combine, self.init_std = shape, dims, combine, cfg.init_std
         self.capacity = math.prod(shape)
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(s, d)) for s, d in zip(shape, dims))
         # strides[j] = prod(shape[j+1:]): the row-major place value of axis j
@@ -220,21 +224,6 @@ class AxialPosition(nn.Module):
         self.register_buffer("strides", torch.tensor(strides, dtype=torch.long), persistent=False)
         self.register_buffer("sizes", torch.tensor(shape, dtype=torch.long), persistent=False)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, dim_head: int, max_seq_len: int) -> AxialPosition:
-        _check_positive("max_seq_len", max_seq_len)
-        shape = cfg.shape
-        if shape is None:
-            side = math.ceil(math.sqrt(max_seq_len))
-            shape = (math.ceil(max_seq_len / side), side)
-        shape = tuple(shape)
-        if math.prod(shape) < max_seq_len:
-            raise ValueError(
-                f"axial shape={shape!r} covers {math.prod(shape)} positions, fewer than "
-                f"max_seq_len={max_seq_len}; choose axis lengths whose product is >= max_seq_len"
-            )
-        return cls(dim, shape, dims=cfg.dims, combine=cfg.combine, init_std=cfg.init_std)
 
     def reset_parameters(self) -> None:
         for w in self.weights:
@@ -275,7 +264,7 @@ class InterleavedRotaryTable(RotaryTable):
 
 
 @POSITIONS.register("rotary")
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(Configurable, nn.Module):
     """Rotary position embedding (Su et al. 2021, RoFormer, arXiv:2104.09864).
 
     Feature pairs ``(x_a, x_b)`` of queries and keys at position ``p`` are rotated by ``p * w_i`` with
@@ -299,10 +288,10 @@ class RotaryEmbedding(nn.Module):
         base: float = 10000.0  # longest wavelength / (2 pi); larger values reach longer contexts
         interleaved: bool = False  # True: GPT-J / reformer-pytorch pairing, for porting their weights
 
-    def __init__(
-        self, dim_head: int, fraction: float = 1.0, base: float = 10000.0, interleaved: bool = False
-    ):
+    def __init__(self, cfg: RotaryEmbedding.Config | None = None, *, dim_head: int, dim=None, max_seq_len=None):
         super().__init__()
+        cfg = self.config_of(cfg)
+        fraction, base, interleaved = cfg.fraction, cfg.base, cfg.interleaved
         _check_positive("dim_head", dim_head)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"rotary fraction must be in (0, 1], got {fraction!r}")
@@ -315,10 +304,6 @@ class RotaryEmbedding(nn.Module):
         _check_base(base)
         self.dim_head, self.rot_dim, self.base, self.interleaved = dim_head, rot_dim, base, interleaved
         self.register_buffer("anchor", torch.empty(0), persistent=False)  # follows .to(): dtype and device
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, dim_head: int, max_seq_len: int) -> RotaryEmbedding:
-        return cls(dim_head, fraction=cfg.fraction, base=cfg.base, interleaved=cfg.interleaved)
 
     def forward(self, positions: Tensor) -> RotaryTable:
         _check_positions(positions, None, "")
@@ -340,9 +325,7 @@ def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False)
     """
     rot_dim = cos.shape[-1]
     if sin.shape != cos.shape:
-        raise ValueError(
-            f"rotary cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
-        )
+        raise ValueError(f"rotary cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if rot_dim % 2 or rot_dim > t.shape[-1]:
         raise ValueError(
             f"rotary tables of width {rot_dim} do not fit features of width {t.shape[-1]}; "

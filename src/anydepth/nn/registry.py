@@ -4,16 +4,22 @@ The leaf modules of :mod:`anydepth.nn` register their classes here when they are
 module imports none of them. :mod:`anydepth.registry` is the same registries with every leaf module
 loaded, which is what code outside ``anydepth.nn`` imports.
 
-A variant is one class with a nested ``Config`` dataclass, registered under a short kind name::
+A variant is one class with a nested ``Config`` dataclass, registered under a short kind name. Each
+option is stated once, as a field of ``Config``; the constructor takes the config plus the build
+context (sizes the model decides, such as ``dim``) and reads the fields from it::
 
     @NORMS.register("rms")
-    class RMSNorm(nn.Module):
+    class RMSNorm(Configurable, nn.Module):
         @dataclass(kw_only=True)
         class Config:
-            eps: float = 1e-8
+            eps: float = 1e-6
 
-        @classmethod
-        def from_config(cls, cfg, *, dim): ...
+        def __init__(self, cfg: Config | None = None, *, dim: int):
+            cfg = self.config_of(cfg)
+            ...
+
+    RMSNorm(RMSNorm.Config(eps=1e-5), dim=64)   # or, the same layer:
+    RMSNorm.make(dim=64, eps=1e-5)
 
 ``NORMS.build(cfg_or_kind, dim=...)`` turns a kind name or a config object into a module, and
 ``config_to_dict`` / ``config_from_dict`` serialise configs as ``{"kind": ..., **fields}``.
@@ -27,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "Registry",
+    "Configurable",
     "NORMS",
     "RESIDUALS",
     "ATTENTIONS",
@@ -170,3 +177,40 @@ def config_from_dict(d: dict[str, Any], registry: Registry):
         if isinstance(v, list) and (isinstance(f.default, tuple) or "tuple" in str(f.type)):
             fields[f.name] = tuple(v)
     return registry.config(d["kind"], **fields)
+
+
+class Configurable:
+    """Mixin of a registered layer built as ``Cls(cfg, **context)``.
+
+    ``from_config`` (what :meth:`Registry.build` calls) is that constructor call; ``make`` takes the
+    ``Config`` fields and the context as keywords in one call, so a layer built by hand states only
+    what differs from the defaults, which live in ``Config`` alone.
+    """
+
+    Config: type
+
+    @classmethod
+    def from_config(cls, cfg: Any, **context: Any):
+        return cls(cfg, **context)
+
+    @classmethod
+    def make(cls, **kwargs: Any):
+        """``cls(cls.Config(**fields), **context)``: keywords naming a ``Config`` field fill the config,
+        the others (``dim``, ``heads``, ...) go to the constructor."""
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        fields = {k: v for k, v in kwargs.items() if k in names}
+        context = {k: v for k, v in kwargs.items() if k not in names}
+        return cls(cls.Config(**fields), **context)
+
+    def config_of(self, cfg: Any):
+        """``cfg``, or the default ``Config`` for None; anything else raises ``TypeError`` naming the fix."""
+        want = type(self).Config
+        if cfg is None:
+            return want()
+        if not isinstance(cfg, want):
+            name = type(self).__name__
+            raise TypeError(
+                f"{name} takes its config as the first argument: {name}({name}.Config(...), ...) or "
+                f"{name}.make(...) with the options as keywords; got {type(cfg).__name__} {cfg!r}"
+            )
+        return cfg

@@ -8,8 +8,10 @@ reversible ``merge="concat"`` option adds one projection, ``merge``). Blocks pro
     block.g_delta(x)          # the additive update of its feed-forward sublayer (reversible G)
     block.first_residual      # whose expand()/reduce() give the stream shape (hyper-connections)
 
-A keyword ``cache`` is a list with one dict per block (incremental decoding); every other keyword
-goes to every block unchanged.
+Each is built from its ``Config`` plus ``blocks`` and ``dim`` (``STACKS.build(cfg, blocks=..., dim=...)``,
+``ReversibleStack(ReversibleStack.Config(merge="concat"), blocks=..., dim=...)`` or
+``ReversibleStack.make(blocks=..., dim=..., merge="concat")``). A keyword ``cache`` is a list with one dict
+per block (incremental decoding); every other keyword goes to every block unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from anydepth.nn.registry import STACKS
+from anydepth.nn.registry import STACKS, Configurable
 from anydepth.nn.reversible import reversible_apply
 
 
@@ -46,22 +48,18 @@ def _per_block(kw: dict, cache: list | None, i: int) -> dict:
 
 
 @STACKS.register("sequential")
-class SequentialStack(nn.Module):
+class SequentialStack(Configurable, nn.Module):
     """``x = block_L(... block_1(x))``: ordinary autograd, activation memory grows with depth."""
 
     @dataclass(kw_only=True)
     class Config:
         layer_dropout: float = 0.0  # LayerDrop: regularises and lets the model be pruned in depth later
 
-    def __init__(self, blocks: nn.ModuleList, layer_dropout: float = 0.0):
+    def __init__(self, cfg: SequentialStack.Config | None = None, *, blocks: nn.ModuleList, dim: int | None = None):
         super().__init__()
-        _check_layer_dropout(layer_dropout)
+        self.layer_dropout = self.config_of(cfg).layer_dropout
+        _check_layer_dropout(self.layer_dropout)
         self.blocks = blocks
-        self.layer_dropout = layer_dropout
-
-    @classmethod
-    def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
-        return cls(blocks, layer_dropout=cfg.layer_dropout)
 
     def forward(self, x: Tensor, cache: list | None = None, **kw) -> Tensor:
         first = self.blocks[0].first_residual
@@ -72,7 +70,7 @@ class SequentialStack(nn.Module):
 
 
 @STACKS.register("dense")
-class DenseStack(nn.Module):
+class DenseStack(Configurable, nn.Module):
     """DenseFormer: a depth-weighted average (DWA) of the embedding and every earlier block output after
     each block (Pagliardini et al. 2024, "DenseFormer: Enhancing Information Flow in Transformers via
     Depth Weighted Averaging", arXiv 2402.02622)::
@@ -93,8 +91,10 @@ class DenseStack(nn.Module):
         dilation: int = 1  # average over every k-th earlier output only (DenseFormer's k)
         period: int = 1  # average after every p-th block only (DenseFormer's p)
 
-    def __init__(self, blocks: nn.ModuleList, dilation: int = 1, period: int = 1):
+    def __init__(self, cfg: DenseStack.Config | None = None, *, blocks: nn.ModuleList, dim: int | None = None):
         super().__init__()
+        cfg = self.config_of(cfg)
+        dilation, period = cfg.dilation, cfg.period
         for name, v in (("dilation", dilation), ("period", period)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"dense stack {name} must be an int >= 1 (1 averages over all), got {v!r}")
@@ -113,10 +113,6 @@ class DenseStack(nn.Module):
             weights.append(nn.Parameter(torch.empty(len(js))))
         self.dwa = nn.ParameterList(weights)
         self.reset_parameters()
-
-    @classmethod
-    def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
-        return cls(blocks, dilation=cfg.dilation, period=cfg.period)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -151,7 +147,7 @@ class DenseStack(nn.Module):
 
 
 @STACKS.register("reversible")
-class ReversibleStack(nn.Module):
+class ReversibleStack(Configurable, nn.Module):
     """Reversible residual coupling over the blocks (RevNet; Reformer, Kitaev et al. 2020)::
 
         x1 = x2 = x
@@ -174,15 +170,10 @@ class ReversibleStack(nn.Module):
         layer_dropout: float = 0.0  # LayerDrop over whole reversible blocks; gradients reach every kept block
         reverse_thres: int = 0  # run irreversibly (faster, more memory) up to this many tokens
 
-    def __init__(
-        self,
-        blocks: nn.ModuleList,
-        dim: int,
-        merge: str = "mean",
-        layer_dropout: float = 0.0,
-        reverse_thres: int = 0,
-    ):
+    def __init__(self, cfg: ReversibleStack.Config | None = None, *, blocks: nn.ModuleList, dim: int):
         super().__init__()
+        cfg = self.config_of(cfg)
+        merge, layer_dropout, reverse_thres = cfg.merge, cfg.layer_dropout, cfg.reverse_thres
         if merge not in ("mean", "concat"):
             raise ValueError(f"merge must be 'mean' or 'concat', got {merge!r}")
         _check_layer_dropout(layer_dropout)
@@ -196,10 +187,6 @@ class ReversibleStack(nn.Module):
         if self.merge is not None:
             with torch.no_grad():  # starts as the mean of the halves, like merge="mean"
                 self.merge.weight.copy_(torch.cat([torch.eye(dim), torch.eye(dim)], dim=1) / 2)
-
-    @classmethod
-    def from_config(cls, cfg, *, blocks: nn.ModuleList, dim: int):
-        return cls(blocks, dim, merge=cfg.merge, layer_dropout=cfg.layer_dropout, reverse_thres=cfg.reverse_thres)
 
     def forward(self, x: Tensor, cache: list | None = None, **kw) -> Tensor:
         kept = _kept_blocks(self.blocks, self.layer_dropout, self.training)

@@ -31,7 +31,7 @@ class FeedForward(MLP):
 
     def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
         # int(dim * mult) must give hidden_dim exactly; the half keeps float rounding from taking one off
-        super().__init__(dim, mult=(hidden_dim + 0.5) / dim, activation="gelu", dropout=dropout)
+        super().__init__(MLP.Config(mult=(hidden_dim + 0.5) / dim, activation="gelu", dropout=dropout), dim=dim)
         self.norm = nn.LayerNorm(dim)
         self.post_dropout = nn.Dropout(dropout)
         h = self.hidden
@@ -54,7 +54,9 @@ class Attention(FullAttention):
     attention weights and on the output. With one head of width ``dim`` there is no output projection."""
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
-        super().__init__(dim, heads, dim_head, dropout=dropout, post_dropout=dropout)
+        super().__init__(
+            FullAttention.Config(dropout=dropout, post_dropout=dropout), dim=dim, heads=heads, dim_head=dim_head
+        )
         self.norm = nn.LayerNorm(dim)
         if heads == 1 and dim_head == dim:
             self.to_out, self.post_dropout = nn.Identity(), nn.Identity()
