@@ -579,3 +579,11 @@ def test_rezero_sharing_uses_no_object_setattr():
     import anydepth.nn.residual.rezero as rezero_module
 
     assert "object.__setattr__" not in inspect.getsource(rezero_module)
+
+
+@pytest.mark.parametrize("kind", ["admin", "deepnorm"])
+def test_configs_saved_with_the_retired_placement_option_still_load(kind):
+    saved = {**config_to_dict(RESIDUALS.config(kind)), "placement": "post"}
+    assert config_from_dict(saved, RESIDUALS) == RESIDUALS.config(kind)
+    with pytest.raises(TypeError, match="no option"):
+        config_from_dict({**saved, "placement": "pre"}, RESIDUALS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +105,9 @@ class Admin(Residual):
     class Config:
         output_change_scale: str = "O(logn)"  # output change growth: "O(logn)", "O(1)" or "O(n)"
         as_parameter: bool = False  # trainable per-channel w (the original Admin) instead of a fixed scalar
+
+        # configs saved when placement was an option (with "post", its only legal value) still load
+        retired: ClassVar[dict[str, Any]] = {"placement": "post"}
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -89,6 +89,9 @@ class DeepNorm(Residual):
     class Config:
         alpha: float | None = None  # skip scale; None takes the paper's value for the architecture and depth
         beta: float | None = None  # branch init gain; None takes the paper's value for the depth
+
+        # configs saved when placement was an option (with "post", its only legal value) still load
+        retired: ClassVar[dict[str, Any]] = {"placement": "post"}
 
     def __init__(self, cfg: Config | None = None, *, dim: int, ctx: LayerContext | None = None, norm: Any = "layer"):
         super().__init__()
