@@ -30,13 +30,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from anydepth.compat.hyper_connections import manifold_constrained_hyper_connections as _mc
 from anydepth.compat.hyper_connections import triton_sinkhorn as _triton
-from anydepth.compat.hyper_connections.hyper_connections import Residual, _check_streams, _FoldedStreams, _layer_index
+from anydepth.compat.hyper_connections.hyper_connections import Residual, _check_streams
 from anydepth.compat.hyper_connections.manifold_constrained_hyper_connections import (
     log_domain_sinkhorn_knopps,
     sinkhorn_knopps,
 )
-from anydepth.nn.residual.hyper import ManifoldHyperConnection
 from anydepth.nn.residual.hyper import StreamNorm as RMSNorm
 
 __all__ = [
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 
-class ManifoldConstrainedHyperConnections(_FoldedStreams, ManifoldHyperConnection):
+class ManifoldConstrainedHyperConnections(_mc.ManifoldConstrainedHyperConnections):
     """``hyper_connections.mHCv2.ManifoldConstrainedHyperConnections`` with the original signature, on
     :class:`anydepth.nn.residual.hyper.ManifoldHyperConnection`; residuals are ``(..., s, dim)``.
 
@@ -94,27 +94,25 @@ class ManifoldConstrainedHyperConnections(_FoldedStreams, ManifoldHyperConnectio
         if residual_mix_constraint_fn is None and (sinkhorn_iters == 0 or use_triton_sinkhorn):
             fn = _triton.triton_sinkhorn if use_triton_sinkhorn else sinkhorn_knopps
             residual_mix_constraint_fn = partial(fn, iters=sinkhorn_iters)
-        cfg = ManifoldHyperConnection.Config(
-            streams=streams,
+        super().__init__(
+            streams,
+            dim=dim,
+            branch=branch,
+            layer_index=layer_index,
+            dropout=dropout,
+            residual_transform=residual_transform,
+            add_branch_out_to_residual=add_branch_out_to_residual,
+            num_input_views=num_input_views,
+            depth_residual_fn=depth_residual_fn,
             num_fracs=num_fracs,
             sinkhorn_iters=max(sinkhorn_iters, 1),
-            log_domain=log_domain_sinkhorn,
-            identity_init=identity_init,
-            dropout=dropout,
-            dropout_placement=dropout_placement,
-        )
-        super().__init__(
-            cfg,
-            dim=dim,
-            layer_index=_layer_index(layer_index, streams),
-            num_input_views=num_input_views,
-            beta_init=1.0,
-            num_dynamic_alpha_proposals=num_dynamic_alpha_proposals,
+            log_domain_sinkhorn=log_domain_sinkhorn,
             residual_mix_constraint_fn=residual_mix_constraint_fn,
-            add_branch_out_to_residual=add_branch_out_to_residual,
-            depth_residual_fn=None if depth_residual_fn is operator.add else depth_residual_fn,
+            forward_method_names=forward_method_names,
+            num_dynamic_alpha_proposals=num_dynamic_alpha_proposals,
+            dropout_placement=dropout_placement,
+            identity_init=identity_init,
         )
-        self._init_seed_api(branch, False, residual_transform, forward_method_names)
         f = self.num_fracs
         if add_branch_out_to_residual:
             # the package's shapes; _static_beta and _coefficients read them through views
