@@ -4,9 +4,9 @@ One small byte-level LM (token + learned position embedding, pre-LN blocks of SD
 and a GELU MLP, final LayerNorm, tied head, the trainer's AdamW) whose residual wiring is swappable:
 
     plain          x = x + f(LN(x))
-    ours_seed      anydepth.compat.hyper (the seed API), streams folded into the batch, LN inside f
+    ours_seed      anydepth.compat.hyper_connections (the seed API), streams folded into the batch, LN inside f
     orig           hyper_connections 0.4.11 wired the same way
-    ours_nn        anydepth.nn.hyper.HyperConnection (streams as an explicit axis, LN applied to h_in)
+    ours_nn        anydepth.nn.residual.hyper.HyperConnection (streams as an explicit axis, LN applied to h_in)
     build_plain    anydepth.build_model(ModelConfig(residual="prenorm"))       (if the builder exists)
     build_hyper    anydepth.build_model(ModelConfig(residual=<hyper, streams=4>))
 
@@ -134,10 +134,12 @@ def build_step(args, variant: str):
     class NNWired(nn.Module):
         def __init__(self):
             super().__init__()
-            from anydepth.nn.hyper import HyperConnection
+            from anydepth.nn.residual.hyper import HyperConnection
 
             self.res = nn.ModuleList(
-                HyperConnection(dim, args.streams, layer_index=i, norm=nn.LayerNorm(dim))
+                HyperConnection(
+                    HyperConnection.Config(streams=args.streams), dim=dim, layer_index=i, norm=nn.LayerNorm(dim)
+                )
                 for i in range(len(branches))
             )
             self.branches = nn.ModuleList(branches)
@@ -163,7 +165,7 @@ def build_step(args, variant: str):
     if variant == "plain":
         model = LM(Plain())
     elif variant == "ours_seed":
-        from anydepth.compat.hyper import get_init_and_expand_reduce_stream_functions
+        from anydepth.compat.hyper_connections import get_init_and_expand_reduce_stream_functions
 
         model = LM(SeedWired(get_init_and_expand_reduce_stream_functions))
     elif variant == "orig":

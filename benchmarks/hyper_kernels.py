@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from anydepth.nn import hyper_fused
 from anydepth.nn.native import struct_args
+from anydepth.nn.residual import hyper_fused
 
 
 def main() -> None:

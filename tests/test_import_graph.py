@@ -18,7 +18,9 @@ The graph is read from the source with ``ast``, without importing anything. An e
 * ``import anydepth`` followed by ``anydepth.name`` (an attribute read) is the same lazy lookup and
   resolves the same way.
 * ``importlib.import_module`` with a literal string is an import; with a computed argument it is allowed
-  only in a package ``__getattr__`` that serves a lazy table (covered by the rule above).
+  only in a package ``__getattr__`` that serves a lazy table (covered by the rule above), or in a package
+  ``__init__`` that imports its own modules as ``pkgutil.iter_modules(__path__)`` lists them (the
+  residual schemes): then it is an edge to every module of that package.
 """
 
 from __future__ import annotations
@@ -125,6 +127,9 @@ def _edges(importer: str) -> dict[str, int]:
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 if arg.value.startswith(PKG):
                     add(_targets(importer, arg.value), node.lineno)
+            elif _imports_own_modules(importer):
+                prefix = importer + "."
+                add((m for m in MODULES if m.startswith(prefix) and "." not in m[len(prefix) :]), node.lineno)
             elif not _serves_lazy_table(importer):
                 raise AssertionError(
                     f"{MODULES[importer]}:{node.lineno}: importlib.import_module with a computed name; "
@@ -142,6 +147,21 @@ def _edges(importer: str) -> dict[str, int]:
 def _is_import_module(func: ast.expr) -> bool:
     return (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
         isinstance(func, ast.Name) and func.id in ("import_module", "__import__")
+    )
+
+
+def _imports_own_modules(module: str) -> bool:
+    """A package ``__init__`` that walks ``pkgutil.iter_modules(__path__)``."""
+    if not _is_package(module):
+        return False
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "iter_modules"
+        and node.args
+        and isinstance(node.args[0], ast.Name)
+        and node.args[0].id == "__path__"
+        for node in ast.walk(ast.parse(MODULES[module].read_text()))
     )
 
 
@@ -190,6 +210,7 @@ def test_no_import_cycle():
     assert "anydepth.nn" in graph["anydepth.registry"]  # a package's __init__
     assert "anydepth.model.pretrained" in graph["anydepth.cli"]  # inside a function
     assert "anydepth.sampling" in graph["anydepth.model.lm"]  # inside a method
+    assert "anydepth.nn.residual.rezero" in graph["anydepth.nn.residual"]  # a package importing its own modules
     cycle = find_cycle(graph)
     assert cycle is None, "import circle among anydepth modules:\n" + _describe(graph, cycle)
 

@@ -2,10 +2,11 @@
 
 One builder composes any residual scheme (pre-/post-LN, ReZero, Admin, DeepNorm, LayerScale,
 hyper-connections) with any norm (LayerNorm, RMSNorm, partial RMSNorm, ScaleNorm), any attention
-(full, local, LSH) and a sequential or reversible stack. The seed-compatible names of the original
-packages (``RZTXEncoderLayer``, ``ReformerLM``, ``LSHSelfAttention``, ``HyperConnections``, ``admin``...)
-are configurations of the same layers; the RMSNorm reference code's class is ``anydepth.compat.rmsnorm.RMSNorm``
-(``anydepth.RMSNorm`` is the library's, built from its ``Config``).
+(full, local, LSH) and a sequential or reversible stack. The seed-compatible APIs of the original
+packages live in :mod:`anydepth.compat` (``anydepth.compat.admin_torch``,
+``anydepth.compat.hyper_connections``, ``anydepth.compat.rmsnorm``, ...), each a translation to the
+same layers; the ReZero and Reformer layer names are also exported here (``anydepth.RMSNorm`` is the
+library's, built from its ``Config``).
 
 Names are imported lazily (PEP 562) so ``import anydepth`` stays fast and a command-line call
 loads only what it uses.
@@ -43,6 +44,7 @@ _LAZY: dict[str, str] = {
     "RotaryEmbedding": "anydepth.nn.positional",
     "apply_rotary": "anydepth.nn.positional",
     # residual schemes
+    "Residual": "anydepth.nn.residual",
     "PreNorm": "anydepth.nn.residual",
     "PostNorm": "anydepth.nn.residual",
     "ReZero": "anydepth.nn.residual",
@@ -50,11 +52,11 @@ _LAZY: dict[str, str] = {
     "DeepNorm": "anydepth.nn.residual",
     "LayerScale": "anydepth.nn.residual",
     "PeriLN": "anydepth.nn.residual",
-    "LiteManifoldHyperConnection": "anydepth.nn.mhc_lite",
-    "DenseStack": "anydepth.nn.stack",
+    "HyperConnection": "anydepth.nn.residual",
+    "ManifoldHyperConnection": "anydepth.nn.residual",
+    "LiteManifoldHyperConnection": "anydepth.nn.residual",
     "admin_profile_": "anydepth.nn.residual",
-    "HyperConnection": "anydepth.nn.hyper",
-    "ManifoldHyperConnection": "anydepth.nn.hyper",
+    "DenseStack": "anydepth.nn.stack",
     # the builder, the models, saving and sampling
     "ModelConfig": "anydepth.model.config",
     "EncoderDecoderConfig": "anydepth.model.config",
@@ -77,18 +79,6 @@ _LAZY: dict[str, str] = {
     # ReZero seed API
     "RZTXEncoderLayer": "anydepth.compat.rezero",
     "RZTXDecoderLayer": "anydepth.compat.rezero",
-    # hyper-connections seed API
-    "HyperConnections": "anydepth.compat.hyper",
-    "ManifoldConstrainedHyperConnections": "anydepth.compat.hyper",
-    "mHC": "anydepth.compat.hyper",
-    "Residual": "anydepth.compat.hyper",
-    "StreamEmbed": "anydepth.compat.hyper",
-    "AttentionPoolReduceStream": "anydepth.compat.hyper",
-    "decorate_branch": "anydepth.compat.hyper",
-    "get_init_and_expand_reduce_stream_functions": "anydepth.compat.hyper",
-    "get_expand_reduce_stream_functions": "anydepth.compat.hyper",
-    "mc_get_init_and_expand_reduce_stream_functions": "anydepth.compat.hyper",
-    "mc_get_expand_reduce_stream_functions": "anydepth.compat.hyper",
     # Reformer seed API
     "LSHAttention": "anydepth.compat.reformer",
     "LSHSelfAttention": "anydepth.compat.reformer",
@@ -100,7 +90,7 @@ _LAZY: dict[str, str] = {
     "TrainingWrapper": "anydepth.compat.reformer",
     "from_reformer_pytorch": "anydepth.compat.reformer",
 }
-_SUBMODULES = {"admin", "nn", "model", "train", "study", "compat", "registry", "sampling"}
+_SUBMODULES = {"nn", "model", "train", "study", "compat", "registry", "sampling"}
 _ALIASES = {"presets": "anydepth.model.presets"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + sorted(_ALIASES)

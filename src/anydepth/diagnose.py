@@ -205,8 +205,8 @@ def sublayers(model: nn.Module) -> list[Sublayer]:
 
 def residual_weights(residual: nn.Module) -> dict[str, float]:
     """The scheme's residual weights as plain numbers (empty for schemes without any)."""
-    from anydepth.nn.hyper import HyperConnection
     from anydepth.nn.residual import Admin, DeepNorm, LayerScale, ReZero
+    from anydepth.nn.residual.hyper import HyperConnection
 
     with torch.no_grad():
         if isinstance(residual, ReZero):
@@ -321,7 +321,7 @@ class _Hooks:
     and hyper-connection mixing; removed by :meth:`close`."""
 
     def __init__(self, subs: list[Sublayer], logits: bool, mixing: bool):
-        from anydepth.nn.hyper import HyperConnection
+        from anydepth.nn.residual.hyper import HyperConnection
 
         n = len(subs)
         self.stream: list[Tensor | None] = [None] * n

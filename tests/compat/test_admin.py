@@ -1,4 +1,4 @@
-"""``anydepth.admin`` against admin-torch 0.1.0 with the same inputs, plus its fixes and bad input."""
+"""``anydepth.compat.admin_torch`` against admin-torch 0.1.0 with the same inputs, plus its fixes and bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from anydepth import admin
+from anydepth.compat import admin_torch as admin
 from anydepth.nn.residual import Admin
 
 SCALES = ["O(logn)", "default", "O(n)", "O(1)"]

@@ -20,7 +20,7 @@ from torch import nn
 
 import anydepth
 import anydepth.compat.hyper_connections as ours_pkg
-from anydepth.compat import hyper as ours_hyper
+from anydepth.compat.hyper_connections import hyper_connections as u_hc
 from anydepth.compat.hyper_connections import hyper_connections_channel_first as u_cf
 from anydepth.compat.hyper_connections import hyper_connections_with_multi_branch_inputs as u_mb
 from anydepth.compat.hyper_connections import hyper_connections_with_multi_input_streams as u_mi
@@ -86,9 +86,11 @@ def test_package_root_and_top_level_names():
     for name in ("HyperConnections", "ManifoldConstrainedHyperConnections", "mHC", "Residual", "StreamEmbed"):
         assert hasattr(orig, name) and hasattr(ours_pkg, name)
     assert ours_pkg.mc_get_init_and_expand_reduce_stream_functions is u_mc.get_init_and_expand_reduce_stream_functions
-    # the seed names of the top-level package are these very objects
-    assert anydepth.HyperConnections is ours_pkg.HyperConnections is ours_hyper.HyperConnections
-    assert anydepth.mHC is ours_pkg.mHC is u_mc.ManifoldConstrainedHyperConnections
+    # one translation: the package root's names are the submodules' very objects, and the top level of
+    # anydepth does not carry them (its HyperConnection is the library's class)
+    assert ours_pkg.HyperConnections is u_hc.HyperConnections
+    assert ours_pkg.mHC is u_mc.ManifoldConstrainedHyperConnections
+    assert not hasattr(anydepth, "HyperConnections") and not hasattr(anydepth, "mHC")
     assert u_v2.mHC is not u_mc.mHC  # v2 has its own layout
 
 
@@ -148,7 +150,7 @@ def test_mhcv2_stream_and_fraction_counts_run_and_load(streams, fracs):
     x = torch.randn(2, 3, streams, 8)
     branch_in, add = u(x)
     assert branch_in.shape == (2, 3, 8) and add(branch_in).shape == x.shape
-    if fracs == 1:  # fractions follow anydepth.nn.hyper's semantics (see anydepth.compat.hyper)
+    if fracs == 1:  # fractions follow the semantics of anydepth.nn.residual.hyper (see compat.hyper_connections)
         torch.testing.assert_close(add(branch_in), o(x)[1](o(x)[0]), **TOL)
 
 
@@ -241,8 +243,8 @@ def test_triton_sinkhorn_matches_original_kernel_on_cuda():
 # -- the width/depth contract -------------------------------------------------------------------------
 def _contract_pairs():
     return [
-        ("hc", o_hc.HyperConnections, ours_hyper.HyperConnections, (8, 3, 16)),
-        ("mhc", o_mc.ManifoldConstrainedHyperConnections, ours_hyper.ManifoldConstrainedHyperConnections, (8, 3, 16)),
+        ("hc", o_hc.HyperConnections, u_hc.HyperConnections, (8, 3, 16)),
+        ("mhc", o_mc.ManifoldConstrainedHyperConnections, u_mc.ManifoldConstrainedHyperConnections, (8, 3, 16)),
         ("mhcv2", o_v2.ManifoldConstrainedHyperConnections, u_v2.ManifoldConstrainedHyperConnections, (2, 3, 4, 16)),
     ]
 
@@ -272,7 +274,7 @@ def test_width_then_depth_connection_matches_original_and_forward(case):
 def test_mhc_width_depth_contract_keeps_half_precision(v2):
     # mHC computes its coefficients in float32 and casts back (as the original; its plain
     # hyper-connections, like the original's, need the input in the parameters' dtype)
-    hc = (u_v2.mHC if v2 else ours_hyper.mHC)(4, dim=16, layer_index=0)
+    hc = (u_v2.mHC if v2 else u_mc.mHC)(4, dim=16, layer_index=0)
     residual = torch.randn((1, 2, 4, 16) if v2 else (4, 2, 16)).half()
     branch_in, residuals, kw = hc.width_connection(residual)
     assert branch_in.dtype == residuals.dtype == kw["beta"].dtype == torch.half
@@ -315,7 +317,7 @@ def test_residual_updates_as_depth_residual_fn_match_original(fn):
         "mvsplit": lambda m: m.MVSplitResidualUpdate(16, init_alpha=0.2),
         "orthogonal": lambda m: m.OrthogonalResidualUpdate(),
     }
-    layouts = [(o_mc.mHC, ours_hyper.mHC, (8, 3, 16))]
+    layouts = [(o_mc.mHC, u_mc.mHC, (8, 3, 16))]
     if fn != "gated":  # the gate flattens all but two dims: the package's (..., s, d) layout gives it s*d features
         layouts.append((o_v2.mHC, u_v2.mHC, (2, 3, 4, 16)))
     for o_cls, u_cls, shape in layouts:

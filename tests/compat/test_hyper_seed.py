@@ -9,7 +9,8 @@ from hyper_connections import manifold_constrained_hyper_connections as orig_mc
 from torch import nn
 
 import anydepth
-from anydepth.compat import hyper as ours
+import anydepth.compat.hyper_connections as ours
+from anydepth.compat.hyper_connections.hyper_connections import decorate_branch
 
 
 def _perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
@@ -34,7 +35,7 @@ def test_readme_wrapped_branch_example():
 
     # after, say 4 streams in paper
 
-    from anydepth import get_init_and_expand_reduce_stream_functions
+    from anydepth.compat.hyper_connections import get_init_and_expand_reduce_stream_functions
 
     init_hyper_conn, expand_stream, reduce_stream = get_init_and_expand_reduce_stream_functions(4)
 
@@ -66,7 +67,7 @@ def test_readme_manual_example_and_decorate_branch():
     residual = branch(residual) + residual
     start = residual
 
-    from anydepth import get_init_and_expand_reduce_stream_functions
+    from anydepth.compat.hyper_connections import get_init_and_expand_reduce_stream_functions
 
     init_hyper_conn, expand_stream, reduce_stream = get_init_and_expand_reduce_stream_functions(4)
 
@@ -99,7 +100,7 @@ def test_readme_manual_example_and_decorate_branch():
 
 
 def test_readme_disable_gives_plain_residual_exactly():
-    from anydepth import get_init_and_expand_reduce_stream_functions
+    from anydepth.compat.hyper_connections import get_init_and_expand_reduce_stream_functions
 
     init_hyper_conn, expand_stream, reduce_stream = get_init_and_expand_reduce_stream_functions(
         4, disable=True
@@ -113,19 +114,27 @@ def test_readme_disable_gives_plain_residual_exactly():
     assert torch.equal(reduce1(init1(dim=32, branch=branch)(expand1(x))), x + branch(x))
 
 
-def test_top_level_names_are_the_compat_classes():
-    assert anydepth.HyperConnections is ours.HyperConnections
-    assert anydepth.mHC is ours.ManifoldConstrainedHyperConnections
-    assert anydepth.decorate_branch is ours.decorate_branch
+def test_seed_names_live_under_compat_and_the_top_level_is_unambiguous():
+    # the package root has the original's names; the top level keeps only the library's own classes
+    assert ours.mHC is ours.ManifoldConstrainedHyperConnections
+    assert ours.HyperConnections.get_init_and_expand_reduce_stream_functions is not None
+    assert anydepth.Residual is anydepth.nn.residual.Residual  # the base class of the residual schemes
+    assert anydepth.HyperConnection is anydepth.nn.residual.hyper.HyperConnection
     for name in (
-        "Residual",
+        "HyperConnections",
+        "mHC",
+        "decorate_branch",
         "StreamEmbed",
         "AttentionPoolReduceStream",
         "get_expand_reduce_stream_functions",
+        "get_init_and_expand_reduce_stream_functions",
         "mc_get_expand_reduce_stream_functions",
         "mc_get_init_and_expand_reduce_stream_functions",
+        "admin",
     ):
-        assert getattr(anydepth, name) is getattr(ours, name)
+        assert not hasattr(anydepth, name), name
+        assert name == "admin" or hasattr(ours, name) or name == "decorate_branch"
+    assert callable(decorate_branch)
 
 
 # -- parity with hyper_connections 0.4.11 (same weights) -------------------------------------------------

@@ -4,7 +4,7 @@ ReZero README: ``from rezero.transformer import RZTXEncoderLayer`` becomes
 ``from anydepth import RZTXEncoderLayer`` (same for the decoder); the code is otherwise verbatim.
 
 Admin README: its snippet does not run as written, so its own typos are fixed here:
-``import admin-torch`` (not valid Python) becomes ``from anydepth import admin``, and
+``import admin-torch`` (not valid Python) becomes ``from anydepth.compat import admin_torch as admin``, and
 ``admin-torch.as_module(self, self.number_of_sub_layers)`` (an extra ``self`` argument the API does
 not take) becomes ``admin.as_module(self.number_of_sub_layers)``; the diff's surrounding
 ``__init__``/``forward`` are filled in with a linear branch. The three examples in admin-torch's
@@ -59,7 +59,7 @@ def test_rezero_readme_decoder():
 
 
 def test_admin_readme_snippet():
-    from anydepth import admin
+    from anydepth.compat import admin_torch as admin
 
     class Layer(nn.Module):
         def __init__(self, dim, number_of_sub_layers):
@@ -134,7 +134,7 @@ def _docstring_layer(lib, mode: str):
 
 @pytest.mark.parametrize("mode", ["module", "buffer", "parameter"])
 def test_admin_docstring_examples_equal_admin_torch(mode):
-    from anydepth import admin
+    from anydepth.compat import admin_torch as admin
 
     ours, theirs = _docstring_layer(admin, mode), _docstring_layer(admin_torch, mode)
     theirs.load_state_dict(ours.state_dict())

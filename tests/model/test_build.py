@@ -69,7 +69,6 @@ def test_each_rule_rejects_its_combination_with_its_name():
     examples = {
         "reversible-single-stream": dict(residual=RESIDUALS.config("hyper", streams=4), stack="reversible"),
         "reversible-additive": dict(residual="postnorm", stack="reversible"),
-        "post-norm-schemes": dict(residual=RESIDUALS.config("admin", placement="pre")),
         "multi-stream-final-norm": dict(residual=RESIDUALS.config("hyper", streams=2), final_norm=False),
         "value-residual-reversible": dict(attention=ATTENTIONS.config("full", value_residual=True), stack="reversible"),
         "value-residual-layer-dropout": dict(
@@ -78,7 +77,7 @@ def test_each_rule_rejects_its_combination_with_its_name():
         ),
         "post-norm-needs-statistics": dict(residual="admin", norm="dyt"),
         "zero-out-gated": dict(residual="rezero", init="zero_out"),
-        "init-owned-by-deepnorm": dict(residual="deepnorm", init="depth_scaled"),
+        "init-owned-by-scheme": dict(residual="deepnorm", init="depth_scaled"),
     }
     assert set(examples) == {r.name for r in RULES}, "every rule needs an example here"
     for name, kw in examples.items():
@@ -129,3 +128,54 @@ def test_sequential_and_reversible_share_parameter_names():
     # and the concat merge adds exactly its projection
     cat = build_model(ModelConfig(**TINY, stack=STACKS.config("reversible", merge="concat")))
     assert set(cat.state_dict()) - set(seq.state_dict()) == {"stack.merge.weight"}
+
+
+def test_rules_and_presets_read_what_a_scheme_declares(monkeypatch):
+    """A scheme registered here, named nowhere in build.py or presets.py, gets the rules its class
+    attributes call for: the rule table and the presets read the attributes, not kind names."""
+    import dataclasses
+
+    from anydepth.model import presets
+    from anydepth.nn.residual import PostNorm
+
+    class SkipScaled(PostNorm):
+        needs_norm_statistics = True
+        owns_branch_init = True
+
+        @dataclasses.dataclass(kw_only=True)
+        class Config:
+            pass
+
+    SkipScaled.Config.kind, SkipScaled.Config.family, SkipScaled.kind = "skip_scaled", "residual", "skip_scaled"
+    RESIDUALS.kinds()  # load the registry before adding to it
+    monkeypatch.setitem(RESIDUALS._by_kind, "skip_scaled", SkipScaled)
+
+    assert presets._preset("skip_scaled").final_norm is False  # PostNorm's declaration, inherited
+    # a preset's own scheme decides; any field, the residual included, can still be overridden
+    assert presets.prenorm(residual="skip_scaled").final_norm is True
+    assert presets.prenorm(residual="skip_scaled").residual.kind == "skip_scaled"
+    with pytest.raises(InvalidCombination) as e:
+        build_model(ModelConfig(**TINY, residual="skip_scaled", norm="dyt"))
+    assert e.value.rule == "post-norm-needs-statistics"
+    with pytest.raises(InvalidCombination) as e:
+        build_model(ModelConfig(**TINY, residual="skip_scaled", init="zero_out"))
+    assert e.value.rule == "init-owned-by-scheme"
+    with pytest.raises(InvalidCombination) as e:
+        build_model(ModelConfig(**TINY, residual="skip_scaled", stack="reversible"))
+    assert e.value.rule == "reversible-additive" and "'prenorm'" in str(e.value)
+    build_model(ModelConfig(**TINY, residual="skip_scaled", final_norm=False))
+
+
+def test_build_and_presets_name_no_residual_kind_outside_the_preset_that_selects_it():
+    import inspect
+    import re
+
+    from anydepth.model import build, presets
+
+    kinds = RESIDUALS.kinds()
+    build_src = inspect.getsource(build)
+    assert not [k for k in kinds if re.search(rf"[\"']{k}[\"']", build_src)]
+    for name, preset in presets.PRESETS.items():
+        selected = preset().residual.kind
+        named = [k for k in kinds if re.search(rf"[\"']{k}[\"']", inspect.getsource(preset))]
+        assert named in ([], [selected]), (name, named)

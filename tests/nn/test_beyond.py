@@ -1,6 +1,5 @@
 """The post-2023 techniques as leaf layers, each against its paper's formula written out here."""
 
-import itertools
 import math
 
 import pytest
@@ -8,9 +7,8 @@ import torch
 
 from anydepth.nn.attention import FullAttention, ValueResidual
 from anydepth.nn.context import LayerContext
-from anydepth.nn.mhc_lite import LiteManifoldHyperConnection
 from anydepth.nn.norms import DyT
-from anydepth.registry import ATTENTIONS, NORMS, RESIDUALS
+from anydepth.registry import ATTENTIONS, NORMS
 
 
 def _randomise(module, std=0.5, seed=0):
@@ -165,82 +163,3 @@ def test_value_residual_lambda_outside_unit_interval_is_rejected(lam):
 def test_unknown_value_residual_value_is_named():
     with pytest.raises(ValueError, match="value_residual='yes'.*use None"):
         ATTENTIONS.config("full", value_residual="yes")
-
-
-# ------------------------------------------------------------------------------ Peri-LN, LayerNorm Scaling
-
-
-def _branch(x):
-    return torch.sin(3 * x) * 5 + 1
-
-
-def test_periln_is_x_plus_ln_out_of_f_of_ln_in():
-    res = RESIDUALS.build("periln", dim=8, ctx=LayerContext(), norm="layer")
-    _randomise(res, seed=3)
-    x = torch.randn(3, 8)
-
-    def ln(t, norm):
-        return (t - t.mean(-1, keepdim=True)) / torch.sqrt(
-            t.var(-1, unbiased=False, keepdim=True) + 1e-5
-        ) * norm.weight + norm.bias
-
-    torch.testing.assert_close(res(x, _branch), x + ln(_branch(ln(x, res.norm)), res.norm_out), rtol=1e-5, atol=1e-5)
-    assert res.additive and res.delta(x, _branch).shape == x.shape
-
-
-@pytest.mark.parametrize("kind", ["prenorm", "periln"])
-@pytest.mark.parametrize("layer", [0, 3, 15])
-def test_layer_scaling_scales_the_norm_output_by_one_over_sqrt_l(kind, layer):
-    cfg = RESIDUALS.config(kind, layer_scaling=True)
-    res = RESIDUALS.build(cfg, dim=8, ctx=LayerContext(layer=layer, n_layers=16), norm="layer")
-    plain = RESIDUALS.build(kind, dim=8, ctx=LayerContext(layer=layer, n_layers=16), norm="layer")
-    plain.load_state_dict(res.state_dict())
-    x = torch.randn(3, 8)
-    seen = []
-    res(x, lambda h: seen.append(h) or h)
-    plain(x, lambda h: seen.append(h) or h)
-    torch.testing.assert_close(seen[0], seen[1] / math.sqrt(layer + 1))
-
-
-def test_layer_scaling_must_be_a_bool():
-    with pytest.raises((TypeError, ValueError), match="layer_scaling must be True or False"):
-        RESIDUALS.build(RESIDUALS.config("prenorm", layer_scaling="yes"), dim=8)
-
-
-# ------------------------------------------------------------------------------------------------ mHC-lite
-
-
-@pytest.mark.parametrize("streams", [1, 2, 3, 4])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mhc_lite_mixing_matrix_is_exactly_doubly_stochastic(streams, seed):
-    res = RESIDUALS.build(RESIDUALS.config("mhc_lite", streams=streams), dim=8, ctx=LayerContext(layer=1))
-    _randomise(res, std=5.0, seed=seed)  # any parameters, far from init
-    h = torch.randn(2, 7, streams, 8) * 10
-    m = res.residual_matrix(h)
-    assert m.shape == (2, 7, streams, streams) and (m >= 0).all()
-    one = torch.ones(())
-    torch.testing.assert_close(m.sum(-1), one.expand(2, 7, streams), rtol=0, atol=2e-6)
-    torch.testing.assert_close(m.sum(-2), one.expand(2, 7, streams), rtol=0, atol=2e-6)
-
-
-def test_mhc_lite_matrix_is_the_softmax_weighted_sum_of_permutations():
-    n, d = 3, 8
-    res = LiteManifoldHyperConnection(d, n, layer_index=0)
-    _randomise(res, std=1.0, seed=5)
-    h = torch.randn(4, n, d)
-    # Hbar_s = h_s / ||h_s|| * sqrt(d) * (1 + gamma); logits = b_res + s_res * sum_s Hbar_s W_res[s]
-    hbar = h / h.norm(dim=-1, keepdim=True) * math.sqrt(d) * (1 + res.norm.gamma)
-    logits = res.static_perm + res.residual_scale * torch.einsum("bsd,sdk->bk", hbar, res.dynamic_perm_fn)
-    a = torch.softmax(logits, -1)
-    perms = list(itertools.permutations(range(n)))
-    expected = torch.zeros(4, n, n)
-    for k, sigma in enumerate(perms):
-        p = torch.zeros(n, n)
-        p[range(n), list(sigma)] = 1
-        expected += a[:, k, None, None] * p
-    torch.testing.assert_close(res.residual_matrix(h), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_mhc_lite_stream_count_is_bounded():
-    with pytest.raises(ValueError, match=r"streams=7 must be an int in \[1, 6\].*residual='mhc'"):
-        LiteManifoldHyperConnection(8, 7, layer_index=0)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anydepth.nn.context import LayerContext
-from anydepth.nn.hyper import IDENTITY_LOGIT, HyperConnection, ManifoldHyperConnection, sinkhorn
+from anydepth.nn.residual.hyper import IDENTITY_LOGIT, HyperConnection, ManifoldHyperConnection, sinkhorn
 from anydepth.registry import RESIDUALS, config_from_dict, config_to_dict
 
 DIM = 16
@@ -77,7 +77,7 @@ def test_mhc_equals_prenorm_at_init(identity_init):
 def test_init_matrices_follow_eq14():
     n = 4
     for k in range(6):
-        hc = HyperConnection(DIM, n, layer_index=k)
+        hc = HyperConnection(HyperConnection.Config(streams=n), dim=DIM, layer_index=k)
         a = hc.static_alpha.detach()
         expected_am = torch.zeros(n)
         expected_am[k % n] = 1
@@ -100,7 +100,7 @@ def _perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
 @pytest.mark.parametrize("tanh", [True, False])
 def test_dynamic_hyper_connection_matches_paper_formula(tanh):
     n, d = 3, DIM
-    hc = HyperConnection(d, n, layer_index=1, tanh=tanh)
+    hc = HyperConnection(HyperConnection.Config(streams=n, tanh=tanh), dim=d, layer_index=1)
     _perturb(hc)
     f = nn.Linear(d, d)
     h = torch.randn(2, 4, n, d)
@@ -124,7 +124,7 @@ def test_dynamic_hyper_connection_matches_paper_formula(tanh):
 
 def test_static_hyper_connection_parameter_count_and_formula():
     n = 4
-    hc = HyperConnection(DIM, n, layer_index=2, dynamic=False)
+    hc = HyperConnection(HyperConnection.Config(streams=n, dynamic=False), dim=DIM, layer_index=2)
     assert sum(p.numel() for p in hc.parameters()) == n * (n + 2)  # the paper's SHC count
     _perturb(hc)
     h = torch.randn(3, n, DIM)
@@ -138,13 +138,11 @@ def test_static_hyper_connection_parameter_count_and_formula():
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_dynamic_parameter_count_matches_paper(n):
     d = DIM
-    hc = HyperConnection(d, n, layer_index=0)
+    hc = HyperConnection(HyperConnection.Config(streams=n), dim=d, layer_index=0)
     # |theta_norm| + d (n + 2) + n (n + 2) + 2  (paper, Sec. 4); no branch norm was given
     assert sum(p.numel() for p in hc.parameters()) == d + d * (n + 2) + n * (n + 2) + 2
     built = RESIDUALS.build(RESIDUALS.config("hyper", streams=n), dim=d, ctx=LayerContext(), norm="layer")
-    extra = sum(p.numel() for p in built.parameters()) - sum(
-        p.numel() for p in built.branch_norm.parameters()
-    )
+    extra = sum(p.numel() for p in built.parameters()) - sum(p.numel() for p in built.branch_norm.parameters())
     assert extra == d + d * (n + 2) + n * (n + 2) + 2
 
 
@@ -163,7 +161,7 @@ def test_sinkhorn_is_doubly_stochastic():
 
 def test_mhc_residual_mixing_is_doubly_stochastic_at_its_operating_point():
     # the module's own logits (static I plus scaled dynamic terms) with the default 20 iterations
-    m = ManifoldHyperConnection(DIM, 4, layer_index=0)
+    m = ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=4), dim=DIM, layer_index=0)
     _perturb(m, scale=0.3, seed=4)
     h = torch.randn(8, 5, 4, DIM)
     alpha, _ = m._coefficients(m._split_fracs(h))
@@ -184,26 +182,24 @@ def test_sinkhorn_one_iteration_formula():
 def test_sinkhorn_gradient_matches_finite_differences(log_domain):
     torch.manual_seed(0)
     logits = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x: sinkhorn(x, 4, log_domain=log_domain), (logits,), eps=1e-6, atol=1e-6
-    )
+    assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 4, log_domain=log_domain), (logits,), eps=1e-6, atol=1e-6)
 
 
 def test_mhc_identity_init_gives_identity_residual_mixing():
     n = 4
-    m = ManifoldHyperConnection(DIM, n, layer_index=0, identity_init=True)
+    m = ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=n, identity_init=True), dim=DIM, layer_index=0)
     _, res = m.static_alpha[:, :1], m.static_alpha[:, 1:]
     h_res = sinkhorn(res, 20)
     torch.testing.assert_close(h_res, torch.eye(n), atol=2e-5, rtol=0)
     off = torch.exp(torch.tensor(-IDENTITY_LOGIT))
     assert h_res[0, 1].item() == pytest.approx((off / (1 + (n - 1) * off)).item(), rel=1e-3)
-    default = ManifoldHyperConnection(DIM, n, layer_index=0)
+    default = ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=n), dim=DIM, layer_index=0)
     assert sinkhorn(default.static_alpha[:, 1:], 20)[0, 0].item() == pytest.approx(0.4754, abs=1e-3)
 
 
 def test_mhc_matches_constrained_formula():
     n, d = 3, DIM
-    m = ManifoldHyperConnection(d, n, layer_index=1)
+    m = ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=n), dim=d, layer_index=1)
     _perturb(m, seed=3)
     h = torch.randn(5, n, d)
     f = nn.Linear(d, d)
@@ -336,7 +332,7 @@ def test_no_weight_decay_lists_static_scales_and_gains():
 def test_dropout_hits_branch_only_by_default():
     torch.manual_seed(0)
     n = 4
-    res = HyperConnection(DIM, n, layer_index=0, dynamic=False, dropout=0.5)
+    res = HyperConnection(HyperConnection.Config(streams=n, dynamic=False, dropout=0.5), dim=DIM, layer_index=0)
     res.train()
     h = torch.randn(64, n, DIM)
     out = res(h, lambda t: torch.ones_like(t))
@@ -345,7 +341,11 @@ def test_dropout_hits_branch_only_by_default():
     assert 0.3 < dropped.float().mean() < 0.7
     assert all(torch.equal(dropped[:, 0], dropped[:, j]) for j in range(1, n))
     torch.testing.assert_close(out[~dropped], (h + 2.0)[~dropped])
-    stream = HyperConnection(DIM, n, layer_index=0, dynamic=False, dropout=0.5, dropout_placement="stream")
+    stream = HyperConnection(
+        HyperConnection.Config(streams=n, dynamic=False, dropout=0.5, dropout_placement="stream"),
+        dim=DIM,
+        layer_index=0,
+    )
     stream.train()
     out_s = stream(h, lambda t: torch.ones_like(t))
     assert (out_s == 0).float().mean() > 0.3  # whole stream entries zeroed (the original's placement)
@@ -391,20 +391,20 @@ def test_compiles_fullgraph_without_graph_breaks(kind):
 # -- bad input -------------------------------------------------------------------------------------------
 def test_bad_arguments_raise_with_the_fix():
     with pytest.raises(ValueError, match="streams"):
-        HyperConnection(DIM, 0, layer_index=0)
+        HyperConnection(HyperConnection.Config(streams=0), dim=DIM, layer_index=0)
     with pytest.raises(ValueError, match="num_fracs=3 does not divide dim=16"):
-        HyperConnection(DIM, 2, layer_index=0, num_fracs=3)
+        HyperConnection(HyperConnection.Config(streams=2, num_fracs=3), dim=DIM, layer_index=0)
     with pytest.raises(ValueError, match="layer_index"):
-        HyperConnection(DIM, 2, layer_index=-1)
+        HyperConnection(HyperConnection.Config(streams=2), dim=DIM, layer_index=-1)
     with pytest.raises(ValueError, match="dropout_placement"):
-        HyperConnection(DIM, 2, layer_index=0, dropout_placement="everywhere")
+        HyperConnection(HyperConnection.Config(streams=2, dropout_placement="everywhere"), dim=DIM, layer_index=0)
     with pytest.raises(ValueError, match="reduce"):
-        HyperConnection(DIM, 2, layer_index=0, reduce="max")
+        HyperConnection(HyperConnection.Config(streams=2, reduce="max"), dim=DIM, layer_index=0)
     with pytest.raises(ValueError, match="sinkhorn_iters"):
-        ManifoldHyperConnection(DIM, 2, layer_index=0, sinkhorn_iters=0)
+        ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=2, sinkhorn_iters=0), dim=DIM, layer_index=0)
     with pytest.raises(ValueError, match="square"):
         sinkhorn(torch.randn(3, 4))
-    hc = HyperConnection(DIM, 4, layer_index=0)
+    hc = HyperConnection(HyperConnection.Config(streams=4), dim=DIM, layer_index=0)
     with pytest.raises(ValueError, match="dim=16"):
         hc.expand(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="call expand"):
@@ -415,7 +415,7 @@ def test_bad_arguments_raise_with_the_fix():
 
 # -- the hand-written backward passes against autograd of the plain formulas -------------------------------
 def test_norm_projection_matches_autograd_of_the_normalize_formula():
-    from anydepth.nn.hyper import StreamNorm
+    from anydepth.nn.residual.hyper import StreamNorm
 
     torch.manual_seed(0)
     norm = StreamNorm(DIM)
@@ -438,7 +438,7 @@ def test_norm_projection_matches_autograd_of_the_normalize_formula():
 
 
 def test_depth_connection_backward_matches_autograd_of_the_broadcast_formula():
-    from anydepth.nn.hyper import _DepthConnection
+    from anydepth.nn.residual.hyper import _DepthConnection
 
     torch.manual_seed(0)
     mixed, beta, y = (torch.randn(*s, dtype=torch.float64) for s in ((5, 4, 8), (5, 4), (5, 8)))
@@ -461,13 +461,13 @@ def test_parametrized_parameter_gives_the_formula_and_its_gradient(name, fused):
 
     from torch.nn.utils import parametrize
 
-    from anydepth.nn import hyper_fused
+    from anydepth.nn.residual import hyper_fused
 
     class Double(nn.Module):
         def forward(self, t):
             return 2 * t
 
-    hc = HyperConnection(DIM, 4, layer_index=1, norm=nn.LayerNorm(DIM))
+    hc = HyperConnection(HyperConnection.Config(streams=4), dim=DIM, layer_index=1, norm=nn.LayerNorm(DIM))
     _perturb(hc, scale=0.1)
     ref = copy.deepcopy(hc)
     owner, ref_owner = (hc.norm, ref.norm) if name == "gamma" else (hc, ref)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from anydepth.nn import hyper_fused
-from anydepth.nn.hyper import HyperConnection, ManifoldHyperConnection
 from anydepth.nn.norms import LayerNorm, RMSNorm
+from anydepth.nn.residual import hyper_fused
+from anydepth.nn.residual.hyper import HyperConnection, ManifoldHyperConnection
 
 pytestmark = pytest.mark.skipif(
     not hyper_fused._KERNEL.available(), reason=f"fused kernel unavailable: {hyper_fused._KERNEL.error}"
@@ -60,7 +60,13 @@ def _assert_matches_float64_eager(fused, hc, branch, x, gy):
 @pytest.mark.parametrize("streams,dim", [(4, 32), (2, 20), (5, 67), (1, 24)])
 def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
     hc = _perturbed(
-        HyperConnection(dim, streams, layer_index=3, dynamic=dynamic, tanh=tanh, norm=nn.LayerNorm(dim)), 0
+        HyperConnection(
+            HyperConnection.Config(streams=streams, dynamic=dynamic, tanh=tanh),
+            dim=dim,
+            layer_index=3,
+            norm=nn.LayerNorm(dim),
+        ),
+        0,
     )
     branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
     shape = (3, 41, streams, dim) if streams > 1 else (3, 41, dim)
@@ -97,7 +103,9 @@ def test_fused_equals_eager_float64(dynamic, tanh, streams, dim):
 def test_fused_branch_layer_norm_equals_eager_float64(make_norm, fused_norm, streams, dim):
     # The width kernel applies a plain LayerNorm itself and recomputes its input in the backward;
     # every output and gradient (the norm's weight and bias included) must match float64 eager.
-    hc = _perturbed(HyperConnection(dim, streams, layer_index=2, norm=make_norm(dim)), 4)
+    hc = _perturbed(
+        HyperConnection(HyperConnection.Config(streams=streams), dim=dim, layer_index=2, norm=make_norm(dim)), 4
+    )
     branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
     g = torch.Generator().manual_seed(5)
     x, gy = torch.randn(2, 29, streams, dim, generator=g), torch.randn(2, 29, streams, dim, generator=g)
@@ -117,7 +125,12 @@ def test_saved_tensor_hooks_that_copy_keep_the_fused_backward_exact(dynamic):
     # scratch (the one flat saved tensor that is not a parameter) is poisoned here, so that reading
     # it instead cannot pass by luck.
     dim, streams = 24, 4
-    hc = _perturbed(HyperConnection(dim, streams, layer_index=1, dynamic=dynamic, norm=nn.LayerNorm(dim)), 6)
+    hc = _perturbed(
+        HyperConnection(
+            HyperConnection.Config(streams=streams, dynamic=dynamic), dim=dim, layer_index=1, norm=nn.LayerNorm(dim)
+        ),
+        6,
+    )
     branch = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
     g = torch.Generator().manual_seed(7)
     x, gy = torch.randn(3, 11, streams, dim, generator=g), torch.randn(3, 11, streams, dim, generator=g)
@@ -140,14 +153,19 @@ def test_saved_tensor_hooks_that_copy_keep_the_fused_backward_exact(dynamic):
 @pytest.mark.parametrize("make_norm", [lambda d: LayerNorm(dim=d), nn.LayerNorm], ids=["LayerNorm0", "LayerNorm1"])
 def test_fused_path_keeps_the_norms_shape_error(make_norm):
     # a branch norm of another width must fail as on the eager path, not be read past its end
-    hc = HyperConnection(16, 4, layer_index=0, norm=make_norm(8))
+    hc = HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0, norm=make_norm(8))
     with hyper_fused.use_fused_hyper(True), pytest.raises((ValueError, RuntimeError), match="8"):
         hc(torch.randn(2, 3, 4, 16), nn.Identity())
 
 
 def test_fused_dropout_placements_match_eager():
     for placement in ("branch", "stream"):
-        hc = _perturbed(HyperConnection(16, 4, layer_index=0, dropout=0.5, dropout_placement=placement), 3)
+        hc = _perturbed(
+            HyperConnection(
+                HyperConnection.Config(streams=4, dropout=0.5, dropout_placement=placement), dim=16, layer_index=0
+            ),
+            3,
+        )
         branch = nn.Linear(16, 16)
         x = torch.randn(2, 9, 4, 16)
         outs = []
@@ -168,24 +186,24 @@ def test_fused_path_is_skipped_where_it_does_not_apply(monkeypatch):
     monkeypatch.setattr(hyper_fused, "depth_connection", lambda *a: calls.append(1))
     x = torch.randn(2, 5, 4, 16)
     cases = [
-        HyperConnection(16, 4, layer_index=0, num_fracs=2),
-        HyperConnection(16, 4, layer_index=0, depth_residual_fn=lambda a, b: a + b),
-        ManifoldHyperConnection(16, 4, layer_index=0),
+        HyperConnection(HyperConnection.Config(streams=4, num_fracs=2), dim=16, layer_index=0),
+        HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0, depth_residual_fn=lambda a, b: a + b),
+        ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=4), dim=16, layer_index=0),
     ]
     for hc in cases:
         hc(x, nn.Identity())
-    HyperConnection(16, 4, layer_index=0).double()(x.double(), nn.Identity())
+    HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0).double()(x.double(), nn.Identity())
     # the kernel reads the stream norm's gain through a raw pointer too: a float64 gain keeps it out
-    mixed = HyperConnection(16, 4, layer_index=0)
+    mixed = HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0)
     mixed.norm.double()
     mixed(x, nn.Identity())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        HyperConnection(16, 4, layer_index=0)(x, nn.Identity())
+        HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0)(x, nn.Identity())
     assert not calls
 
 
 def test_fused_branch_output_shape_is_checked():
-    hc = HyperConnection(16, 4, layer_index=0)
+    hc = HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0)
     with pytest.raises(ValueError, match="branch must map dim to dim"):
         hc(torch.randn(2, 5, 4, 16), nn.Linear(16, 8))
 
@@ -219,7 +237,7 @@ def test_kernel_tanh_within_two_ulp_of_float64():
 
 @pytest.mark.parametrize("channel_first", [False, True])
 def test_seed_api_takes_the_fused_path_and_matches_eager(channel_first, monkeypatch):
-    from anydepth import get_init_and_expand_reduce_stream_functions
+    from anydepth.compat.hyper_connections import get_init_and_expand_reduce_stream_functions
 
     init, expand, reduce = get_init_and_expand_reduce_stream_functions(4)
     conv = nn.Conv2d(16, 16, 1) if channel_first else nn.Linear(16, 16)
@@ -252,7 +270,7 @@ def test_seed_api_takes_the_fused_path_and_matches_eager(channel_first, monkeypa
 def test_stream_sized_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
     # glibc maps such allocations afresh; the depth forward's output and the width backward's dH get
     # the huge-page advice before their first write, as the RMSNorm kernel's outputs do
-    hc = HyperConnection(1024, 4, layer_index=0)
+    hc = HyperConnection(HyperConnection.Config(streams=4), dim=1024, layer_index=0)
     x = torch.randn(2, 1025, 4, 1024, requires_grad=True)  # 33.6 MB of streams
     seen = []
     lib = hyper_fused._KERNEL.lib
@@ -274,7 +292,7 @@ def test_stream_sized_outputs_of_32_mib_ask_for_huge_pages(vma_flags):
 
 
 def test_double_backward_needs_the_eager_path():
-    hc = _perturbed(HyperConnection(16, 4, layer_index=0), 9)
+    hc = _perturbed(HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0), 9)
     x = torch.randn(2, 3, 4, 16, requires_grad=True)
     (g,) = torch.autograd.grad(hc(x, nn.Linear(16, 16)).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
@@ -289,7 +307,7 @@ def test_sums_over_many_tokens_keep_float32_accuracy():
     # the static matrices' and the scales' gradients are sums over every token, stream and column
     # (here 2100 x 16 x 17 terms): their per-thread partial sums must not lose digits to the count
     torch.manual_seed(0)
-    hc = _perturbed(HyperConnection(3, 16, layer_index=2, norm=nn.LayerNorm(3)), 11)
+    hc = _perturbed(HyperConnection(HyperConnection.Config(streams=16), dim=3, layer_index=2, norm=nn.LayerNorm(3)), 11)
     branch = nn.Linear(3, 3)
     x = torch.randn(3, 700, 16, 3)
     gy = torch.randn(x.shape)
@@ -307,7 +325,10 @@ def test_sums_over_many_tokens_keep_float32_accuracy():
 def test_seed_api_applies_the_residual_transform_once(mhc):
     # the path choice (fused or eager) is made after the transform, which must run once per call:
     # a transform with dropout would otherwise draw its mask twice
-    from anydepth.compat.hyper import HyperConnections, ManifoldConstrainedHyperConnections
+    from anydepth.compat.hyper_connections import (
+        HyperConnections,
+        ManifoldConstrainedHyperConnections,
+    )
 
     calls = []
 
@@ -333,7 +354,15 @@ class _Chain(nn.Module):
     def __init__(self, dim: int, streams: int, dynamic: bool):
         super().__init__()
         self.res = nn.ModuleList(
-            _perturbed(HyperConnection(dim, streams, layer_index=i, dynamic=dynamic, norm=nn.LayerNorm(dim)), i)
+            _perturbed(
+                HyperConnection(
+                    HyperConnection.Config(streams=streams, dynamic=dynamic),
+                    dim=dim,
+                    layer_index=i,
+                    norm=nn.LayerNorm(dim),
+                ),
+                i,
+            )
             for i in range(3)
         )
         self.branches = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(3))
@@ -424,7 +453,12 @@ def _two_sublayers(dim, streams, dynamic, norm, x, gy, materialise: bool):
     and the stream stride of what expand returned (materialised with .contiguous() when asked)."""
     torch.manual_seed(0)
     hcs = nn.ModuleList(
-        _perturbed(HyperConnection(dim, streams, layer_index=i, dynamic=dynamic, norm=norm(dim)), 7 + i)
+        _perturbed(
+            HyperConnection(
+                HyperConnection.Config(streams=streams, dynamic=dynamic), dim=dim, layer_index=i, norm=norm(dim)
+            ),
+            7 + i,
+        )
         for i in range(2)
     )
     branch = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -465,16 +499,16 @@ def test_expand_view_gives_the_materialised_streams_result(dynamic, streams, dim
 
 
 def test_expand_materialises_the_streams_where_the_kernels_will_not_read_them():
-    hc = HyperConnection(16, 4, layer_index=0)
+    hc = HyperConnection(HyperConnection.Config(streams=4), dim=16, layer_index=0)
     x = torch.randn(2, 3, 16)
     assert hc.expand(x).stride(-2) == 0
     with hyper_fused.use_fused_hyper(False):
         assert hc.expand(x).is_contiguous()  # the eager path's batched matmuls want copies
     assert hc.double().expand(x.double()).is_contiguous()  # the kernels are float32 only
-    mhc = ManifoldHyperConnection(16, 4, layer_index=0)
+    mhc = ManifoldHyperConnection(ManifoldHyperConnection.Config(streams=4), dim=16, layer_index=0)
     assert mhc.expand(x).is_contiguous()  # mHC keeps the eager path
     assert hc.float().expand(x.transpose(0, 1)).is_contiguous()  # a strided residual is copied
-    assert HyperConnection(16, 1, layer_index=0).expand(x) is x
+    assert HyperConnection(HyperConnection.Config(streams=1), dim=16, layer_index=0).expand(x) is x
 
 
 def test_a_broadcast_view_of_another_tensor_is_read_as_it_is(monkeypatch):
@@ -483,7 +517,9 @@ def test_a_broadcast_view_of_another_tensor_is_read_as_it_is(monkeypatch):
     dim, streams = 24, 4
     g = torch.Generator().manual_seed(4)
     flat, gy = torch.randn(2 * 5 * dim, generator=g), torch.randn(2, 5, dim, generator=g)
-    hc = _perturbed(HyperConnection(dim, streams, layer_index=1, norm=nn.LayerNorm(dim)), 2)
+    hc = _perturbed(
+        HyperConnection(HyperConnection.Config(streams=streams), dim=dim, layer_index=1, norm=nn.LayerNorm(dim)), 2
+    )
     branch = nn.Linear(dim, dim)
     rows = _spy_broadcast_rows(monkeypatch)
     grads = []

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from anydepth.nn.context import LayerContext
 from anydepth.registry import FAMILIES
 
 # the build context each family's layers take besides their config (model/build.py passes the same)
@@ -24,35 +25,10 @@ CONTEXT = {
     "position": lambda: {"dim": 8, "dim_head": 4, "max_seq_len": 16},
     "attention": lambda: {"dim": 8, "heads": 2},
     "stack": lambda: {"blocks": nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]), "dim": 8},
+    "residual": lambda: {"dim": 8, "ctx": LayerContext(n_layers=2), "norm": "layer"},
 }
 
-# residual schemes that still take their options as constructor keywords
-PENDING = {
-    ("residual", k)
-    for k in (
-        "prenorm",
-        "postnorm",
-        "periln",
-        "rezero",
-        "admin",
-        "deepnorm",
-        "layerscale",
-        "hyper",
-        "mhc",
-        "mhc_lite",
-    )
-}
-
-KINDS = [
-    pytest.param(
-        family,
-        kind,
-        marks=[pytest.mark.xfail(strict=True, reason="keyword constructor")] if (family, kind) in PENDING else [],
-        id=f"{family}-{kind}",
-    )
-    for family, reg in FAMILIES.items()
-    for kind in reg.kinds()
-]
+KINDS = [pytest.param(family, kind, id=f"{family}-{kind}") for family, reg in FAMILIES.items() for kind in reg.kinds()]
 
 
 def _repeated(cls) -> list[str]:
@@ -78,8 +54,7 @@ def test_constructor_repeats_no_config_field(family, kind):
 
 
 @pytest.mark.parametrize(
-    ("family", "kind"),
-    [(f, k) for f, reg in FAMILIES.items() if f in CONTEXT for k in reg.kinds() if (f, k) not in PENDING],
+    ("family", "kind"), [(f, k) for f, reg in FAMILIES.items() if f in CONTEXT for k in reg.kinds()]
 )
 def test_config_constructor_make_and_registry_agree(family, kind):
     """``Cls(Cls.Config(), **ctx)``, ``Cls.make(**ctx)`` and the registry build the same layer."""

@@ -238,7 +238,7 @@ def test_rezero_shared_gate_survives_deepcopy(x):
 
 
 def test_rezero_dropout_applies_after_the_gate(x):
-    res = ReZero(init=0.5, dropout=0.5).double()
+    res = ReZero(ReZero.Config(init=0.5, dropout=0.5)).double()
     f = linear_branch()
     torch.manual_seed(3)
     out = res(x, f)
@@ -259,7 +259,7 @@ def test_admin_o_n_equals_post_ln(x):
 
 
 def test_admin_buffer_and_parameter_storage():
-    buf = Admin(DIM, 12)
+    buf = Admin(dim=DIM, ctx=LayerContext(n_layers=6))
     assert [n for n, _ in buf.named_buffers()] == ["omega"] and buf.omega.shape == (1,)
     assert "omega" not in dict(buf.named_parameters()) and buf.no_weight_decay() == []
     par = RESIDUALS.build(RESIDUALS.config("admin", as_parameter=True), dim=DIM, ctx=LayerContext(n_layers=6))
@@ -270,7 +270,7 @@ def test_admin_buffer_and_parameter_storage():
 
 def test_admin_follows_meta_device_and_to_empty_restores_w():
     with torch.device("meta"):
-        res = Admin(DIM, 24)
+        res = Admin(dim=DIM, ctx=LayerContext(n_layers=12))
     assert res.omega.device.type == "meta"
     res.to_empty(device="cpu")
     res.reset_parameters()
@@ -278,7 +278,7 @@ def test_admin_follows_meta_device_and_to_empty_restores_w():
 
 
 def test_admin_half_precision(x):
-    res = Admin(DIM, 12, norm=None)
+    res = Admin(dim=DIM, ctx=LayerContext(n_layers=6), norm=None)
     xh, fh = x.half(), (2 * x).half()
     assert res(xh, lambda h: fh).dtype == torch.float16  # w is cast to the input's dtype
     res.half()
@@ -314,9 +314,7 @@ def _recurrence(stack: _ToyStack, x: torch.Tensor) -> list[float]:
             w = ratio
             out.append(w)
             fx = f(x)
-            ratio = math.sqrt(
-                (w * x).double().var(unbiased=False).item() + fx.double().var(unbiased=False).item()
-            )
+            ratio = math.sqrt((w * x).double().var(unbiased=False).item() + fx.double().var(unbiased=False).item())
             x = ln(w * x + fx)
     return out
 
@@ -422,9 +420,7 @@ def test_deepnorm_init_branch_calls_reset_parameters_with_beta():
 
 
 def test_deepnorm_overrides_and_other_schemes_leave_branch_alone():
-    res = RESIDUALS.build(
-        RESIDUALS.config("deepnorm", alpha=3.0, beta=0.5), dim=DIM, ctx=LayerContext(), norm="layer"
-    )
+    res = RESIDUALS.build(RESIDUALS.config("deepnorm", alpha=3.0, beta=0.5), dim=DIM, ctx=LayerContext(), norm="layer")
     assert (res.alpha, res.beta) == (3.0, 0.5)
     branch = _AttnLikeBranch(DIM)
     for kind in ["prenorm", "postnorm", "rezero", "admin", "layerscale"]:
@@ -433,7 +429,7 @@ def test_deepnorm_overrides_and_other_schemes_leave_branch_alone():
 
 
 def test_deepnorm_init_branch_rejects_branch_without_beta():
-    res = DeepNorm(DIM, 2.0, 0.5)
+    res = DeepNorm(DeepNorm.Config(alpha=2.0, beta=0.5), dim=DIM)
     with pytest.raises(TypeError, match=r"reset_parameters\(beta"):
         res.init_branch_(nn.Linear(DIM, DIM))  # reset_parameters() takes no beta
 
@@ -443,54 +439,48 @@ def test_deepnorm_init_branch_rejects_branch_without_beta():
 
 
 @pytest.mark.parametrize("kind", ["admin", "deepnorm"])
-def test_pre_placement_is_rejected_with_the_reason(kind):
-    cfg = RESIDUALS.config(kind, placement="pre")
-    with pytest.raises(ValueError, match=r"placement='pre'.*residual='prenorm'"):
-        RESIDUALS.build(cfg, dim=DIM, ctx=LayerContext(), norm="layer")
-
-
-def test_constructors_reject_pre_placement():
-    with pytest.raises(ValueError, match="derived for LN"):
-        Admin(DIM, 12, placement="pre")
-    with pytest.raises(ValueError, match="derived for LN"):
-        DeepNorm(DIM, 2.0, placement="pre")
+def test_pre_placement_is_rejected(kind):
+    # post-norm is the only placement their skip scale is derived for, so there is no option to set
+    with pytest.raises(TypeError, match=rf"{kind!r} has no option\(s\) placement"):
+        RESIDUALS.config(kind, placement="pre")
+    assert RESIDUALS.get(kind).placement == "post"
 
 
 @pytest.mark.parametrize("cls", [PreNorm, PostNorm])
 @pytest.mark.parametrize("dim", [0, -3, 2.5, True])
 def test_bad_dim(cls, dim):
     with pytest.raises(ValueError, match=rf"dim must be a positive int.*{dim!r}"):
-        cls(dim)
+        cls(dim=dim)
 
 
 def test_bad_dim_other_schemes():
     with pytest.raises(ValueError, match="dim must be a positive int"):
-        LayerScale(0)
+        LayerScale(dim=0)
     with pytest.raises(ValueError, match="dim must be a positive int"):
-        DeepNorm(-1, 2.0)
+        DeepNorm(DeepNorm.Config(alpha=2.0), dim=-1)
     with pytest.raises(ValueError, match="dim is required"):
-        Admin(None, 12)
+        Admin(ctx=LayerContext(n_layers=6))
 
 
 def test_unknown_norm_and_scheme():
     with pytest.raises(ValueError, match="unknown norm kind 'nope'"):
-        PreNorm(DIM, norm="nope")
+        PreNorm(dim=DIM, norm="nope")
     with pytest.raises(ValueError, match="unknown residual kind 'nope'"):
         RESIDUALS.build("nope", dim=DIM)
 
 
 def test_admin_bad_input():
     with pytest.raises(ValueError, match=r"num_res_layers must be >= 1, got 0"):
-        Admin(DIM, 0)
+        Admin(dim=DIM, ctx=LayerContext(n_layers=0))
     with pytest.raises(TypeError, match="num_res_layers must be an int"):
-        Admin(DIM, 2.5)
+        admin_omega(2.5)
     with pytest.raises(ValueError, match=r"output_change_scale='O\(n2\)'.*'O\(logn\)'"):
-        Admin(DIM, 12, "O(n2)")
-    with pytest.raises(ValueError, match="exactly one of num_res_layers"):
-        Admin(DIM)
-    with pytest.raises(ValueError, match="exactly one of num_res_layers"):
-        Admin(DIM, 12, init_value=2.0)
-    res = Admin(DIM, 12, as_parameter=True)
+        Admin(Admin.Config(output_change_scale="O(n2)"), dim=DIM, ctx=LayerContext(n_layers=6))
+    with pytest.raises(ValueError, match="exactly one of ctx"):
+        Admin(dim=DIM)
+    with pytest.raises(ValueError, match="exactly one of ctx"):
+        Admin(dim=DIM, ctx=LayerContext(n_layers=6), init_value=2.0)
+    res = Admin(Admin.Config(as_parameter=True), dim=DIM, ctx=LayerContext(n_layers=6))
     with pytest.raises(ValueError, match="last dimension is 5"):
         res(torch.randn(2, 5), lambda h: h)
 
@@ -508,16 +498,16 @@ def test_deepnorm_constants_bad_input():
     with pytest.raises(ValueError, match="n_layers must be >= 1"):
         deepnorm_constants("decoder", 0)
     with pytest.raises(ValueError, match="alpha and beta must be > 0"):
-        DeepNorm(DIM, 2.0, -0.1)
+        DeepNorm(DeepNorm.Config(alpha=2.0, beta=-0.1), dim=DIM)
 
 
 def test_scalar_options_bad_input():
-    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\), got 1.0"):
-        ReZero(dropout=1.0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        ReZero(ReZero.Config(dropout=1.0))
     with pytest.raises(ValueError, match="init must be a finite number, got nan"):
-        LayerScale(DIM, float("nan"))
-    with pytest.raises(ValueError, match="init must be a finite number"):
-        ReZero(init="0")
+        LayerScale(LayerScale.Config(init=float("nan")), dim=DIM)
+    with pytest.raises(TypeError, match="init must be a finite number"):
+        ReZero(ReZero.Config(init="0"))
     with pytest.raises(TypeError, match="shared_with must be the nn.Module"):
         ReZero(shared_with=torch.zeros(1))
     with pytest.raises(ValueError, match="no tensor attribute 'resweight'"):
@@ -525,7 +515,7 @@ def test_scalar_options_bad_input():
 
 
 def test_rezero_keeps_a_low_precision_stream_in_its_dtype():
-    res = ReZero(init=0.5)  # a is float32
+    res = ReZero(ReZero.Config(init=0.5))  # a is float32
     x = torch.randn(2, 3, DIM, dtype=torch.bfloat16)
     out = res(x, lambda h: 2 * h)
     assert out.dtype == torch.bfloat16
@@ -569,3 +559,31 @@ def test_100_block_stack_trains_one_step_with_finite_values(kind):
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+# --------------------------------------------------------------------------------------------------
+# one statement per option
+
+
+def test_from_config_is_the_constructor_call():
+    # no second mapping of the Config fields (tests/nn/test_one_statement.py checks the constructors)
+    from anydepth.nn.registry import Configurable
+
+    for kind in RESIDUALS.kinds():
+        assert RESIDUALS.get(kind).from_config.__func__ is Configurable.from_config.__func__, kind
+
+
+def test_rezero_sharing_uses_no_object_setattr():
+    import inspect
+
+    import anydepth.nn.residual.rezero as rezero_module
+
+    assert "object.__setattr__" not in inspect.getsource(rezero_module)
+
+
+@pytest.mark.parametrize("kind", ["admin", "deepnorm"])
+def test_configs_saved_with_the_retired_placement_option_still_load(kind):
+    saved = {**config_to_dict(RESIDUALS.config(kind)), "placement": "post"}
+    assert config_from_dict(saved, RESIDUALS) == RESIDUALS.config(kind)
+    with pytest.raises(TypeError, match="no option"):
+        config_from_dict({**saved, "placement": "pre"}, RESIDUALS)

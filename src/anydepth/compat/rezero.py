@@ -152,8 +152,8 @@ class RZTXEncoderLayer(_RZTXLayer):
         self.activation = _activation(activation, "RZTXEncoderLayer")
         self.resweight = nn.Parameter(torch.zeros(1, **fk))
         # Both sublayers read the layer's own resweight; dropout follows the gate, as in the original.
-        self.res_attn = ReZero(dropout=dropout, shared_with=self, shared_name="resweight")
-        self.res_ff = ReZero(dropout=dropout, shared_with=self, shared_name="resweight")
+        self.res_attn = ReZero(ReZero.Config(dropout=dropout), shared_with=self, shared_name="resweight")
+        self.res_ff = ReZero(ReZero.Config(dropout=dropout), shared_with=self, shared_name="resweight")
 
     def reset_parameters(self) -> None:
         """Zeroes the gate (the projections keep torch's own init)."""

@@ -879,7 +879,7 @@ int width_backward_impl(const float* gin, const float* gdepth, const float* h, i
 }  // namespace
 
 // Every entry point's arguments by name: the Python side fills a ctypes.Structure of the same layout
-// (anydepth.nn.hyper_fused), so no call can pass them in the wrong order. Pointers that an entry
+// (anydepth.nn.residual.hyper_fused), so no call can pass them in the wrong order. Pointers that an entry
 // point does not read stay null. See the functions above for each argument.
 struct AnydepthHcWidthArgs {
   // the streams, row s of token m at h + m h_ts + s h_ss

@@ -8,6 +8,7 @@ tells you everything the builder refuses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,20 @@ def _streams(cfg: ModelConfig) -> int:
     return int(getattr(cfg.residual, "streams", getattr(_residual_cls(cfg), "streams", 1)))
 
 
+def _schemes(wanted: Callable[[type], bool]) -> str:
+    """The registered residual kinds whose class attributes satisfy ``wanted``, for the messages."""
+    kinds = [k for k in RESIDUALS.kinds() if wanted(RESIDUALS.get(k))]
+    return ", ".join(repr(k) for k in kinds) or "(none registered)"
+
+
+def _reversible_ok(cls: type) -> bool:
+    return cls.additive and getattr(cls, "streams", 1) == 1 and "streams" not in _fields(cls)
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Config)}
+
+
 def _value_residual(cfg: ModelConfig) -> bool:
     return getattr(cfg.attention, "value_residual", None) is not None
 
@@ -61,8 +76,8 @@ RULES: list[Rule] = [
         lambda c: (
             f"the reversible stack splits one residual into two halves (y1 = x1 + F(x2), y2 = x2 + G(y1)); "
             f"residual {c.residual.kind!r} carries {_streams(c)} mixed streams, whose update cannot be "
-            "inverted that way. Use stack='sequential' with hyper-connections, or a single-stream additive "
-            "residual (prenorm, rezero, layerscale) with stack='reversible'."
+            f"inverted that way. Use stack='sequential' with {c.residual.kind!r}, or a single-stream additive "
+            f"residual ({_schemes(_reversible_ok)}) with stack='reversible'."
         ),
     ),
     Rule(
@@ -71,17 +86,8 @@ RULES: list[Rule] = [
         lambda c: (
             f"the reversible stack recovers each block's input by subtracting its update (x = y - F(.)), which "
             f"needs x + F(x); residual {c.residual.kind!r} (norm placement {_residual_cls(c).placement!r}) "
-            "normalises after the sum, and a norm is not invertible. Use residual='prenorm', 'rezero' or "
-            "'layerscale' with stack='reversible', or keep this residual with stack='sequential'."
-        ),
-    ),
-    Rule(
-        "post-norm-schemes",
-        lambda c: c.residual.kind in ("admin", "deepnorm") and getattr(c.residual, "placement", "post") != "post",
-        lambda c: (
-            f"{c.residual.kind} scales the skip (w*x + F(x), w > 1) to bound the output change of "
-            "LN(w*x + F(x)); with pre-norm placement the skip is never normalised and w only inflates the "
-            f"residual. Use placement='post' (the default) or residual='prenorm'."
+            "normalises after the sum, and a norm is not invertible. Use one of "
+            f"{_schemes(_reversible_ok)} with stack='reversible', or keep this residual with stack='sequential'."
         ),
     ),
     Rule(
@@ -105,31 +111,32 @@ RULES: list[Rule] = [
     ),
     Rule(
         "post-norm-needs-statistics",
-        lambda c: c.residual.kind in ("admin", "deepnorm") and not _stats_norm(c),
+        lambda c: _residual_cls(c).needs_norm_statistics and not _stats_norm(c),
         lambda c: (
             f"{c.residual.kind} up-weights the skip (w*x + F(x), w > 1) and relies on the norm after the sum to divide "
             f"the scale back out; norm {c.norm.kind!r} has no statistics (tanh(alpha x) does not undo w), so the "
-            f"skip only saturates it. Use norm='layer' or 'rms' with {c.residual.kind}, or norm='dyt' with "
-            "residual='prenorm' or 'periln' (the placements of the DyT paper)."
+            f"skip only saturates it. Use norm='layer' or 'rms' with {c.residual.kind}, or keep norm={c.norm.kind!r} "
+            f"with a pre-norm residual ({_schemes(lambda r: r.placement == 'pre')})."
         ),
     ),
     Rule(
         "zero-out-gated",
-        lambda c: c.init == "zero_out" and c.residual.kind == "rezero",
+        lambda c: c.init == "zero_out" and _residual_cls(c).gate_starts_at_zero,
         lambda c: (
-            "init='zero_out' zeroes each branch's output projection while ReZero's gate a starts at 0 too: "
-            "the gradient of a is F(x) = 0 and that of the projection is proportional to a = 0, so neither ever "
-            "moves and every block stays the identity. Use init='default' with rezero (its gate already "
-            "starts each block as the identity), or init='zero_out' with residual='prenorm'."
+            f"init='zero_out' zeroes each branch's output projection while {c.residual.kind}'s gate starts at 0 too: "
+            "the gate's gradient is F(x) = 0 and that of the projection is proportional to the gate = 0, so neither "
+            "ever moves and every block stays the identity. Use init='default' with "
+            f"{c.residual.kind} (its gate already starts each block as the identity), or init='zero_out' with "
+            f"another residual ({_schemes(lambda r: r.additive and not r.gate_starts_at_zero)})."
         ),
     ),
     Rule(
-        "init-owned-by-deepnorm",
-        lambda c: c.init != "default" and c.residual.kind == "deepnorm",
+        "init-owned-by-scheme",
+        lambda c: c.init != "default" and _residual_cls(c).owns_branch_init,
         lambda c: (
-            f"deepnorm initialises the value, output and feed-forward weights with its own gain beta; init={c.init!r} "
-            "would scale the output projections a second time and break the bound DeepNorm's alpha is derived "
-            "for. Use init='default' with deepnorm, or init='depth_scaled' with residual='prenorm'."
+            f"{c.residual.kind} initialises the branch weights itself (init_branch_); init={c.init!r} would scale "
+            "the output projections a second time and break the bound the scheme is derived for. Use "
+            f"init='default' with {c.residual.kind}, or init={c.init!r} with another residual."
         ),
     ),
     Rule(

@@ -172,6 +172,11 @@ def config_from_dict(d: dict[str, Any], registry: Registry):
         raise ValueError(f"a {registry.family} config dict needs a 'kind' key, got {d!r}")
     fields = {k: v for k, v in d.items() if k != "kind"}
     cfg_cls = registry.get(d["kind"]).Config
+    # An option a kind no longer has because it could take one value only (``retired = {name: value}``
+    # on its Config) is dropped from dicts saved before, when it holds that value.
+    for name, value in getattr(cfg_cls, "retired", {}).items():
+        if fields.get(name, value) == value:
+            fields.pop(name, None)
     for f in dataclasses.fields(cfg_cls):
         v = fields.get(f.name)
         if isinstance(v, list) and (isinstance(f.default, tuple) or "tuple" in str(f.type)):

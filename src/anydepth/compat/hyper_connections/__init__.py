@@ -1,10 +1,10 @@
-"""``hyper_connections`` 0.4.11's public modules, as configurations of :mod:`anydepth.nn.hyper`.
+"""``hyper_connections`` 0.4.11's public modules, as configurations of :mod:`anydepth.nn.residual.hyper`.
 
 ``import anydepth.compat.hyper_connections as hyper_connections`` (or the same path in each
 ``from ... import``) runs code written for the package unchanged: every submodule of the package
 has its counterpart here, with the original constructors, calling conventions and state-dict keys
-and shapes, and the computation of :class:`~anydepth.nn.hyper.HyperConnection` and
-:class:`~anydepth.nn.hyper.ManifoldHyperConnection`.
+and shapes, and the computation of :class:`~anydepth.nn.residual.hyper.HyperConnection` and
+:class:`~anydepth.nn.residual.hyper.ManifoldHyperConnection`.
 
 ==========================================================  ===========================================
 submodule                                                   residual layout
@@ -20,8 +20,8 @@ submodule                                                   residual layout
 ``triton_sinkhorn``                                         Sinkhorn with the CUDA kernel's signature
 ==========================================================  ===========================================
 
-The deliberate differences from the package are listed in :mod:`anydepth.compat.hyper` and in each
-submodule's docstring.
+The deliberate differences from the package are listed in
+:mod:`~anydepth.compat.hyper_connections.hyper_connections` and in each submodule's docstring.
 """
 
 from anydepth.compat.hyper_connections.hyper_connections import (

@@ -1,7 +1,7 @@
 """``hyper_connections.hyper_connections_channel_first``: hyper-connections for feature maps, residuals
 ``(b s) d ...`` with the features on dimension 1 (convolutional branches).
 
-:class:`HyperConnections` is :class:`anydepth.compat.hyper.HyperConnections` with
+:class:`HyperConnections` is :class:`anydepth.compat.hyper_connections.hyper_connections.HyperConnections` with
 ``channel_first=True``; the package computes its dynamic weights with 1x1 convolutions, which are
 the same projections: ``state_dict()`` writes the package's keys and shapes (``dynamic_alpha_fn.weight``
 ``(s + 1, d, 1, 1)``, ``dynamic_beta_fn.0.weight`` ``(1, d, 1, 1)``, ``norm.gamma`` ``(d, 1, 1)``) and
@@ -10,14 +10,12 @@ the same projections: ``state_dict()`` writes the package's keys and shapes (``d
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import nn
 
-from anydepth.compat import hyper as _compat
-from anydepth.compat.hyper import Residual
+from anydepth.compat.hyper_connections import hyper_connections as _compat
 from anydepth.compat.hyper_connections._state import Renamed, shape, translate_state_dict
-from anydepth.nn.hyper import StreamNorm
+from anydepth.compat.hyper_connections.hyper_connections import Residual
+from anydepth.nn.residual.hyper import StreamNorm
 
 __all__ = [
     "HyperConnections",
@@ -29,7 +27,7 @@ __all__ = [
 
 
 class RMSNorm(StreamNorm):
-    """:class:`anydepth.nn.hyper.StreamNorm` over dimension 1 (``x / ||x|| * sqrt(d) * (1 + gamma)``
+    """:class:`anydepth.nn.residual.hyper.StreamNorm` over dimension 1 (``x / ||x|| * sqrt(d) * (1 + gamma)``
     per position of a feature map); ``gamma`` is stored as ``(d, 1, 1)`` like the package's."""
 
     def __init__(self, dim: int):
@@ -42,9 +40,10 @@ class RMSNorm(StreamNorm):
 
 class HyperConnections(_compat.HyperConnections):
     """``hyper_connections.hyper_connections_channel_first.HyperConnections``: the package's signature
-    (``channel_first`` defaults to True), the computation of :class:`anydepth.nn.hyper.HyperConnection`.
-    Keywords of :class:`anydepth.compat.hyper.HyperConnections` (``num_fracs``, ``dropout_placement``,
-    ...) pass through."""
+    (``channel_first`` defaults to True), the computation of
+    :class:`anydepth.nn.residual.hyper.HyperConnection`. Keywords of
+    :class:`anydepth.compat.hyper_connections.hyper_connections.HyperConnections` (``num_fracs``,
+    ``dropout_placement``, ...) pass through."""
 
     def __init__(
         self,
@@ -78,20 +77,6 @@ class HyperConnections(_compat.HyperConnections):
             )
 
 
-def get_expand_reduce_stream_functions(num_streams: int, disable: bool = False):
-    """``(expand, reduce)``: ``b ... -> (b s) ...`` and the sum back; identities when ``disable``."""
-    return _compat.get_expand_reduce_stream_functions(num_streams, disable=disable)
-
-
-def get_init_and_expand_reduce_stream_functions(num_streams: int, disable: bool | None = None):
-    """``(init_hyper_conn, expand_stream, reduce_stream)`` for channel-first residuals."""
-    _compat._check_streams(num_streams)
-    disable = num_streams == 1 if disable is None else disable
-    init = partial(Residual if disable else HyperConnections, num_streams)
-    return (init, *get_expand_reduce_stream_functions(num_streams, disable))
-
-
-HyperConnections.get_expand_reduce_stream_functions = staticmethod(get_expand_reduce_stream_functions)
-HyperConnections.get_init_and_expand_reduce_stream_functions = staticmethod(
-    get_init_and_expand_reduce_stream_functions
+get_expand_reduce_stream_functions, get_init_and_expand_reduce_stream_functions = _compat.stream_functions_for(
+    HyperConnections
 )

@@ -8,7 +8,7 @@ With ``n`` streams ``H`` (folded into the batch, ``(b s) ... d``) and ``Hbar = r
     x_k  = sum_s A[s, k] H_s           the k-th branch input, stacked as (i b) ... d
     H_j' = sum_s A[s, i + j] H_s + sum_k B[j, k] f(x)_k
 
-The width connection is :class:`anydepth.nn.hyper.HyperConnection`'s with ``num_input_views = i``;
+The width connection is :class:`anydepth.nn.residual.hyper.HyperConnection`'s with ``num_input_views = i``;
 only the depth connection, which takes one output per input, is specific to this module. At init
 branch input ``k`` of layer ``l`` reads stream ``(-(k + l i)) mod n`` (the package's rule), so the
 inputs of one layer read different streams; ``layer_index=None`` draws ``l`` from torch's generator.
@@ -18,15 +18,14 @@ Parameter names and shapes are the package's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from anydepth.compat import hyper as _compat
-from anydepth.compat.hyper import Residual, StreamEmbed, _move_channels_last
-from anydepth.nn.hyper import HyperConnection
-from anydepth.nn.hyper import StreamNorm as RMSNorm
+from anydepth.compat.hyper_connections import hyper_connections as _compat
+from anydepth.compat.hyper_connections.hyper_connections import Residual, StreamEmbed, _move_channels_last
+from anydepth.nn.residual.hyper import HyperConnection
+from anydepth.nn.residual.hyper import StreamNorm as RMSNorm
 
 __all__ = [
     "HyperConnections",
@@ -148,21 +147,7 @@ class HyperConnections(_compat.HyperConnections):
         return forward_and_add_residual
 
 
-def get_expand_reduce_stream_functions(num_streams: int, disable: bool = False):
-    """``(expand, reduce)``: ``b ... -> (b s) ...`` and the sum back; identities when ``disable``."""
-    return _compat.get_expand_reduce_stream_functions(num_streams, disable=disable)
-
-
-def get_init_and_expand_reduce_stream_functions(num_streams: int, disable: bool | None = None):
-    """``(init_hyper_conn, expand_stream, reduce_stream)``; :class:`Residual` when ``disable`` (default:
-    one stream). (The package's versions of these two take a stray first argument and fail.)"""
-    _compat._check_streams(num_streams)
-    disable = num_streams == 1 if disable is None else disable
-    init = partial(Residual if disable else HyperConnections, num_streams)
-    return (init, *get_expand_reduce_stream_functions(num_streams, disable))
-
-
-HyperConnections.get_expand_reduce_stream_functions = staticmethod(get_expand_reduce_stream_functions)
-HyperConnections.get_init_and_expand_reduce_stream_functions = staticmethod(
-    get_init_and_expand_reduce_stream_functions
+# (the package's versions of these two take a stray first argument and fail)
+get_expand_reduce_stream_functions, get_init_and_expand_reduce_stream_functions = _compat.stream_functions_for(
+    HyperConnections
 )

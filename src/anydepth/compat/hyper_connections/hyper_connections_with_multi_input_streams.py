@@ -9,7 +9,7 @@ folded into the batch, ``(b s) ... d_i``) becomes ``sum_s m_s X_s`` with
     m = a + s_x * act(rmsnorm(X) w_x)          a = e_(layer_index mod s), w_x = 0, s_x = 0.01 at init
 
 (a width connection with one output and no residual columns). The main residual goes through
-:class:`anydepth.compat.hyper.HyperConnections` unchanged.
+:class:`anydepth.compat.hyper_connections.hyper_connections.HyperConnections` unchanged.
 
 ``hc(residual, *args, **kwargs)`` returns ``((branch_args, branch_kwargs), add_residual)`` without a
 branch (``branch_args[0]`` is the branch input), or the new residual (and the branch's other outputs)
@@ -19,16 +19,15 @@ with one. Parameters carry the package's names and shapes in ``state_dict()``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from anydepth.compat import hyper as _compat
-from anydepth.compat.hyper import Residual, _move_channels_first, unfold_streams
+from anydepth.compat.hyper_connections import hyper_connections as _compat
 from anydepth.compat.hyper_connections._state import Renamed, shape, translate_state_dict
-from anydepth.nn.hyper import StreamNorm as RMSNorm
+from anydepth.compat.hyper_connections.hyper_connections import Residual, _move_channels_first, unfold_streams
+from anydepth.nn.residual.hyper import StreamNorm as RMSNorm
 
 __all__ = [
     "HyperConnections",
@@ -46,7 +45,7 @@ InputPathType = int | str
 class ProjActScale(nn.Module):
     """``act(x W^T) * scale`` (``W`` zero and ``scale = 0.01`` at init; ``squeeze_output`` drops a
     trailing size-1 dim): the dynamic weight of one extra input. The hyper-connection folds its stream
-    norm into ``W`` (:meth:`anydepth.nn.hyper.StreamNorm.project`) instead of calling this forward."""
+    norm into ``W`` (:meth:`anydepth.nn.residual.hyper.StreamNorm.project`) instead of calling this forward."""
 
     def __init__(
         self,
@@ -81,7 +80,8 @@ def _check_path(entry, dim: int) -> tuple[InputPathType, int]:
 
 class HyperConnections(_compat.HyperConnections):
     """``hyper_connections.hyper_connections_with_multi_input_streams.HyperConnections``: the package's
-    signature on :class:`anydepth.compat.hyper.HyperConnections` (whose keywords pass through)."""
+    signature on :class:`anydepth.compat.hyper_connections.hyper_connections.HyperConnections` (whose
+    keywords pass through)."""
 
     def __init__(
         self,
@@ -128,9 +128,7 @@ class HyperConnections(_compat.HyperConnections):
 
     def _reduce_input(self, i: int, x, path) -> Tensor:
         if not torch.is_tensor(x):
-            raise TypeError(
-                f"additional input {path!r} must be a tensor of residual streams, got {type(x).__name__}"
-            )
+            raise TypeError(f"additional input {path!r} must be a tensor of residual streams, got {type(x).__name__}")
         norm, dyn = self.additional_norms[i], self.additional_to_dynamic_input[i]
         static = self.additional_static_input[i]
         h = unfold_streams(x, self.streams, self.channel_first)  # (b, ..., s, d_i)
@@ -183,21 +181,6 @@ class HyperConnections(_compat.HyperConnections):
         return forward_and_add_residual
 
 
-def get_expand_reduce_stream_functions(num_streams: int, disable: bool = False):
-    """``(expand, reduce)``: ``b ... -> (b s) ...`` and the sum back; identities when ``disable``."""
-    return _compat.get_expand_reduce_stream_functions(num_streams, disable=disable)
-
-
-def get_init_and_expand_reduce_stream_functions(num_streams: int, disable: bool | None = None):
-    """``(init_hyper_conn, expand_stream, reduce_stream)``; :class:`Residual` when ``disable`` (default:
-    one stream)."""
-    _compat._check_streams(num_streams)
-    disable = num_streams == 1 if disable is None else disable
-    init = partial(Residual if disable else HyperConnections, num_streams)
-    return (init, *get_expand_reduce_stream_functions(num_streams, disable))
-
-
-HyperConnections.get_expand_reduce_stream_functions = staticmethod(get_expand_reduce_stream_functions)
-HyperConnections.get_init_and_expand_reduce_stream_functions = staticmethod(
-    get_init_and_expand_reduce_stream_functions
+get_expand_reduce_stream_functions, get_init_and_expand_reduce_stream_functions = _compat.stream_functions_for(
+    HyperConnections
 )

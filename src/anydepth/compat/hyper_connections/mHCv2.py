@@ -1,5 +1,5 @@
 """``hyper_connections.mHCv2``: manifold-constrained hyper-connections (DeepSeek-AI, arXiv 2512.24880)
-on an explicit stream axis, ``(..., s, d)``, the layout of :mod:`anydepth.nn.hyper` itself.
+on an explicit stream axis, ``(..., s, d)``, the layout of :mod:`anydepth.nn.residual.hyper` itself.
 
 Per token, with ``Hbar = rmsnorm(M H)`` (``M = I`` unless ``mix_streams_before_norm``)::
 
@@ -13,12 +13,12 @@ init, so ``M = I`` at init): the coefficients see a mix of the streams, the mixi
 ``use_triton_sinkhorn`` selects :mod:`~anydepth.compat.hyper_connections.triton_sinkhorn`, which is
 the eager iteration on every device.
 
-The computation is :class:`anydepth.nn.hyper.ManifoldHyperConnection`'s; parameters carry the
+The computation is :class:`anydepth.nn.residual.hyper.ManifoldHyperConnection`'s; parameters carry the
 package's names and shapes, so state dicts load both ways. Differences from ``hyper_connections``
-0.4.11: those of :mod:`anydepth.compat.hyper` (dropout on the branch output by default, fraction
-semantics, ``layer_index=None`` from torch's generator); several input views work (the package's
-scale vector has the wrong length for them); ``width_connection`` returns ``beta`` as ``(..., fracs,
-s)`` and the mixed streams as ``(..., s, d)``.
+0.4.11: those of :mod:`anydepth.compat.hyper_connections.hyper_connections` (dropout on the branch
+output by default, fraction semantics, ``layer_index=None`` from torch's generator); several input
+views work (the package's scale vector has the wrong length for them); ``width_connection`` returns
+``beta`` as ``(..., fracs, s)`` and the mixed streams as ``(..., s, d)``.
 """
 
 from __future__ import annotations
@@ -30,17 +30,14 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from anydepth.compat.hyper import Residual as Residual
-from anydepth.compat.hyper import _FoldedStreams, _layer_index
+from anydepth.compat.hyper_connections import manifold_constrained_hyper_connections as _mc
 from anydepth.compat.hyper_connections import triton_sinkhorn as _triton
+from anydepth.compat.hyper_connections.hyper_connections import Residual, _check_streams
 from anydepth.compat.hyper_connections.manifold_constrained_hyper_connections import (
-    log_domain_sinkhorn_knopps as _log_domain_sinkhorn,
+    log_domain_sinkhorn_knopps,
+    sinkhorn_knopps,
 )
-from anydepth.compat.hyper_connections.manifold_constrained_hyper_connections import (
-    sinkhorn_knopps as _sinkhorn,
-)
-from anydepth.nn.hyper import ManifoldHyperConnection
-from anydepth.nn.hyper import StreamNorm as RMSNorm
+from anydepth.nn.residual.hyper import StreamNorm as RMSNorm
 
 __all__ = [
     "AttentionPoolReduceStream",
@@ -56,26 +53,9 @@ __all__ = [
 ]
 
 
-def sinkhorn_knopps(log_alpha: Tensor, iters: int = 20) -> Tensor:
-    """:func:`anydepth.nn.hyper.sinkhorn`; ``iters <= 0`` returns ``log_alpha`` unchanged (the package's
-    way to switch the constraint off)."""
-    return log_alpha if iters <= 0 else _sinkhorn(log_alpha, iters)
-
-
-def log_domain_sinkhorn_knopps(log_alpha: Tensor, iters: int = 20) -> Tensor:
-    """The log-space iteration; ``iters <= 0`` returns ``log_alpha`` unchanged."""
-    return log_alpha if iters <= 0 else _log_domain_sinkhorn(log_alpha, iters)
-
-
-def _check_streams(num_streams) -> int:
-    if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
-        raise ValueError(f"num_streams must be an int >= 1, got {num_streams!r}; use 4 as in the paper")
-    return num_streams
-
-
-class ManifoldConstrainedHyperConnections(_FoldedStreams, ManifoldHyperConnection):
+class ManifoldConstrainedHyperConnections(_mc.ManifoldConstrainedHyperConnections):
     """``hyper_connections.mHCv2.ManifoldConstrainedHyperConnections`` with the original signature, on
-    :class:`anydepth.nn.hyper.ManifoldHyperConnection`; residuals are ``(..., s, dim)``.
+    :class:`anydepth.nn.residual.hyper.ManifoldHyperConnection`; residuals are ``(..., s, dim)``.
 
     ``hc(residuals)`` returns ``(branch_input, add_residual)``, or the new residuals when built with
     ``branch=``. Extra keywords: ``dropout_placement`` (``"branch"`` default, ``"stream"`` as the
@@ -115,23 +95,24 @@ class ManifoldConstrainedHyperConnections(_FoldedStreams, ManifoldHyperConnectio
             fn = _triton.triton_sinkhorn if use_triton_sinkhorn else sinkhorn_knopps
             residual_mix_constraint_fn = partial(fn, iters=sinkhorn_iters)
         super().__init__(
-            dim,
             streams,
-            layer_index=_layer_index(layer_index, streams),
-            num_fracs=num_fracs,
-            num_input_views=num_input_views,
-            sinkhorn_iters=max(sinkhorn_iters, 1),
-            log_domain=log_domain_sinkhorn,
-            identity_init=identity_init,
-            beta_init=1.0,
-            num_dynamic_alpha_proposals=num_dynamic_alpha_proposals,
-            residual_mix_constraint_fn=residual_mix_constraint_fn,
+            dim=dim,
+            branch=branch,
+            layer_index=layer_index,
             dropout=dropout,
-            dropout_placement=dropout_placement,
+            residual_transform=residual_transform,
             add_branch_out_to_residual=add_branch_out_to_residual,
-            depth_residual_fn=None if depth_residual_fn is operator.add else depth_residual_fn,
+            num_input_views=num_input_views,
+            depth_residual_fn=depth_residual_fn,
+            num_fracs=num_fracs,
+            sinkhorn_iters=max(sinkhorn_iters, 1),
+            log_domain_sinkhorn=log_domain_sinkhorn,
+            residual_mix_constraint_fn=residual_mix_constraint_fn,
+            forward_method_names=forward_method_names,
+            num_dynamic_alpha_proposals=num_dynamic_alpha_proposals,
+            dropout_placement=dropout_placement,
+            identity_init=identity_init,
         )
-        self._init_seed_api(branch, False, residual_transform, forward_method_names)
         f = self.num_fracs
         if add_branch_out_to_residual:
             # the package's shapes; _static_beta and _coefficients read them through views
@@ -232,9 +213,7 @@ def get_expand_reduce_stream_functions(
         return nn.Identity(), nn.Identity()
     _check_streams(num_streams)
     if (add_stream_embed or add_attn_pool_reduce_stream) and dim is None:
-        raise ValueError(
-            "add_stream_embed=True and add_attn_pool_reduce_stream=True need dim= (the feature size)"
-        )
+        raise ValueError("add_stream_embed=True and add_attn_pool_reduce_stream=True need dim= (the feature size)")
     expand = StreamEmbed(num_streams, dim, expand_to_streams=True) if add_stream_embed else _RepeatStreams(num_streams)
     reduce = AttentionPoolReduceStream(dim) if add_attn_pool_reduce_stream else _SumStreams()
     return expand, reduce

@@ -1,5 +1,5 @@
 """``hyper_connections.triton_sinkhorn``: the Sinkhorn projection behind the package's CUDA kernel's
-signature. Here it is :func:`anydepth.nn.hyper.sinkhorn` on every device (the eager iteration,
+signature. Here it is :func:`anydepth.nn.residual.hyper.sinkhorn` on every device (the eager iteration,
 differentiated exactly by autograd); the package's Triton kernel computes the same in one launch on
 CUDA, so ``use_triton_sinkhorn=True`` changes where the time goes, not the result."""
 
@@ -10,7 +10,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from anydepth.nn.hyper import sinkhorn
+from anydepth.nn.residual.hyper import sinkhorn
 
 __all__ = ["is_triton_available", "triton_sinkhorn"]
 

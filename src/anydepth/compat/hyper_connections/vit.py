@@ -6,7 +6,7 @@ feed-forward blocks, each wrapped in a :class:`~anydepth.compat.hyper_connection
 ``num_residual_streams`` streams; the streams are summed, normalised, and the class token (or the mean
 token, ``pool="mean"``) goes through a linear head. The layers are the library's
 (:class:`anydepth.nn.attention.FullAttention`, :class:`anydepth.nn.feedforward.MLP`, the mHC of
-:mod:`anydepth.nn.hyper`); ``state_dict()`` uses the package's keys and shapes, so its weights load.
+:mod:`anydepth.nn.residual.hyper`); ``state_dict()`` uses the package's keys and shapes, so its weights load.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Admin (Liu et al. 2020, "Understanding the Difficulty of Training Transformers")
 of a post-LN residual, ``x = LN(w * x + f(x))``, so the output change under an update grows as
 O(log N) or O(1) in the number N of residual sublayers instead of O(N)::
 
-    from anydepth import admin
+    from anydepth.compat import admin_torch as admin
 
     class EncoderLayer(nn.Module):
         def __init__(self, dim, heads, n_layers):
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from anydepth.nn.residual import ADMIN_SCALES, Admin, admin_omega, admin_profile_
+from anydepth.nn.residual.admin import ADMIN_SCALES, Admin, admin_omega, admin_profile_
 
 __all__ = [
     "OmegaResidual",
@@ -51,7 +51,7 @@ class OmegaResidual(Admin):
     their own post-LN (admin-torch's ``OmegaResidual``).
 
     ``omega`` is a ``[1]`` buffer filled with ``init_value``, or, with ``as_parameter=True``, a trainable
-    ``[embed_dim]`` vector (``embed_dim`` required). It is the library's :class:`~anydepth.nn.residual.Admin`
+    ``[embed_dim]`` vector (``embed_dim`` required). It is the library's :class:`~anydepth.nn.residual.admin.Admin`
     with ``norm=None``; only the call signature differs (it takes the branch output, not the branch).
     """
 
@@ -61,7 +61,7 @@ class OmegaResidual(Admin):
                 "OmegaResidual: embed_dim is required when as_parameter=True (omega is then a per-channel "
                 "vector); pass embed_dim=<hidden size> or use as_parameter=False for a scalar buffer"
             )
-        super().__init__(embed_dim, init_value=init_value, as_parameter=as_parameter, norm=None)
+        super().__init__(Admin.Config(as_parameter=as_parameter), dim=embed_dim, norm=None, init_value=init_value)
 
     def forward(self, x: Tensor, f_x: Tensor) -> Tensor:  # type: ignore[override]
         return self.combine(x, f_x)
@@ -93,9 +93,7 @@ def as_module(
 
 def _check_network(network: Any, who: str) -> None:
     if not isinstance(network, nn.Module):
-        raise TypeError(
-            f"{who}: network must be a torch.nn.Module to register omega on, got {type(network).__name__}"
-        )
+        raise TypeError(f"{who}: network must be a torch.nn.Module to register omega on, got {type(network).__name__}")
 
 
 def _check_name(name: Any, who: str, arg: str) -> None:
@@ -103,9 +101,7 @@ def _check_name(name: Any, who: str, arg: str) -> None:
         raise ValueError(f"{who}: {arg} must be a non-empty attribute name without dots, got {name!r}")
 
 
-def as_buffer(
-    network: nn.Module, buffer_name: str, num_res_layers: int, output_change_scale: str = "default"
-) -> None:
+def as_buffer(network: nn.Module, buffer_name: str, num_res_layers: int, output_change_scale: str = "default") -> None:
     """Registers ``omega`` on ``network`` as a ``[1]`` buffer ``buffer_name``; use ``x * omega + f_x``."""
     _check_network(network, "as_buffer")
     _check_name(buffer_name, "as_buffer", "buffer_name")
@@ -124,8 +120,6 @@ def as_parameter(
     _check_network(network, "as_parameter")
     _check_name(parameter_name, "as_parameter", "parameter_name")
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, numbers.Integral) or embed_dim <= 0:
-        raise ValueError(
-            f"as_parameter: embed_dim must be a positive int (the hidden size), got {embed_dim!r}"
-        )
+        raise ValueError(f"as_parameter: embed_dim must be a positive int (the hidden size), got {embed_dim!r}")
     omega = calculate_init(num_res_layers, output_change_scale)
     network.register_parameter(parameter_name, nn.Parameter(torch.full((int(embed_dim),), omega)))

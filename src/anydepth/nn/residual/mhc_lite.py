@@ -17,12 +17,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from anydepth.nn.hyper import ManifoldHyperConnection
+from anydepth.nn.context import LayerContext
 from anydepth.nn.registry import RESIDUALS
+from anydepth.nn.residual.hyper import ManifoldHyperConnection
 
 __all__ = ["LiteManifoldHyperConnection", "permutation_matrices", "MAX_STREAMS"]
 
@@ -68,16 +70,15 @@ class LiteManifoldHyperConnection(ManifoldHyperConnection):
 
     def __init__(
         self,
-        dim: int,
-        streams: int = 4,
+        cfg: Config | None = None,
         *,
-        layer_index: int,
-        identity_logit: float = 1.0,
-        dropout: float = 0.0,
-        dropout_placement: str = "branch",
-        reduce: str = "sum",
-        norm: nn.Module | None = None,
+        dim: int,
+        ctx: LayerContext | None = None,
+        norm: Any = None,
+        layer_index: int | None = None,
     ):
+        cfg = self.config_of(cfg)
+        streams, identity_logit = cfg.streams, cfg.identity_logit
         if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= MAX_STREAMS:
             raise ValueError(
                 f"mhc_lite streams={streams!r} must be an int in [1, {MAX_STREAMS}]: H_res weighs all n! permutation "
@@ -89,15 +90,7 @@ class LiteManifoldHyperConnection(ManifoldHyperConnection):
             or not math.isfinite(identity_logit)
         ):
             raise ValueError(f"mhc_lite identity_logit must be a finite number, got {identity_logit!r}")
-        super().__init__(
-            dim,
-            streams,
-            layer_index=layer_index,
-            dropout=dropout,
-            dropout_placement=dropout_placement,
-            reduce=reduce,
-            norm=norm,
-        )
+        super().__init__(cfg, dim=dim, ctx=ctx, norm=norm, layer_index=layer_index)
         n, d = self.streams, self.frac_dim
         # mHC's square logit matrix and its projection are replaced by the permutation weights
         del self.static_alpha, self.dynamic_alpha_fn

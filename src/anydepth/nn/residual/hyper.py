@@ -41,31 +41,31 @@ bounded) and ``H_post = 2 sigmoid(.)``.
 
 Layout: the model's residual ``(..., d)`` becomes ``(..., n, d)`` (streams next to features, so the
 per-token mixing is one batched matmul); :meth:`HyperConnection.expand` and ``reduce`` convert. The
-seed-compatible classes in :mod:`anydepth.compat.hyper` reuse these modules with the original's
-folded ``(b n) ... d`` layout.
+seed-compatible classes in :mod:`anydepth.compat.hyper_connections` reuse these modules with the
+original's folded ``(b n) ... d`` layout.
 
 Speed: on CPU in float32, with one fraction and one input view, static and dynamic hyper-connections
-run their width and depth connections through the fused kernels of :mod:`anydepth.nn.hyper_fused`
+run their width and depth connections through the fused kernels of :mod:`anydepth.nn.residual.hyper_fused`
 (one pass over the streams per connection and direction); mHC and every other configuration use the
 eager formulas below, which compute the same thing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anydepth.nn import hyper_fused
 from anydepth.nn.amp import autocast_apply
 from anydepth.nn.context import LayerContext
 from anydepth.nn.norms import LayerNorm
 from anydepth.nn.registry import NORMS, RESIDUALS
-from anydepth.nn.residual import Residual
+from anydepth.nn.residual import hyper_fused
+from anydepth.nn.residual.base import Residual
 
 __all__ = ["StreamNorm", "sinkhorn", "HyperConnection", "ManifoldHyperConnection", "IDENTITY_LOGIT"]
 
@@ -173,8 +173,7 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, log_domain: bool = False) -> Te
     """
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(
-            "sinkhorn expects square matrices in the last two dims, "
-            f"got logits of shape {tuple(logits.shape)}"
+            f"sinkhorn expects square matrices in the last two dims, got logits of shape {tuple(logits.shape)}"
         )
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"sinkhorn iters must be a positive int, got {iters!r}; 20 is the usual choice")
@@ -255,26 +254,22 @@ class HyperConnection(Residual):
 
     def __init__(
         self,
-        dim: int,
-        streams: int = 4,
+        cfg: Config | None = None,
         *,
-        layer_index: int,
-        dynamic: bool = True,
-        tanh: bool = True,
-        num_fracs: int = 1,
+        dim: int,
+        ctx: LayerContext | None = None,
+        norm: Any = None,
+        layer_index: int | None = None,
         num_input_views: int = 1,
-        dropout: float = 0.0,
-        dropout_placement: str = "branch",
-        reduce: str = "sum",
-        norm: nn.Module | None = None,
         add_branch_out_to_residual: bool = True,
         depth_residual_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ):
         super().__init__()
-        self._setup(dim, streams, layer_index, num_fracs, num_input_views, dropout, dropout_placement, reduce)
+        cfg = self.config_of(cfg)
+        self._setup(cfg, dim, ctx, layer_index, num_input_views, norm)
+        dynamic, tanh = cfg.dynamic, cfg.tanh
         self.dynamic = bool(dynamic)
         self.act = nn.Tanh() if tanh else nn.Identity()
-        self.branch_norm = norm if norm is not None else nn.Identity()
         self.add_branch_out_to_residual = add_branch_out_to_residual
         # None means the fused B * y + H' (addcmul); a callable g gives g(B * y, H') instead
         self.depth_residual_fn = depth_residual_fn
@@ -293,7 +288,23 @@ class HyperConnection(Residual):
                 self.dynamic_beta_scale = nn.Parameter(torch.full((), 1e-2))
 
     # -- construction helpers shared with the mHC subclass -------------------------------------
-    def _setup(self, dim, streams, layer_index, num_fracs, num_input_views, dropout, placement, reduce):
+    def _setup(self, cfg, dim, ctx, layer_index, num_input_views, norm):
+        # layer_index picks the stream that feeds the branch at init: the sublayer's global index
+        # from the build context, or given directly (the seed API's layer_index)
+        if layer_index is None:
+            if ctx is None:
+                raise ValueError(
+                    f"{type(self).__name__}: give ctx (the sublayer's position) or layer_index (the stream "
+                    "that feeds the branch at init is layer_index mod streams)"
+                )
+            layer_index = ctx.index
+        # a Config without num_fracs (mHC-lite) is one fraction by construction
+        streams, num_fracs = cfg.streams, getattr(cfg, "num_fracs", 1)
+        dropout, placement, reduce = cfg.dropout, cfg.dropout_placement, cfg.reduce
+        if norm is None or isinstance(norm, nn.Module):
+            self.branch_norm = norm if norm is not None else nn.Identity()
+        else:
+            self.branch_norm = NORMS.build(norm, dim=dim)
         self.dim = _check_int("dim", dim, 1, "pass the model width (the residual's last dimension)")
         self.streams = _check_int(
             "streams (num_residual_streams)", streams, 1, "use 1 for a plain residual or 4 as in the paper"
@@ -301,9 +312,7 @@ class HyperConnection(Residual):
         self.num_fracs = _check_int("num_fracs", num_fracs, 1, "use 1 to disable frac-connections")
         if dim % num_fracs:
             divisors = [m for m in range(1, min(dim, 16) + 1) if dim % m == 0]
-            raise ValueError(
-                f"num_fracs={num_fracs} does not divide dim={dim}; choose num_fracs from {divisors}"
-            )
+            raise ValueError(f"num_fracs={num_fracs} does not divide dim={dim}; choose num_fracs from {divisors}")
         self.num_input_views = _check_int("num_input_views", num_input_views, 1, "use 1 for one branch input")
         if isinstance(layer_index, bool) or not isinstance(layer_index, int) or layer_index < 0:
             raise ValueError(
@@ -324,12 +333,6 @@ class HyperConnection(Residual):
         self.dropout = nn.Dropout(dropout)
         self.dropout_placement = placement
         self.reduction = reduce
-
-    @classmethod
-    def from_config(cls, cfg, *, dim: int, ctx: LayerContext | None = None, norm="layer"):
-        # every Config field is a constructor keyword of the same name (here and in the mHC subclass)
-        ctx = ctx or LayerContext()
-        return cls(dim, layer_index=ctx.index, norm=NORMS.build(norm, dim=dim), **dataclasses.asdict(cfg))
 
     # -- stream shape ----------------------------------------------------------------------------
     def expand(self, x: Tensor) -> Tensor:
@@ -597,33 +600,29 @@ class ManifoldHyperConnection(HyperConnection):
 
     def __init__(
         self,
-        dim: int,
-        streams: int = 4,
+        cfg: Config | None = None,
         *,
-        layer_index: int,
-        num_fracs: int = 1,
+        dim: int,
+        ctx: LayerContext | None = None,
+        norm: Any = None,
+        layer_index: int | None = None,
         num_input_views: int = 1,
-        sinkhorn_iters: int = 20,
-        log_domain: bool = False,
-        identity_init: bool = False,
         beta_init: float = 0.0,
         num_dynamic_alpha_proposals: int = 1,
         residual_mix_constraint_fn: Callable[[Tensor], Tensor] | None = None,
-        dropout: float = 0.0,
-        dropout_placement: str = "branch",
-        reduce: str = "sum",
-        norm: nn.Module | None = None,
         add_branch_out_to_residual: bool = True,
         depth_residual_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ):
         nn.Module.__init__(self)
-        self._setup(dim, streams, layer_index, num_fracs, num_input_views, dropout, dropout_placement, reduce)
+        cfg = self.config_of(cfg)
+        self._setup(cfg, dim, ctx, layer_index, num_input_views, norm)
+        # mHC-lite's Config has no Sinkhorn or identity_init option (it replaces that matrix
+        # altogether), so a subclass's Config falls back to this class's defaults
+        base = cfg if isinstance(cfg, ManifoldHyperConnection.Config) else ManifoldHyperConnection.Config()
+        sinkhorn_iters, log_domain, identity_init = base.sinkhorn_iters, base.log_domain, base.identity_init
         _check_int("sinkhorn_iters", sinkhorn_iters, 1, "20 is the usual choice")
-        p = _check_int(
-            "num_dynamic_alpha_proposals", num_dynamic_alpha_proposals, 1, "use 1 for one projection"
-        )
+        p = _check_int("num_dynamic_alpha_proposals", num_dynamic_alpha_proposals, 1, "use 1 for one projection")
         self.dynamic = True
-        self.branch_norm = norm if norm is not None else nn.Identity()
         self.add_branch_out_to_residual = add_branch_out_to_residual
         self.depth_residual_fn = depth_residual_fn
         self.sinkhorn_iters, self.log_domain = sinkhorn_iters, log_domain

@@ -35,7 +35,7 @@ Float32 only; tokens run in parallel (OpenMP), parameter gradients are reduced f
 partial sums. The C++ is ``anydepth/csrc/hyper_connections.cpp``; the kernels are the torch.library
 ops ``anydepth::hc_width``, ``anydepth::hc_depth`` and their backward ops (fake implementations and
 autograd formulas registered).
-:class:`~anydepth.nn.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
+:class:`~anydepth.nn.residual.hyper.HyperConnection` uses these where :func:`fused_ok` allows and its eager
 path otherwise (other dtypes, fractions, several input views, mHC, custom depth functions, autocast,
 ``torch.compile``, ``torch.func``); ``tests/nn/test_hyper.py`` checks that both paths agree.
 ``ANYDEPTH_FUSED_HYPER=0`` (or ``use_fused_hyper(False)``) disables the kernels; do that for
