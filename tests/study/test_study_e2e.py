@@ -120,7 +120,8 @@ def test_cli_parses_every_option_into_the_plan():
 
     args = parse_args(["--schemes", "rezero", "postln", "--depths", "3", "5", "--lrs", "1e-3", "3e-3", "--seeds", "2",
                        "--steps", "7", "--fc-depths", "4", "8", "--fc-steps", "9", "--fc-width", "16", "--fc-lr",
-                       "0.5", "--output-change-depths", "2", "4", "--no-lm", "--no-fc", "--no-output-change",
+                       "0.5", "--fc-layer-lr", "1e-4", "--output-change-depths", "2", "4", "--no-lm", "--no-fc",
+                       "--no-output-change",
                        "--no-progress", "--workers", "3", "--threads", "1", "--deep", "--deep-depth", "6",
                        "--deep-minutes", "0.5", "--deep-schemes", "rezero", "postln", "--deep-lr", "2e-3",
                        "--data", "c.txt", "--out", "o", "--publish", "p", "--readme", "R.md"])
@@ -130,7 +131,7 @@ def test_cli_parses_every_option_into_the_plan():
     plan = plan_from_args(args)
     assert set(plan.schemes) == {"rezero", "postln"} and tuple(plan.depths) == (3, 5) and len(plan.seeds) == 2
     assert set(plan.budgets.values()) == {7} and (plan.fc_depths, plan.fc_steps) == ((4, 8), 9)
-    assert (plan.fc_width, plan.fc_lr, plan.output_change_depths) == (16, 0.5, (2, 4))
+    assert (plan.fc_width, plan.fc_lr, plan.fc_layer_lr, plan.output_change_depths) == (16, 0.5, 1e-4, (2, 4))
     assert {lr for _, lrs in plan.lr_sweep.values() for lr in lrs} == {1e-3, 3e-3}
     deep = deep_plan_from_args(args)
     assert (deep.depth, deep.minutes, deep.schemes, deep.lr) == (6, 0.5, ("rezero", "postln"), 2e-3)
