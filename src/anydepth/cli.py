@@ -233,7 +233,9 @@ def _check_keys(argv: list[str], valid: set[str], command: str) -> None:
         raise CliError(f"unknown option --{key}; {hint}")
 
 
-def _tyro_cli(cls: type, argv: list[str], default: Any, prog: str):
+def _tyro_cli(cls: type, argv: list[str], default: Any, prog: str, *, flags: bool = False):
+    """``tyro.cli`` with parse errors raised as one-line :class:`CliError`. ``flags``: a bool field is a
+    ``--name/--no-name`` flag pair (``anydepth study``) instead of ``--name True|False``."""
     import tyro
 
     def hook(event) -> None:
@@ -244,7 +246,7 @@ def _tyro_cli(cls: type, argv: list[str], default: Any, prog: str):
     # own report is shown, still with exit code 2.
     errors = getattr(tyro, "_errors", None)
     ctx = errors.on_parse_error(hook) if errors is not None and hasattr(errors, "on_parse_error") else None
-    kwargs = {"args": argv, "prog": prog, "config": (tyro.conf.FlagConversionOff,)}
+    kwargs = {"args": argv, "prog": prog, "config": () if flags else (tyro.conf.FlagConversionOff,)}
     if default is not None:
         kwargs["default"] = default
     if ctx is None:

@@ -99,3 +99,54 @@ def test_temperature_zero_is_greedy():
     for _ in range(4):
         x = torch.cat([x, m(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, x)
+
+
+def _mask_cases():
+    """(layer, call) pairs for every attention layer called directly; ``call(layer, **masks)`` runs one forward."""
+    from anydepth.compat import reformer as R
+    from anydepth.nn.attention import FullAttention, LocalAttention
+
+    def attn(kind, cross=False, **fields):
+        torch.manual_seed(0)
+        layer = ATTENTIONS.build(ATTENTIONS.config(kind, **fields), dim=8, heads=2, dim_head=4, causal=False,
+                                 ctx=None, cross=cross)
+        assert isinstance(layer, (FullAttention, LocalAttention)) or kind == "lsh"
+        return layer
+
+    x, ctx = torch.randn(2, 8, 8), torch.randn(2, 5, 8)
+    torch.manual_seed(0)
+    lsh_self = R.LSHSelfAttention(dim=8, heads=2, bucket_size=4, n_hashes=2)
+    reformer = R.Reformer(dim=8, depth=1, heads=2, bucket_size=4, n_hashes=2)
+    lm = R.ReformerLM(num_tokens=16, dim=8, depth=1, max_seq_len=8, heads=2, bucket_size=4, n_hashes=2)
+    core = R.LSHAttention(bucket_size=4, n_hashes=2)
+    pad, square, ctx_pad = (2, 8), (8, 8), (2, 5)
+    return [
+        ("full", attn("full"), lambda m, **kw: m(x, **kw), {"mask": pad, "attn_mask": square}),
+        ("full-cross", attn("full", cross=True), lambda m, **kw: m(x, context=ctx, **kw),
+         {"mask": pad, "context_mask": ctx_pad}),
+        ("local", attn("local", window=4), lambda m, **kw: m(x, **kw), {"mask": pad, "attn_mask": square}),
+        ("lsh-kind", attn("lsh", bucket_size=4, n_hashes=2), lambda m, **kw: m(x, **kw),
+         {"mask": pad, "attn_mask": square}),
+        ("LSHSelfAttention", lsh_self, lambda m, **kw: m(x, keys=ctx, **kw),
+         {"input_mask": pad, "mask": pad, "input_attn_mask": square, "attn_mask": square, "context_mask": ctx_pad}),
+        ("LSHAttention", core, lambda m, **kw: m(x, x, **kw)[0], {"input_mask": pad, "input_attn_mask": square}),
+        ("Reformer", reformer, lambda m, **kw: m(x, keys=ctx, **kw),
+         {"input_mask": pad, "input_attn_mask": square, "context_mask": ctx_pad}),
+        ("ReformerLM", lm, lambda m, **kw: m(TOKENS.clamp(max=15), **kw),
+         {"input_mask": pad, "input_attn_mask": square}),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.long])
+def test_every_attention_layer_takes_bool_masks_only(dtype):
+    """A 0/1 float or long mask is refused by every attention layer, under the argument's own name, with the
+    dtype and the fix; the same mask as bool runs (so the refusal is about the dtype alone)."""
+    for label, layer, call, masks in _mask_cases():
+        layer.eval()
+        for name, shape in masks.items():
+            ones = torch.ones(shape, dtype=dtype)
+            msg = rf"^{name} must be a bool tensor \(True = .*\), got dtype {dtype}; convert with {name}\.bool\(\)"
+            with pytest.raises(TypeError, match=msg):
+                call(layer, **{name: ones})
+            out = call(layer, **{name: ones.bool()})
+            assert torch.isfinite(out).all(), (label, name)

@@ -47,8 +47,8 @@ def rotate_half_split(t, positions, base=10000.0):
     return torch.cat((z.real, z.imag), dim=-1)
 
 
-def reference(attn, x, *, context=None, allowed=None, additive=None, positions=None):
-    """``softmax(q k^T / sqrt(d) + additive, masked by allowed) v`` with memory first; empty rows -> 0."""
+def reference(attn, x, *, context=None, allowed=None, positions=None):
+    """``softmax(q k^T / sqrt(d), masked by allowed) v`` with memory first; empty rows -> 0."""
     h, d, hv = attn.heads, attn.dim_head, attn.value_heads
     if attn.cross:
         wq, bq = attn.to_q.weight, attn.to_q.bias
@@ -71,15 +71,12 @@ def reference(attn, x, *, context=None, allowed=None, additive=None, positions=N
     if allowed is None:
         allowed = torch.ones(n, m, dtype=torch.bool)
     allowed = allowed.expand(b, h, n, m) if allowed.dim() < 4 else allowed.expand(b, h, n, m)
-    additive = torch.zeros(n, m, dtype=F64) if additive is None else additive
-    additive = additive.expand(b, h, n, m)
     if attn.num_mem_kv:
         mm = attn.num_mem_kv
         k = torch.cat((attn.mem_k.expand(b, h, mm, d), k), dim=2)
         v = torch.cat((attn.mem_v.expand(b, h, mm, d), v), dim=2)
         allowed = torch.cat((torch.ones(b, h, n, mm, dtype=torch.bool), allowed), dim=-1)
-        additive = torch.cat((torch.zeros(b, h, n, mm, dtype=F64), additive), dim=-1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d) + additive
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
     scores = scores.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key: zeros, as the layer promises
     out = (p @ v).transpose(1, 2).reshape(b, n, h * d)
@@ -102,7 +99,7 @@ def padding(b, n):
 
 @pytest.mark.parametrize(
     "case",
-    ["plain", "causal", "padding", "padding_causal", "bool_mask", "float_mask", "mem", "one_value", "rotary"],
+    ["plain", "causal", "padding", "padding_causal", "bool_mask", "bool_mask_2d", "mem", "one_value", "rotary"],
 )
 def test_full_self_attention_matches_formula(case):
     causal = case in ("causal", "padding_causal", "mem", "rotary")
@@ -115,7 +112,7 @@ def test_full_self_attention_matches_formula(case):
     b, n = 2, 6
     torch.manual_seed(1)
     x = torch.randn(b, n, DIM, dtype=F64)
-    kwargs, allowed, additive, positions = {}, None, None, None
+    kwargs, allowed, positions = {}, None, None
     if causal:
         allowed = tril(n)
     if case in ("padding", "padding_causal", "mem"):
@@ -125,14 +122,14 @@ def test_full_self_attention_matches_formula(case):
     if case == "bool_mask":
         kwargs["attn_mask"] = torch.rand(b, n, n) > 0.4
         allowed = kwargs["attn_mask"][:, None]
-    if case == "float_mask":
-        kwargs["attn_mask"] = torch.randn(n, n, dtype=F64)
-        additive = kwargs["attn_mask"]
+    if case == "bool_mask_2d":  # one (n, n) mask shared by the batch
+        kwargs["attn_mask"] = torch.randn(n, n, dtype=F64) > -0.5
+        allowed = kwargs["attn_mask"]
     if case == "rotary":
         positions = torch.arange(n) + 5
         kwargs["rotary"] = POSITIONS.build("rotary", dim=DIM, dim_head=DH, max_seq_len=64).double()(positions)
     out = attn(x, **kwargs)
-    expected = reference(attn, x, allowed=allowed, additive=additive, positions=positions)
+    expected = reference(attn, x, allowed=allowed, positions=positions)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     if case == "one_value":
         assert attn.to_qkv.weight.shape == (2 * HEADS * DH + DH, DIM)
@@ -163,9 +160,9 @@ def test_fully_masked_rows_give_zeros_not_nan():
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in attn.parameters() if p.grad is not None)
     assert torch.isfinite(x.grad).all()
-    # with an additive mask of -inf rows, too
-    fm = torch.zeros(4, 4, dtype=F64)
-    fm[1] = float("-inf")
+    # with a 2-D mask whose row 1 is all False, too
+    fm = torch.ones(4, 4, dtype=torch.bool)
+    fm[1] = False
     torch.testing.assert_close(attn(x, attn_mask=fm)[:, 1], attn.to_out.bias.expand(2, DIM), rtol=0, atol=0)
 
 
@@ -208,7 +205,7 @@ def band(n, window, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window,n", [(1, 5), (3, 7), (3, 9), (4, 8), (6, 4)])
-@pytest.mark.parametrize("extra", ["none", "padding_mem", "bool_mask", "float_mask"])
+@pytest.mark.parametrize("extra", ["none", "padding_mem", "bool_mask", "bool_mask_2d"])
 def test_local_equals_full_with_band_mask(causal, window, n, extra):
     fields = {"num_mem_kv": 2} if extra == "padding_mem" else {}
     local = build("local", causal=causal, window=window, **fields)
@@ -222,10 +219,9 @@ def test_local_equals_full_with_band_mask(causal, window, n, extra):
     if extra == "bool_mask":
         am = torch.rand(b, n, n) > 0.3
         kw_local["attn_mask"], kw_full["attn_mask"] = am, am & kw_full["attn_mask"]
-    if extra == "float_mask":
-        am = torch.randn(n, n, dtype=F64)
-        kw_local["attn_mask"] = am
-        kw_full["attn_mask"] = am.masked_fill(~kw_full["attn_mask"], float("-inf"))
+    if extra == "bool_mask_2d":  # one (n, n) mask shared by the batch
+        am = torch.randn(n, n, dtype=F64) > -0.5
+        kw_local["attn_mask"], kw_full["attn_mask"] = am, am & kw_full["attn_mask"]
     torch.testing.assert_close(local(x, **kw_local), full(x, **kw_full), rtol=1e-10, atol=1e-10)
 
 
@@ -401,15 +397,15 @@ def test_bad_masks_name_the_argument_and_the_shape():
     x = torch.randn(2, 5, DIM, dtype=F64)
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 5\).*got \(2, 4\)"):
         attn(x, mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"mask must be a bool .*dtype torch.int64.*mask.bool\(\)"):
+    with pytest.raises(TypeError, match=r"mask must be a bool .*dtype torch.int64.*mask.bool\(\)"):
         attn(x, mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"attn_mask must have shape \(n, k\)=\(5, 5\).*got \(5, 6\)"):
         attn(x, attn_mask=torch.ones(5, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"attn_mask must have shape .*got \(3, 5, 5\)"):
         attn(x, attn_mask=torch.ones(3, 5, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="attn_mask must be bool .*torch.int32"):
+    with pytest.raises(TypeError, match=r"attn_mask must be a bool tensor .*torch.int32.*attn_mask.bool\(\)"):
         attn(x, attn_mask=torch.ones(5, 5, dtype=torch.int32))
-    with pytest.raises(TypeError, match="attn_mask must be a tensor"):
+    with pytest.raises(TypeError, match="attn_mask must be a bool tensor"):
         attn(x, attn_mask=[[True]])
 
 

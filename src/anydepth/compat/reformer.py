@@ -37,6 +37,7 @@ from anydepth.model.config import ModelConfig
 from anydepth.nn import lsh
 from anydepth.nn.lsh import _rotary_from_pos_emb
 from anydepth.registry import ATTENTIONS, FFS, POSITIONS, RESIDUALS, STACKS
+from anydepth.validate import check_bool_mask
 
 __all__ = [
     "LSHAttention",
@@ -148,6 +149,9 @@ class LSHSelfAttention(lsh.LSHSelfAttention):
         pos_emb: Tensor | None = None,
         **kwargs,
     ) -> Tensor:
+        # reformer-pytorch's names are checked under those names (the layer checks mask= and attn_mask=)
+        check_bool_mask("input_mask", input_mask, None, "True = real token")
+        check_bool_mask("input_attn_mask", input_attn_mask, None, "True = may attend")
         kwargs["context"] = _one_of("keys", keys, "context", kwargs.get("context"))
         kwargs["mask"] = _one_of("input_mask", input_mask, "mask", kwargs.get("mask"))
         kwargs["attn_mask"] = _one_of("input_attn_mask", input_attn_mask, "attn_mask", kwargs.get("attn_mask"))
@@ -295,6 +299,10 @@ def _attn_kwargs(keys, input_mask, input_attn_mask, context_mask, rotary, kwargs
     unknown = set(kwargs) - {"_reverse", "_depth"}
     if unknown:
         raise TypeError(f"unexpected argument(s) {', '.join(sorted(unknown))}")
+    # checked under reformer-pytorch's names: the layers below know them as mask/attn_mask
+    check_bool_mask("input_mask", input_mask, None, "True = real token")
+    check_bool_mask("input_attn_mask", input_attn_mask, None, "True = may attend")
+    check_bool_mask("context_mask", context_mask, None, "True = real token")
     kw: dict[str, Any] = {"mask": input_mask, "attn_mask": input_attn_mask, "rotary": rotary}
     if keys is not None:
         kw["context"] = keys

@@ -17,7 +17,7 @@ Masks, all with True = may attend:
   positions ``(b, n)``; the cache keeps the padding of the prefix. In cross-attention the keys are the
   context, masked by ``context_mask (b, m_ctx)``, and ``mask`` (the queries' padding, which does not change
   any real token's output) is not used.
-- ``attn_mask``: bool or additive float ``(n, k)``, ``(b, n, k)`` or ``(b, h, n, k)``.
+- ``attn_mask``: bool ``(n, k)``, ``(b, n, k)`` or ``(b, h, n, k)``, True = may attend.
 - ``causal``: query ``i`` (absolute position ``n_past + i``) sees keys ``j <= n_past + i``. Cross-attention
   is never causal.
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from anydepth.nn.positional import apply_rotary
 from anydepth.nn.registry import ATTENTIONS, NORMS, Configurable
+from anydepth.validate import check_bool_mask
 
 __all__ = ["Attention", "FullAttention", "LocalAttention", "QKNorm", "ValueResidual", "QK_NORM_KINDS"]
 
@@ -350,7 +351,8 @@ class Attention(Configurable, nn.Module):
 
     def _project_cross(self, x, mask, context, context_mask, cache):
         b, n, _ = x.shape
-        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape[0] != b):
+        check_bool_mask("mask", mask, None, "True = real query")
+        if mask is not None and mask.shape[0] != b:
             got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a bool (batch={b}, seq) padding mask, got {got}")
         inner, v_inner = self.heads * self.dim_head, self.value_heads * self.dim_head
@@ -383,12 +385,8 @@ class Attention(Configurable, nn.Module):
             return None
         expected = f"(n, k)=({n}, {nk}), (b, n, k)=({b}, {n}, {nk}) or (b, heads, n, k)=({b}, {self.heads}, {n}, {nk})"
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a tensor of shape {expected}, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-            raise ValueError(
-                f"attn_mask must be bool (True = may attend) or an additive float mask, got dtype "
-                f"{attn_mask.dtype}; convert with attn_mask.bool()"
-            )
+            raise TypeError(f"attn_mask must be a bool tensor of shape {expected}, got {type(attn_mask).__name__}")
+        check_bool_mask("attn_mask", attn_mask, None, "True = may attend")
         shape = tuple(attn_mask.shape)
         ok = (
             (len(shape) == 2 and shape == (n, nk))
@@ -413,11 +411,11 @@ class Attention(Configurable, nn.Module):
             mv.expand(b, self.value_heads, *extra, *self.mem_v.shape[-2:]),
         )
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, additive: Tensor | None, guard: bool):
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, guard: bool):
         """``softmax(q k^T / sqrt(d) + mask) v`` with memory prepended; fully masked rows give zeros.
 
-        ``allowed`` (bool, True = may attend) and ``additive`` (float) broadcast to ``(..., n, k)`` and
-        do not cover the memory columns, which are always visible. ``guard``: some row may be fully masked.
+        ``allowed`` (bool, True = may attend) broadcasts to ``(..., n, k)`` and does not cover the memory
+        columns, which are always visible. ``guard``: some row may be fully masked.
         """
         if self.num_mem_kv:
             mk, mv = self._memory(q.shape[0], tuple(q.shape[2:-2]))
@@ -425,21 +423,12 @@ class Attention(Configurable, nn.Module):
             m = self.num_mem_kv
             if allowed is not None:
                 allowed = F.pad(allowed, (m, 0), value=True)
-            if additive is not None:
-                additive = F.pad(additive, (m, 0), value=0.0)
             guard = False  # memory keys are visible to every query
         if v.shape[1] != q.shape[1]:
             v = v.expand(-1, q.shape[1], *v.shape[2:])
         attn = allowed
         has_key = None
-        if additive is not None:
-            attn = additive.to(q.dtype)
-            if allowed is not None:
-                attn = attn.masked_fill(~allowed, float("-inf"))
-            if guard or allowed is not None:
-                has_key = (attn != float("-inf")).any(-1, keepdim=True)
-                attn = attn.masked_fill(~has_key, 0.0)
-        elif allowed is not None and guard:
+        if allowed is not None and guard:
             has_key = allowed.any(-1, keepdim=True)
             attn = allowed | ~has_key
         p = self.dropout if self.training else 0.0
@@ -468,13 +457,9 @@ class Attention(Configurable, nn.Module):
         if key_mask is not None:
             km = key_mask[:, None, None, :]
             allowed = km if allowed is None else allowed & km
-        additive = None
         if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                allowed = attn_mask if allowed is None else allowed & attn_mask
-            else:
-                additive = attn_mask
-        return self._sdpa(q, k, v, allowed, additive, guard)
+            allowed = attn_mask if allowed is None else allowed & attn_mask
+        return self._sdpa(q, k, v, allowed, guard)
 
     def extra_repr(self) -> str:
         return (
@@ -576,17 +561,12 @@ class LocalAttention(Attention):
         rel = qpos[:, :, None] - kpos[:, None, :]  # (nb, B, look*B)
         band = (rel >= 0) & (rel < B) if self.causal else rel.abs() < B
         allowed = band & valid[:, None, :, None, :]  # (b, 1, nb, B, look*B)
-        additive = None
         if attn_mask is not None:
             iq = qpos.clamp(max=n - 1)[:, :, None]
             ik = kpos.clamp(0, n - 1)[:, None, :]
-            am = attn_mask[:, :, iq, ik]  # (b|1, h|1, nb, B, look*B): the band of the user's mask
-            if am.dtype == torch.bool:
-                allowed = allowed & am
-            else:
-                additive = am
+            allowed = allowed & attn_mask[:, :, iq, ik]  # (b|1, h|1, nb, B, look*B): the band of the user's mask
         # padded queries of the last block can be fully masked, so the guard is always on here
-        out = self._sdpa(qb, kw, vw, allowed, additive, guard=True)  # (b, h, nb, B, d)
+        out = self._sdpa(qb, kw, vw, allowed, guard=True)  # (b, h, nb, B, d)
         return out.flatten(2, 3)[:, :, :n]
 
 
@@ -627,12 +607,7 @@ def _check_bool_mask(name: str, mask: Any, shape: tuple[int, int], extra: tuple[
     want = f"{shape}" + (f" or {extra} (the new positions only)" if extra else "")
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool tensor of shape {want}, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(
-            f"{name} must be a bool padding mask (True = real token) of shape {want}, "
-            f"got dtype {mask.dtype}; "
-            f"convert with {name}.bool()"
-        )
+    check_bool_mask(name, mask, None, "True = real token")
     if tuple(mask.shape) != shape and (extra is None or tuple(mask.shape) != extra):
         raise ValueError(f"{name} must have shape {want} (batch, keys), got {tuple(mask.shape)}")
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from anydepth.nn.positional import InterleavedRotaryTable, RotaryTable, apply_rotary
 from anydepth.nn.registry import ATTENTIONS, Configurable
+from anydepth.validate import check_bool_mask
 
 __all__ = ["LSHAttention", "LSHSelfAttention", "TOKEN_SELF_ATTN_VALUE"]
 
@@ -119,7 +120,7 @@ class _Plan:
     buckets: Tensor | None = None  # (G * R, Lp) bucket per slot when attention must stay inside a bucket
     dup_chunks: Tensor | None = None  # (G * Lp, R) chunk of each position per round, for duplicate counting
     dup_buckets: Tensor | None = None  # (G * Lp, R) bucket of each position per round (same-bucket counting)
-    attn_mask: Tensor | None = None  # (G // mask_div or 1, Lm, Lm) bool or additive float mask over positions
+    attn_mask: Tensor | None = None  # (G // mask_div or 1, Lm, Lm) bool mask over positions (True = may attend)
     mask_div: int = 1  # groups per attention-mask entry (heads share their batch element's mask)
     dropout: float = 0.0
     dropout_seed: int = 0
@@ -252,11 +253,7 @@ def _block(plan: _Plan, n0: int, n1: int, device) -> _Block:
         idx = (ag[:, None, None] * lm + qp.clamp(max=lm - 1)[:, :, None]) * lm + kp.clamp(max=lm - 1)[
             :, None, :
         ]
-        vals = am.reshape(-1)[idx]
-        if am.dtype == torch.bool:
-            forbid(~vals & inside)
-        else:
-            extra = vals.masked_fill(~inside, 0.0)
+        forbid(~am.reshape(-1)[idx] & inside)
     if plan.dup_chunks is not None:
         cq = plan.dup_chunks[flat.reshape(-1)].view(n1 - n0, c, 1, -1)
         ck = plan.dup_chunks[kflat.reshape(-1)].view(n1 - n0, 1, kp.shape[1], -1)
@@ -580,33 +577,26 @@ def _check_rate(name: str, value, owner: str) -> None:
 
 
 def _as_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a bool tensor of shape {shape}, got {type(mask).__name__}")
+    # bool only, as in full and local attention: a 0/1 float mask is ambiguous (keep-flags or additive biases)
+    check_bool_mask(name, mask, None, "True = real token")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(
             f"{name} has shape {tuple(mask.shape)} but this input needs {tuple(shape)} "
             "(True = real token); build it for the same batch and sequence length as the input"
         )
-    if mask.dtype != torch.bool:
-        # as full and local attention: a 0/1 float mask is ambiguous (keep-flags or additive biases)
-        raise TypeError(f"{name} must be a bool tensor (True = real token), got dtype {mask.dtype}; use {name}.bool()")
     return mask
 
 
 def _attn_mask_tensor(name: str, mask: Tensor, batch: int, n: int) -> Tensor:
-    """``(n, n)`` or ``(batch, n, n)`` bool (True = may attend) or additive float
-    -> ``(1 or batch, n, n)``."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a tensor of shape ({n}, {n}) or ({batch}, {n}, {n})")
+    """``(n, n)`` or ``(batch, n, n)`` bool (True = may attend) -> ``(1 or batch, n, n)``."""
+    check_bool_mask(name, mask, None, "True = may attend")
     if mask.dim() == 2:
         mask = mask[None]
     if mask.dim() != 3 or mask.shape[-2:] != (n, n) or mask.shape[0] not in (1, batch):
         raise ValueError(
             f"{name} has shape {tuple(mask.shape)}; it must be ({n}, {n}) or ({batch}, {n}, {n}) "
-            f"over the {n} input positions (True = may attend, or an additive float mask)"
+            f"over the {n} input positions (True = may attend)"
         )
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        mask = mask != 0
     return mask
 
 
@@ -876,6 +866,7 @@ class LSHAttention(nn.Module):
             rotary = _rotary_from_pos_emb(pos_emb)
         valid = torch.ones(b, n, dtype=torch.bool, device=qk.device)
         if input_mask is not None:
+            check_bool_mask("input_mask", input_mask, None, "True = real token")
             if input_mask.dim() != 2 or input_mask.shape[0] != b or input_mask.shape[1] > n:
                 raise ValueError(
                     f"input_mask has shape {tuple(input_mask.shape)}; it must be ({b}, m) with m <= {n} "
@@ -884,6 +875,7 @@ class LSHAttention(nn.Module):
             valid[:, : input_mask.shape[1]] = _as_bool_mask("input_mask", input_mask, tuple(input_mask.shape))
         attn_mask = None
         if input_attn_mask is not None:
+            check_bool_mask("input_attn_mask", input_attn_mask, None, "True = may attend")
             m = input_attn_mask.shape[-1]
             attn_mask = _attn_mask_tensor("input_attn_mask", input_attn_mask, b, m)
         out, attn, buckets = self._attend(qk, v, valid, attn_mask, query_len, rotary, masked=input_mask is not None)
@@ -1166,6 +1158,10 @@ class LSHSelfAttention(Configurable, nn.Module):
                 "input_mask=, input_attn_mask=, pos_emb= are anydepth.compat.reformer.LSHSelfAttention's)"
             )
         keys, input_mask, input_attn_mask = context, mask, attn_mask
+        # checked before any shape is read
+        check_bool_mask("mask", mask, None, "True = real token")
+        check_bool_mask("attn_mask", attn_mask, None, "True = may attend")
+        check_bool_mask("context_mask", context_mask, None, "True = real token")
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (batch, length, dim={self.dim}), got {shape}")

@@ -2,14 +2,15 @@
 
     anydepth study --quick                       # under 10 minutes on 2 CPU cores
     anydepth study --workers 2                   # the full study, two runs at a time
-    anydepth study --schemes rezero,postln --depths 12,64 --seeds 2 --out runs/mine
+    anydepth study --schemes rezero postln --depths 12 64 --seeds 2 --out runs/mine
 
-Every output lands in ``--out``; starting the same command again skips finished runs.
+Every output lands in ``--out``; starting the same command again skips finished runs. The options are
+the fields of :class:`StudyArgs`, parsed by tyro like those of ``anydepth train``: lists are
+space-separated, a bad option or value is one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -18,8 +19,11 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import tyro
 
 from anydepth.study import fc as fc_mod
 from anydepth.study import output_change as oc_mod
@@ -145,85 +149,69 @@ def run_study(
     return {"verdicts": verdicts, "report": report}
 
 
-def _float_list(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--{name} takes comma-separated numbers such as 1e-3,3e-3; got {text!r}"
-        ) from None
+_SCHEMES_HELP = f"subset of: {' '.join(SCHEMES)} (space-separated)"
 
 
-def _int_list(text: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--{name} takes comma-separated integers such as 12,64,128; got {text!r}"
-        ) from None
+@dataclass(kw_only=True)
+class StudyArgs:
+    """``anydepth study``: which residual schemes train at 12, 64 and 256 layers, and at which learning
+    rates: sweep, experiments, report. Lists are space-separated: ``--depths 12 64 --schemes rezero postln``."""
+
+    quick: bool = False  # the small study (under 15 minutes on 2 cores)
+    data: str | None = None  # training text file (None: bytes of the Python stdlib)
+    out: str = "runs/study"  # output folder
+    seeds: int | None = None  # seeds per claim run (None: 3, quick: 1)
+    depths: tuple[int, ...] | None = None  # e.g. 12 64 256
+    schemes: Annotated[tuple[str, ...] | None, tyro.conf.arg(help=_SCHEMES_HELP)] = None
+    steps: int | None = None  # steps per run at every depth (overrides the budgets)
+    lr_sweep: bool = True  # the learning-rate sweep (--no-lr-sweep: only the claim runs at lr 1e-3)
+    lrs: tuple[float, ...] | None = None  # the sweep's learning rates (None: 1e-4 to 3e-2, half a decade apart)
+    lm: bool = True  # the language-model runs (--no-lm skips them)
+    workers: int | None = None  # runs trained at once in separate processes (None: 1, quick or --deep: 2)
+    threads: int | None = None  # torch threads per run (None: cores // workers)
+    fc: bool = True  # the fully connected experiment (--no-fc skips it)
+    fc_steps: int | None = None  # steps of the fully connected experiment
+    fc_depths: tuple[int, ...] | None = None  # depths of the fully connected experiment, e.g. 32 64 10000
+    fc_width: int | None = None  # width of the fully connected layers (None: 256)
+    fc_lr: float | None = None  # Adagrad rate of the FC experiment (None: 0.01)
+    # Adagrad rate of the FC hidden layers and gates (None: --fc-lr); 1e-4 at 10,000 layers
+    fc_layer_lr: float | None = None
+    output_change: bool = True  # the output-change measurement (--no-output-change skips it)
+    output_change_depths: tuple[int, ...] | None = None  # depths of the output-change measurement, e.g. 6 12 24 48
+    deep: bool = False  # also train the deep transformer (1,000 blocks by default) and post-LN as its control
+    deep_depth: int | None = None  # blocks of the deep run (None: 1000)
+    deep_minutes: float | None = None  # training minutes per deep scheme
+    # deep schemes, the recommended one first and the control last (None: deepnorm postln)
+    deep_schemes: tuple[str, ...] | None = None
+    deep_lr: float | None = None  # learning rate of the deep runs (None: 1e-3)
+    progress: bool = True  # progress bars (--no-progress: none)
+    readme: str | None = None  # with --publish: rewrite this README's study tables from the published results.json
+    publish: str | None = None  # also copy report.md, the PNGs, results.json and the deep runs' JSON here
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, like `anydepth train`
-        self.exit(2, f"anydepth study: error: {message} (see anydepth study --help)\n")
+_LIST_OPTIONS = tuple(
+    "--" + f.name.replace("_", "-") for f in dataclasses.fields(StudyArgs) if "tuple" in str(f.type)
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="anydepth study",
-        description="Which residual schemes train at 12, 64 and 256 layers, and at which learning rates: sweep, "
-        "experiments, report.",
-    )
-    p.add_argument("--quick", action="store_true", help="the small study (under 15 minutes on 2 cores)")
-    p.add_argument("--data", default=None, help="training text file (default: bytes of the Python stdlib)")
-    p.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per claim run (default: 3, quick: 1)")
-    p.add_argument("--depths", type=lambda s: _int_list(s, "depths"), default=None, help="e.g. 12,64,256")
-    p.add_argument(
-        "--schemes",
-        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-        default=None,
-        help=f"comma-separated subset of: {', '.join(SCHEMES)}",
-    )
-    p.add_argument("--steps", type=int, default=None, help="steps per run at every depth (overrides budgets)")
-    p.add_argument("--no-lr-sweep", action="store_true", help="only the claim runs at lr 1e-3")
-    p.add_argument("--lrs", type=lambda s: _float_list(s, "lrs"), default=None,
-                   help="the sweep's learning rates (default: 1e-4 to 3e-2, half a decade apart)")
-    p.add_argument("--no-lm", action="store_true", help="skip the language-model runs")
-    p.add_argument("--workers", type=int, default=None,
-                   help="runs trained at once in separate processes (default 1, quick: 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per run (default: cores // workers)")
-    p.add_argument("--fc-steps", type=int, default=None, help="steps of the fully connected experiment")
-    p.add_argument("--fc-depths", type=lambda s: _int_list(s, "fc-depths"), default=None, help="e.g. 32,64,10000")
-    p.add_argument("--fc-width", type=int, default=None, help="width of the fully connected layers (default 256)")
-    p.add_argument("--fc-lr", type=float, default=None, help="Adagrad rate of the FC experiment (default 0.01)")
-    p.add_argument("--fc-layer-lr", type=float, default=None,
-                   help="Adagrad rate of the FC hidden layers and gates (default: --fc-lr); 1e-4 at 10,000 layers")
-    p.add_argument(
-        "--output-change-depths",
-        type=lambda s: _int_list(s, "output-change-depths"),
-        default=None,
-        help="depths of the output-change measurement, e.g. 6,12,24,48",
-    )
-    p.add_argument("--no-fc", action="store_true", help="skip the fully connected experiment")
-    p.add_argument("--no-output-change", action="store_true", help="skip the output-change measurement")
-    p.add_argument("--deep", action="store_true",
-                   help="also train the deep transformer (1,000 blocks by default) and post-LN as its control")
-    p.add_argument("--deep-depth", type=int, default=None, help="blocks of the deep run (default 1000)")
-    p.add_argument("--deep-minutes", type=float, default=None, help="training minutes per deep scheme")
-    p.add_argument("--deep-schemes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
-                   help="deep schemes, the recommended one first and the control last (default deepnorm,postln)")
-    p.add_argument("--deep-lr", type=float, default=None, help="learning rate of the deep runs (default 1e-3)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--readme", default=None,
-                   help="with --publish: rewrite this README's study tables from the published results.json")
-    p.add_argument(
-        "--publish",
-        default=None,
-        help="also copy report.md, the PNGs, results.json and the deep runs' JSON here (e.g. docs/study)",
-    )
-    return p
+def parse_args(argv: list[str]) -> StudyArgs:
+    """``anydepth study`` arguments -> :class:`StudyArgs` (raises :class:`~anydepth.cli.CliError`)."""
+    from anydepth.cli import CliError, _check_keys, _option_names, _tyro_cli
+
+    if "-h" not in argv and "--help" not in argv:
+        _check_keys(argv, _option_names(StudyArgs), "study")
+    # `--depths 12,64` is an easy slip (and the form of older versions): name the form tyro reads.
+    flag = None
+    for tok in argv:
+        if tok.startswith("--"):
+            flag, _, value = tok.partition("=")
+            values = [value] if value else []
+        else:
+            values = [tok]
+        if flag in _LIST_OPTIONS and any("," in v for v in values):
+            parts = [x for v in values for x in v.split(",") if x]
+            raise CliError(f"{flag} takes space-separated values: {flag} {' '.join(parts)}")
+    return _tyro_cli(StudyArgs, argv, None, "anydepth study", flags=True)
 
 
 def _positive(name: str, value, kind=int):
@@ -232,16 +220,21 @@ def _positive(name: str, value, kind=int):
     return value
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
+def plan_from_args(args: StudyArgs) -> Plan:
     if args.quick and (args.depths or args.schemes or args.lrs):
         raise ValueError("--quick fixes its schemes, depths and rates; drop --quick to choose --depths/--schemes/--lrs")
     if args.quick:
         plan = quick_plan(seeds=args.seeds or 1)
-        if args.no_lr_sweep:
+        if not args.lr_sweep:
             plan = dataclasses.replace(plan, lr_sweep={})
     else:
-        plan = full_plan(schemes=args.schemes, depths=args.depths, seeds=args.seeds or 3,
-                         lr_sweep=not args.no_lr_sweep, lrs=args.lrs)
+        plan = full_plan(
+            schemes=list(args.schemes) if args.schemes is not None else None,
+            depths=list(args.depths) if args.depths is not None else None,
+            seeds=args.seeds or 3,
+            lr_sweep=args.lr_sweep,
+            lrs=list(args.lrs) if args.lrs is not None else None,
+        )
     changes: dict[str, Any] = {}
     if _positive("steps", args.steps) is not None:
         changes["budgets"] = {d: args.steps for d in plan.budgets}
@@ -258,16 +251,16 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         if depths is not None:
             flag = "--" + name.replace("_", "-")
             if not depths or any(d < 1 for d in depths):
-                raise ValueError(f"{flag} takes positive integers such as 6,12,24; got {depths!r}")
+                raise ValueError(f"{flag} takes positive integers such as 6 12 24; got {' '.join(map(str, depths))!r}")
             if name == "output_change_depths" and len(depths) < 2:
-                raise ValueError(f"{flag} needs at least two depths to fit a growth rate; got {depths!r}")
+                raise ValueError(f"{flag} needs at least two depths to fit a growth rate; got {list(depths)!r}")
             changes[name] = tuple(depths)
     if changes:
         plan = dataclasses.replace(plan, **changes)
     return plan
 
 
-def deep_plan_from_args(args: argparse.Namespace) -> DeepPlan | None:
+def deep_plan_from_args(args: StudyArgs) -> DeepPlan | None:
     if not args.deep:
         for flag in ("deep_depth", "deep_minutes", "deep_schemes", "deep_lr"):
             if getattr(args, flag) is not None:
@@ -281,14 +274,16 @@ def deep_plan_from_args(args: argparse.Namespace) -> DeepPlan | None:
     if _positive("deep-lr", args.deep_lr, float) is not None:
         changes["lr"] = args.deep_lr
     if args.deep_schemes is not None:
-        changes["schemes"] = tuple(validate_schemes(args.deep_schemes))
+        changes["schemes"] = tuple(validate_schemes(list(args.deep_schemes)))
     return DeepPlan(**changes)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from anydepth.cli import CliError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         plan = plan_from_args(args)
         deep_plan = deep_plan_from_args(args)
         if args.readme and not args.publish:
@@ -299,13 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)
-    except (ValueError, TypeError) as e:
-        print(f"anydepth study: error: {e}", file=sys.stderr)
+    except (CliError, ValueError, TypeError) as e:
+        print(f"anydepth study: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    fc, oc, lm = not args.no_fc, not args.no_output_change, not args.no_lm
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    fc, oc, lm = args.fc, args.output_change, args.lm
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     runner = TrainerRunner(data_path=args.data, threads=threads)
-    progress = not args.no_progress
+    progress = args.progress
     # The estimate is calibrated: a few timed steps of every model the study will train, on this machine.
     t_cal = time.perf_counter()
     with torch_threads(threads):

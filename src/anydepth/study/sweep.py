@@ -301,7 +301,7 @@ def validate_depths(depths: list[int]) -> list[int]:
 def validate_lrs(lrs: list[float]) -> list[float]:
     bad = [x for x in lrs if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < 1]
     if bad or not lrs:
-        raise ValueError(f"lrs must be learning rates in (0, 1) such as 1e-3,3e-3; got {lrs!r}")
+        raise ValueError(f"lrs must be learning rates in (0, 1) such as [1e-3, 3e-3]; got {lrs!r}")
     return list(dict.fromkeys(float(x) for x in lrs))
 
 
