@@ -196,7 +196,7 @@ _LIST_OPTIONS = tuple(
 
 def parse_args(argv: list[str]) -> StudyArgs:
     """``anydepth study`` arguments -> :class:`StudyArgs` (raises :class:`~anydepth.cli.CliError`)."""
-    from anydepth.cli import CliError, _check_keys, _option_names, _tyro_cli
+    from anydepth.cliparse import CliError, _check_keys, _option_names, _tyro_cli
 
     if "-h" not in argv and "--help" not in argv:
         _check_keys(argv, _option_names(StudyArgs), "study")
@@ -279,7 +279,7 @@ def deep_plan_from_args(args: StudyArgs) -> DeepPlan | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from anydepth.cli import CliError
+    from anydepth.cliparse import CliError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
