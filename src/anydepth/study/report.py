@@ -196,8 +196,16 @@ def plot_fc(fc: dict[str, dict[str, list[float]]], out: Path) -> Path | None:
     depths = sorted(fc, key=int)
     fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 3.8), squeeze=False)
     for ax, depth in zip(axes[0], depths):
-        for variant, losses in fc[depth].items():
-            ax.plot(range(1, len(losses) + 1), ema(losses), label=variant)
+        for i, (variant, losses) in enumerate(fc[depth].items()):
+            bad = next((k for k, x in enumerate(losses) if not math.isfinite(x)), None)
+            if bad is None:
+                ax.plot(range(1, len(losses) + 1), ema(losses), color=f"C{i}", label=variant)
+                continue
+            # a run that blew up stops at its first non-finite loss: mark that step on the chance line,
+            # or its curve (a point or two) would vanish under the others
+            ax.plot(range(1, bad + 1), ema(losses[:bad]), color=f"C{i}", ls="--")
+            ax.plot([bad + 1], [math.log(10)], color=f"C{i}", marker="x", ms=9, mew=2, ls="none",
+                    label=f"{variant}: diverged at step {bad + 1}")
         ax.axhline(math.log(10), color="gray", ls="--", lw=0.8, label="chance")
         ax.set_yscale("log")
         ax.set(xlabel="step", ylabel="train loss (EMA 0.9)", title=f"fully connected, {depth} layers")
