@@ -135,15 +135,15 @@ def plot_deep(records: list[dict[str, Any]], out: Path) -> Path | None:
         xs = [s for s, _ in curve]
         ys = ema([math.nan if b is None else b for _, b in curve])
         val = r.get("final_val_bpc")
-        label = f"{r['scheme']}: val {val:.2f} bpc" if val is not None else f"{r['scheme']}: diverged"
+        label = (f"{r['scheme']}: {r['steps']} steps, val {val:.2f} bpc" if val is not None
+                 else f"{r['scheme']}: diverged")
         ax.plot(xs, ys, color=f"C{i}", ls="-" if r.get("trained") else "--", label=label)
     unigram = records[0]["unigram_bits"]
     ax.axhline(unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
     ax.axhline(unigram - DECIDE_MARGIN_BPC, color="gray", ls=":", lw=0.8, label="unigram - 1")
     r0 = records[0]
     ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)",
-           title=f"{r0['depth']} blocks, width {r0['model']['dim']}, {r0['steps']} steps at lr {r0['lr']:g} "
-                 "(dashed: did not train)")
+           title=f"{r0['depth']} blocks, width {r0['model']['dim']}, lr {r0['lr']:g} (dashed: did not train)")
     ax.set_ylim(top=min(ax.get_ylim()[1], unigram + 3))
     ax.legend(fontsize=7)
     return _save(fig, Path(out) / "deep_curves.png")
