@@ -1,8 +1,9 @@
 """Small C++ kernels compiled on first use and loaded with ``ctypes``.
 
 Used where a CPU op is bound by memory traffic that eager torch spends in several passes (RMSNorm,
-the hyper-connection width and depth connections). Each kernel is one C++ file of the package
-(``anydepth/csrc/*.cpp``, with the shared ``huge_pages.h``) whose ``extern "C"`` entry points take
+the hyper-connection width and depth connections). The C++ lives only in the package's ``.cpp`` files
+(``anydepth/csrc/*.cpp``, with the shared ``huge_pages.h``); this module compiles and loads them, and
+the layers expose each kernel as a ``torch.library`` custom op. Each file's C-linkage entry points take
 one pointer to a struct of named fields (a ``ctypes.Structure`` of the same layout on this side: no
 argument can be passed in the wrong place). It is compiled once per machine with the system compiler
 (``$CXX``, else ``g++``/``c++``; about 2 s) with OpenMP, which resolves to torch's own OpenMP runtime
