@@ -13,7 +13,7 @@ def test_thousand_block_transformer_takes_a_finite_step():
     from anydepth.model import presets
     from anydepth.model.build import build_model
 
-    for preset in ("deepnorm", "postnorm"):
+    for preset in ("rezero", "deepnorm", "postnorm"):
         torch.manual_seed(0)
         m = build_model(presets.get(preset, dim=8, heads=1, max_seq_len=8, vocab_size=256, depth=1000))
         x = torch.randint(0, 256, (2, 9))

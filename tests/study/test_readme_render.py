@@ -9,7 +9,7 @@ from anydepth.study.readme import blocks, render, update
 
 def test_update_rewrites_only_the_marked_blocks(tmp_path):
     results = {"command": "anydepth study --quick", "plan": {"name": "quick", "budgets": {"64": 300, "12": 300},
-                                                              "seeds": [0]},
+                                                              "batch_sizes": {"64": 8}, "seeds": [0]},
                "verdicts": [{"claim": "RZ-3", "title": "At 64 layers post-LN fails", "status": "reproduced"}],
                "choose": [{"depth": 64, "scheme": "deepnorm", "trained_seeds": "1/1", "all_seeds_trained": True,
                            "trained_lrs": ["1e-3"], "best_bpc": 3.1, "best_lr": "1e-3", "sensitivity": None,
@@ -23,7 +23,7 @@ def test_update_rewrites_only_the_marked_blocks(tmp_path):
     assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")
     got = blocks(text)
     assert "| RZ-3: At 64 layers post-LN fails | reproduced |" in got["study-verdicts"]
-    assert "300 steps at 12 layers, 300 steps at 64 layers" in got["study-verdicts"]
+    assert "300 steps at 12 layers, 300 steps of batch 8 at 64 layers" in got["study-verdicts"]
     assert "**DeepNorm (post-LN, alpha/beta)** (recommended)" in got["choose-scheme"]
     assert got == {k: v.strip() for k, v in render(results).items()}
     readme.write_text("no blocks here\n")

@@ -63,11 +63,11 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
         (s, d, lr) for s in ("rezero", "postln") for d in (1, 2) for lr in (1e-3, 1e-2)}
     assert set(results["lr_sweep"]) == {"1", "2"}
     assert all(row["sensitivity"] >= 0 for t in results["lr_sweep"].values() for row in t.values())
-    assert "## Choosing a scheme" in report and "- **Budget:** 3 steps at" in report
+    assert "## Choosing a scheme" in report and "- **Budget:** 3 steps of batch 16 at" in report
     # the deep runs: one JSON each, with the figures the docs quote
     deep = sorted((out / "deep").glob("*.json"))
-    assert [p.name for p in deep] == ["deepnorm-L3-lr1e-3-s0.json", "postln-L3-lr1e-3-s0.json"]
-    rec = json.loads(deep[0].read_text())
+    assert [p.name for p in deep] == ["postln-L3-lr1e-3-s0.json", "rezero-L3-lr1e-3-s0.json"]
+    rec = json.loads(deep[1].read_text())
     assert {"depth", "steps", "wall_s", "final_val_bpc", "unigram_bits"} <= set(rec) and rec["depth"] == 3
     assert {r["status"] for r in results["runs"]} <= {"ok", "diverged"}
     assert len(results["deep"]) == 2

@@ -27,9 +27,14 @@ def test_quick_plan_covers_the_claims_it_must_decide():
     for r in runs:
         if r.depth == 64:
             swept.setdefault(r.scheme, set()).add(r.lr)
-    grids = [lrs for lrs in swept.values() if len(lrs) > 1]
-    assert len(grids) >= 2 and all(g == grids[0] for g in grids) and len(grids[0]) >= 3
-    assert {s for s, g in swept.items() if len(g) > 1} == {"preln", "qknorm"}  # decides QK-1
+    assert {s for s, g in swept.items() if len(g) > 1} == {"preln"}
+    assert swept["preln"] == {LR_GRID[2], LR_GRID[4]}  # the claim rate and a decade above it
+    # every run at a depth has the same budget: steps, batch and context
+    plan = quick_plan()
+    for depth in plan.depths:
+        at = [r for r in runs if r.depth == depth]
+        assert {(r.steps, r.batch_size, r.seq_len) for r in at} == {(plan.budgets[depth], plan.batch(depth), 64)}
+    assert plan.batch(64) == 8 and plan.batch(12) == 16 and plan.fc_steps == 300
 
 
 def test_full_plan_sweeps_the_grid_and_follows_at_256():

@@ -125,6 +125,7 @@ def run_study(
         "seeds": list(plan.seeds),
         "budgets": {str(k): v for k, v in plan.budgets.items()},
         "batch_size": plan.batch_size,
+        "batch_sizes": {str(d): plan.batch(d) for d in plan.depths},
         "seq_len": plan.seq_len,
         "lr_sweep": {str(d): {"schemes": list(sc), "lrs": list(lrs)} for d, (sc, lrs) in plan.lr_sweep.items()},
         "lr_follow": {str(d): {"schemes": list(sc), "from_depth": src} for d, (sc, src) in plan.lr_follow.items()},
@@ -167,7 +168,7 @@ class StudyArgs:
     lr_sweep: bool = True  # the learning-rate sweep (--no-lr-sweep: only the claim runs at lr 1e-3)
     lrs: tuple[float, ...] | None = None  # the sweep's learning rates (None: 1e-4 to 3e-2, half a decade apart)
     lm: bool = True  # the language-model runs (--no-lm skips them)
-    workers: int | None = None  # runs trained at once in separate processes (None: 1, quick or --deep: 2)
+    workers: int | None = None  # runs trained at once in separate processes (None: 1; --quick: 2)
     threads: int | None = None  # torch threads per run (None: cores // workers)
     fc: bool = True  # the fully connected experiment (--no-fc skips it)
     fc_steps: int | None = None  # steps of the fully connected experiment
@@ -181,7 +182,7 @@ class StudyArgs:
     deep: bool = False  # also train the deep transformer (1,000 blocks by default) and post-LN as its control
     deep_depth: int | None = None  # blocks of the deep run (None: 1000)
     deep_minutes: float | None = None  # training minutes per deep scheme
-    # deep schemes, the recommended one first and the control last (None: deepnorm postln)
+    # deep schemes, the recommended one first and the control last (None: rezero postln)
     deep_schemes: tuple[str, ...] | None = None
     deep_lr: float | None = None  # learning rate of the deep runs (None: 1e-3)
     progress: bool = True  # progress bars (--no-progress: none)
@@ -289,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme and not args.publish:
             raise ValueError("--readme needs --publish (the README follows the published results.json)")
         if args.workers is None:
-            # the quick study's runs and the deep runs train two single-thread processes at a time
-            args.workers = QUICK_WORKERS if args.quick or deep_plan else 1
+            # the quick study trains two single-thread runs at a time; the deep runs go one after another,
+            # so that the recommended scheme has the machine to itself (its 30-minute goal)
+            args.workers = QUICK_WORKERS if args.quick else 1
         if args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)
@@ -304,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     runner = TrainerRunner(data_path=args.data, threads=threads)
     progress = args.progress
     # The estimate is calibrated: a few timed steps of every model the study will train, on this machine.
-    t_cal = time.perf_counter()
+    t_start = t_cal = time.perf_counter()
     with torch_threads(threads):
         rates = calibrate(plan.runs() + plan.follow_placeholders(), runner) if lm else {}
         fc_rates = ({(v, d): fc_mod.time_fc_step(v, d, width=plan.fc_width) for d in plan.fc_depths
                      for v in fc_mod.VARIANTS} if fc else {})
     t_cal = time.perf_counter() - t_cal
-    est = estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates)
+    # the whole command, calibration included: what a user waits for
+    est = t_cal + estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates)
     if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
         est += math.ceil(len(deep_plan.schemes) / args.workers) * (60 * deep_plan.minutes + 30)
     runs = plan.runs() if lm else []
@@ -338,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
         return explain_failures(records, out, unigram_bits=unigram, tokens=train_tokens)
 
     command = "anydepth study " + shlex.join(argv) if argv else "anydepth study"
-    t0 = time.perf_counter()
     with torch_threads(threads):
         if deep_plan:
             run_deep(deep_plan, Path(args.out), runner=runner, unigram_bits=unigram, progress=progress,
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             deep=load_deep(Path(args.out)),
             explain=explain,
         )
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t_start
     for v in result["verdicts"]:
         print(f"{v.claim:6s} {v.status:30s} {v.title}")
     print(f"report: {result['report']}")

@@ -85,7 +85,8 @@ def plot_curves(ev: Evidence, out: Path) -> list[Path]:
         ax.axhline(ev.unigram, color="gray", ls="--", lw=0.8, label="unigram entropy")
         ax.axhline(ev.unigram - 1.0, color="gray", ls=":", lw=0.8, label="unigram - 1 (decides a claim)")
         ax.set(xlabel="step", ylabel="train bpc (EMA 0.9)",
-               title=f"{depth} layers, {ev.budget(depth)} steps at lr 1e-3 (dashed, x: failed to train)")
+               title=f"{depth} layers, {ev.budget(depth)} steps of batch {ev.batch(depth)} at lr 1e-3 "
+               "(dashed, x: failed to train)")
         ax.set_ylim(top=min(ax.get_ylim()[1], ev.unigram + 2.5))
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / f"curves_L{depth}.png"))
@@ -246,7 +247,8 @@ def _budget_line(ev: Evidence, v: Verdict) -> str:
     if v.claim == "AD-2":
         return "no training: a measurement at initialisation"
     depths = _CLAIM_DEPTHS.get(v.claim, tuple(ev.depths()[:1]))
-    parts = [f"{ev.budget(d)} steps at {d} layers" for d in depths if ev.budget(d)]
+    parts = [f"{ev.budget(d)} steps{f' of batch {ev.batch(d)}' if ev.batch(d) else ''} at {d} layers"
+             for d in depths if ev.budget(d)]
     return ", ".join(parts) or "no runs"
 
 

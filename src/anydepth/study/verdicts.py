@@ -201,6 +201,11 @@ class Evidence:
         steps = [r["steps"] for r in self.runs if r["depth"] == depth and "steps" in r]
         return max(steps) if steps else None
 
+    def batch(self, depth: int) -> int | None:
+        """Sequences per step at ``depth`` (equal for every run there), or None without runs."""
+        sizes = [r["batch_size"] for r in self.runs if r["depth"] == depth and "batch_size" in r]
+        return max(sizes) if sizes else None
+
     def reached(self, scheme: str, depth: int) -> bool:
         """Whether ``scheme``'s seed-mean final val bpc at ``depth`` is ``DECIDE_MARGIN_BPC`` under the unigram
         entropy: the runs were long enough to say something about training at that depth."""
