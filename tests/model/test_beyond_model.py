@@ -295,7 +295,7 @@ def test_reparameterize_per_channel_w_with_tied_embeddings_is_a_clear_error():
 
 
 def test_reparameterize_rejects_other_schemes():
-    with pytest.raises(ValueError, match="residual is 'prenorm'; only 'admin' and 'deepnorm'"):
+    with pytest.raises(ValueError, match=r"residual is 'prenorm'; only \['admin', 'deepnorm'\]"):
         reparameterize(build_model(ModelConfig(**TINY)))
     with pytest.raises(TypeError, match="expects a TransformerLM or EncoderDecoder"):
         reparameterize(torch.nn.Linear(2, 2))

@@ -166,15 +166,17 @@ def test_rules_and_presets_read_what_a_scheme_declares(monkeypatch):
     build_model(ModelConfig(**TINY, residual="skip_scaled", final_norm=False))
 
 
-def test_build_and_presets_name_no_residual_kind_outside_the_preset_that_selects_it():
+def test_build_reparam_and_presets_name_no_residual_kind_outside_the_preset_that_selects_it():
     import inspect
     import re
 
-    from anydepth.model import build, presets
+    from anydepth.model import build, presets, reparam
 
     kinds = RESIDUALS.kinds()
-    build_src = inspect.getsource(build)
-    assert not [k for k in kinds if re.search(rf"[\"']{k}[\"']", build_src)]
+    # reparam folds whichever schemes declare folds_to_postnorm into its one target, post-LN
+    for module, target in ((build, None), (reparam, "postnorm")):
+        src = inspect.getsource(module)
+        assert not [k for k in kinds if k != target and re.search(rf"[\"']{k}[\"']", src)], module.__name__
     for name, preset in presets.PRESETS.items():
         selected = preset().residual.kind
         named = [k for k in kinds if re.search(rf"[\"']{k}[\"']", inspect.getsource(preset))]

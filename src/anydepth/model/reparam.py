@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from anydepth.model.build import build_model, output_projections
 from anydepth.model.config import EncoderDecoderConfig, ModelConfig
+from anydepth.nn.registry import RESIDUALS
 
 __all__ = ["reparameterize"]
 
-_FOLDABLE = ("admin", "deepnorm")
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
@@ -43,7 +43,8 @@ def reparameterize(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not a model built by ``build_model``.
-        ValueError: a part's residual is not admin or deepnorm, or a per-channel ``w`` cannot be folded.
+        ValueError: a part's residual does not fold into post-LN (``folds_to_postnorm``: Admin, DeepNorm),
+            or a per-channel ``w`` cannot be folded.
     """
     from anydepth.model.encdec import EncoderDecoder
     from anydepth.model.lm import TransformerLM
@@ -74,27 +75,22 @@ def reparameterize(model: nn.Module) -> nn.Module:
 
 def _plain(cfg: ModelConfig, where: str) -> ModelConfig:
     kind = cfg.residual.kind
-    if kind not in _FOLDABLE:
+    if not RESIDUALS.get(kind).folds_to_postnorm:
+        foldable = [k for k in RESIDUALS.kinds() if RESIDUALS.get(k).folds_to_postnorm]
         raise ValueError(
-            f"reparameterize: the {where}'s residual is {kind!r}; only 'admin' and 'deepnorm' models (LN(w*x + F(x))) "
-            "have a plain post-LN equivalent. Pass an Admin or DeepNorm model."
+            f"reparameterize: the {where}'s residual is {kind!r}; only {foldable} models (LN(w*x + F(x))) "
+            "have a plain post-LN equivalent. Pass a model with one of those residuals."
         )
     if cfg.stack.kind not in ("sequential", "dense"):  # the rule table already forbids this; kept for old configs
         raise ValueError(f"reparameterize: the {where} uses stack={cfg.stack.kind!r}; expected 'sequential' or 'dense'")
     return copy.deepcopy(cfg).replace(residual="postnorm")
 
 
-def _skip_scale(res: nn.Module) -> Tensor:
-    if hasattr(res, "omega"):
-        return res.omega.detach().float()
-    return torch.tensor([float(res.alpha)])
-
-
 def _fold_stack(old_lm: nn.Module, new_lm: nn.Module, where: str) -> None:
     old_chain = [r for b in old_lm.blocks for r in b.residuals()]
     new_chain = [(r, br) for b in new_lm.blocks for r, br in zip(b.residuals(), b.branches())]
     for k, (old_res, (_, branch)) in enumerate(zip(old_chain, new_chain)):
-        w = _skip_scale(old_res)
+        w = old_res.skip_scale()
         if bool((w <= 0).any()):
             raise ValueError(
                 f"reparameterize: sublayer {k} of the {where} has a skip scale <= 0 ({w.min().item():.4g}); LayerNorm "

@@ -100,6 +100,7 @@ class Admin(Residual):
     placement = "post"
     final_norm = False
     needs_norm_statistics = True
+    folds_to_postnorm = True
 
     @dataclass(kw_only=True)
     class Config:
@@ -147,6 +148,10 @@ class Admin(Residual):
         self.profile_group = "default" if ctx is None else ctx.arch
         self._profile: _AdminProfile | None = None
         self.reset_parameters()
+
+    def skip_scale(self) -> Tensor:
+        """``w`` of ``LN(w*x + F(x))``: omega, one value or one per channel."""
+        return self.omega.detach().float()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():

@@ -38,6 +38,9 @@ class Residual(Configurable, nn.Module):
       so a branch whose output projection is also zero (``init="zero_out"``) never gets a gradient.
     - ``owns_branch_init``: :meth:`init_branch_` sets the branch's weights itself, so the model's
       ``init`` option must stay ``"default"``.
+    - ``folds_to_postnorm``: the scheme is ``LN(w*x + F(x))`` with a positive skip scale
+      ``w = skip_scale()``, so ``anydepth.model.reparam`` can fold ``w`` into the branch weights and
+      give a plain post-LN model of the same function.
 
     Constructor contract, used by ``RESIDUALS.build(cfg, dim=..., ctx=..., norm=...)``:
     ``Scheme(cfg, *, dim, ctx: LayerContext, norm)`` reads every option from ``cfg`` (its own
@@ -56,6 +59,7 @@ class Residual(Configurable, nn.Module):
     needs_norm_statistics: ClassVar[bool] = False
     gate_starts_at_zero: ClassVar[bool] = False
     owns_branch_init: ClassVar[bool] = False
+    folds_to_postnorm: ClassVar[bool] = False
 
     def forward(self, x: Tensor, f, *args, **kwargs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

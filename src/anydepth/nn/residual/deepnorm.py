@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from anydepth.nn.context import LayerContext
@@ -84,6 +85,7 @@ class DeepNorm(Residual):
     final_norm = False
     needs_norm_statistics = True
     owns_branch_init = True
+    folds_to_postnorm = True
 
     @dataclass(kw_only=True)
     class Config:
@@ -108,6 +110,10 @@ class DeepNorm(Residual):
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError(f"DeepNorm: alpha and beta must be > 0, got alpha={alpha!r}, beta={beta!r}")
         self.norm = _build_norm(norm, self.dim)
+
+    def skip_scale(self) -> Tensor:
+        """``w`` of ``LN(w*x + F(x))``: alpha."""
+        return torch.tensor([float(self.alpha)])
 
     def forward(self, x: Tensor, f, *args, **kwargs) -> Tensor:
         return self.norm(self.alpha * x + _call_branch(self, f, x, args, kwargs))
