@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
         est += math.ceil(len(deep_plan.schemes) / args.workers) * (60 * deep_plan.minutes + 30)
     runs = plan.runs() if lm else []
+    deep_what = (f"{deep_plan.depth}-block deep runs ({args.workers} at a time, {args.threads or 1} thread each), "
+                 if deep_plan else "")
     what = (
         f"{len(runs) + plan.follow_count()} runs ({', '.join(plan.schemes)} at depths "
         f"{', '.join(map(str, plan.depths))}, {len(plan.seeds)} seed(s), learning-rate sweep at "
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"anydepth study ({plan.name if lm else 'custom'}): {what}"
         f"{'FC experiment, ' if fc else ''}{'output change, ' if oc else ''}"
-        f"{f'{deep_plan.depth}-block deep runs, ' if deep_plan else ''}"
+        f"{deep_what}"
         f"estimated {est / 60:.0f} min with {args.workers} worker(s) x {threads} thread(s) "
         f"(calibrated on this machine in {t_cal:.0f} s); output in {args.out}",
         flush=True,
@@ -343,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "anydepth study " + shlex.join(argv) if argv else "anydepth study"
     with torch_threads(threads):
         if deep_plan:
-            run_deep(deep_plan, Path(args.out), runner=runner, unigram_bits=unigram, progress=progress,
-                     workers=args.workers)
+            # one thread per deep run unless told otherwise: a step of a narrow 1,000-block model is a few
+            # hundred thousand tiny ops, as fast on one thread as on two, and a second thread only waits for
+            # a core whenever anything else runs (docs/benchmarks.md, "Deep narrow models")
+            run_deep(deep_plan, Path(args.out), runner=dataclasses.replace(runner, threads=args.threads or 1),
+                     unigram_bits=unigram, progress=progress, workers=args.workers)
         result = run_study(
             plan,
             Path(args.out),

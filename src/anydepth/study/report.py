@@ -240,6 +240,14 @@ def _run_table(ev: Evidence) -> list[str]:
 _CLAIM_DEPTHS = {"RZ-2": (12,), "RZ-2b": (12,), "RZ-3": (64,), "AD-1": (12, 64), "DN-1": (12, 64)}
 
 
+def _plan_budgets(plan: dict[str, Any]) -> str:
+    """``12 layers 600 steps of batch 16, 64 layers ...`` from results.json's plan."""
+    batches = plan.get("batch_sizes", {})
+    parts = [f"{d} layers {n} steps" + (f" of batch {batches[d]}" if d in batches else "")
+             for d, n in plan.get("budgets", {}).items()]
+    return ", ".join(parts) or "none"
+
+
 def _budget_line(ev: Evidence, v: Verdict) -> str:
     """The steps per run (at lr 1e-3, batch x context tokens each) behind a claim."""
     if v.claim == "RZ-1":
@@ -291,7 +299,7 @@ def write_report(
         "",
         f"Regenerate with `{command}`. Plan: {plan.get('name', 'custom')}; depths "
         f"{', '.join(str(d) for d in plan.get('depths', ev.depths()))}; seeds {len(plan.get('seeds', [0]))}; "
-        f"steps per depth {plan.get('budgets', {})}.",
+        f"budget per depth: {_plan_budgets(plan)}.",
         f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}"
         + (f"; this invocation took {elapsed_s / 60:.1f} min (finished runs are reused)" if elapsed_s is not None
            else "")
