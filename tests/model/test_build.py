@@ -177,6 +177,9 @@ def test_build_reparam_and_presets_name_no_residual_kind_outside_the_preset_that
     for module, target in ((build, None), (reparam, "postnorm")):
         src = inspect.getsource(module)
         assert not [k for k in kinds if k != target and re.search(rf"[\"']{k}[\"']", src)], module.__name__
+    # nor a norm kind: norms declare what the rules need (DyT: has_statistics = False)
+    build_src = inspect.getsource(build)
+    assert not [k for k in NORMS.kinds() if re.search(rf"[\"']{k}[\"']", build_src)]
     for name, preset in presets.PRESETS.items():
         selected = preset().residual.kind
         named = [k for k in kinds if re.search(rf"[\"']{k}[\"']", inspect.getsource(preset))]

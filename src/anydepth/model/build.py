@@ -65,8 +65,16 @@ def _value_residual(cfg: ModelConfig) -> bool:
     return getattr(cfg.attention, "value_residual", None) is not None
 
 
+def _has_statistics(kind: str) -> bool:
+    return getattr(NORMS.get(kind), "has_statistics", True)
+
+
 def _stats_norm(cfg: ModelConfig) -> bool:
-    return cfg.norm.kind != "dyt"
+    return _has_statistics(cfg.norm.kind)
+
+
+def _stats_norms() -> str:
+    return ", ".join(f"norm={k!r}" for k in NORMS.kinds() if _has_statistics(k))
 
 
 RULES: list[Rule] = [
@@ -115,7 +123,8 @@ RULES: list[Rule] = [
         lambda c: (
             f"{c.residual.kind} up-weights the skip (w*x + F(x), w > 1) and relies on the norm after the sum to divide "
             f"the scale back out; norm {c.norm.kind!r} has no statistics (tanh(alpha x) does not undo w), so the "
-            f"skip only saturates it. Use norm='layer' or 'rms' with {c.residual.kind}, or keep norm={c.norm.kind!r} "
+            f"skip only saturates it. Use a norm with statistics ({_stats_norms()}) with {c.residual.kind}, or keep "
+            f"norm={c.norm.kind!r} "
             f"with a pre-norm residual ({_schemes(lambda r: r.placement == 'pre')})."
         ),
     ),

@@ -534,6 +534,10 @@ class DyT(Configurable, nn.Module):
     Constraints: ``dim >= 1``; ``alpha_init > 0`` (a non-positive alpha flips or flattens the map).
     """
 
+    # no per-row statistics: a scheme that up-weights the skip (Admin, DeepNorm) cannot rely on it to
+    # divide the scale back out (the rule table reads this; norms without the attribute have statistics)
+    has_statistics = False
+
     @dataclass(kw_only=True)
     class Config:
         alpha_init: float = 0.5  # the paper's default; it lowers alpha for wider LLMs
