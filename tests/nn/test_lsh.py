@@ -464,6 +464,18 @@ def test_cached_decoding_equals_recomputing_the_prefix():
             torch.testing.assert_close(step, prefix[:, -1:])
 
 
+def test_cached_decoding_refuses_an_attention_mask_it_could_not_apply():
+    layer = ATTENTIONS.build(ATTENTIONS.config("lsh", bucket_size=4, n_hashes=2), dim=16, heads=2,
+                             causal=True).eval()
+    x = torch.randn(1, 9, 16)
+    cache: dict = {}
+    with torch.no_grad():
+        layer(x[:, :8], cache=cache)
+        with pytest.raises(ValueError, match="attn_mask cannot be combined with cache="):
+            layer(x[:, 8:], attn_mask=torch.ones(1, 9, 9, dtype=torch.bool), cache=cache)
+        assert layer(x[:, 8:], cache=cache).shape == (1, 1, 16)  # the cache is still usable
+
+
 DECODE_CONFIGS = [
     dict(n_hashes=2),
     dict(n_hashes=1, causal=False),

@@ -1166,6 +1166,12 @@ class LSHSelfAttention(Configurable, nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be (batch, length, dim={self.dim}), got {shape}")
         if cache is not None:
+            if attn_mask is not None:
+                # the cached step computes the last position of the full forward, over every cached key
+                raise ValueError(
+                    "attn_mask cannot be combined with cache= in LSH attention: cached decoding attends over "
+                    "every cached position; mask padding with mask= or decode without the cache (use_cache=False)"
+                )
             return self._forward_cached(x, keys, input_mask, context_mask, rotary, cache)
         return self._forward(x, keys, input_mask, input_attn_mask, context_mask, rotary)
 
