@@ -79,10 +79,17 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
     for r in results["runs"]:
         assert [s for s, _ in r["curve"]] == [1, 2, 3]  # every step logged, curve read from metrics.jsonl
     assert set(results["output_change"]) == {"postln", "preln", "admin", "chain-postln", "chain-preln", "chain-admin"}
+    n_runs = len(results["runs"])
+    [first] = results["timings"]
+    assert first["runs_trained"] == n_runs and first["runs_reused"] == 0
+    assert first["estimated_s"] > 0 and first["elapsed_s"] > 0 and first["command"].startswith("anydepth study --data")
     # A second start trains nothing: every run is loaded from its result.json.
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     assert main(argv) == 0
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    # and its time is recorded after the first command's, which trained the runs
+    timings = json.loads((out / "results.json").read_text())["timings"]
+    assert timings[0] == first and (timings[1]["runs_trained"], timings[1]["runs_reused"]) == (0, n_runs)
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -147,7 +147,27 @@ def run_study(
         deep=deep_rows(deep or []),
         failures=failures,
     )
-    return {"verdicts": verdicts, "report": report}
+    trained = sum(1 for r in records if not r.get("resumed"))
+    return {"verdicts": verdicts, "report": report, "runs_trained": trained, "runs_reused": len(records) - trained}
+
+
+def _timings(results_json: Path) -> list[dict[str, Any]]:
+    """The ``timings`` of an earlier study in the same folder (none if there was none)."""
+    try:
+        return list(json.loads(results_json.read_text()).get("timings", []))
+    except (OSError, ValueError):
+        return []
+
+
+def record_timing(results_json: Path, earlier: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """Appends this command's ``entry`` (estimate, wall time, runs trained and reused) to ``results.json``'s
+    ``timings``, after those of the earlier commands in the same folder, so that the time of the command
+    that trained the runs survives a later one that only republished them."""
+    data = json.loads(results_json.read_text())
+    data["timings"] = [*earlier, entry]
+    tmp = results_json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(results_json)
 
 
 _SCHEMES_HELP = f"subset of: {' '.join(SCHEMES)} (space-separated)"
@@ -343,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return explain_failures(records, out, unigram_bits=unigram, tokens=train_tokens)
 
     command = "anydepth study " + shlex.join(argv) if argv else "anydepth study"
+    earlier = _timings(Path(args.out) / "results.json")
     with torch_threads(threads):
         if deep_plan:
             # one thread per deep run unless told otherwise: a step of a narrow 1,000-block model is a few
@@ -365,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
             explain=explain,
         )
     elapsed = time.perf_counter() - t_start
+    record_timing(Path(args.out) / "results.json", earlier, {
+        "command": command.strip(), "estimated_s": round(est, 1), "elapsed_s": round(elapsed, 1),
+        "runs_trained": result["runs_trained"], "runs_reused": result["runs_reused"],
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    })
     for v in result["verdicts"]:
         print(f"{v.claim:6s} {v.status:30s} {v.title}")
     print(f"report: {result['report']}")
