@@ -143,3 +143,30 @@ def test_cli_parses_every_option_into_the_plan():
     deep = deep_plan_from_args(args)
     assert (deep.depth, deep.minutes, deep.schemes, deep.lr) == (6, 0.5, ("rezero", "postln"), 2e-3)
     assert not plan_from_args(parse_args(["--no-lr-sweep"])).lr_sweep
+
+
+def test_the_estimate_leaves_out_what_a_restart_reuses(tmp_path):
+    from anydepth.study.cli import _fc_path, estimate_total_seconds
+    from anydepth.study.runner import SEC_PER_RUN
+
+    plan = full_plan(schemes=["rezero", "postln"], depths=[2], seeds=1, budgets={2: 10}, lr_sweep=False)
+    rates = {(s, 2): 1.0 for s in ("rezero", "postln")}
+
+    def est(**kw):
+        return estimate_total_seconds(plan, 1, oc=False, rates=rates, fc_rates={}, out=tmp_path, **kw)
+
+    fresh = est(fc=False)
+    assert fresh == pytest.approx(2 * (10 * 1.0 + SEC_PER_RUN))
+    spec = plan.runs()[0]
+    run_dir = tmp_path / "runs" / spec.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({**spec.to_dict(), "status": "ok"}))
+    assert est(fc=False) == pytest.approx(fresh - (10 * 1.0 + SEC_PER_RUN))
+    # a finished run of another budget is trained again, so it still counts
+    (run_dir / "result.json").write_text(json.dumps({**spec.to_dict(), "steps": 5}))
+    assert est(fc=False) == pytest.approx(fresh)
+    # the FC experiment costs nothing once its result is in the folder
+    with_fc = est(fc=True)
+    assert with_fc > fresh
+    _fc_path(plan, tmp_path).write_text("{}")
+    assert est(fc=True) == pytest.approx(fresh)

@@ -30,8 +30,8 @@ from anydepth.study import output_change as oc_mod
 from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
 from anydepth.study.explain import explain_failures
 from anydepth.study.report import write_report
-from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute
-from anydepth.study.sweep import QUICK_WORKERS, SCHEMES, Plan, full_plan, quick_plan, validate_schemes
+from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute, finished
+from anydepth.study.sweep import QUICK_WORKERS, SCHEMES, Plan, RunSpec, full_plan, quick_plan, validate_schemes
 from anydepth.study.verdicts import Evidence, decide
 
 # Seconds per output-change forward per layer, and per FC step per layer where the FC step is not timed
@@ -51,15 +51,39 @@ def _cached(path: Path, compute: Callable[[], Any]) -> Any:
     return value
 
 
+def _fc_path(plan: Plan, out: Path) -> Path:
+    name = f"fc_L{'-'.join(map(str, plan.fc_depths))}_{plan.fc_steps}steps"
+    if (plan.fc_width, plan.fc_lr) != (256, 0.01):
+        name += f"_w{plan.fc_width}_lr{plan.fc_lr:g}"
+    if plan.fc_layer_lr is not None:
+        name += f"_layerlr{plan.fc_layer_lr:g}"
+    return Path(out) / f"{name}.json"
+
+
+def _oc_path(plan: Plan, out: Path) -> Path:
+    return Path(out) / f"output_change_L{'-'.join(map(str, plan.output_change_depths))}.json"
+
+
+def to_train(plan: Plan, out: Path | None) -> list[RunSpec]:
+    """The plan's runs not yet finished in ``out`` (all of them without ``out``), with stand-ins for the
+    following depths' runs, whose rates are chosen later (3 per scheme)."""
+    runs = plan.runs() + plan.follow_placeholders()
+    return runs if out is None else [s for s in runs if finished(s, Path(out) / "runs") is None]
+
+
 def estimate_total_seconds(
     plan: Plan, workers: int = 1, *, fc: bool = True, oc: bool = True, lm: bool = True,
     rates: dict[tuple[str, int], float] | None = None, fc_rates: dict[tuple[str, int], float] | None = None,
+    out: Path | None = None,
 ) -> float:
-    """Seconds the plan will take: calibrated step times (``rates``, ``fc_rates``) where measured."""
+    """Seconds the plan will take: calibrated step times (``rates``, ``fc_rates``) where measured. With
+    ``out``, what a restarted study reuses from there (finished runs, the FC and output-change results)
+    costs nothing."""
     total = 0.0
+    fc = fc and not (out is not None and _fc_path(plan, out).exists())
+    oc = oc and not (out is not None and _oc_path(plan, out).exists())
     if lm:
-        # the following depths' runs are chosen later; their count is known (3 rates per scheme)
-        total += estimate_seconds(plan.runs() + plan.follow_placeholders(), workers, rates)
+        total += estimate_seconds(to_train(plan, out), workers, rates)
     if fc:
         fc_rates = fc_rates or {}
         for d in plan.fc_depths:
@@ -93,14 +117,9 @@ def run_study(
     records = execute(plan.runs(), out, runner, workers=workers, progress=progress) if lm else []
     if lm and plan.lr_follow:
         records += execute(plan.follow_runs(records), out, runner, workers=workers, progress=progress)
-    fc_name = f"fc_L{'-'.join(map(str, plan.fc_depths))}_{plan.fc_steps}steps"
-    if (plan.fc_width, plan.fc_lr) != (256, 0.01):
-        fc_name += f"_w{plan.fc_width}_lr{plan.fc_lr:g}"
-    if plan.fc_layer_lr is not None:
-        fc_name += f"_layerlr{plan.fc_layer_lr:g}"
     fc_curves = (
         _cached(
-            out / f"{fc_name}.json",
+            _fc_path(plan, out),
             lambda: fc_mod.run_fc(plan.fc_depths, plan.fc_steps, width=plan.fc_width, lr=plan.fc_lr,
                                   layer_lr=plan.fc_layer_lr, progress=progress),
         )
@@ -109,7 +128,7 @@ def run_study(
     )
     oc_values = (
         _cached(
-            out / f"output_change_L{'-'.join(map(str, plan.output_change_depths))}.json",
+            _oc_path(plan, out),
             lambda: oc_mod.measure(plan.output_change_depths, build=oc_build),
         )
         if output_change and plan.output_change_depths
@@ -328,12 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     # The estimate is calibrated: a few timed steps of every model the study will train, on this machine.
     t_start = t_cal = time.perf_counter()
     with torch_threads(threads):
-        rates = calibrate(plan.runs() + plan.follow_placeholders(), runner) if lm else {}
+        rates = calibrate(to_train(plan, Path(args.out)), runner) if lm else {}
         fc_rates = ({(v, d): fc_mod.time_fc_step(v, d, width=plan.fc_width) for d in plan.fc_depths
-                     for v in fc_mod.VARIANTS} if fc else {})
+                     for v in fc_mod.VARIANTS} if fc and not _fc_path(plan, Path(args.out)).exists() else {})
     t_cal = time.perf_counter() - t_cal
     # the whole command, calibration included: what a user waits for
-    est = t_cal + estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates)
+    est = t_cal + estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates,
+                                         out=Path(args.out))
     if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
         est += math.ceil(len(deep_plan.schemes) / args.workers) * (60 * deep_plan.minutes + 30)
     runs = plan.runs() if lm else []

@@ -206,15 +206,23 @@ class TrainerRunner:
         return record
 
 
+def finished(spec: RunSpec, runs_dir: Path) -> dict[str, Any] | None:
+    """The saved record of ``spec`` if it finished with the same budget and settings, else None (a changed
+    plan retrains the run)."""
+    done = Path(runs_dir) / spec.run_id / RESULT_FILE
+    if not done.exists():
+        return None
+    saved = json.loads(done.read_text())
+    return saved if all(saved.get(k) == v for k, v in spec.to_dict().items()) else None
+
+
 def run_one(runner: Runner, spec: RunSpec, runs_dir: Path, progress: bool) -> dict[str, Any]:
     """Trains one run (or loads it if finished) and returns its record."""
     run_dir = runs_dir / spec.run_id
     done = run_dir / RESULT_FILE
-    if done.exists():
-        saved = json.loads(done.read_text())
-        # A finished run counts only for the same budget and settings: a changed plan retrains it.
-        if all(saved.get(k) == v for k, v in spec.to_dict().items()):
-            return {**saved, "resumed": True}
+    saved = finished(spec, runs_dir)
+    if saved is not None:
+        return {**saved, "resumed": True}
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run restarts from scratch: its partial curve would mislead
     run_dir.mkdir(parents=True)
