@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from anydepth.study.lr import choose_markdown
+from anydepth.study.sweep import plan_budgets
 
 BLOCKS = ("study-verdicts", "choose-scheme")
 
@@ -21,11 +22,7 @@ BLOCKS = ("study-verdicts", "choose-scheme")
 def render(results: dict[str, Any]) -> dict[str, str]:
     """``{block name: markdown}`` for the README from a study's ``results.json``."""
     plan = results.get("plan", {})
-    batches = plan.get("batch_sizes", {})
-    budgets = ", ".join(
-        f"{s} steps{f' of batch {batches[d]}' if d in batches else ''} at {d} layers"
-        for d, s in sorted(plan.get("budgets", {}).items(), key=lambda kv: int(kv[0]))
-    )
+    budgets = plan_budgets(plan)
     verdicts = [
         f"From `{results.get('command', 'anydepth study')}` ({plan.get('name', 'custom')} plan: {budgets}; "
         f"{len(plan.get('seeds', [0]))} seed(s)). Full report: [docs/study/report.md](docs/study/report.md).",

@@ -20,7 +20,7 @@ from typing import Any
 
 from anydepth.study.plots import _plt, _save
 from anydepth.study.runner import json_safe
-from anydepth.study.sweep import SCHEMES, lr_label
+from anydepth.study.sweep import SCHEMES, budget_phrase, lr_label, plan_budgets
 from anydepth.study.verdicts import (
     NOT_RUN,
     Evidence,
@@ -240,14 +240,6 @@ def _run_table(ev: Evidence) -> list[str]:
 _CLAIM_DEPTHS = {"RZ-2": (12,), "RZ-2b": (12,), "RZ-3": (64,), "AD-1": (12, 64), "DN-1": (12, 64)}
 
 
-def _plan_budgets(plan: dict[str, Any]) -> str:
-    """``12 layers 600 steps of batch 16, 64 layers ...`` from results.json's plan."""
-    batches = plan.get("batch_sizes", {})
-    parts = [f"{d} layers {n} steps" + (f" of batch {batches[d]}" if d in batches else "")
-             for d, n in plan.get("budgets", {}).items()]
-    return ", ".join(parts) or "none"
-
-
 def _budget_line(ev: Evidence, v: Verdict) -> str:
     """The steps per run (at lr 1e-3, batch x context tokens each) behind a claim."""
     if v.claim == "RZ-1":
@@ -255,8 +247,7 @@ def _budget_line(ev: Evidence, v: Verdict) -> str:
     if v.claim == "AD-2":
         return "no training: a measurement at initialisation"
     depths = _CLAIM_DEPTHS.get(v.claim, tuple(ev.depths()[:1]))
-    parts = [f"{ev.budget(d)} steps{f' of batch {ev.batch(d)}' if ev.batch(d) else ''} at {d} layers"
-             for d in depths if ev.budget(d)]
+    parts = [budget_phrase(d, ev.budget(d), ev.batch(d)) for d in depths if ev.budget(d)]
     return ", ".join(parts) or "no runs"
 
 
@@ -299,7 +290,7 @@ def write_report(
         "",
         f"Regenerate with `{command}`. Plan: {plan.get('name', 'custom')}; depths "
         f"{', '.join(str(d) for d in plan.get('depths', ev.depths()))}; seeds {len(plan.get('seeds', [0]))}; "
-        f"budget per depth: {_plan_budgets(plan)}.",
+        f"budgets: {plan_budgets(plan)}.",
         f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}"
         + (f"; this invocation took {elapsed_s / 60:.1f} min (finished runs are reused)" if elapsed_s is not None
            else "")

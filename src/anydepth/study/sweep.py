@@ -183,6 +183,18 @@ class Plan:
         return tuple(s for s in SCHEMES if s in present)
 
 
+def budget_phrase(depth: int | str, steps: int, batch: int | None = None) -> str:
+    """``600 steps of batch 8 at 64 layers``: a depth's budget as the report and the README state it."""
+    return f"{steps} steps{f' of batch {batch}' if batch else ''} at {depth} layers"
+
+
+def plan_budgets(plan: dict[str, Any]) -> str:
+    """Every depth's budget of a ``results.json`` plan, shallowest first (``none`` without runs)."""
+    batches = plan.get("batch_sizes", {})
+    budgets = sorted(plan.get("budgets", {}).items(), key=lambda kv: int(kv[0]))
+    return ", ".join(budget_phrase(d, n, batches.get(d)) for d, n in budgets) or "none"
+
+
 def _cheapest_first(specs) -> list[RunSpec]:
     """Cheapest first, so a short session finishes whole comparisons early."""
     return sorted(specs, key=lambda r: (r.depth * r.steps, r.seed, r.lr, list(SCHEMES).index(r.scheme)))
