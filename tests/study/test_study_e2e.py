@@ -55,6 +55,8 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "estimated" in printed and "calibrated on this machine" in printed and "time: " in printed
+    # by default the Model S runs train two at a time and the deep runs one after another
+    assert "with 2 worker(s)" in printed and "deep runs (1 at a time" in printed
     report, results = _check_outputs(out, [1, 2])
     for name in ("fc_curves.png", "output_change.png", "lr_sensitivity.png", "deep_curves.png"):
         assert (out / name).exists() and f"]({name})" in report

@@ -51,6 +51,9 @@ def test_full_plan_sweeps_the_grid_and_follows_at_256():
         at = [r for r in runs if r.depth == depth]
         assert len({(r.steps, r.batch_size, r.seq_len) for r in at}) <= 1
     assert [r.run_id for r in runs][0] == "postln-L12-lr1e-4-s0"  # cheapest first, scheme order within
+    # from 64 layers the compute-bound step takes half the batch; the follow runs at 256 too
+    assert (plan.batch(12), plan.batch(64), plan.batch(256)) == (16, 8, 8)
+    assert {r.batch_size for r in runs if r.depth == 64} == {8}
     # 256 layers: each scheme's best rate at 64 and its two grid neighbours (two at the grid's edge)
     records = [
         {"scheme": s, "depth": 64, "lr": lr, "status": "ok", "final_val_bpc": 3.0 + abs(i - (2 if s == "preln" else 0))}
@@ -60,6 +63,7 @@ def test_full_plan_sweeps_the_grid_and_follows_at_256():
     assert {r.lr for r in follow if r.scheme == "preln"} == set(LR_GRID[1:4])
     assert {r.lr for r in follow if r.scheme == "rezero"} == set(LR_GRID[:2])
     assert {r.depth for r in follow} == {256} and plan.follow_count() == 3 * len(SCHEMES)
+    assert {(r.steps, r.batch_size) for r in follow} == {(plan.budgets[256], 8)}
 
 
 def test_lr_labels():

@@ -1,7 +1,7 @@
 """``anydepth study``: train the sweep, run the FC and output-change experiments, write the report.
 
-    anydepth study --quick                       # under 10 minutes on 2 CPU cores
-    anydepth study --workers 2                   # the full study, two runs at a time
+    anydepth study --quick                       # under 15 minutes on 2 idle CPU cores
+    anydepth study                               # the full study, two runs at a time
     anydepth study --schemes rezero postln --depths 12 64 --seeds 2 --out runs/mine
 
 Every output lands in ``--out``; starting the same command again skips finished runs. The options are
@@ -31,7 +31,7 @@ from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
 from anydepth.study.explain import explain_failures
 from anydepth.study.report import write_report
 from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute, finished
-from anydepth.study.sweep import QUICK_WORKERS, SCHEMES, Plan, RunSpec, full_plan, quick_plan, validate_schemes
+from anydepth.study.sweep import STUDY_WORKERS, SCHEMES, Plan, RunSpec, full_plan, quick_plan, validate_schemes
 from anydepth.study.verdicts import Evidence, decide
 
 # Seconds per output-change forward per layer, and per FC step per layer where the FC step is not timed
@@ -207,7 +207,7 @@ class StudyArgs:
     lr_sweep: bool = True  # the learning-rate sweep (--no-lr-sweep: only the claim runs at lr 1e-3)
     lrs: tuple[float, ...] | None = None  # the sweep's learning rates (None: 1e-4 to 3e-2, half a decade apart)
     lm: bool = True  # the language-model runs (--no-lm skips them)
-    workers: int | None = None  # runs trained at once in separate processes (None: 1; --quick: 2)
+    workers: int | None = None  # runs trained at once in separate processes (None: 2, the deep runs 1)
     threads: int | None = None  # torch threads per run (None: cores // workers)
     fc: bool = True  # the fully connected experiment (--no-fc skips it)
     fc_steps: int | None = None  # steps of the fully connected experiment
@@ -328,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         deep_plan = deep_plan_from_args(args)
         if args.readme and not args.publish:
             raise ValueError("--readme needs --publish (the README follows the published results.json)")
-        if args.workers is None:
-            # the quick study trains two single-thread runs at a time; the deep runs go one after another,
-            # so that the recommended scheme has the machine to itself (its 30-minute goal)
-            args.workers = QUICK_WORKERS if args.quick else 1
-        if args.workers < 1:
+        if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)
     except (CliError, ValueError, TypeError) as e:
@@ -341,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     fc, oc, lm = args.fc, args.output_change, args.lm
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    # Model S runs train two at a time, one thread each; the deep runs go one after another, so that the
+    # recommended scheme has the machine to itself (its 30-minute goal). --workers sets both.
+    workers = args.workers or STUDY_WORKERS
+    deep_workers = args.workers or 1
+    threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
     runner = TrainerRunner(data_path=args.data, threads=threads)
     progress = args.progress
     # The estimate is calibrated: a few timed steps of every model the study will train, on this machine.
@@ -352,12 +352,12 @@ def main(argv: list[str] | None = None) -> int:
                      for v in fc_mod.VARIANTS} if fc and not _fc_path(plan, Path(args.out)).exists() else {})
     t_cal = time.perf_counter() - t_cal
     # the whole command, calibration included: what a user waits for
-    est = t_cal + estimate_total_seconds(plan, args.workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates,
+    est = t_cal + estimate_total_seconds(plan, workers, fc=fc, oc=oc, lm=lm, rates=rates, fc_rates=fc_rates,
                                          out=Path(args.out))
     if deep_plan:  # each deep scheme trains for its minutes, plus its build, calibration and evaluation
-        est += math.ceil(len(deep_plan.schemes) / args.workers) * (60 * deep_plan.minutes + 30)
+        est += math.ceil(len(deep_plan.schemes) / deep_workers) * (60 * deep_plan.minutes + 30)
     runs = plan.runs() if lm else []
-    deep_what = (f"{deep_plan.depth}-block deep runs ({args.workers} at a time, {args.threads or 1} thread each), "
+    deep_what = (f"{deep_plan.depth}-block deep runs ({deep_workers} at a time, {args.threads or 1} thread each), "
                  if deep_plan else "")
     what = (
         f"{len(runs) + plan.follow_count()} runs ({', '.join(plan.schemes)} at depths "
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         f"anydepth study ({plan.name if lm else 'custom'}): {what}"
         f"{'FC experiment, ' if fc else ''}{'output change, ' if oc else ''}"
         f"{deep_what}"
-        f"estimated {est / 60:.0f} min with {args.workers} worker(s) x {threads} thread(s) "
+        f"estimated {est / 60:.0f} min with {workers} worker(s) x {threads} thread(s) "
         f"(calibrated on this machine in {t_cal:.0f} s); output in {args.out}",
         flush=True,
     )
@@ -390,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             # hundred thousand tiny ops, as fast on one thread as on two, and a second thread only waits for
             # a core whenever anything else runs (docs/benchmarks.md, "Deep narrow models")
             run_deep(deep_plan, Path(args.out), runner=dataclasses.replace(runner, threads=args.threads or 1),
-                     unigram_bits=unigram, progress=progress, workers=args.workers)
+                     unigram_bits=unigram, progress=progress, workers=deep_workers)
         result = run_study(
             plan,
             Path(args.out),
             runner=runner,
             unigram_bits=unigram,
-            workers=args.workers,
+            workers=workers,
             progress=progress,
             fc=fc,
             output_change=oc,

@@ -225,7 +225,10 @@ def follow_rates(records: list[dict[str, Any]], scheme: str, depth: int) -> list
 
 # Budgets in steps, from the measured Model S step on 2 idle cores (docs/study.md, "Budgets and time")
 # and the steps a stable scheme needs to end 1 bpc below the unigram entropy at each depth.
-FULL_BUDGETS = {12: 1000, 32: 600, 64: 600, 128: 500, 256: 400}
+FULL_BUDGETS = {12: 1000, 32: 600, 64: 600, 128: 600, 256: 600}
+# From 64 layers a Model S step is compute-bound (0.24 s at batch 8, 0.50 s at batch 16 on one core), so
+# those depths take half the batch: the quick study's 64-layer runs decide every claim there at batch 8.
+DEEP_BATCH_FROM, DEEP_BATCH_SIZE = 64, 8
 
 
 def default_budget(depth: int) -> int:
@@ -261,7 +264,7 @@ def full_plan(
     full = len(schemes) == len(SCHEMES) and depths == [12, 64, 256] and lr_sweep and grid == LR_GRID
     name = "full" if full else "custom"
     return Plan(name=name, cells=cells, seeds=tuple(range(seeds)), budgets=budgets, lr_sweep=sweep,
-                lr_follow=follow)
+                lr_follow=follow, batch_sizes={d: DEEP_BATCH_SIZE for d in depths if d >= DEEP_BATCH_FROM})
 
 
 # The quick study: the runs that decide RZ-2b and HC-2 (12 layers), RZ-3, AD-1(b) and DN-1 (64 layers,
@@ -271,7 +274,7 @@ def full_plan(
 # 0.25 s at batch 8 on one core), so the 64-layer runs take batch 8, where ReZero and pre-LN still end
 # 1 bpc under the unigram entropy in 600 steps; at 12 layers ReZero needs batch 16 for that.
 QUICK_BUDGETS = {12: 600, 64: 600}
-QUICK_BATCH_SIZES = {12: 16, 64: 8}
+QUICK_BATCH_SIZES = {12: 16, 64: DEEP_BATCH_SIZE}
 QUICK_CELLS: tuple[tuple[str, int], ...] = (
     ("postln", 12),
     ("preln", 12),
@@ -285,7 +288,7 @@ QUICK_CELLS: tuple[tuple[str, int], ...] = (
 )
 # pre-LN at the claim rate and a decade above it, where it stops training: every other rate of the grid
 QUICK_LR_SWEEP = {64: (("preln",), (LR_GRID[2], LR_GRID[4]))}
-QUICK_WORKERS = 2  # two runs at a time, one thread each: Model S's small products gain more that way
+STUDY_WORKERS = 2  # two runs at a time, one thread each: Model S's small products gain more that way
 
 
 def quick_plan(*, seeds: int = 1) -> Plan:
