@@ -47,6 +47,12 @@ def test_mhc_lite_matrix_is_the_softmax_weighted_sum_of_permutations():
         p[range(n), list(sigma)] = 1
         expected += a[:, k, None, None] * p
     torch.testing.assert_close(res.residual_matrix(h), expected, rtol=1e-5, atol=1e-6)
+    # H_pre[s] = sigmoid(b_pre[s] + s_pre Hbar_s . w_pre); H_post[s] = 2 sigmoid(b_post[s] + s_post Hbar_s . w_post)
+    alpha, beta = res._coefficients(h.unsqueeze(-3))
+    pre = torch.sigmoid(res.static_pre + res.pre_branch_scale * hbar @ res.dynamic_pre_fn)
+    post = 2 * torch.sigmoid(res.static_beta + res.h_post_scale * hbar @ res.dynamic_beta_fn)
+    torch.testing.assert_close(alpha[..., 0], pre, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(beta.squeeze(-2), post, rtol=1e-5, atol=1e-6)
 
 
 def test_mhc_lite_stream_count_is_bounded():
