@@ -31,7 +31,7 @@ from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
 from anydepth.study.explain import explain_failures
 from anydepth.study.report import write_report
 from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute, finished
-from anydepth.study.sweep import STUDY_WORKERS, SCHEMES, Plan, RunSpec, full_plan, quick_plan, validate_schemes
+from anydepth.study.sweep import SCHEMES, STUDY_WORKERS, Plan, RunSpec, full_plan, quick_plan, validate_schemes
 from anydepth.study.verdicts import Evidence, decide
 
 # Seconds per output-change forward per layer, and per FC step per layer where the FC step is not timed
