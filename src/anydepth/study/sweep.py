@@ -14,7 +14,8 @@ Two kinds of runs make a plan:
   shallower one: each scheme then runs the best rate it had there and that rate's two grid neighbours.
 
 The shared model is "Model S" of ``docs/study.md``: causal byte-level decoder, d_model 64, 4 heads,
-feed-forward 256, learned positions, context 64, batch 16, Adam(0.9, 0.98) at a constant rate.
+feed-forward 256, learned positions, context 64, batch 16 (8 from 64 layers), Adam(0.9, 0.98) at a
+constant rate.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Plan:
     budgets: dict[int, int]  # depth -> steps
     batch_size: int = 16
     seq_len: int = 64
-    # depth -> batch size where it is not ``batch_size`` (the quick study's 64-layer runs: half the batch,
+    # depth -> batch size where it is not ``batch_size`` (from 64 layers: half the batch,
     # so that a run costs half as much and the reference schemes still end 1 bpc under the unigram entropy)
     batch_sizes: dict[int, int] = field(default_factory=dict)
     # depth -> (schemes, rates) of the sweep (first seed): every scheme at one depth gets the same rates
