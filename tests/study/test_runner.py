@@ -41,14 +41,25 @@ def test_finished_runs_are_skipped_and_interrupted_runs_restart(tmp_path, monkey
     assert [r["status"] for r in first] == ["ok", "ok", "diverged", "ok"]  # divergence is a saved result
     assert math.isnan(first[2]["curve"][1][1])
 
-    # Simulate an interrupted run: the folder exists but result.json was never written.
-    (tmp_path / "runs" / "rezero-L4-lr1e-3-s0" / "result.json").unlink()
-    (tmp_path / "runs" / "rezero-L4-lr1e-3-s0" / "stale").write_text("partial")
+    # Simulate an interrupted run: the folder exists but result.json was never written. With the same
+    # settings in spec.json its folder is kept, for the trainer to continue from its checkpoint.
+    run_dir = tmp_path / "runs" / "rezero-L4-lr1e-3-s0"
+    (run_dir / "result.json").unlink()
+    (run_dir / "partial").write_text("step 2")
     calls.clear()
     second = execute(specs, tmp_path, counting, progress=False)
     assert calls == ["rezero-L4-lr1e-3-s0"]
-    assert not (tmp_path / "runs" / "rezero-L4-lr1e-3-s0" / "stale").exists()
+    assert (run_dir / "partial").exists()
     assert [r.get("resumed", False) for r in second] == [True, True, True, False]
+    # A folder without spec.json (or with other settings) is not this run's: it is replaced.
+    for spec_file in (None, {**specs[3].to_dict(), "lr": 3e-3}):
+        (run_dir / "result.json").unlink()
+        (run_dir / "spec.json").unlink()
+        if spec_file:
+            (run_dir / "spec.json").write_text(json.dumps(spec_file))
+        (run_dir / "stale").write_text("partial")
+        execute(specs, tmp_path, counting, progress=False)
+        assert not (run_dir / "stale").exists() and (run_dir / "result.json").exists()
     # NaN is stored as null (strict JSON) and the curve survives the round trip.
     saved = json.loads((tmp_path / "runs" / "postln-L4-lr1e-3-s0" / "result.json").read_text())
     assert saved["curve"] == [[1, 5.0], [2, None]]
@@ -62,6 +73,57 @@ def test_a_changed_budget_retrains_instead_of_resuming(tmp_path):
     assert "resumed" not in rec and rec["steps"] == 5 and len(rec["curve"]) == 5
     (rec,) = execute(longer, tmp_path, fake_runner, progress=False)
     assert rec["resumed"] is True
+
+
+def test_a_continued_run_counts_the_time_up_to_its_checkpoint(tmp_path):
+    """wall_s of a run continued after a kill: the earlier segments' time up to the newest checkpoint
+    (the steps after it are trained again) plus this segment's."""
+    import time
+
+    (spec,) = _plan().runs()[:1]
+    run_dir = tmp_path / "runs" / spec.run_id
+    manifest = run_dir / "train" / "checkpoints" / "step_00000002" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    now = time.time()
+    os.utime(manifest, (now - 95.0, now - 95.0))
+    (run_dir / "spec.json").write_text(json.dumps({**spec.to_dict(), "wall_s_before": 10.0, "started": now - 100.0}))
+    (rec,) = execute([spec], tmp_path, fake_runner, progress=False)
+    assert 15.0 <= rec["wall_s"] < 20.0
+
+
+def test_an_interrupted_trainer_run_continues_bit_for_bit(tmp_path):
+    """A run killed after a checkpoint continues from it (its logged steps are kept, not retrained)
+    and ends exactly as an uninterrupted run."""
+    from anydepth.study.runner import TrainerRunner
+    from anydepth.train.config import RunConfig
+    from anydepth.train.loop import run
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(800)))
+    runner = TrainerRunner(data_path=str(corpus), max_bytes=None, eval_batches=2, threads=1,
+                           model=(("dim", 32), ("heads", 2)))
+    (spec,) = full_plan(schemes=["preln"], depths=[2], seeds=1, budgets={2: 12}, lr_sweep=False).runs()
+    (whole,) = execute([spec], tmp_path / "whole", runner, progress=False)
+    assert whole["status"] == "ok"
+
+    # the first segment: the same run, killed right after its checkpoint at step 6
+    run_dir = tmp_path / "cut" / "runs" / spec.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.json").write_text(json.dumps({**spec.to_dict(), "wall_s_before": 0.0, "started": 0.0}))
+    tc = dataclasses.replace(runner.train_config(spec, False), steps=6)
+    assert runner.train_config(spec, False).checkpoint_every == 12 // runner_mod.CHECKPOINTS_PER_RUN
+    run(RunConfig(model=runner.model_config(spec), train=tc, data=runner.data_config(), out=str(run_dir / "train")))
+    metrics = run_dir / "train" / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = [r for r in rows if "train_bpc" in r]
+    rows[0]["train_bpc"] = 99.0  # a marker: a retrained run would log step 1 again
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    (cut,) = execute([spec], tmp_path / "cut", runner, progress=False)
+    assert cut["curve"][0] == [1, 99.0]
+    assert cut["curve"][1:] == whole["curve"][1:] and len(cut["curve"]) == 12
+    assert cut["final_val_bpc"] == whole["final_val_bpc"]
 
 
 def test_crashed_runs_are_reported_and_retried(tmp_path):
