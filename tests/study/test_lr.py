@@ -50,3 +50,22 @@ def test_sweep_and_choose_tables():
     assert [r for r in rows if r["scheme"] == "deepnorm"][0]["step_ms"] == pytest.approx(1000 * 16 * 64 / 500)
     text = "\n".join(choose_markdown(rows))
     assert "**DeepNorm (post-LN, alpha/beta)** (recommended)" in text and "3e-4, 1e-3, 3e-3" in text
+
+
+def test_choose_table_at_a_depth_where_each_scheme_ran_its_own_rates():
+    """The full study's 256 layers: each scheme at its best rate from 64 layers and the two neighbours."""
+    runs = [_run("preln", 256, lr, v) for lr, v in zip(LR_GRID[1:4], (3.2, 3.0, 3.4))]  # 3e-4 .. 3e-3
+    # no run at the claim rate: qualifies by training at two of its rates, and has the best bpc
+    runs += [_run("rezero", 256, lr, v) for lr, v in zip(LR_GRID[3:6], (2.9, 2.7, 5.0))]
+    # trains at one of its rates only
+    runs += [_run("dyt", 256, lr, v) for lr, v in zip(LR_GRID[3:6], (2.5, 5.0, math.nan))]
+    rows = {r["scheme"]: r for r in choose_table(Evidence(runs, unigram_bits=UNIGRAM))}
+    assert rows["rezero"]["trained_seeds"] == "" and rows["rezero"]["all_seeds_trained"]
+    assert not rows["dyt"]["all_seeds_trained"] and rows["dyt"]["best_bpc"] == 2.5
+    assert rows["preln"]["trained_seeds"] == "1/1" and rows["preln"]["all_seeds_trained"]
+    assert [s for s, r in rows.items() if r["recommended"]] == ["rezero"]
+    # sensitivities over different rates do not compare: none is shown
+    assert all(r["sensitivity"] is None for r in rows.values())
+    # over the depth's common rates it is shown
+    same = [_run(s, 256, lr, 3.0) for s in ("preln", "rezero") for lr in LR_GRID[1:4]]
+    assert all(r["sensitivity"] == 0.0 for r in choose_table(Evidence(same, unigram_bits=UNIGRAM)))

@@ -36,12 +36,17 @@ def choose_table(ev: Evidence, deep: list[dict[str, Any]] | None = None) -> list
     val bpc, its step time and whether it is the depth's recommendation.
 
     The recommendation (rule fixed in code): among the schemes that trained in every seed at the claim
-    rate, the lowest best val bpc over the rates tried. ``deep`` adds the deep runs' records
-    (``anydepth.study.deep``): trained there means at least 1 bpc below the unigram entropy.
+    rate, the lowest best val bpc over the rates tried. Where a scheme ran its own rates without the
+    claim rate (the full study's 256 layers: its best rate at 64 layers and the two neighbours), it
+    qualifies by training at two or more of them. The LR sensitivity is given only for the schemes run
+    over every rate of their depth: over a scheme's own three rates it would not compare with the
+    others'. ``deep`` adds the deep runs' records (``anydepth.study.deep``): trained there means at
+    least 1 bpc below the unigram entropy.
     """
     sweep = sweep_table(ev)
     rows: list[dict[str, Any]] = []
     for depth in ev.depths():
+        grid = {float(r.get("lr", BASE_LR)) for r in ev.runs if r["depth"] == depth}
         for scheme in SCHEMES:
             group = ev.group(scheme, depth)
             swept = sweep.get(depth, {}).get(scheme)
@@ -54,12 +59,12 @@ def choose_table(ev: Evidence, deep: list[dict[str, Any]] | None = None) -> list
                     "depth": depth,
                     "scheme": scheme,
                     "trained_seeds": f"{claim_ok}/{len(group)}" if group else "",
-                    "all_seeds_trained": bool(group) and claim_ok == len(group),
+                    "all_seeds_trained": claim_ok == len(group) if group else len(swept["trained"]) >= 2,
                     "trained_lrs": [lr_label(x) for x in swept["trained"]] if swept else [],
                     "best_bpc": best,
                     "best_lr": lr_label(swept["best_lr"]) if swept and swept["best_lr"] else
                     (lr_label(BASE_LR) if claim_ok else None),
-                    "sensitivity": swept["sensitivity"] if swept else None,
+                    "sensitivity": swept["sensitivity"] if swept and set(swept["final"]) == grid else None,
                     "step_ms": mean([step_ms(r) for r in group] or [step_ms(r) for r in ev.runs
                                     if r["scheme"] == scheme and r["depth"] == depth]),
                     "recommended": False,

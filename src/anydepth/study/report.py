@@ -316,7 +316,9 @@ def write_report(
             "Generated from `results.json` by `anydepth.study.lr.choose_table`: per depth, which schemes trained "
             "(ended below the unigram entropy minus 0.15) at the claim rate, at which rates of the "
             "sweep, their best validation bpc and what a step costs. The recommendation is the lowest best bpc "
-            "among the schemes that trained in every seed at lr 1e-3.",
+            "among the schemes that trained in every seed at lr 1e-3 (where a scheme ran its own rates without "
+            "1e-3: at two or more of them). The LR sensitivity is shown where a scheme ran every rate of its "
+            "depth.",
             "",
             *choose_markdown(choose),
         ]
