@@ -25,7 +25,15 @@ def test_update_rewrites_only_the_marked_blocks(tmp_path):
     assert "| RZ-3: At 64 layers post-LN fails | reproduced |" in got["study-verdicts"]
     assert "300 steps at 12 layers, 300 steps of batch 8 at 64 layers" in got["study-verdicts"]
     assert "**DeepNorm (post-LN, alpha/beta)** (recommended)" in got["choose-scheme"]
-    assert got == {k: v.strip() for k, v in render(results).items()}
+    # both blocks name the folder the results were published in, relative to the README
+    assert got == {k: v.strip() for k, v in render(results, ".").items()}
+    assert got["choose-scheme"].startswith("From [./results.json](./results.json):")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "results.json").write_text(json.dumps(results))
+    update(readme, tmp_path / "full" / "results.json")
+    got = blocks(readme.read_text())
+    assert "Full report: [full/report.md](full/report.md)" in got["study-verdicts"]
+    assert got["choose-scheme"].startswith("From [full/results.json](full/results.json):")
     readme.write_text("no blocks here\n")
     with pytest.raises(ValueError, match="no <!-- study-verdicts --> .* block"):
         update(readme, tmp_path / "results.json")
