@@ -29,7 +29,7 @@ from anydepth.study import fc as fc_mod
 from anydepth.study import output_change as oc_mod
 from anydepth.study.deep import DeepPlan, deep_rows, load_deep, run_deep
 from anydepth.study.explain import explain_failures
-from anydepth.study.report import write_report
+from anydepth.study.report import dump_results, write_report
 from anydepth.study.runner import Runner, TrainerRunner, calibrate, estimate_seconds, execute, finished
 from anydepth.study.sweep import SCHEMES, STUDY_WORKERS, Plan, RunSpec, full_plan, quick_plan, validate_schemes
 from anydepth.study.verdicts import Evidence, decide
@@ -185,7 +185,7 @@ def record_timing(results_json: Path, earlier: list[dict[str, Any]], entry: dict
     data = json.loads(results_json.read_text())
     data["timings"] = [*earlier, entry]
     tmp = results_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(dump_results(data))
     tmp.replace(results_json)
 
 

@@ -365,10 +365,37 @@ def write_report(
         "command": command,
         "unigram_bits": ev.unigram,
         "verdicts": [v.to_dict() for v in verdicts],
-        "runs": ev.runs,
+        "runs": [_rounded_curves(r) for r in ev.runs],
         "fc": ev.fc,
         "output_change": ev.oc,
         "steps_to_target": {str(k): v for k, v in steps_to_target_table(ev).items()},
     }
-    (out / "results.json").write_text(json.dumps(json_safe(results), indent=1, default=str))
+    (out / "results.json").write_text(dump_results(json_safe(results)))
     return report
+
+
+def _rounded_curves(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its curves' bpc to 4 decimals (the curves are most of results.json; the final
+    figures the verdicts use keep every digit)."""
+    def rnd(curve):
+        return [[s, round(v, 4) if isinstance(v, float) and math.isfinite(v) else v] for s, v in curve or []]
+
+    return {**record, **{k: rnd(record[k]) for k in ("curve", "val_curve") if k in record}}
+
+
+def dump_results(data: dict[str, Any]) -> str:
+    """``results.json``'s text: one line per run, verdict, row or entry under each top-level key, so
+    that it stays a few MB, and a regenerated study differs from the last one line by line."""
+    def compact(x: Any) -> str:
+        return json.dumps(x, separators=(",", ":"), default=str)
+
+    parts = []
+    for key, value in data.items():
+        if isinstance(value, list) and value:
+            body = "[\n" + ",\n".join(f"  {compact(x)}" for x in value) + "\n ]"
+        elif isinstance(value, dict) and value:
+            body = "{\n" + ",\n".join(f"  {json.dumps(k)}: {compact(x)}" for k, x in value.items()) + "\n }"
+        else:
+            body = compact(value)
+        parts.append(f" {json.dumps(key)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
