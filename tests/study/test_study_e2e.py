@@ -31,10 +31,17 @@ def _check_outputs(out, depths):
     return report, results
 
 
-def test_tiny_study_with_a_synthetic_runner_writes_report(tmp_path):
+def test_tiny_study_with_a_synthetic_runner_writes_report(tmp_path, capsys):
     plan = full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 6, 4: 6}, lr_sweep=False)
     res = run_study(plan, tmp_path, runner=synthetic_runner, unigram_bits=4.74, fc=False, output_change=False,
                     progress=False)
+    # without bars, a line per run trained (and none for a run reused by a second start)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    assert len(lines) == 4 and lines[0].startswith("[1/4] postln-L2-lr1e-3-s0: ok, val bpc 2.205, ")
+    assert any(x.startswith("[3/4] postln-L4-lr1e-3-s0: diverged, ") for x in lines)
+    run_study(plan, tmp_path, runner=synthetic_runner, unigram_bits=4.74, fc=False, output_change=False,
+              progress=False)
+    assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
     report, results = _check_outputs(tmp_path, [2, 4])
     assert "## RZ-2:" in report and "| Post-LN, no warm-up |" in report
     div = [r for r in results["runs"] if r["run_id"] == "postln-L4-lr1e-3-s0"][0]

@@ -12,6 +12,7 @@ space-separated, a bad option or value is one line on stderr with exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -114,9 +115,11 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = execute(plan.runs(), out, runner, workers=workers, progress=progress) if lm else []
+    # without bars (a log file), a line per run trained
+    log = None if progress else functools.partial(print, flush=True)
+    records = execute(plan.runs(), out, runner, workers=workers, progress=progress, log=log) if lm else []
     if lm and plan.lr_follow:
-        records += execute(plan.follow_runs(records), out, runner, workers=workers, progress=progress)
+        records += execute(plan.follow_runs(records), out, runner, workers=workers, progress=progress, log=log)
     fc_curves = (
         _cached(
             _fc_path(plan, out),

@@ -300,11 +300,13 @@ def execute(
     *,
     workers: int = 1,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every spec (skipping finished ones) and returns their records in ``specs`` order.
 
     ``workers > 1`` trains independent runs in separate processes (each with its own torch threads);
-    the per-run progress bar is shown only with one worker, where it does not interleave.
+    the per-run progress bar is shown only with one worker, where it does not interleave. ``log``, if
+    given, gets one line per run trained (for a log file, where bars do not show).
     """
     from tqdm.auto import tqdm
 
@@ -314,10 +316,19 @@ def execute(
     runs_dir.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(specs), desc="study runs", unit="run", disable=not progress)
+
+    def done(spec: RunSpec, record: dict[str, Any]) -> None:
+        records[spec.run_id] = record
+        if log is not None and not record.get("resumed"):
+            val = record.get("final_val_bpc")
+            val = f", val bpc {val:.3f}" if isinstance(val, float) and math.isfinite(val) else ""
+            log(f"[{len(records)}/{len(specs)}] {spec.run_id}: {record['status']}{val}, "
+                f"{record.get('wall_s', 0.0):.0f} s")
+
     if workers == 1:
         for spec in specs:
             bar.set_postfix_str(spec.run_id)
-            records[spec.run_id] = run_one(runner, spec, runs_dir, progress)
+            done(spec, run_one(runner, spec, runs_dir, progress))
             bar.update()
     else:
         import multiprocessing
@@ -330,7 +341,7 @@ def execute(
             futures = {pool.submit(run_one, runner, spec, runs_dir, False): spec for spec in specs}
             for fut in as_completed(futures):
                 spec = futures[fut]
-                records[spec.run_id] = fut.result()
+                done(spec, fut.result())
                 bar.set_postfix_str(spec.run_id)
                 bar.update()
     bar.close()
