@@ -121,6 +121,18 @@ def test_tiny_study_through_the_trainer(tmp_path, capsys):
     assert timings[0] == first and (timings[1]["runs_trained"], timings[1]["runs_reused"]) == (0, n_runs)
 
 
+def test_a_second_study_into_the_same_folder_is_refused(tmp_path, capsys):
+    """Two studies in one folder would train the same runs into the same files."""
+    from anydepth.study.cli import lock_out
+
+    held = lock_out(tmp_path / "out")
+    assert main(["--out", str(tmp_path / "out"), "--no-lm", "--no-fc", "--no-output-change"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path / 'out'} is in use by another anydepth study" in err
+    held.close()  # the first one ended: the folder is free again
+    lock_out(tmp_path / "out").close()
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["--quick", "--depths", "12"]) == 2
     assert "--quick fixes its schemes, depths and rates" in capsys.readouterr().err

@@ -321,6 +321,27 @@ def deep_plan_from_args(args: StudyArgs) -> DeepPlan | None:
     return DeepPlan(**changes)
 
 
+def lock_out(out: Path) -> Any:
+    """Holds ``<out>/.lock`` (an advisory ``flock``, freed by the system however the process ends) so
+    that a second study cannot train the same runs into the same folder; ValueError if another holds it.
+    Returns the open lock file (keep it). Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "w")  # noqa: SIM115 - held open for the life of the study
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(
+            f"--out {out} is in use by another anydepth study (it holds {out / '.lock'}); let it finish, stop "
+            "it (a stopped study continues where it was when started again), or choose another --out"
+        ) from None
+    return f
+
+
 def main(argv: list[str] | None = None) -> int:
     from anydepth.cliparse import CliError
 
@@ -334,11 +355,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be a positive integer, got {args.workers}")
         _positive("threads", args.threads)
+        lock = lock_out(Path(args.out))  # held while the study runs
     except (CliError, ValueError, TypeError) as e:
         print(f"anydepth study: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    try:
+        return _study(args, argv, plan, deep_plan)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _study(args: StudyArgs, argv: list[str], plan: Plan, deep_plan: DeepPlan | None) -> int:
     fc, oc, lm = args.fc, args.output_change, args.lm
     # Model S runs train two at a time, one thread each; the deep runs go one after another, so that the
     # recommended scheme has the machine to itself (its 30-minute goal). --workers sets both.
