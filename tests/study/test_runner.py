@@ -28,7 +28,7 @@ def _plan():
     return full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 3, 4: 3}, lr_sweep=False)
 
 
-def test_finished_runs_are_skipped_and_interrupted_runs_restart(tmp_path, monkeypatch):
+def test_finished_runs_are_skipped_and_interrupted_runs_continue(tmp_path, monkeypatch):
     specs = _plan().runs()
     calls = []
 

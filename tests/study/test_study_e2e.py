@@ -6,6 +6,7 @@ import math
 import pytest
 
 from anydepth.study.cli import main, run_study
+from anydepth.study.report import dump_results
 from anydepth.study.sweep import full_plan
 from anydepth.study.verdicts import NOT_RUN, STATUSES
 
@@ -43,6 +44,16 @@ def test_tiny_study_with_a_synthetic_runner_writes_report(tmp_path, capsys):
               progress=False)
     assert not [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
     report, results = _check_outputs(tmp_path, [2, 4])
+    # results.json: a line per run, its curves to 4 decimals, the final figures with every digit
+    lines = (tmp_path / "results.json").read_text().splitlines()
+    for r in results["runs"]:
+        assert sum(f'"run_id":"{r["run_id"]}"' in line for line in lines) == 1
+        exact = [[t, 1 + 4 * math.exp(-0.2 * t)] for t in range(1, 7)]
+        if r["status"] == "ok":
+            assert r["curve"] == [[t, round(v, 4)] for t, v in exact]
+            assert r["final_val_bpc"] == exact[-1][1]
+    data = {"a": [{"x": [1.5, None]}, 2], "b": {"k": "v"}, "c": [], "d": {}, "e": 3.25, "f": "s"}
+    assert json.loads(dump_results(data)) == data
     assert "## RZ-2:" in report and "| Post-LN, no warm-up |" in report
     div = [r for r in results["runs"] if r["run_id"] == "postln-L4-lr1e-3-s0"][0]
     assert div["status"] == "diverged" and div["curve"][-1] == [3, None]
@@ -51,26 +62,6 @@ def test_tiny_study_with_a_synthetic_runner_writes_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_results_json_has_a_line_per_run_and_its_curves_to_four_decimals(tmp_path):
-    plan = full_plan(schemes=["rezero", "postln"], depths=[2, 4], seeds=1, budgets={2: 6, 4: 6}, lr_sweep=False)
-    run_study(plan, tmp_path, runner=synthetic_runner, unigram_bits=4.74, fc=False, output_change=False,
-              progress=False)
-    text = (tmp_path / "results.json").read_text()
-    results = json.loads(text)
-    lines = text.splitlines()
-    assert len(results["runs"]) == 4
-    for r in results["runs"]:
-        assert sum(f'"run_id":"{r["run_id"]}"' in line for line in lines) == 1  # each run is one line
-        exact = [[t, 1 + 4 * math.exp(-0.2 * t)] for t in range(1, 7)]
-        if r["status"] == "ok":
-            assert r["curve"] == [[t, round(v, 4)] for t, v in exact]
-            assert r["final_val_bpc"] == exact[-1][1]  # the figures the verdicts read keep every digit
-    from anydepth.study.report import dump_results
-
-    data = {"a": [{"x": [1.5, None]}, 2], "b": {"k": "v"}, "c": [], "d": {}, "e": 3.25, "f": "s"}
-    assert json.loads(dump_results(data)) == data
-
-
 def test_tiny_study_through_the_trainer(tmp_path, capsys):
     pytest.importorskip("anydepth.train.loop")
     out = tmp_path / "study"

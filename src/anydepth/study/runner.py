@@ -219,7 +219,12 @@ def finished(spec: RunSpec, runs_dir: Path) -> dict[str, Any] | None:
     if not done.exists():
         return None
     saved = json.loads(done.read_text())
-    return saved if all(saved.get(k) == v for k, v in spec.to_dict().items()) else None
+    return saved if _same_settings(saved, spec) else None
+
+
+def _same_settings(saved: Any, spec: RunSpec) -> bool:
+    """Whether a saved record (``result.json``, ``spec.json``) is of ``spec``'s settings."""
+    return isinstance(saved, dict) and all(saved.get(k) == v for k, v in spec.to_dict().items())
 
 
 def run_one(runner: Runner, spec: RunSpec, runs_dir: Path, progress: bool) -> dict[str, Any]:
@@ -257,7 +262,7 @@ def _interrupted_wall_s(spec: RunSpec, run_dir: Path) -> float | None:
         saved = json.loads((run_dir / SPEC_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in spec.to_dict().items()):
+    if not _same_settings(saved, spec):
         return None
     found = list_checkpoints(run_dir / "train" / "checkpoints")
     if not found:
