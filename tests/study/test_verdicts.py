@@ -1,6 +1,7 @@
 """Verdict rules on synthetic curves: each rule is checked on a case that must pass and one that must not."""
 
 import math
+import re
 
 import pytest
 
@@ -89,6 +90,12 @@ def test_rz3_and_dn1_trainability():
     # DeepNorm more than 0.15 bpc worse than pre-LN: not reproduced.
     worse = [div, rec("rezero", 64), rec("deepnorm", 64, val=1.2), rec("preln", 64, val=1.0)]
     assert V.dn1(V.Evidence(worse, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+    assert "DeepNorm trained in 1 of 1 seeds" in V.dn1(ev).measured and "(holds)" in V.dn1(ev).measured
+    # One DeepNorm seed stuck at the unigram entropy: the mean may still pass, the seed count does not.
+    stuck = rec("deepnorm", 64, seed=1, c=[[t, UNIGRAM] for t in range(1, 100)], val=1.0)
+    split = V.dn1(V.Evidence([div, *good, stuck], unigram_bits=UNIGRAM))
+    assert split.status == V.NOT_REPRODUCED
+    assert "DeepNorm trained in 1 of 2 seeds" in split.measured and "(fails)" in split.measured
     # Post-LN that trains breaks RZ-3.
     ev2 = V.Evidence([rec("postln", 64), rec("rezero", 64)], unigram_bits=UNIGRAM)
     assert V.rz3(ev2).status == V.NOT_REPRODUCED
@@ -102,6 +109,9 @@ def test_ad1_gap_inside_noise_is_not_reproduced():
     inside = base + [rec("admin", 64, s, val=v) for s, v in enumerate((1.00, 1.10))] + [
         rec("preln", 64, s, val=v) for s, v in enumerate((1.05, 1.12))]
     assert V.ad1(V.Evidence(inside, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+    # each part's line ends with its outcome
+    assert re.search(r"\(c\) 64L[^;]*\(fails\)", V.ad1(V.Evidence(inside, unigram_bits=UNIGRAM)).measured)
+    assert re.search(r"\(c\) 64L[^;]*\(holds\)", V.ad1(V.Evidence(beyond, unigram_bits=UNIGRAM)).measured)
 
 
 def test_ad2_slopes():
@@ -220,5 +230,6 @@ def test_ad1_b_is_decided_by_pre_ln_s_budget():
             rec("preln", 64, c=curve(5.0, 0.05, 100, floor=UNIGRAM - 1.5))]
     v = V.ad1(V.Evidence(runs, unigram_bits=UNIGRAM))
     assert v.status == V.NOT_REPRODUCED and v.details["parts"] == {"b": False}, v.measured
+    assert "Admin trained in 0 of 1 seeds (fails)" in v.measured  # the measured line says which part failed
     v = V.ad1(V.Evidence(runs[:2], unigram_bits=UNIGRAM))
     assert v.status == V.UNDECIDED and "(b) undecided: admin" in v.measured

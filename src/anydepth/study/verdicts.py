@@ -267,6 +267,16 @@ def _precheck(ev: Evidence, cells: list[tuple[str, int]], v: Verdict) -> Verdict
     return None
 
 
+def _seeds_trained(ev: Evidence, scheme: str, depth: int) -> str:
+    """``"k of n"``: the seeds of ``scheme`` at ``depth`` (claim rate) that trained."""
+    group = ev.group(scheme, depth)
+    return f"{sum(trained(r, ev.unigram) for r in group)} of {len(group)}"
+
+
+def _holds(ok: bool) -> str:
+    return "holds" if ok else "fails"
+
+
 def _fmt(x: float) -> str:
     return "inf" if x == math.inf else ("n/a" if not math.isfinite(x) else f"{x:.3f}")
 
@@ -439,8 +449,10 @@ def dn1(ev: Evidence) -> Verdict:
         return v
     dn, pre = mean(ev.vals("deepnorm", 64)), mean(ev.vals("preln", 64))
     ok64 = ev.none_trained("postln", 64) and ev.all_trained("deepnorm", 64) and dn <= pre + 0.15
-    measured = f"64L: post-LN {'failed' if ev.none_trained('postln', 64) else 'trained'}, DeepNorm val " + (
-        f"{_fmt(dn)} vs pre-LN {_fmt(pre)}"
+    # the seed counts and each part's outcome, so that a reader sees which condition decided
+    measured = (
+        f"64L: post-LN {'failed' if ev.none_trained('postln', 64) else 'trained'}, DeepNorm trained in "
+        f"{_seeds_trained(ev, 'deepnorm', 64)} seeds, val {_fmt(dn)} vs pre-LN {_fmt(pre)} ({_holds(ok64)})"
     )
     ok12 = True
     if all(ev.group(s, 12) for s in ("deepnorm", "postln", "preln")):
@@ -448,7 +460,7 @@ def dn1(ev: Evidence) -> Verdict:
         ok12 = all(abs(d12 - mean(ev.vals(s, 12))) <= 0.05 for s in ("postln", "preln"))
         measured += (
             f"; 12L: DeepNorm {_fmt(d12)}, post-LN {_fmt(mean(ev.vals('postln', 12)))}, "
-            f"pre-LN {_fmt(mean(ev.vals('preln', 12)))}"
+            f"pre-LN {_fmt(mean(ev.vals('preln', 12)))} ({_holds(ok12)})"
         )
     else:
         measured += "; 12L part not run"
@@ -485,7 +497,8 @@ def ad1(ev: Evidence) -> Verdict:
         trains = all(ev.all_trained(s, 12) for s, _ in cells_a)
         post, pre = mean(ev.vals("postln-warmup", 12)), mean(ev.vals("preln", 12))
         parts["a"] = trains and post <= pre
-        lines.append(f"(a) 12L all train: {trains}; val post-LN+wu {_fmt(post)} vs pre-LN {_fmt(pre)}")
+        lines.append(f"(a) 12L all train: {trains}; val post-LN+wu {_fmt(post)} vs pre-LN {_fmt(pre)} "
+                     f"({_holds(parts['a'])})")
     else:
         lines.append("(a) not run")
     post64 = "postln-warmup" if ev.group("postln-warmup", 64) else "postln"
@@ -504,7 +517,8 @@ def ad1(ev: Evidence) -> Verdict:
         post = mean(ev.emas(post64, 64))
         post_bad = ev.none_trained(post64, 64) or not math.isfinite(post) or post >= adm + 0.3
         parts["b"] = ev.all_trained("admin", 64) and post_bad
-        lines.append(f"(b) 64L {post64} final EMA {_fmt(post)} vs Admin {_fmt(adm)}")
+        lines.append(f"(b) 64L {post64} final EMA {_fmt(post)} vs Admin {_fmt(adm)}, Admin trained in "
+                     f"{_seeds_trained(ev, 'admin', 64)} seeds ({_holds(parts['b'])})")
     else:
         lines.append("(b) not run")
     c_results = []
@@ -519,7 +533,8 @@ def ad1(ev: Evidence) -> Verdict:
                 continue
             n = noise(a, p)
             c_results.append(mean(p) - mean(a) > n)
-            lines.append(f"(c) {d}L val Admin {_fmt(mean(a))} vs pre-LN {_fmt(mean(p))}, noise {n:.3f}")
+            lines.append(f"(c) {d}L val Admin {_fmt(mean(a))} vs pre-LN {_fmt(mean(p))}, noise {n:.3f} "
+                         f"({_holds(c_results[-1])})")
     if c_results:
         parts["c"] = all(c_results)
     if crashed_all:
