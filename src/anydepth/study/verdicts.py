@@ -448,10 +448,11 @@ def dn1(ev: Evidence) -> Verdict:
     if _precheck(ev, [("postln", 64), ("deepnorm", 64), ("preln", 64)], v) or ev.undecided(v, "deepnorm", 64):
         return v
     dn, pre = mean(ev.vals("deepnorm", 64)), mean(ev.vals("preln", 64))
-    ok64 = ev.none_trained("postln", 64) and ev.all_trained("deepnorm", 64) and dn <= pre + 0.15
+    post_failed = ev.none_trained("postln", 64)
+    ok64 = post_failed and ev.all_trained("deepnorm", 64) and dn <= pre + 0.15
     # the seed counts and each part's outcome, so that a reader sees which condition decided
     measured = (
-        f"64L: post-LN {'failed' if ev.none_trained('postln', 64) else 'trained'}, DeepNorm trained in "
+        f"64L: post-LN {'failed' if post_failed else 'trained'}, DeepNorm trained in "
         f"{_seeds_trained(ev, 'deepnorm', 64)} seeds, val {_fmt(dn)} vs pre-LN {_fmt(pre)} ({_holds(ok64)})"
     )
     ok12 = True
