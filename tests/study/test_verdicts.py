@@ -6,6 +6,7 @@ import re
 import pytest
 
 from anydepth.study import verdicts as V
+from anydepth.study.report import _budget_line
 
 
 def curve(start, rate, steps, floor=1.0):
@@ -202,11 +203,11 @@ def test_claims_read_only_the_claim_rate():
 
 
 def test_qk1_lr_sensitivity_rule():
-    def sweep(scheme, finals):
+    def sweep(scheme, finals, depth=64):
         out = []
         for lr, val in finals.items():
             c = [[1, 8.0]] + [[t, val if math.isfinite(val) else 5.0] for t in range(2, 30)]
-            out.append({**rec(scheme, 64, c=c, val=val, steps=29), "lr": lr,
+            out.append({**rec(scheme, depth, c=c, val=val, steps=29), "lr": lr,
                         "status": "ok" if math.isfinite(val) else "diverged"})
         return out
 
@@ -220,6 +221,13 @@ def test_qk1_lr_sensitivity_rule():
     flat = sweep("preln", dict(zip(lrs, (3.0, 3.05, 3.1)))) + sweep("qknorm", dict(zip(lrs, (3.0, 3.0, 3.0))))
     assert V.qk1(V.Evidence(flat, unigram_bits=UNIGRAM)).status == V.UNDECIDED  # nothing unstable to remove
     assert V.qk1(V.Evidence(runs[:3], unigram_bits=UNIGRAM)).status == V.NOT_RUN
+    # swept at two depths: both decide, and the report's budget line names both
+    runs += [{**r, "steps": 40} for r in sweep("preln", dict(zip(lrs, (3.0, 3.2, 3.4))), depth=12)
+             + sweep("qknorm", dict(zip(lrs, (3.0, 3.2, 3.4))), depth=12)]
+    ev = V.Evidence(runs, unigram_bits=UNIGRAM)
+    v = V.qk1(ev)
+    assert v.details["depths"] == [12, 64] and v.measured.startswith("12L: ") and "; 64L: " in v.measured
+    assert _budget_line(ev, v) == "40 steps at 12 layers, 29 steps at 64 layers"
 
 
 def test_ad1_b_is_decided_by_pre_ln_s_budget():

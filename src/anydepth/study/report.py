@@ -246,7 +246,8 @@ def _budget_line(ev: Evidence, v: Verdict) -> str:
         return "the fully connected experiment's steps (below)"
     if v.claim == "AD-2":
         return "no training: a measurement at initialisation"
-    depths = _CLAIM_DEPTHS.get(v.claim, tuple(ev.depths()[:1]))
+    # QK-1 is decided at each depth where both schemes were swept, which only its verdict records
+    depths = _CLAIM_DEPTHS.get(v.claim) or tuple(v.details.get("depths", ())) or tuple(ev.depths()[:1])
     parts = [budget_phrase(d, ev.budget(d), ev.batch(d)) for d in depths if ev.budget(d)]
     return ", ".join(parts) or "no runs"
 
