@@ -115,6 +115,22 @@ def test_ad1_gap_inside_noise_is_not_reproduced():
     assert re.search(r"\(c\) 64L[^;]*\(holds\)", V.ad1(V.Evidence(beyond, unigram_bits=UNIGRAM)).measured)
 
 
+def test_ad1_a_names_the_seeds_that_trained_at_12_layers():
+    """(a) needs all three schemes trained in every seed at 12 layers; one post-LN + warm-up seed stuck at the
+    unigram entropy fails it however low the other seed ends, and the line says which seeds trained."""
+    low = curve(5.0, 0.05, 100, floor=UNIGRAM - 2.0)
+    stuck = [[t, UNIGRAM] for t in range(1, 100)]
+    runs = [rec("postln-warmup", 12, 0, c=low, val=1.0), rec("postln-warmup", 12, 1, c=stuck, val=UNIGRAM)]
+    runs += [rec(s, 12, seed, c=low, val=2.0) for s in ("preln", "admin") for seed in (0, 1)]
+    v = V.ad1(V.Evidence(runs, unigram_bits=UNIGRAM))
+    assert v.status == V.NOT_REPRODUCED and v.details["parts"]["a"] is False, v.measured
+    assert "(a) 12L seeds trained: postln-warmup 1 of 2, preln 2 of 2, admin 2 of 2;" in v.measured
+    # both post-LN seeds trained and below pre-LN: (a) holds
+    runs[1] = rec("postln-warmup", 12, 1, c=low, val=1.0)
+    v = V.ad1(V.Evidence(runs, unigram_bits=UNIGRAM))
+    assert v.details["parts"]["a"] is True and "postln-warmup 2 of 2" in v.measured, v.measured
+
+
 def test_ad2_slopes():
     depths = [6, 12, 24, 48]
     oc = {"postln": {str(L): 0.01 * L for L in depths},

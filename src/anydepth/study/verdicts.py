@@ -498,7 +498,8 @@ def ad1(ev: Evidence) -> Verdict:
         trains = all(ev.all_trained(s, 12) for s, _ in cells_a)
         post, pre = mean(ev.vals("postln-warmup", 12)), mean(ev.vals("preln", 12))
         parts["a"] = trains and post <= pre
-        lines.append(f"(a) 12L all train: {trains}; val post-LN+wu {_fmt(post)} vs pre-LN {_fmt(pre)} "
+        seeds = ", ".join(f"{s} {_seeds_trained(ev, s, 12)}" for s, _ in cells_a)
+        lines.append(f"(a) 12L seeds trained: {seeds}; val post-LN+wu {_fmt(post)} vs pre-LN {_fmt(pre)} "
                      f"({_holds(parts['a'])})")
     else:
         lines.append("(a) not run")
