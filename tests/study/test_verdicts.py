@@ -174,7 +174,9 @@ def test_hc2_and_nr2():
     assert V.hc2(ev).status == V.REPRODUCED
     assert V.nr2(ev).status == V.REPRODUCED
     slow = [r if r["scheme"] != "rms" else {**r, "tokens_per_s": 90} for r in runs]
-    assert V.nr2(V.Evidence(slow, unigram_bits=UNIGRAM)).status == V.NOT_REPRODUCED
+    v = V.nr2(V.Evidence(slow, unigram_bits=UNIGRAM))
+    assert v.status == V.NOT_REPRODUCED
+    assert v.measured.startswith("tokens/s LayerNorm 100, RMSNorm 90 (-10.0%); val bpc LayerNorm 1.505,"), v.measured
 
 
 def test_decide_returns_every_claim_once():

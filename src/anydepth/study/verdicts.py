@@ -641,7 +641,8 @@ def nr2(ev: Evidence) -> Verdict:
     close = abs(mean(prms) - mean(ln)) <= 0.05
     v.status = REPRODUCED if fast and same and close else NOT_REPRODUCED
     v.measured = (
-        f"tokens/s LayerNorm {_fmt(speed['preln'])}, RMSNorm {_fmt(speed['rms'])}; val bpc LayerNorm "
+        f"tokens/s LayerNorm {speed['preln']:,.0f}, RMSNorm {speed['rms']:,.0f} "
+        f"({speed['rms'] / speed['preln'] - 1:+.1%}); val bpc LayerNorm "
         f"{_fmt(mean(ln))}, RMSNorm {_fmt(mean(rms))}, partial {_fmt(mean(prms))}"
     )
     v.details = {"tokens_per_s": speed, "val": {"preln": ln, "rms": rms, "prms": prms}}
