@@ -1,10 +1,11 @@
 """The README's study blocks are rewritten from results.json and nothing else changes."""
 
 import json
+import math
 
 import pytest
 
-from anydepth.study.readme import blocks, render, update
+from anydepth.study.readme import blocks, render, shortlist, update
 
 
 def test_update_rewrites_only_the_marked_blocks(tmp_path):
@@ -37,3 +38,33 @@ def test_update_rewrites_only_the_marked_blocks(tmp_path):
     readme.write_text("no blocks here\n")
     with pytest.raises(ValueError, match="no <!-- study-verdicts --> .* block"):
         update(readme, tmp_path / "results.json")
+
+
+def _row(depth, scheme, best, ok=True, recommended=False):
+    return {"depth": depth, "scheme": scheme, "trained_seeds": "3/3" if ok else "0/3", "all_seeds_trained": ok,
+            "trained_lrs": ["1e-3"] if ok else [], "best_bpc": best, "best_lr": "1e-3", "sensitivity": None,
+            "step_ms": 100.0, "recommended": recommended}
+
+
+def test_readme_table_keeps_the_best_three_and_the_baselines_per_depth():
+    """A depth with 18 schemes shows the three best that trained in every seed (the recommended one first
+    among them) and pre-LN and post-LN; a depth with few schemes shows them all; the order is the table's."""
+    many = [_row(64, "postln", math.nan, ok=False), _row(64, "preln", 3.6), _row(64, "rezero", 2.7),
+            _row(64, "admin", 2.0, ok=False),  # lowest bpc, but not in every seed: not shortlisted
+            _row(64, "deepnorm", 2.66), _row(64, "hyper4", 2.55, recommended=True), _row(64, "rms", 3.9),
+            _row(64, "vres", 2.87)]
+    few = [_row(1000, "postln", 5.8, ok=False), _row(1000, "rezero", 3.5, recommended=True)]
+    short = shortlist(many + few)
+    assert [(r["depth"], r["scheme"]) for r in short] == [
+        (64, "postln"), (64, "preln"), (64, "rezero"), (64, "deepnorm"), (64, "hyper4"),
+        (1000, "postln"), (1000, "rezero")]
+    results = {"plan": {}, "verdicts": [], "choose": many + few}
+    table = render(results, "docs/study/full")["choose-scheme"]
+    assert table.startswith("From [docs/study/full/results.json](docs/study/full/results.json); per depth the "
+                            "3 best schemes that trained in every seed, pre-LN and post-LN (all 10 rows: "
+                            "[docs/study/full/report.md](docs/study/full/report.md)):")
+    assert table.count("\n| 64 |") == 5 and "Admin" not in table
+    assert "**Hyper-connections, n = 4** (recommended)" in table
+    # nothing left out: the table says only where it comes from
+    assert render({"plan": {}, "verdicts": [], "choose": few})["choose-scheme"].startswith(
+        "From [docs/study/results.json](docs/study/results.json):\n")

@@ -2,7 +2,8 @@
 
 Two marked blocks of the README follow the published study, so prose and numbers cannot drift apart:
 ``<!-- study-verdicts -->`` (one row per claim) and ``<!-- choose-scheme -->`` (the "Choosing a scheme"
-table of ``anydepth.study.lr.choose_markdown``). Both name the published folder they come from (the
+table of ``anydepth.study.lr.choose_markdown``; at a depth with many schemes only its best few and the
+baselines, ``shortlist``). Both name the published folder they come from (the
 quick study's ``docs/study`` or the full study's ``docs/study/full``), and ``tests/test_readme.py``
 checks them against that folder's ``results.json``.
 """
@@ -10,6 +11,7 @@ checks them against that folder's ``results.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -19,9 +21,29 @@ from anydepth.study.lr import choose_markdown
 from anydepth.study.sweep import plan_budgets
 
 BLOCKS = ("study-verdicts", "choose-scheme")
+# The README lists per depth the best few schemes and the two baselines; the report keeps every row.
+README_BEST = 3
+README_BASELINES = ("preln", "postln")
 
 
 REPORT_LINK = re.compile(r"Full report: \[([^\]]+)/report\.md\]")
+
+
+def shortlist(rows: list[dict[str, Any]], best: int = README_BEST) -> list[dict[str, Any]]:
+    """The README's rows of the "Choosing a scheme" table, in the table's order: at a depth with more rows
+    than ``best`` plus the baselines, the ``best`` schemes with the lowest best val bpc among those that
+    qualify for the recommendation (so the recommended one is among them) and the baselines, pre-LN and
+    post-LN; a shorter depth keeps every row."""
+    keep: list[dict[str, Any]] = []
+    for depth in dict.fromkeys(r["depth"] for r in rows):
+        at = [r for r in rows if r["depth"] == depth]
+        if len(at) > best + len(README_BASELINES):
+            ranked = sorted((r for r in at if r["all_seeds_trained"] and math.isfinite(r["best_bpc"])),
+                            key=lambda r: r["best_bpc"])
+            chosen = {id(r) for r in ranked[:best]} | {id(r) for r in at if r["scheme"] in README_BASELINES}
+            at = [r for r in at if id(r) in chosen]
+        keep += at
+    return keep
 
 
 def render(results: dict[str, Any], where: str = "docs/study") -> dict[str, str]:
@@ -37,8 +59,14 @@ def render(results: dict[str, Any], where: str = "docs/study") -> dict[str, str]
         "|---|---|",
     ]
     verdicts += [f"| {v['claim']}: {v['title']} | {v['status']} |" for v in results.get("verdicts", [])]
-    choose = choose_markdown(results.get("choose", [])) if results.get("choose") else ["(no runs)"]
-    choose = [f"From [{where}/results.json]({where}/results.json):", "", *choose]
+    rows = results.get("choose", [])
+    short = shortlist(rows)
+    choose = choose_markdown(short) if rows else ["(no runs)"]
+    source = f"From [{where}/results.json]({where}/results.json)"
+    if len(short) < len(rows):
+        source += (f"; per depth the {README_BEST} best schemes that trained in every seed, pre-LN and post-LN "
+                   f"(all {len(rows)} rows: [{where}/report.md]({where}/report.md))")
+    choose = [f"{source}:", "", *choose]
     return {"study-verdicts": "\n".join(verdicts), "choose-scheme": "\n".join(choose)}
 
 
