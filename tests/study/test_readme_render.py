@@ -60,8 +60,9 @@ def test_readme_table_keeps_the_best_three_and_the_baselines_per_depth():
         (1000, "postln"), (1000, "rezero")]
     results = {"plan": {}, "verdicts": [], "choose": many + few}
     table = render(results, "docs/study/full")["choose-scheme"]
-    assert table.startswith("From [docs/study/full/results.json](docs/study/full/results.json); per depth the "
-                            "3 best schemes that trained in every seed, pre-LN and post-LN (all 10 rows: "
+    assert table.startswith("From [docs/study/full/results.json](docs/study/full/results.json); where a depth "
+                            "has more than 5 schemes, its 3 best that trained in every seed, pre-LN and post-LN "
+                            "(all 10 rows: "
                             "[docs/study/full/report.md](docs/study/full/report.md)):")
     assert table.count("\n| 64 |") == 5 and "Admin" not in table
     assert "**Hyper-connections, n = 4** (recommended)" in table

@@ -40,8 +40,8 @@ def shortlist(rows: list[dict[str, Any]], best: int = README_BEST) -> list[dict[
         if len(at) > best + len(README_BASELINES):
             ranked = sorted((r for r in at if r["all_seeds_trained"] and math.isfinite(r["best_bpc"])),
                             key=lambda r: r["best_bpc"])
-            chosen = {id(r) for r in ranked[:best]} | {id(r) for r in at if r["scheme"] in README_BASELINES}
-            at = [r for r in at if id(r) in chosen]
+            chosen = {r["scheme"] for r in ranked[:best]} | set(README_BASELINES)
+            at = [r for r in at if r["scheme"] in chosen]
         keep += at
     return keep
 
@@ -64,7 +64,8 @@ def render(results: dict[str, Any], where: str = "docs/study") -> dict[str, str]
     choose = choose_markdown(short) if rows else ["(no runs)"]
     source = f"From [{where}/results.json]({where}/results.json)"
     if len(short) < len(rows):
-        source += (f"; per depth the {README_BEST} best schemes that trained in every seed, pre-LN and post-LN "
+        source += (f"; where a depth has more than {README_BEST + len(README_BASELINES)} schemes, its "
+                   f"{README_BEST} best that trained in every seed, pre-LN and post-LN "
                    f"(all {len(rows)} rows: [{where}/report.md]({where}/report.md))")
     choose = [f"{source}:", "", *choose]
     return {"study-verdicts": "\n".join(verdicts), "choose-scheme": "\n".join(choose)}
