@@ -1,10 +1,14 @@
 """`anydepth demo` (make demo): both models trained through the study's runner, one summary."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from anydepth.cli import main
+from anydepth.study.demo import DEMO_SCHEME
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.slow
@@ -28,3 +32,13 @@ def test_demo_rejects_bad_input(capsys):
     assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["demo", "--scheme", "nope"]) == 2
     assert "unknown --scheme 'nope'" in capsys.readouterr().err
+
+
+def test_demo_shows_the_readme_recommendation_at_64_layers():
+    """`make demo` trains what the README's "Choosing a scheme" table recommends at 64 layers: the
+    recommendation of the published study the README's tables follow."""
+    from anydepth.study.readme import REPORT_LINK, blocks
+
+    where = REPORT_LINK.search(blocks(README.read_text())["study-verdicts"]).group(1)
+    rows = json.loads((README.parent / where / "results.json").read_text())["choose"]
+    assert [r["scheme"] for r in rows if r["depth"] == 64 and r["recommended"]] == [DEMO_SCHEME]

@@ -3,8 +3,8 @@
 Trains the study's recommended scheme at a depth where post-LN fails, then post-LN with exactly the same
 model size, data, steps and learning rate (Model S of the depth study: constant rate, no warm-up, no
 clipping), and prints one summary: the recommended scheme ends well under the unigram entropy of the
-text, post-LN does not. The scheme is the one the depth study recommends at 64 layers
-(``docs/study/report.md``, "Choosing a scheme").
+text, post-LN does not. The scheme is the 64-layer recommendation of the published study that the README's
+"Choosing a scheme" table follows (``tests/study/test_demo.py`` checks that they agree).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from anydepth.study.runner import TrainerRunner, json_safe, run_one
 from anydepth.study.sweep import SCHEMES, RunSpec
 from anydepth.study.verdicts import DECIDE_MARGIN_BPC, final_val
 
-DEMO_SCHEME = "deepnorm"  # the study's recommendation at 64 layers (docs/study/report.md)
+DEMO_SCHEME = "deepnorm"  # the README's recommendation at 64 layers
 DEMO_DEPTH = 48
 DEMO_STEPS = 400
 
