@@ -69,3 +69,16 @@ def test_readme_table_keeps_the_best_three_and_the_baselines_per_depth():
     # nothing left out: the table says only where it comes from
     assert render({"plan": {}, "verdicts": [], "choose": few})["choose-scheme"].startswith(
         "From [docs/study/results.json](docs/study/results.json):\n")
+
+
+def test_render_reads_the_nulls_results_json_writes_for_nan():
+    """json_safe writes a NaN best bpc or step time as null; the README renders it as "-" instead of failing."""
+    from anydepth.study.runner import json_safe
+
+    rows = [_row(256, "postln", math.nan, ok=False), _row(256, "vres", 2.9, recommended=True)]
+    rows[0]["step_ms"] = math.nan
+    results = json.loads(json.dumps(json_safe({"choose": rows})))
+    assert results["choose"][0]["best_bpc"] is None and results["choose"][0]["step_ms"] is None
+    table = render(results)["choose-scheme"]
+    assert "| 256 | Post-LN, no warm-up | 0/3 | - | - | - | - |" in table
+    assert "**Pre-LN + value residual** (recommended)" in table

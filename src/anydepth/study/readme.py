@@ -59,7 +59,9 @@ def render(results: dict[str, Any], where: str = "docs/study") -> dict[str, str]
         "|---|---|",
     ]
     verdicts += [f"| {v['claim']}: {v['title']} | {v['status']} |" for v in results.get("verdicts", [])]
-    rows = results.get("choose", [])
+    # results.json stores NaN as null (a run with no finite loss, a step never timed); the table reads NaN.
+    rows = [{**r, **{k: math.nan for k in ("best_bpc", "step_ms") if r.get(k) is None}}
+            for r in results.get("choose", [])]
     short = shortlist(rows)
     choose = choose_markdown(short) if rows else ["(no runs)"]
     source = f"From [{where}/results.json]({where}/results.json)"
