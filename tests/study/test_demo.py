@@ -20,11 +20,11 @@ def test_demo_trains_both_schemes_and_writes_its_summary(tmp_path, capsys):
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["runs"]) == {"deepnorm", "postln"} and summary["depth"] == 2 and summary["steps"] == 3
+    assert set(summary["runs"]) == {"hyper4", "postln"} and summary["depth"] == 2 and summary["steps"] == 3
     for r in summary["runs"].values():
         assert r["status"] in ("ok", "diverged")
         assert not r["trained"]  # 3 steps cannot get 1 bpc under the unigram entropy
-    assert "DeepNorm (post-LN, alpha/beta)" in printed and "Post-LN, no warm-up" in printed
+    assert "Hyper-connections, n = 4" in printed and "Post-LN, no warm-up" in printed
 
 
 def test_demo_rejects_bad_input(capsys):

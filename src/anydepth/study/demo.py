@@ -21,7 +21,7 @@ from anydepth.study.runner import TrainerRunner, json_safe, run_one
 from anydepth.study.sweep import SCHEMES, RunSpec
 from anydepth.study.verdicts import DECIDE_MARGIN_BPC, final_val
 
-DEMO_SCHEME = "deepnorm"  # the README's recommendation at 64 layers
+DEMO_SCHEME = "hyper4"  # the README's recommendation at 64 layers
 DEMO_DEPTH = 48
 DEMO_STEPS = 400
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{unigram:.2f} bits per byte):\n"
         f"  {SCHEMES[args.scheme].title:32s} {show(good):>12s}  {verdict(good)}\n"
         f"  {SCHEMES['postln'].title:32s} {show(post):>12s}  {verdict(post)}\n"
-        f"in {results['wall_s'] / 60:.1f} min; details in {out / 'demo.json'}; why: docs/study/report.md"
+        f"in {results['wall_s'] / 60:.1f} min; details in {out / 'demo.json'}; why: docs/study/full/report.md"
     )
     return 0
 
